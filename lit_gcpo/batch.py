@@ -1,0 +1,130 @@
+"""The data that flows from the rollout DataModule to the module and the callbacks.
+
+Completions are stored flat and group-major: completion ``n`` belongs to prompt ``group_ids[n]`` and the
+G completions of a prompt are contiguous. ``N = B * G`` below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+
+@dataclass
+class PromptBatch:
+    """B prompts as the train dataloader yields them (cheap: generation happens at step time).
+
+    Attributes:
+        prompts: the rendered prompt texts, ``[B]``.
+        rows: the dataset rows the prompts came from (gold answers and any other columns), ``[B]``.
+        indices: the rows' positions in the prompt source, ``[B]``.
+    """
+
+    prompts: list[str]
+    rows: list[dict[str, Any]]
+    indices: list[int]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+@dataclass
+class RolloutBatch:
+    """One step's groups of completions, scored.
+
+    Tensor shapes (``N`` completions, ``P`` prompt columns, ``L`` completion columns):
+
+    Attributes:
+        prompts: prompt texts, ``[B]``.
+        rows: dataset rows of the prompts, ``[B]``.
+        completions: decoded completion texts, ``[N]``.
+        input_ids: prompt (left-padded) followed by completion (right-padded), ``[N, P + L]`` long.
+        attention_mask: 1 on real prompt and completion tokens, ``[N, P + L]`` long.
+        completion_mask: 1 on completion tokens (EOS included), 0 on padding, ``[N, L]`` float.
+        group_ids: prompt index of each completion, ``[N]`` long, values in ``[0, B)``.
+        rewards: total reward, ``[N]`` float; NaN where every reward function failed.
+        reward_components: each reward function's score by name, ``[N]`` float each (NaN = failed).
+        truncated: completion hit the token limit without EOS, ``[N]`` bool.
+        answers: extracted final answers (None when there is none), ``[N]``.
+        engine_logprobs: sampled-token log-probs reported by the rollout engine, ``[N, L]`` or None.
+        old_logprobs: the trainer's log-probs of the sampled tokens under the generating policy, ``[N, L]``.
+        ref_logprobs: the frozen reference model's log-probs, ``[N, L]`` or None when beta = 0.
+        embeddings: one vector per completion for geometric uncertainty, ``[N, d]`` or None.
+        advantage_weights: per-completion multiplier of the advantages written by the uncertainty
+            callback (the weight of the completion's group), ``[N]`` or None (= all ones).
+        metrics: scalars measured while building the batch (timings, reward failures), logged by the module.
+    """
+
+    prompts: list[str]
+    rows: list[dict[str, Any]]
+    completions: list[str]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    completion_mask: torch.Tensor
+    group_ids: torch.Tensor
+    rewards: torch.Tensor
+    reward_components: dict[str, torch.Tensor] = field(default_factory=dict)
+    truncated: torch.Tensor | None = None
+    answers: list[str | None] | None = None
+    engine_logprobs: torch.Tensor | None = None
+    old_logprobs: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+    embeddings: torch.Tensor | None = None
+    advantage_weights: torch.Tensor | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    # Mapping-style access, so that callbacks written against a plain dict batch work on this too.
+    def __getitem__(self, key: str) -> Any:
+        if key == "seq_logprobs":
+            return self.seq_logprobs
+        if key not in self._field_names():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key not in self._field_names():
+            raise KeyError(f"RolloutBatch has no field {key!r}; fields: {sorted(self._field_names())}")
+        setattr(self, key, value)
+
+    def __contains__(self, key: object) -> bool:
+        if key == "seq_logprobs":
+            return self.old_logprobs is not None
+        return key in self._field_names() and getattr(self, str(key)) is not None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self else default
+
+    def keys(self) -> Iterator[str]:
+        return iter(name for name in self._field_names() if getattr(self, name) is not None)
+
+    @classmethod
+    def _field_names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def num_completions(self) -> int:
+        return int(self.group_ids.numel())
+
+    @property
+    def prompt_length(self) -> int:
+        return self.input_ids.shape[1] - self.completion_mask.shape[1]
+
+    @property
+    def completion_ids(self) -> torch.Tensor:
+        """``[N, L]`` the completion tokens (padding where ``completion_mask`` is 0)."""
+        return self.input_ids[:, self.prompt_length :]
+
+    @property
+    def seq_logprobs(self) -> torch.Tensor | None:
+        """``[N]`` length-normalised sequence log-likelihoods of the generating policy (METHODS.md §4)."""
+        if self.old_logprobs is None:
+            return None
+        lengths = self.completion_mask.sum(-1).clamp(min=1)
+        return (self.old_logprobs * self.completion_mask).sum(-1) / lengths
