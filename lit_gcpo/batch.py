@@ -95,7 +95,7 @@ class RolloutBatch:
         return key in self._field_names() and getattr(self, str(key)) is not None
 
     def get(self, key: str, default: Any = None) -> Any:
-        return self[key] if key in self else default
+        return self[key] if key in self else default  # noqa: SIM401 (this is the mapping)
 
     def keys(self) -> Iterator[str]:
         return iter(name for name in self._field_names() if getattr(self, name) is not None)

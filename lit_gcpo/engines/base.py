@@ -48,7 +48,9 @@ class Generation:
 
     Attributes:
         completion_ids: token ids of each completion, EOS included when it was sampled.
-        logprobs: the engine's log-probability of each sampled token (same lengths), or None.
+        logprobs: the engine's log-probability of each sampled token (same lengths), or None. It is the
+            log-probability under the temperature-scaled distribution ``log_softmax(logits / T)``, before
+            top-k/top-p truncation, which is what the trainer recomputes (T = 1 for greedy decoding).
         truncated: True where the completion hit ``max_new_tokens`` without EOS or a stop string.
     """
 
@@ -61,9 +63,7 @@ class RolloutEngine(abc.ABC):
     """Generates completions for the trainer and follows the trainer's weights."""
 
     @abc.abstractmethod
-    def generate(
-        self, prompt_ids: list[list[int]], num_samples: int, sampling: SamplingConfig
-    ) -> Generation:
+    def generate(self, prompt_ids: list[list[int]], num_samples: int, sampling: SamplingConfig) -> Generation:
         """Sample ``num_samples`` completions for each tokenised prompt (group-major output)."""
 
     @abc.abstractmethod

@@ -1,0 +1,1 @@
+"""Prompt sources, prompt templates and the rollout DataModule."""

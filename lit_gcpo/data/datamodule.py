@@ -1,0 +1,298 @@
+"""The rollout DataModule: prompts in, scored groups of completions out.
+
+The train dataloader is an ``IterableDataset`` that streams ``PromptBatch``es (B prompts, shuffled per
+epoch from a seed, sharded by data-parallel rank). Generation does not happen in the dataloader:
+Lightning pre-fetches one batch ahead, which would sample with weights one step stale. It happens in
+``on_after_batch_transfer``, which Lightning calls right before the step that uses the batch; there the
+engine generates G completions per prompt, the rewards score them, and the LightningModule adds what
+needs its models (old and reference log-probs, embeddings) through ``score_rollout``. Callbacks then
+see the complete ``RolloutBatch`` in ``on_train_batch_start``.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from jsonargparse.typing import PositiveFloat, PositiveInt
+from torch.utils.data import DataLoader, IterableDataset
+
+from lit_gcpo.batch import PromptBatch, RolloutBatch
+from lit_gcpo.data.rollout import RolloutCollector
+from lit_gcpo.data.sources import PromptSource
+from lit_gcpo.data.templates import PromptRenderer, placeholders
+from lit_gcpo.engines import build_engine
+from lit_gcpo.engines.base import SamplingConfig
+
+log = logging.getLogger(__name__)
+
+
+class PromptStream(IterableDataset):
+    """An endless stream of prompt batches: epoch ``e`` visits the rows in the order of a permutation
+    seeded by ``(seed, e)``; batch ``b`` of rank ``r`` takes positions ``[(b W + r) B, (b W + r + 1) B)``."""
+
+    def __init__(self, rows: list[dict[str, Any]], prompts: list[str], batch_size: int, seed: int, start: Any) -> None:
+        self.rows, self.prompts, self.batch_size, self.seed = rows, prompts, batch_size, seed
+        self.start = start  # callable giving the first batch index when iteration begins (resume)
+        self.rank, self.world_size = 0, 1
+
+    def _order(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(len(self.rows), generator=generator).tolist()
+
+    def __iter__(self) -> Iterator[PromptBatch]:
+        n = len(self.rows)
+        batch_index = self.start()
+        orders: dict[int, list[int]] = {}
+        while True:
+            first = (batch_index * self.world_size + self.rank) * self.batch_size
+            indices = []
+            for position in range(first, first + self.batch_size):
+                epoch = position // n
+                if epoch not in orders:
+                    orders = {epoch: self._order(epoch)}
+                indices.append(orders[epoch][position % n])
+            yield PromptBatch(
+                prompts=[self.prompts[i] for i in indices],
+                rows=[self.rows[i] for i in indices],
+                indices=indices,
+            )
+            batch_index += 1
+
+
+class EvalPrompts(IterableDataset):
+    """The evaluation rows once, in order, sharded by rank, in batches."""
+
+    def __init__(self, rows: list[dict[str, Any]], prompts: list[str], batch_size: int) -> None:
+        self.rows, self.prompts, self.batch_size = rows, prompts, batch_size
+        self.rank, self.world_size = 0, 1
+
+    def __iter__(self) -> Iterator[PromptBatch]:
+        mine = list(range(self.rank, len(self.rows), self.world_size))
+        for start in range(0, len(mine), self.batch_size):
+            indices = mine[start : start + self.batch_size]
+            yield PromptBatch(
+                prompts=[self.prompts[i] for i in indices],
+                rows=[self.rows[i] for i in indices],
+                indices=indices,
+            )
+
+
+def _identity(batch: list[PromptBatch]) -> PromptBatch:
+    return batch[0]
+
+
+class RolloutDataModule(L.LightningDataModule):
+    """Streams groups of completions for GRPO-family training, and evaluation prompts.
+
+    Args:
+        train: where training prompts come from.
+        val: validation prompts (None: no validation).
+        test: prompts for ``lit-gcpo test`` (None: the validation prompts).
+        template: the user message, with ``{field}`` placeholders filled from the row.
+        system: system message for chat templates.
+        chat: use the tokenizer's chat template: ``auto`` (when it has one), ``always``, ``never``.
+        required_fields: fields every row must have (besides the template's); rows missing one are skipped
+            with a counted warning, and a field missing from every row is an error at setup.
+        batch_size: prompts per training step (B), per data-parallel rank.
+        group_size: completions per prompt (G).
+        rewards: reward functions by built-in name or dotted path (``pkg.module:function``).
+        reward_weights: weight of each reward in the total (default 1 each).
+        reward_timeout: seconds one reward function may take for one batch before its scores count as failed.
+        accuracy_reward: the reward whose value (1 = correct) is reported as accuracy.
+        engine: the rollout engine, ``hf`` or ``vllm``.
+        engine_options: options of the engine's constructor (e.g. ``gpu_memory_utilization`` for vllm).
+        sampling: how training completions are sampled.
+        val_samples: completions per evaluation prompt (1 with ``val_temperature`` 0 is greedy accuracy).
+        val_temperature: sampling temperature for evaluation.
+        val_batch_size: prompts per evaluation batch.
+        seed: seeds the prompt order and the sampler (together with the step and the rank).
+    """
+
+    def __init__(
+        self,
+        train: PromptSource | None = None,
+        val: PromptSource | None = None,
+        test: PromptSource | None = None,
+        template: str = "{prompt}",
+        system: str | None = None,
+        chat: Literal["auto", "always", "never"] = "auto",
+        required_fields: list[str] | None = None,
+        batch_size: PositiveInt = 8,
+        group_size: int = 8,
+        rewards: list[str] | None = None,
+        reward_weights: list[float] | None = None,
+        reward_timeout: PositiveFloat = 10.0,
+        accuracy_reward: str | None = "math_accuracy",
+        engine: Literal["hf", "vllm"] = "hf",
+        engine_options: dict[str, Any] | None = None,
+        sampling: SamplingConfig | None = None,
+        val_samples: PositiveInt = 1,
+        val_temperature: float = 0.0,
+        val_batch_size: PositiveInt = 64,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if group_size < 2:
+            raise ValueError(f"group_size must be >= 2 (group advantages need a group), got {group_size}")
+        if val_samples < 1:
+            raise ValueError(f"val_samples must be >= 1, got {val_samples}")
+        rewards = list(rewards or ["math_accuracy"])
+        if reward_weights is not None and len(reward_weights) != len(rewards):
+            raise ValueError(f"reward_weights has {len(reward_weights)} entries for {len(rewards)} rewards")
+        if accuracy_reward is not None and accuracy_reward not in rewards:
+            raise ValueError(f"accuracy_reward {accuracy_reward!r} is not one of rewards {rewards}")
+        self.train_source, self.val_source, self.test_source = train, val, test
+        self.template, self.system, self.chat = template, system, chat
+        self.required_fields = list(required_fields) if required_fields is not None else ["answer"]
+        self.batch_size, self.group_size = batch_size, group_size
+        self.reward_names, self.reward_weights, self.reward_timeout = rewards, reward_weights, reward_timeout
+        self.accuracy_reward = accuracy_reward
+        self.engine_name, self.engine_options = engine, dict(engine_options or {})
+        self.sampling = sampling or SamplingConfig()
+        self.val_samples, self.val_temperature, self.val_batch_size = (
+            val_samples,
+            val_temperature,
+            val_batch_size,
+        )
+        self.seed = seed
+        self.consumed_batches = 0  # training prompt batches turned into rollouts (resume position)
+        self.skipped_rows: dict[str, int] = {}
+        self.collector: RolloutCollector | None = None
+        self._datasets: dict[str, tuple[list[dict[str, Any]], list[str]]] = {}
+        self._synced_step = -1
+
+    # ----------------------------------------------------------------------------------------- setup
+    def setup(self, stage: str) -> None:
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if module is None or not hasattr(module, "tokenizer"):
+            raise RuntimeError("RolloutDataModule needs a LightningModule with `tokenizer` and `policy`")
+        tokenizer = module.tokenizer
+        renderer = PromptRenderer(tokenizer, self.template, self.system, self.chat)
+        sources = {
+            "train": self.train_source,
+            "val": self.val_source,
+            "test": self.test_source or self.val_source,
+        }
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, ())
+        for split in wanted:
+            if sources[split] is not None and split not in self._datasets:
+                self._datasets[split] = self._prepare(split, sources[split], renderer)
+        if self.collector is None:
+            from lit_gcpo.rewards import RewardSet
+
+            rewards = RewardSet.from_names(self.reward_names, self.reward_weights, timeout=self.reward_timeout)
+            engine = build_engine(self.engine_name, module.policy, tokenizer, **self.engine_options)
+            self.collector = RolloutCollector(engine, tokenizer, rewards, add_special_tokens=not renderer.use_chat)
+
+    def _prepare(
+        self, split: str, source: PromptSource, renderer: PromptRenderer
+    ) -> tuple[list[dict[str, Any]], list[str]]:
+        rows = source.load()
+        if not rows:
+            raise ValueError(f"{split}: the prompt source {source.describe()} has no rows")
+        needed = sorted(set(placeholders(self.template)) | set(self.required_fields))
+        for name in needed:
+            if all(row.get(name) is None for row in rows):
+                raise ValueError(
+                    f"{split}: field {name!r} is missing from every row of {source.describe()}; "
+                    f"columns are {sorted(rows[0])} (map one with `fields: {{column: {name}}}`)"
+                )
+        kept_rows, prompts, skipped = [], [], []
+        for index, row in enumerate(rows):
+            missing = [name for name in needed if row.get(name) is None or row.get(name) == ""]
+            if missing:
+                skipped.append((index, missing))
+                continue
+            kept_rows.append(row)
+            prompts.append(renderer.render(row))
+        if skipped:
+            shown = ", ".join(f"row {i} lacks {m}" for i, m in skipped[:5])
+            log.warning(
+                "%s: skipped %d of %d rows of %s (%s)",
+                split,
+                len(skipped),
+                len(rows),
+                source.describe(),
+                shown,
+            )
+        self.skipped_rows[split] = len(skipped)
+        if not kept_rows:
+            raise ValueError(f"{split}: every row of {source.describe()} lacks a required field")
+        return kept_rows, prompts
+
+    # ------------------------------------------------------------------------------------ dataloaders
+    def _shard(self, dataset: PromptStream | EvalPrompts) -> DataLoader:
+        if self.trainer is not None:
+            dataset.rank, dataset.world_size = self.trainer.global_rank, self.trainer.world_size
+        return DataLoader(dataset, batch_size=1, collate_fn=_identity, num_workers=0)
+
+    def train_dataloader(self) -> DataLoader:
+        rows, prompts = self._datasets["train"]
+        return self._shard(PromptStream(rows, prompts, self.batch_size, self.seed, lambda: self.consumed_batches))
+
+    def val_dataloader(self) -> DataLoader | list:
+        if "val" not in self._datasets:
+            return []
+        rows, prompts = self._datasets["val"]
+        return self._shard(EvalPrompts(rows, prompts, self.val_batch_size))
+
+    def test_dataloader(self) -> DataLoader | list:
+        if "test" not in self._datasets:
+            return []
+        rows, prompts = self._datasets["test"]
+        return self._shard(EvalPrompts(rows, prompts, self.val_batch_size))
+
+    # --------------------------------------------------------------------------------------- rollout
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if not isinstance(batch, PromptBatch):
+            return batch
+        assert self.collector is not None, "setup() was not called"
+        module = self.trainer.lightning_module
+        training = self.trainer.training
+        if training:
+            self._sync_engine(module)
+            sampling = self._with_seed(self.sampling, self.consumed_batches)
+            rollout = self.collector.collect(batch, self.group_size, sampling, module.device)
+            self.consumed_batches += 1
+        else:
+            sampling = self._with_seed(self.sampling, -1)
+            sampling.temperature = self.val_temperature
+            rollout = self.collector.collect(batch, self.val_samples, sampling, module.device)
+        if hasattr(module, "score_rollout"):
+            module.score_rollout(rollout, with_reference=training)
+        return rollout
+
+    def _sync_engine(self, module: Any) -> None:
+        """Push the policy's weights to the engine once per optimizer step (no-op for ``hf``)."""
+        step = self.trainer.global_step
+        if step != self._synced_step:
+            if self._synced_step >= 0 or step > 0:
+                self.collector.engine.sync_weights(module.export_weights())
+            self._synced_step = step
+
+    def _with_seed(self, sampling: SamplingConfig, index: int) -> SamplingConfig:
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        seed = zlib.crc32(f"{self.seed}/{index}/{rank}".encode())
+        return SamplingConfig(**{**vars(sampling), "seed": seed})
+
+    def accuracy(self, rollout: RolloutBatch) -> torch.Tensor | None:
+        """``[N]`` correctness of each completion (the accuracy reward above 0.5), or None."""
+        if self.accuracy_reward is None or self.accuracy_reward not in rollout.reward_components:
+            return None
+        return (rollout.reward_components[self.accuracy_reward].nan_to_num(0.0) > 0.5).float()
+
+    # ---------------------------------------------------------------------------------------- resume
+    def state_dict(self) -> dict[str, Any]:
+        return {"consumed_batches": self.consumed_batches, "seed": self.seed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "consumed_batches" not in state_dict:
+            raise KeyError("RolloutDataModule state lacks 'consumed_batches': not a lit-gcpo checkpoint?")
+        self.consumed_batches = int(state_dict["consumed_batches"])

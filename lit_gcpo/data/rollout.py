@@ -1,0 +1,109 @@
+"""Turning B prompts into a scored RolloutBatch: generate G completions each, decode, reward, pack.
+
+Kept apart from the DataModule so that it can be driven without a Trainer (benchmarks, evaluation).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from lit_gcpo.answers import extract_boxed
+from lit_gcpo.batch import PromptBatch, RolloutBatch
+from lit_gcpo.engines.base import RolloutEngine, SamplingConfig
+
+
+def pack_sequences(
+    prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_token_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-pad prompts, right-pad completions: ``input_ids``/``attention_mask`` ``[N, P + L]``, mask ``[N, L]``."""
+    n = len(completion_ids)
+    width_p = max(len(p) for p in prompt_ids)
+    width_c = max(1, max(len(c) for c in completion_ids))
+    input_ids = torch.full((n, width_p + width_c), pad_token_id, dtype=torch.long)  # [N, P + L]
+    attention_mask = torch.zeros((n, width_p + width_c), dtype=torch.long)  # [N, P + L]
+    completion_mask = torch.zeros((n, width_c), dtype=torch.float32)  # [N, L]
+    for row, (prompt, completion) in enumerate(zip(prompt_ids, completion_ids, strict=True)):
+        input_ids[row, width_p - len(prompt) : width_p] = torch.tensor(prompt, dtype=torch.long)
+        attention_mask[row, width_p - len(prompt) : width_p] = 1
+        if completion:
+            input_ids[row, width_p : width_p + len(completion)] = torch.tensor(completion, dtype=torch.long)
+            attention_mask[row, width_p : width_p + len(completion)] = 1
+            completion_mask[row, : len(completion)] = 1
+    return input_ids.to(device), attention_mask.to(device), completion_mask.to(device)
+
+
+class RolloutCollector:
+    """Generates, decodes and rewards groups of completions.
+
+    Args:
+        engine: the rollout engine.
+        tokenizer: the policy's tokenizer.
+        rewards: scores completions (``lit_gcpo.rewards.RewardSet``).
+        add_special_tokens: whether the tokenizer adds its special tokens (BOS) to the rendered prompts.
+    """
+
+    def __init__(self, engine: RolloutEngine, tokenizer: Any, rewards: Any, add_special_tokens: bool = True) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.rewards = rewards
+        self.add_special_tokens = add_special_tokens
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def tokenize(self, prompts: list[str]) -> list[list[int]]:
+        return [self.tokenizer(p, add_special_tokens=self.add_special_tokens)["input_ids"] for p in prompts]
+
+    def collect(
+        self, batch: PromptBatch, group_size: int, sampling: SamplingConfig, device: torch.device
+    ) -> RolloutBatch:
+        prompt_ids = self.tokenize(batch.prompts)
+        start = time.perf_counter()
+        generation = self.engine.generate(prompt_ids, group_size, sampling)
+        generate_s = time.perf_counter() - start
+        completions = self.tokenizer.batch_decode(generation.completion_ids, skip_special_tokens=True)
+
+        expanded_rows = [row for row in batch.rows for _ in range(group_size)]  # [N], group-major
+        expanded_prompts = [p for p in batch.prompts for _ in range(group_size)]
+        start = time.perf_counter()
+        scores = self.rewards.score(expanded_prompts, completions, expanded_rows)
+        reward_s = time.perf_counter() - start
+
+        input_ids, attention_mask, completion_mask = pack_sequences(
+            [p for p in prompt_ids for _ in range(group_size)],
+            generation.completion_ids,
+            self.pad_token_id,
+            device,
+        )
+        engine_logprobs = None
+        if generation.logprobs is not None:
+            engine_logprobs = torch.zeros_like(completion_mask)  # [N, L]
+            for row, values in enumerate(generation.logprobs):
+                engine_logprobs[row, : len(values)] = torch.tensor(values, dtype=torch.float32)
+        lengths = completion_mask.sum(-1)  # [N]
+        new_tokens = float(lengths.sum())
+        metrics = {
+            "time/generate_s": generate_s,
+            "time/reward_s": reward_s,
+            "rollout/tokens_per_s": new_tokens / max(generate_s, 1e-9),
+            "completion/length_mean": float(lengths.mean()),
+            "completion/length_max": float(lengths.max()),
+            "completion/truncated_frac": sum(generation.truncated) / len(generation.truncated),
+            **scores.metrics,
+        }
+        return RolloutBatch(
+            prompts=list(batch.prompts),
+            rows=list(batch.rows),
+            completions=completions,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            completion_mask=completion_mask,
+            group_ids=torch.arange(len(batch), device=device).repeat_interleave(group_size),
+            rewards=scores.total.to(device),
+            reward_components={name: value.to(device) for name, value in scores.components.items()},
+            truncated=torch.tensor(generation.truncated, device=device),
+            answers=[extract_boxed(text) for text in completions],
+            engine_logprobs=None if engine_logprobs is None else engine_logprobs.to(device),
+            metrics=metrics,
+        )

@@ -1,0 +1,151 @@
+"""Where prompts come from: a Hugging Face dataset, local JSONL/Parquet files, or the built-in task.
+
+Every source returns rows as plain dicts. ``fields`` renames source columns to the names the prompt
+template and the reward functions read (e.g. ``{"problem": "prompt"}``).
+"""
+
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+
+class PromptSource(abc.ABC):
+    """A list of rows (dicts) to draw prompts from.
+
+    Args:
+        fields: renames columns, ``{source_name: name_used_here}``.
+        limit: keep only the first ``limit`` rows (0 = all).
+    """
+
+    def __init__(self, fields: dict[str, str] | None = None, limit: int = 0) -> None:
+        if limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit}")
+        self.fields = dict(fields or {})
+        self.limit = limit
+
+    @abc.abstractmethod
+    def _read(self) -> list[dict[str, Any]]:
+        """The raw rows."""
+
+    def load(self) -> list[dict[str, Any]]:
+        rows = self._read()
+        if self.limit:
+            rows = rows[: self.limit]
+        if self.fields:
+            rows = [{self.fields.get(key, key): value for key, value in row.items()} for row in rows]
+        return rows
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+
+class HubDataset(PromptSource):
+    """A dataset from the Hugging Face hub (or a local dataset directory) through ``datasets``.
+
+    Args:
+        path: the dataset name, e.g. ``"DigitalLearningGmbH/MATH-lighteval"``.
+        split: which split to read.
+        name: the dataset configuration, if it has several.
+        revision: a git revision of the dataset repository.
+        fields: renames columns, ``{source_name: name_used_here}``.
+        limit: keep only the first ``limit`` rows (0 = all).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        split: str = "train",
+        name: str | None = None,
+        revision: str | None = None,
+        fields: dict[str, str] | None = None,
+        limit: int = 0,
+    ) -> None:
+        super().__init__(fields, limit)
+        self.path, self.split, self.name, self.revision = path, split, name, revision
+
+    def _read(self) -> list[dict[str, Any]]:
+        import datasets
+
+        dataset = datasets.load_dataset(self.path, self.name, split=self.split, revision=self.revision)
+        return dataset.to_list()
+
+    def describe(self) -> str:
+        return f"{self.path}[{self.split}]"
+
+
+class LocalFiles(PromptSource):
+    """Local JSONL/JSON or Parquet files, read with ``datasets``.
+
+    Args:
+        files: one path or a list of paths (all of one format, chosen by the first file's suffix).
+        fields: renames columns, ``{source_name: name_used_here}``.
+        limit: keep only the first ``limit`` rows (0 = all).
+    """
+
+    _BUILDERS: ClassVar[dict[str, str]] = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+    def __init__(self, files: str | list[str], fields: dict[str, str] | None = None, limit: int = 0) -> None:
+        super().__init__(fields, limit)
+        self.files = [files] if isinstance(files, str) else list(files)
+        if not self.files:
+            raise ValueError("files must name at least one file")
+        suffix = Path(self.files[0]).suffix.lower()
+        if suffix not in self._BUILDERS:
+            raise ValueError(f"files: unsupported format {suffix!r} of {self.files[0]}; use .jsonl, .json or .parquet")
+        self.builder = self._BUILDERS[suffix]
+
+    def _read(self) -> list[dict[str, Any]]:
+        import datasets
+
+        missing = [f for f in self.files if not Path(f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"files: no such file {missing[0]}")
+        dataset = datasets.load_dataset(self.builder, data_files=self.files, split="train")
+        return dataset.to_list()
+
+    def describe(self) -> str:
+        return ", ".join(self.files)
+
+
+class ArithmeticTask(PromptSource):
+    """The built-in synthetic arithmetic task (``lit_gcpo.tasks.arithmetic``), generated from a seed.
+
+    Training and validation rows come from one call with the same ``seed``, ``num_train``, ``num_val``
+    and ``mix``, and never share a prompt.
+
+    Args:
+        split: ``train`` or ``validation``.
+        num_train: problems in the training split.
+        num_val: problems in the validation split.
+        mix: relative frequency of each difficulty level (number of operands), e.g. ``{2: 0.5, 3: 0.5}``;
+            None is the task's default mix.
+        seed: the generator's seed.
+        fields: renames columns, ``{source_name: name_used_here}``.
+        limit: keep only the first ``limit`` rows (0 = all).
+    """
+
+    def __init__(
+        self,
+        split: Literal["train", "validation"] = "train",
+        num_train: int = 5000,
+        num_val: int = 256,
+        mix: dict[int, float] | None = None,
+        seed: int = 0,
+        fields: dict[str, str] | None = None,
+        limit: int = 0,
+    ) -> None:
+        super().__init__(fields, limit)
+        if num_train < 1 or num_val < 1:
+            raise ValueError(f"num_train and num_val must be >= 1, got {num_train} and {num_val}")
+        self.split, self.num_train, self.num_val, self.mix, self.seed = split, num_train, num_val, mix, seed
+
+    def _read(self) -> list[dict[str, Any]]:
+        from lit_gcpo.tasks.arithmetic import arithmetic_splits
+
+        train, val = arithmetic_splits(self.num_train, self.num_val, mix=self.mix, seed=self.seed)
+        return train if self.split == "train" else val
+
+    def describe(self) -> str:
+        return f"arithmetic[{self.split}](seed={self.seed})"

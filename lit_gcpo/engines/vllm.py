@@ -1,0 +1,413 @@
+"""The ``vllm`` rollout engine: vLLM colocated in the trainer's process, weights pushed from memory.
+
+The engine runs vLLM in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so the trainer's tensors reach
+the model runner without serialisation: ``sync_weights`` hands the ``(hf_name, tensor)`` pairs to the
+worker's ``reload_weights`` (the shared path that also works on the CPU, where vLLM repacks linear
+weights into oneDNN kernels and the model's own ``load_weights`` cannot be called) and then empties the
+prefix cache, whose KV blocks were computed with the old weights.
+
+Environment (defaults set with ``os.environ.setdefault`` when this module is imported):
+
+- ``OMP_WAIT_POLICY=PASSIVE`` MUST be set before torch is imported, so the entry point has to set it
+  (``lit_gcpo/cli.py`` does): with vLLM and the trainer in one process, OpenMP busy-waiting between
+  their two thread pools made generation 7x and a train step 14x slower on a 2-core CPU. Setting it
+  here only helps a process that imports this module before torch.
+- ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (forced, not a default): in-process engine, which also avoids
+  the ``__main__`` re-import of spawned workers, so the engine can be built under pytest.
+- ``VLLM_CPU_KVCACHE_SPACE=1`` (GiB): otherwise vLLM sizes the KV cache from NUMA node 0 and may
+  refuse to start. ``VLLM_CPU_NUM_OF_RESERVED_CPU=0``: otherwise one of two cores stays idle.
+- ``HF_HUB_OFFLINE=1``: vLLM must never reach for the hub; the model is a local directory.
+These are read when vLLM creates the engine, so setting them at import time of this module is enough.
+
+Project choices the vLLM docs leave open:
+
+- Log-probs: ``logprobs_mode="processed_logprobs"``, the log-probability of the sampled token under
+  the distribution vLLM sampled from. With ``top_p=1`` and ``top_k=-1`` that is
+  ``log_softmax(logits / T)``, what the trainer and ``HFEngine`` compute; with top-p/top-k it is the
+  truncated, renormalised distribution (the true behaviour policy), which ``HFEngine`` does not report.
+  Greedy decoding (``T=0``) reports ``log_softmax(logits)``.
+- Seeds: ``SamplingConfig.seed`` is a per-call seed; prompt ``i`` of the call gets the seed
+  ``SeedSequence([seed, i])`` so groups do not share noise. Without a seed the engine samples from its
+  own torch RNG stream (seeded with ``seed`` at creation), kept apart from the trainer's.
+- RNG isolation: vLLM reseeds the process-global RNGs when it starts and samples from the global torch
+  generator. The torch (CPU and CUDA), numpy and ``random`` states of the trainer are saved before and
+  restored after engine creation, ``generate`` and ``sync_weights``, so resuming a run stays exact.
+- LoRA: vLLM receives plain merged weights with Hugging Face names; ``policy`` may be a peft model, whose
+  adapters are merged on the fly by :func:`lit_gcpo.policy.merged_state_items` (the trained model is not
+  modified). The caller of ``sync_weights`` passes merged weights the same way (``export_weights``).
+- DDP: every rank builds its own engine and generates for its own prompts; nothing is shared between
+  ranks. Untested here: vLLM initialises ``torch.distributed`` for itself when no process group exists,
+  so build the engine before the trainer's process group is initialised, or check that vLLM accepts it.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import contextlib
+import glob
+import random
+import tempfile
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from lit_gcpo.engines.base import Generation, RolloutEngine, SamplingConfig
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class WeightSyncError(RuntimeError):
+    """The weights given to ``sync_weights`` do not fit the engine, or loading them failed."""
+
+
+@contextlib.contextmanager
+def preserved_global_rng() -> Iterator[None]:
+    """Restore the torch (CPU, CUDA), numpy and ``random`` global RNG states on exit."""
+    python_state = random.getstate()
+    numpy_state = np.random.get_state()
+    torch_state = torch.random.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        torch.random.set_rng_state(torch_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+def checkpoint_spec(model_path: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (shape, dtype) of every tensor in the safetensors files of ``model_path`` (headers only)."""
+    files = sorted(glob.glob(os.path.join(model_path, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"model_path {model_path!r} has no *.safetensors file")
+    spec: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    for file in files:
+        with safe_open(file, framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                piece = handle.get_slice(name)
+                spec[name] = (tuple(piece.get_shape()), _SAFETENSORS_DTYPES[piece.get_dtype()])
+    return spec
+
+
+def _policy_state_names(policy: torch.nn.Module) -> set[str]:
+    from lit_gcpo.policy import merged_state_items
+
+    return {name for name, _ in merged_state_items(policy, uses_lora=_is_peft(policy))}
+
+
+def _is_peft(policy: torch.nn.Module) -> bool:
+    return hasattr(policy, "get_base_model") and hasattr(policy, "peft_config")
+
+
+def _save_policy(policy: torch.nn.Module, tokenizer: Any, directory: str) -> None:
+    """Write the policy (LoRA merged, Hugging Face names) and its tokenizer where vLLM can load them."""
+    from lit_gcpo.policy import merged_state_items
+
+    if _is_peft(policy):
+        state = {name: tensor.contiguous() for name, tensor in merged_state_items(policy, uses_lora=True)}
+        policy.get_base_model().save_pretrained(directory, state_dict=state)
+    else:
+        policy.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def _repack_tied_lm_head(worker: Any) -> None:
+    """Re-derive the CPU kernel of a tied output head from the freshly reloaded embedding (runs in the worker).
+
+    On the CPU vLLM packs the head's weight into a separate GEMM kernel. ``reload_weights`` refills the
+    shared embedding, but the head itself receives no checkpoint tensor (it is tied), so vLLM keeps its
+    old packed copy: measured log-probs then lag the policy by up to 0.07 after one step. Repeating the
+    head's post-load processing packs the new values.
+    """
+    model = worker.model_runner.get_model()
+    head = model.lm_head
+    pointer = head.weight.data_ptr()
+    shared = any(
+        module is not head
+        and isinstance(getattr(module, "weight", None), torch.Tensor)
+        and module.weight.data_ptr() == pointer
+        for module in model.modules()
+    )
+    if not shared:
+        raise WeightSyncError("the tied lm_head no longer shares the embedding's storage after reload_weights")
+    head.quant_method.process_weights_after_loading(head)
+
+
+class VLLMEngine(RolloutEngine):
+    """Rollouts with vLLM in the trainer's process; the policy's weights are synced from memory.
+
+    Args:
+        policy: the trained transformers causal LM (or a peft model wrapping one). It is read once, to
+            write the initial checkpoint when ``model_path`` is None and to learn which parameter names
+            the trainer will send (tied weights that the checkpoint omits are dropped on sync).
+        tokenizer: its tokenizer; saved beside the initial checkpoint when ``model_path`` is None.
+        model_path: a local Hugging Face directory (safetensors) with the policy's architecture and
+            tokenizer for vLLM to start from; None writes the current policy to a temporary directory.
+        dtype: vLLM's compute dtype (``float32``, ``bfloat16``, ``float16``; ``auto`` lets vLLM choose,
+            which may be half precision for a float32 checkpoint); synced float tensors are cast to it.
+        gpu_memory_utilization: fraction of GPU memory vLLM may take (weights + KV cache); GPU only.
+        tensor_parallel_size: vLLM's tensor parallelism; only 1 works with the in-process engine.
+        enable_sleep_mode: let :meth:`sleep` free the GPU weights and KV cache during training (GPU only).
+        max_model_len: longest prompt + completion in tokens; None = the model's context length.
+        enforce_eager: skip torch.compile / CUDA graphs (shorter start-up, slower generation).
+        seed: seed of vLLM's start-up and of the engine's own sampling RNG stream.
+        sync_every: load the weights on every k-th ``sync_weights`` call only (1 = every call). The
+            skipped calls leave the engine up to k-1 optimizer steps behind the policy, which the
+            importance ratio against the trainer's log-probs must then absorb; the skipped calls do not
+            read the weights at all. ``sync_weights(..., force=True)`` always loads.
+        enable_prefix_caching: reuse the KV of shared prompt prefixes (the G samples of a prompt share
+            it); reset after every sync.
+    """
+
+    def __init__(
+        self,
+        policy: torch.nn.Module,
+        tokenizer: Any,
+        model_path: str | None = None,
+        dtype: str = "auto",
+        gpu_memory_utilization: float = 0.5,
+        tensor_parallel_size: int = 1,
+        enable_sleep_mode: bool = False,
+        max_model_len: int | None = None,
+        enforce_eager: bool = False,
+        seed: int = 0,
+        sync_every: int = 1,
+        enable_prefix_caching: bool = True,
+    ) -> None:
+        if sync_every < 1:
+            raise ValueError(f"sync_every must be >= 1, got {sync_every}")
+        if tensor_parallel_size != 1:
+            raise ValueError(
+                f"tensor_parallel_size must be 1 for the colocated in-process engine, got {tensor_parallel_size}"
+            )
+        if enable_sleep_mode and not torch.cuda.is_available():
+            raise ValueError("enable_sleep_mode needs a CUDA GPU (vLLM's sleep mode frees GPU memory)")
+        from vllm import LLM
+
+        self.tokenizer = tokenizer
+        self.sync_every = sync_every
+        self.enable_sleep_mode = enable_sleep_mode
+        self._sync_calls = 0
+        self._asleep = False
+        self._broken: str | None = None
+        self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
+        if model_path is None:
+            self._tmpdir = tempfile.TemporaryDirectory(prefix="lit_gcpo_vllm_")
+            model_path = self._tmpdir.name
+            _save_policy(policy, tokenizer, model_path)
+        self.model_path = model_path
+        self._expected = checkpoint_spec(model_path)
+        # Names the trainer sends but the checkpoint omits: tied aliases such as lm_head.weight.
+        self._dropped_names = _policy_state_names(policy) - set(self._expected)
+        with preserved_global_rng():
+            self.llm = LLM(
+                model=model_path,
+                tokenizer=model_path,
+                dtype=dtype,
+                seed=seed,
+                gpu_memory_utilization=gpu_memory_utilization,
+                tensor_parallel_size=tensor_parallel_size,
+                enable_sleep_mode=enable_sleep_mode,
+                max_model_len=max_model_len,
+                enforce_eager=enforce_eager,
+                enable_prefix_caching=enable_prefix_caching,
+                logprobs_mode="processed_logprobs",
+                generation_config="vllm",  # ignore the checkpoint's sampling defaults
+            )
+            torch.manual_seed(seed)
+            self._engine_rng = torch.random.get_rng_state()
+            self._engine_cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        model_config = self.llm.llm_engine.model_config
+        self._repack_tied_head = _on_cpu() and bool(getattr(model_config.hf_text_config, "tie_word_embeddings", False))
+        self.max_model_len = model_config.max_model_len
+        self.dtype = self.llm.llm_engine.model_config.dtype
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, prompt_ids: list[list[int]], num_samples: int, sampling: SamplingConfig) -> Generation:
+        """``num_samples`` completions per prompt, group-major, with the sampled tokens' log-probs."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        self._check_usable()
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        for row, ids in enumerate(prompt_ids):
+            if not ids:
+                raise ValueError(f"prompt_ids[{row}] is empty")
+            if len(ids) + 1 > self.max_model_len:
+                raise ValueError(
+                    f"prompt_ids[{row}] has {len(ids)} tokens; max_model_len {self.max_model_len} leaves "
+                    f"no room for a completion"
+                )
+        self.wake_up()
+        # vLLM refuses n > 1 for greedy decoding: decode once and repeat the (deterministic) completion.
+        per_request = 1 if sampling.temperature == 0 else num_samples
+        params = [self._sampling_params(SamplingParams, sampling, per_request, row) for row in range(len(prompt_ids))]
+        prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids]
+        with self._engine_rng_stream():
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        completion_ids: list[list[int]] = []
+        logprobs: list[list[float]] = []
+        truncated: list[bool] = []
+        for row, output in enumerate(outputs):
+            samples = sorted(output.outputs, key=lambda sample: sample.index)
+            if len(samples) != per_request:
+                raise RuntimeError(f"vLLM returned {len(samples)} samples for prompt {row}, expected {per_request}")
+            for sample in samples * (num_samples // per_request):
+                ids = list(sample.token_ids)
+                completion_ids.append(ids)
+                # logprobs=0 returns one entry per position holding the sampled token's log-prob.
+                logprobs.append([position[token].logprob for token, position in zip(ids, sample.logprobs, strict=True)])
+                truncated.append(sample.finish_reason == "length")
+        return Generation(completion_ids=completion_ids, logprobs=logprobs, truncated=truncated)
+
+    def _sampling_params(self, factory: Any, sampling: SamplingConfig, num_samples: int, row: int) -> Any:
+        seed = None
+        if sampling.seed is not None:  # one independent stream per prompt of the call
+            seed = int(np.random.SeedSequence([sampling.seed, row]).generate_state(1, np.uint32)[0])
+        return factory(
+            n=num_samples,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=0 if sampling.top_k == -1 else sampling.top_k,
+            max_tokens=sampling.max_new_tokens,
+            stop=list(sampling.stop) or None,
+            include_stop_str_in_output=True,
+            seed=seed,
+            logprobs=0,
+        )
+
+    @contextlib.contextmanager
+    def _engine_rng_stream(self) -> Iterator[None]:
+        """Run with the engine's own torch RNG stream; the trainer's global RNG states come back after."""
+        with preserved_global_rng():
+            torch.random.set_rng_state(self._engine_rng)
+            if self._engine_cuda_rng is not None:
+                torch.cuda.set_rng_state_all(self._engine_cuda_rng)
+            yield
+            self._engine_rng = torch.random.get_rng_state()
+            if self._engine_cuda_rng is not None:
+                self._engine_cuda_rng = torch.cuda.get_rng_state_all()
+
+    # ------------------------------------------------------------------ weights
+
+    def sync_weights(self, named_parameters: Iterable[tuple[str, torch.Tensor]], force: bool = False) -> None:
+        """Load the policy's weights (Hugging Face names, LoRA merged) on every ``sync_every``-th call.
+
+        All names, shapes and dtypes are checked against the checkpoint the engine started from before
+        anything is loaded: a reload that failed half-way would leave layers on the meta device. Raises
+        :class:`WeightSyncError` naming the offending parameter; the engine keeps its previous weights
+        then. A failure inside vLLM's reload marks the engine unusable (its weights are undefined).
+        """
+        self._check_usable()
+        self._sync_calls += 1
+        if not force and self._sync_calls % self.sync_every != 0:
+            return
+        pairs = self._validated(named_parameters)
+        self.wake_up()
+        with preserved_global_rng():
+            try:
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": self._cast(pairs)})
+            except Exception as err:
+                self._broken = f"reload_weights failed: {err!r}"
+                raise WeightSyncError(
+                    f"vLLM's reload_weights failed ({err!r}); the engine's weights are undefined, recreate it"
+                ) from err
+            if self._repack_tied_head:
+                self.llm.collective_rpc(_repack_tied_lm_head)
+        if not self.llm.reset_prefix_cache():
+            self._broken = "the prefix cache could not be reset after a sync"
+            raise WeightSyncError("vLLM refused to reset its prefix cache after a sync; stale KV would be reused")
+
+    def _validated(self, named_parameters: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+        pairs: list[tuple[str, torch.Tensor]] = []
+        seen: set[str] = set()
+        for name, tensor in named_parameters:
+            if name in self._dropped_names:
+                continue
+            if name not in self._expected:
+                raise WeightSyncError(
+                    f"sync_weights: parameter {name!r} is not in the engine's checkpoint "
+                    f"({len(self._expected)} tensors in {self.model_path}); pass merged Hugging Face names"
+                )
+            if name in seen:
+                raise WeightSyncError(f"sync_weights: parameter {name!r} was given twice")
+            shape, dtype = self._expected[name]
+            if tuple(tensor.shape) != shape:
+                raise WeightSyncError(
+                    f"sync_weights: parameter {name!r} has shape {tuple(tensor.shape)}, the engine expects {shape}"
+                )
+            if tensor.dtype.is_floating_point != dtype.is_floating_point:
+                raise WeightSyncError(
+                    f"sync_weights: parameter {name!r} has dtype {tensor.dtype}, the engine expects {dtype}"
+                )
+            seen.add(name)
+            pairs.append((name, tensor))
+        missing = sorted(set(self._expected) - seen)
+        if missing:
+            raise WeightSyncError(
+                f"sync_weights: {len(missing)} parameter(s) missing, e.g. {missing[:3]}; a partial reload "
+                f"would leave the engine without weights"
+            )
+        return pairs
+
+    def _cast(self, pairs: list[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in pairs:
+            tensor = tensor.detach()
+            yield name, tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def sleep(self) -> None:
+        """Free the engine's GPU weights and KV cache while the trainer runs (no-op without sleep mode)."""
+        if self.enable_sleep_mode and not self._asleep:
+            self.llm.sleep(level=1)
+            self._asleep = True
+
+    def wake_up(self) -> None:
+        """Bring the engine back after :meth:`sleep` (``generate`` and ``sync_weights`` call it)."""
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
+
+    def close(self) -> None:
+        """Drop the vLLM engine and the temporary checkpoint directory."""
+        self._broken = "the engine was closed"
+        self.llm = None
+        if self._tmpdir is not None:
+            self._tmpdir.cleanup()
+            self._tmpdir = None
+
+    def _check_usable(self) -> None:
+        if self._broken is not None:
+            raise RuntimeError(f"VLLMEngine cannot be used: {self._broken}")

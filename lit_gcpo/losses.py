@@ -1,0 +1,354 @@
+"""Per-token policy loss, KL penalty, entropy bonus and loss aggregation (METHODS.md section 2).
+
+- Clipped surrogate: PPO (Schulman et al. 2017, eq. 7) as used by GRPO (Shao et al. 2024, eq. 3):
+  l = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A), rho = exp(logp - old). eps_high > eps_low
+  is DAPO's clip-higher (Yu et al. 2025, section 3.1).
+- Dual clip (Ye et al. 2020, "Mastering Complex Control in MOBA Games with Deep RL"): for A < 0 the loss is
+  capped at -c A (c > 1, typically 3), so a huge ratio on a negative sample cannot blow up the loss.
+- GSPO (Zheng et al. 2025, the sequence-level ratio s_i): the ratio exp(mean_t m (logp - old)) is applied to every
+  token of the sequence. Project's reading: the loss stays a token matrix so that it goes through the
+  same aggregation as every other variant; ``seq_mean_token_mean`` aggregation gives GSPO's objective
+  exactly. GSPO's paper uses a far smaller clip range (3e-4 / 4e-4) than the token-level default.
+- Truncated importance sampling (Yao et al. 2025, "Your efficient RL framework secretly brings you
+  off-policy RL training"): when ``old`` comes from the rollout engine, each token's loss is multiplied
+  by min(exp(old_trainer - old_engine), C).
+- KL to the reference (Schulman's "Approximating KL divergence" note): k1, k2, k3 (default, GRPO eq. 4).
+- Entropy bonus: token loss -= c_H * H_t.
+
+Aggregation (one function for all modes, see ``aggregate_loss``) normalises by counts the caller may
+give for the whole batch, so that summing micro-batch losses equals the full-batch loss exactly.
+
+Conventions: every function takes tensors and plain numbers and returns ``(value, metrics)`` except
+``aggregate_loss``, which returns the scalar only. Metrics are 0-d detached tensors (no host-device
+sync); "over mask tokens" means over the positions where ``mask > 0``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from lit_gcpo.registry import Registry
+
+RATIO_LEVELS = ("token", "sequence")
+
+
+def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    return (x * mask).sum() / mask.sum().clamp_min(1)
+
+
+def policy_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    dual_clip: float | None = None,
+    ratio_level: str = "token",
+    is_weights: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped-surrogate token loss of PPO / GRPO / DAPO / GSPO.
+
+    Args:
+        logp: current policy's log-prob of each sampled token, ``[N, L]`` (carries the gradient).
+        old_logp: log-prob under the policy that generated the tokens, ``[N, L]`` (no gradient).
+        advantages: one advantage per completion, ``[N]``.
+        mask: 1 on completion tokens, 0 on padding, ``[N, L]``.
+        eps_low: lower clip range, the ratio is clipped at ``1 - eps_low``.
+        eps_high: upper clip range, the ratio is clipped at ``1 + eps_high``.
+        dual_clip: c > 1 caps the loss of negative-advantage tokens at ``-c A``; None disables it.
+        ratio_level: ``token`` (PPO/GRPO) or ``sequence`` (GSPO's length-normalised sequence ratio).
+        is_weights: per-token importance weights multiplied into the loss (truncated IS), ``[N, L]``.
+
+    Returns:
+        ``(token_loss [N, L], metrics)``; the loss is 0 on padding. Metrics over mask tokens:
+        ``clip_frac_low`` (ratio < 1 - eps_low with A < 0: the clipped branch is active),
+        ``clip_frac_high`` (ratio > 1 + eps_high with A > 0), ``dual_clip_frac`` (A < 0 and the dual cap
+        active), ``approx_kl`` (k3 estimate of KL(old || current): rho - 1 - log rho, averaged),
+        ``ratio_mean`` / ``ratio_min`` / ``ratio_max`` (the ratio actually used, i.e. the sequence ratio for
+        GSPO; min / max are +inf / -inf when the mask is empty).
+    """
+    if ratio_level not in RATIO_LEVELS:
+        raise ValueError(f"unknown ratio_level {ratio_level!r}; valid names: {', '.join(RATIO_LEVELS)}")
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1 (typically 3), got {dual_clip}")
+    if logp.shape != old_logp.shape or logp.shape != mask.shape or logp.ndim != 2:
+        raise ValueError(
+            f"logp, old_logp and mask must share one [N, L] shape, got {tuple(logp.shape)}, "
+            f"{tuple(old_logp.shape)}, {tuple(mask.shape)}"
+        )
+    if advantages.shape != logp.shape[:1]:
+        raise ValueError(f"advantages must be [N] = [{logp.shape[0]}], got {tuple(advantages.shape)}")
+
+    mask_f = mask.to(logp.dtype)  # [N, L]
+    on = mask > 0  # [N, L]
+    # Padding may hold garbage (e.g. -inf log-probs): zero its log-ratio before exp.
+    log_ratio = torch.where(on, logp - old_logp.detach(), torch.zeros_like(logp))  # [N, L]
+    if ratio_level == "sequence":
+        seq_log_ratio = (log_ratio * mask_f).sum(-1) / mask_f.sum(-1).clamp_min(1)  # [N]
+        ratio = seq_log_ratio.exp().unsqueeze(-1).expand_as(logp)  # [N, L]
+    else:
+        ratio = log_ratio.exp()  # [N, L]
+
+    adv = advantages.detach().to(logp.dtype).unsqueeze(-1)  # [N, 1]
+    loss_unclipped = -ratio * adv  # [N, L]
+    loss_clipped = -ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * adv  # [N, L]
+    loss = torch.maximum(loss_unclipped, loss_clipped)  # [N, L]
+    dual_active = torch.zeros_like(on)
+    if dual_clip is not None:
+        cap = -dual_clip * adv  # [N, 1]
+        dual_active = (adv < 0) & (loss > cap)  # [N, L]
+        loss = torch.where(dual_active, cap.expand_as(loss), loss)  # [N, L]
+    if is_weights is not None:
+        if is_weights.shape != logp.shape:
+            raise ValueError(f"is_weights must be [N, L] = {tuple(logp.shape)}, got {tuple(is_weights.shape)}")
+        loss = loss * is_weights.detach()  # [N, L]
+    loss = torch.where(on, loss, torch.zeros_like(loss))  # [N, L]
+
+    with torch.no_grad():
+        r = ratio.detach()
+        token_ratio = log_ratio.detach().exp()  # [N, L]
+        metrics = {
+            "clip_frac_low": _masked_mean(((r < 1.0 - eps_low) & (adv < 0)).to(mask_f.dtype), mask_f),
+            "clip_frac_high": _masked_mean(((r > 1.0 + eps_high) & (adv > 0)).to(mask_f.dtype), mask_f),
+            "dual_clip_frac": _masked_mean((dual_active & on).to(mask_f.dtype), mask_f),
+            "approx_kl": _masked_mean(token_ratio - 1.0 - log_ratio.detach(), mask_f),
+            "ratio_mean": _masked_mean(r, mask_f),
+            "ratio_min": torch.where(on, r, float("inf")).min(),
+            "ratio_max": torch.where(on, r, float("-inf")).max(),
+        }
+    return loss, metrics
+
+
+def truncated_importance_weights(
+    trainer_old_logp: Tensor, engine_logp: Tensor, mask: Tensor, cap: float = 2.0
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Truncated IS weights min(exp(old_trainer - old_engine), C) for engine/trainer mismatch.
+
+    Args:
+        trainer_old_logp: the trainer's recomputed log-probs of the sampled tokens, ``[N, L]``.
+        engine_logp: the rollout engine's (vLLM's) log-probs of the same tokens, ``[N, L]``.
+        mask: 1 on completion tokens, ``[N, L]``.
+        cap: C > 0, the truncation.
+
+    Returns:
+        ``(weights [N, L], metrics)``; detached, 1.0 on padding (neutral). Metrics over mask tokens:
+        ``mismatch_abs_mean`` / ``mismatch_abs_max`` of |old_trainer - old_engine|, ``capped_frac``
+        (fraction of tokens whose weight was truncated at C), ``weight_mean``.
+    """
+    if cap <= 0:
+        raise ValueError(f"truncated IS cap must be > 0, got {cap}")
+    if trainer_old_logp.shape != engine_logp.shape or trainer_old_logp.shape != mask.shape:
+        raise ValueError(
+            "trainer_old_logp, engine_logp and mask must share one shape, got "
+            f"{tuple(trainer_old_logp.shape)}, {tuple(engine_logp.shape)}, {tuple(mask.shape)}"
+        )
+    with torch.no_grad():
+        on = mask > 0  # [N, L]
+        mask_f = mask.to(trainer_old_logp.dtype)  # [N, L]
+        diff = torch.where(on, trainer_old_logp - engine_logp, torch.zeros_like(trainer_old_logp))  # [N, L]
+        log_cap = float(torch.tensor(cap, dtype=torch.float64).log())
+        # exp(min(d, log C)) == min(exp(d), C) without overflowing for large d.
+        weights = diff.clamp(max=log_cap).exp()  # [N, L]
+        metrics = {
+            "mismatch_abs_mean": _masked_mean(diff.abs(), mask_f),
+            "mismatch_abs_max": torch.where(on, diff.abs(), 0.0).max(),
+            "capped_frac": _masked_mean((diff > log_cap).to(mask_f.dtype), mask_f),
+            "weight_mean": _masked_mean(weights, mask_f),
+        }
+    return weights, metrics
+
+
+# A KL estimator maps the per-token log-ratio log(ref / pi) = ref - logp to a per-token KL estimate.
+KL_ESTIMATORS: Registry[Callable[[Tensor], Tensor]] = Registry("KL estimator")
+
+
+@KL_ESTIMATORS.register("k1")
+def _k1(ref_log_ratio: Tensor) -> Tensor:
+    return -ref_log_ratio  # logp - ref
+
+
+@KL_ESTIMATORS.register("k2")
+def _k2(ref_log_ratio: Tensor) -> Tensor:
+    return 0.5 * ref_log_ratio.square()  # 0.5 (logp - ref)^2
+
+
+@KL_ESTIMATORS.register("k3")
+def _k3(ref_log_ratio: Tensor) -> Tensor:
+    return ref_log_ratio.exp() - ref_log_ratio - 1.0  # exp(ref - logp) - (ref - logp) - 1
+
+
+def kl_penalty(
+    logp: Tensor, ref_logp: Tensor, estimator: str = "k3", *, mask: Tensor | None = None
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-token estimate of KL(pi || pi_ref) from the sampled tokens.
+
+    Args:
+        logp: current policy's log-probs, ``[N, L]`` (carries the gradient).
+        ref_logp: the frozen reference's log-probs, ``[N, L]`` (no gradient).
+        estimator: a name in ``KL_ESTIMATORS`` (``k1``, ``k2``, ``k3``).
+        mask: 1 on completion tokens; when given the KL is 0 on padding and metrics are over mask tokens.
+
+    Returns:
+        ``(kl [N, L], metrics)`` with ``kl_mean`` and ``kl_max``. k3 is not clamped: a token the
+        reference finds e^20 times likelier than the policy does is reported, not hidden.
+    """
+    fn = KL_ESTIMATORS.get(estimator)
+    if logp.shape != ref_logp.shape:
+        raise ValueError(f"logp and ref_logp must share one shape, got {tuple(logp.shape)}, {tuple(ref_logp.shape)}")
+    ref_log_ratio = ref_logp.detach() - logp  # [N, L]
+    if mask is not None:
+        on = mask > 0
+        ref_log_ratio = torch.where(on, ref_log_ratio, torch.zeros_like(ref_log_ratio))
+    kl = fn(ref_log_ratio)  # [N, L]
+    with torch.no_grad():
+        k = kl.detach()
+        mask_f = torch.ones_like(k) if mask is None else mask.to(k.dtype)
+        metrics = {
+            "kl_mean": _masked_mean(k, mask_f),
+            "kl_max": (k if mask is None else torch.where(mask > 0, k, float("-inf"))).max(),
+        }
+    return kl, metrics
+
+
+# An aggregation maps (token_loss [N, L], mask [N, L], num_tokens, num_seqs, max_len) to a scalar.
+Count = float | Tensor | None
+Aggregation = Callable[[Tensor, Tensor, Count, Count, "int | None"], Tensor]
+AGGREGATIONS: Registry[Aggregation] = Registry("loss aggregation")
+
+
+@AGGREGATIONS.register("token_mean")
+def _token_mean(loss: Tensor, mask: Tensor, num_tokens: Count, num_seqs: Count, max_len: int | None) -> Tensor:
+    # DAPO's token-level loss (section 3.3): every token of the batch weighs the same.
+    denom = mask.sum().clamp_min(1) if num_tokens is None else num_tokens
+    return (loss * mask).sum() / denom
+
+
+@AGGREGATIONS.register("seq_mean_token_mean")
+def _seq_mean_token_mean(loss: Tensor, mask: Tensor, num_tokens: Count, num_seqs: Count, max_len: int | None) -> Tensor:
+    # GRPO (DeepSeekMath eq. 3): mean over sequences of the per-sequence token mean.
+    per_seq = (loss * mask).sum(-1) / mask.sum(-1).clamp_min(1)  # [N]
+    denom = loss.shape[0] if num_seqs is None else num_seqs
+    return per_seq.sum() / denom
+
+
+@AGGREGATIONS.register("seq_mean_token_sum_norm")
+def _seq_mean_token_sum_norm(
+    loss: Tensor, mask: Tensor, num_tokens: Count, num_seqs: Count, max_len: int | None
+) -> Tensor:
+    # Dr. GRPO (as in its oat code): a constant normaliser N_seq * L_max, free of length bias.
+    if max_len is None or max_len <= 0:
+        raise ValueError(
+            f"aggregation 'seq_mean_token_sum_norm' needs max_len = L_max (the configured maximum "
+            f"completion length) > 0, got {max_len}"
+        )
+    denom = loss.shape[0] if num_seqs is None else num_seqs
+    return (loss * mask).sum() / (denom * max_len)
+
+
+def aggregate_loss(
+    token_loss: Tensor,
+    mask: Tensor,
+    mode: str = "token_mean",
+    *,
+    num_tokens: float | Tensor | None = None,
+    num_seqs: float | Tensor | None = None,
+    max_len: int | None = None,
+) -> Tensor:
+    """Masked token-loss matrix -> scalar loss; one function for all modes (METHODS.md section 2).
+
+    ``token_mean``: sum m l / num_tokens. ``seq_mean_token_mean``: sum_i (sum_t m l / sum_t m) / num_seqs.
+    ``seq_mean_token_sum_norm``: sum m l / (num_seqs * max_len).
+
+    When a batch is split into micro-batches (or data-parallel ranks), pass the GLOBAL ``num_tokens``
+    (sum of the mask over the whole batch) and ``num_seqs`` (number of completions of the whole batch):
+    the micro-batch losses then sum to the full-batch loss exactly. The defaults are the local counts
+    (local token count clamped to >= 1). Given counts are used as they are.
+
+    Args:
+        token_loss: per-token loss, ``[N, L]``.
+        mask: 1 on completion tokens, ``[N, L]``.
+        mode: a name in ``AGGREGATIONS``.
+        num_tokens: global number of mask tokens (``token_mean``).
+        num_seqs: global number of sequences (the two ``seq_mean_*`` modes).
+        max_len: L_max, the configured maximum completion length (``seq_mean_token_sum_norm`` only).
+
+    Returns:
+        The 0-d loss.
+    """
+    fn = AGGREGATIONS.get(mode)
+    if token_loss.shape != mask.shape or token_loss.ndim != 2:
+        raise ValueError(
+            f"token_loss and mask must share one [N, L] shape, got {tuple(token_loss.shape)}, {tuple(mask.shape)}"
+        )
+    # where, not multiply: a NaN on padding must not leak into the sum (0 * NaN = NaN).
+    token_loss = torch.where(mask > 0, token_loss, torch.zeros_like(token_loss))  # [N, L]
+    return fn(token_loss, mask.to(token_loss.dtype), num_tokens, num_seqs, max_len)
+
+
+def grpo_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    ref_logp: Tensor | None = None,
+    beta: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy: Tensor | None = None,
+    entropy_coef: float = 0.0,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    dual_clip: float | None = None,
+    ratio_level: str = "token",
+    is_weights: Tensor | None = None,
+    aggregation: str = "token_mean",
+    num_tokens: float | Tensor | None = None,
+    num_seqs: float | Tensor | None = None,
+    max_len: int | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The full GRPO-family objective: policy loss + beta * KL - entropy_coef * H, aggregated.
+
+    Arguments are those of ``policy_loss``, ``kl_penalty`` and ``aggregate_loss``; ``ref_logp`` is
+    required when ``beta != 0`` and ``entropy`` (``[N, L]``, the policy's token entropy, with gradient)
+    when ``entropy_coef != 0``. The KL and entropy terms are aggregated with the same mode as the policy
+    loss (aggregation is linear, so the total equals aggregating the summed token matrix).
+
+    Returns:
+        ``(loss, metrics)``: the 0-d loss, and the metrics of ``policy_loss`` and ``kl_penalty`` plus
+        ``policy_loss``, ``kl_loss``, ``entropy_loss`` (aggregated terms, before their coefficients) and
+        ``entropy_mean`` (over mask tokens). Metrics are over this call's tokens only: when the caller
+        splits a batch, it averages them itself.
+    """
+    if beta != 0.0 and ref_logp is None:
+        raise ValueError(f"beta = {beta} needs ref_logp (the reference model's log-probs)")
+    if entropy_coef != 0.0 and entropy is None:
+        raise ValueError(f"entropy_coef = {entropy_coef} needs the token entropy tensor")
+
+    def aggregate(token_loss: Tensor) -> Tensor:
+        return aggregate_loss(token_loss, mask, aggregation, num_tokens=num_tokens, num_seqs=num_seqs, max_len=max_len)
+
+    pg, metrics = policy_loss(
+        logp, old_logp, advantages, mask, eps_low, eps_high, dual_clip, ratio_level, is_weights
+    )  # [N, L]
+    pg_loss = aggregate(pg)
+    loss = pg_loss
+    metrics["policy_loss"] = pg_loss.detach()
+    if beta != 0.0:
+        kl, kl_metrics = kl_penalty(logp, ref_logp, kl_estimator, mask=mask)  # [N, L]
+        kl_loss = aggregate(kl)
+        loss = loss + beta * kl_loss
+        metrics.update(kl_metrics)
+        metrics["kl_loss"] = kl_loss.detach()
+    if entropy is not None:
+        with torch.no_grad():
+            metrics["entropy_mean"] = _masked_mean(entropy.detach(), mask.to(entropy.dtype))
+    if entropy_coef != 0.0:
+        entropy_loss = aggregate(entropy)
+        loss = loss - entropy_coef * entropy_loss
+        metrics["entropy_loss"] = entropy_loss.detach()
+    metrics["loss"] = loss.detach()
+    return loss, metrics

@@ -1,0 +1,437 @@
+"""The GRPO-family LightningModule: a policy (and, when beta > 0, a frozen reference) trained on rollouts.
+
+The math lives in ``advantages``, ``losses`` and ``logprobs``; this file only orchestrates it:
+
+- ``score_rollout`` (called by the rollout DataModule before callbacks see the batch) makes one
+  no-grad forward pass of the policy that yields the generating policy's log-probs ``old_logprobs``
+  and the mean-pooled last hidden state of each completion (``embeddings`` for geometric
+  uncertainty), and the reference log-probs when beta > 0.
+- ``training_step`` uses manual optimization: ``num_iterations`` optimizer steps per rollout batch,
+  each over micro-batches with the loss normalised by the whole batch's (and all ranks') counts, so the
+  gradient does not depend on the micro-batch size or the number of devices. A step whose loss or
+  gradient is not finite is skipped (counted in ``train/skipped_steps``) and never writes NaN weights.
+Precision and the strategy come from the Trainer; gradient clipping is ``max_grad_norm`` here because
+Lightning leaves clipping to the module under manual optimization.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from lit_gcpo.advantages import group_advantages
+from lit_gcpo.batch import RolloutBatch
+from lit_gcpo.logprobs import token_logprobs
+from lit_gcpo.losses import grpo_loss, truncated_importance_weights
+from lit_gcpo.policy import LoraOptions, load_policy, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def default_optimizer(params: Iterator[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW with lr 1e-6 and no weight decay, the papers' setting."""
+    return torch.optim.AdamW(params, lr=1e-6, weight_decay=0.0)
+
+
+class GRPOModule(L.LightningModule):
+    """GRPO, Dr. GRPO, SEED-GRPO and GCPO training of a causal LM (the uncertainty weights come from
+    ``lit_gcpo.callbacks.UncertaintyCallback`` through ``batch.advantage_weights``).
+
+    Args:
+        model: a Hugging Face model name or path, or ``lit-gcpo/tiny-arith`` (the embedded tiny model).
+        tokenizer: tokenizer name or path (default: the model's).
+        dtype: dtype of the policy weights (``float32``, ``bfloat16``); keep float32 with ``bf16-mixed``.
+        lora: train LoRA adapters instead of the full model (needs ``peft``).
+        gradient_checkpointing: recompute activations in backward to save memory.
+        disable_dropout: set every dropout to 0 (the usual choice for RL of LMs).
+        optimizer: the optimizer (default AdamW, lr 1e-6).
+        scheduler: an LR scheduler stepped once per optimizer step (default: linear warm-up then constant).
+        warmup_steps: optimizer steps of linear warm-up for the default scheduler.
+        advantage: ``grpo`` (std-normalised) or ``dr_grpo`` (mean-centred only).
+        advantage_scale: ``group`` or ``batch`` std for ``grpo``.
+        loss_aggregation: ``token_mean``, ``seq_mean_token_mean`` or ``seq_mean_token_sum_norm``.
+        max_completion_length: L_max for ``seq_mean_token_sum_norm`` (the engine's ``max_new_tokens``).
+        eps_low: lower clip range of the ratio.
+        eps_high: upper clip range (> eps_low is DAPO's clip-higher).
+        dual_clip: dual-clip constant c for negative advantages (None: off).
+        ratio_level: ``token`` (PPO/GRPO) or ``sequence`` (GSPO).
+        tis_cap: cap C of the truncated importance correction between trainer and engine log-probs
+            (0: off). Only used when the engine reports log-probs and they come from another engine.
+        beta: KL coefficient; 0 loads no reference model.
+        kl_estimator: ``k1``, ``k2`` or ``k3``.
+        entropy_coef: coefficient of the entropy bonus.
+        temperature: the sampling temperature, used to recompute log-probs of the sampling distribution.
+        num_iterations: optimizer steps per rollout batch (old log-probs stay those of the generating policy).
+        micro_batch_size: completions per forward/backward pass (0: the whole batch).
+        max_grad_norm: gradient-norm clipping (0: off).
+        logprob_chunk_size: tokens per chunk of the memory-bounded log-prob computation.
+        policy_embeddings: fill ``batch.embeddings`` with the mean-pooled last hidden state of each completion.
+        log_samples_every_n_steps: write a few prompts, completions and rewards as TensorBoard text.
+        max_consecutive_skips: stop with an error after this many optimizer steps in a row were skipped for a
+            non-finite loss or gradient (the weights are still those of the last good step).
+        export_dir: where ``save_pretrained`` writes the policy at the end of fit (``auto``: the log dir).
+    """
+
+    def __init__(
+        self,
+        model: str = "lit-gcpo/tiny-arith",
+        tokenizer: str | None = None,
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        lora: LoraOptions | None = None,
+        gradient_checkpointing: bool = False,
+        disable_dropout: bool = True,
+        optimizer: OptimizerCallable = default_optimizer,
+        scheduler: LRSchedulerCallable | None = None,
+        warmup_steps: NonNegativeInt = 0,
+        advantage: Literal["grpo", "dr_grpo"] = "grpo",
+        advantage_scale: Literal["group", "batch"] = "group",
+        loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean",
+        max_completion_length: PositiveInt | None = None,
+        eps_low: NonNegativeFloat = 0.2,
+        eps_high: NonNegativeFloat = 0.2,
+        dual_clip: PositiveFloat | None = None,
+        ratio_level: Literal["token", "sequence"] = "token",
+        tis_cap: NonNegativeFloat = 2.0,
+        beta: NonNegativeFloat = 0.0,
+        kl_estimator: Literal["k1", "k2", "k3"] = "k3",
+        entropy_coef: float = 0.0,
+        temperature: PositiveFloat = 1.0,
+        num_iterations: PositiveInt = 1,
+        micro_batch_size: NonNegativeInt = 0,
+        max_grad_norm: NonNegativeFloat = 1.0,
+        logprob_chunk_size: PositiveInt = 4096,
+        policy_embeddings: bool = True,
+        log_samples_every_n_steps: NonNegativeInt = 50,
+        max_consecutive_skips: PositiveInt = 20,
+        export_dir: str | None = "auto",
+    ) -> None:
+        super().__init__()
+        checks = {
+            "beta": beta >= 0,
+            "num_iterations": num_iterations >= 1,
+            "micro_batch_size": micro_batch_size >= 0,
+            "temperature": temperature > 0,
+            "eps_low": 0 <= eps_low < 1,
+            "eps_high": eps_high >= 0,
+            "max_grad_norm": max_grad_norm >= 0,
+            "warmup_steps": warmup_steps >= 0,
+            "tis_cap": tis_cap >= 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"invalid value for {name}: {locals()[name]!r}")
+        if loss_aggregation == "seq_mean_token_sum_norm" and not max_completion_length:
+            raise ValueError("loss_aggregation seq_mean_token_sum_norm needs max_completion_length (L_max)")
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.automatic_optimization = False
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.tokenizer = load_tokenizer(tokenizer or model)
+        self.policy = load_policy(model, dtype=dtype, lora=lora, disable_dropout=disable_dropout)
+        if gradient_checkpointing:
+            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.uses_lora = lora is not None
+        # The reference is not a registered submodule: it is frozen and never checkpointed.
+        self._reference: list[torch.nn.Module] = []
+        if beta > 0 and not self.uses_lora:
+            self._reference.append(
+                load_policy(model, dtype=dtype, lora=None, disable_dropout=True).eval().requires_grad_(False)
+            )
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+
+    # -------------------------------------------------------------------------------- forward passes
+    def _decoder_and_head(self) -> tuple[torch.nn.Module, torch.nn.Module]:
+        model = self.policy.get_base_model() if self.uses_lora else self.policy
+        return model.get_decoder(), model.get_output_embeddings()
+
+    def completion_logprobs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        completion_length: int,
+        *,
+        with_entropy: bool = False,
+        reference: bool = False,
+        with_hidden: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Sampled-token log-probs of the last ``completion_length`` columns, without full logits.
+
+        Returns ``(logprobs [n, L], entropy [n, L] or None, completion hidden states [n, L, H] or None)``.
+        """
+        if reference and self._reference:
+            model = self._reference[0]
+            decoder, head = model.get_decoder(), model.get_output_embeddings()
+        else:
+            decoder, head = self._decoder_and_head()
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [n, P + L], as generate() does
+        hidden = decoder(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        ).last_hidden_state
+        prompt_length = input_ids.shape[1] - completion_length
+        # the token at column P + j is predicted from the hidden state at column P + j - 1
+        predicting = hidden[:, prompt_length - 1 : -1]  # [n, L, H]
+        logprobs, entropy = token_logprobs(
+            predicting,
+            head.weight,
+            input_ids[:, prompt_length:],
+            temperature=self.hparams.temperature,
+            chunk_size=self.hparams.logprob_chunk_size,
+            with_entropy=with_entropy,
+            lm_head_bias=head.bias,
+        )
+        return logprobs, entropy, (hidden[:, prompt_length:] if with_hidden else None)
+
+    @torch.no_grad()
+    def score_rollout(self, batch: RolloutBatch, with_reference: bool = True) -> None:
+        """Fill ``old_logprobs``, ``embeddings`` and (beta > 0) ``ref_logprobs`` of a fresh rollout."""
+        start = time.perf_counter()
+        old, ref, embeddings = [], [], []
+        length = batch.completion_mask.shape[1]
+        for rows in self._micro_batches(batch.num_completions):
+            ids, attn, mask = batch.input_ids[rows], batch.attention_mask[rows], batch.completion_mask[rows]
+            logprobs, _, hidden = self.completion_logprobs(
+                ids, attn, length, with_hidden=self.hparams.policy_embeddings
+            )
+            old.append(logprobs)
+            if hidden is not None:  # mean over completion tokens: one vector per completion
+                pooled = (hidden.float() * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+                embeddings.append(pooled)  # [n, H]
+            if with_reference and self.hparams.beta > 0:
+                if self.uses_lora:
+                    with self.policy.disable_adapter():
+                        ref.append(self.completion_logprobs(ids, attn, length)[0])
+                else:
+                    ref.append(self.completion_logprobs(ids, attn, length, reference=True)[0])
+        batch.old_logprobs = torch.cat(old)  # [N, L]
+        batch.embeddings = torch.cat(embeddings) if embeddings else batch.embeddings
+        batch.ref_logprobs = torch.cat(ref) if ref else None
+        batch.metrics["time/score_s"] = time.perf_counter() - start
+
+    def _micro_batches(self, n: int) -> list[slice]:
+        size = self.hparams.micro_batch_size or n
+        return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+    # ------------------------------------------------------------------------------------- training
+    def training_step(self, batch: RolloutBatch, batch_idx: int) -> None:
+        start = time.perf_counter()
+        hp = self.hparams
+        advantages, adv_metrics = group_advantages(
+            batch.rewards, batch.group_ids, batch.num_groups, mode=hp.advantage, scale=hp.advantage_scale
+        )  # [N]
+        weights = batch.advantage_weights
+        if weights is not None:
+            advantages = advantages * weights.to(advantages.dtype)  # [N], constant within a group
+        mask = batch.completion_mask  # [N, L]
+        # Global counts, so that micro-batches and ranks add up to the whole batch's loss; DDP averages
+        # gradients over ranks, hence the world-size factor.
+        world = self.trainer.world_size
+        num_tokens = self.trainer.strategy.reduce(mask.sum(), reduce_op="sum")
+        num_seqs = self.trainer.strategy.reduce(torch.tensor(float(mask.shape[0]), device=mask.device), reduce_op="sum")
+        is_weights, tis_metrics = None, {}
+        if hp.tis_cap > 0 and batch.engine_logprobs is not None and self._engine_differs():
+            is_weights, tis_metrics = truncated_importance_weights(
+                batch.old_logprobs, batch.engine_logprobs, mask, hp.tis_cap
+            )
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers()
+        length = mask.shape[1]
+        metrics: dict[str, Any] = {}
+        for _ in range(hp.num_iterations):
+            step_loss = torch.zeros((), device=mask.device)
+            for rows in self._micro_batches(batch.num_completions):
+                logprobs, entropy, _ = self.completion_logprobs(
+                    batch.input_ids[rows], batch.attention_mask[rows], length, with_entropy=True
+                )
+                loss, metrics = grpo_loss(
+                    logprobs,
+                    batch.old_logprobs[rows],
+                    advantages[rows],
+                    mask[rows],
+                    ref_logp=None if batch.ref_logprobs is None else batch.ref_logprobs[rows],
+                    beta=hp.beta,
+                    kl_estimator=hp.kl_estimator,
+                    entropy=entropy,
+                    entropy_coef=hp.entropy_coef,
+                    eps_low=hp.eps_low,
+                    eps_high=hp.eps_high,
+                    dual_clip=hp.dual_clip,
+                    ratio_level=hp.ratio_level,
+                    is_weights=None if is_weights is None else is_weights[rows],
+                    aggregation=hp.loss_aggregation,
+                    num_tokens=num_tokens,
+                    num_seqs=num_seqs,
+                    max_len=hp.max_completion_length,
+                )
+                loss = loss * world
+                self.manual_backward(loss)
+                step_loss = step_loss + loss.detach() / world
+                metrics["entropy"] = (entropy.detach() * mask[rows]).sum() / mask[rows].sum().clamp(min=1)
+            self._optimizer_step(optimizer, scheduler, step_loss)
+        self._log_step(
+            batch,
+            advantages,
+            {**adv_metrics, **metrics, **tis_metrics},
+            step_loss,
+            time.perf_counter() - start,
+        )
+
+    def _engine_differs(self) -> bool:
+        datamodule = self.trainer.datamodule
+        engine = getattr(getattr(datamodule, "collector", None), "engine", None)
+        return engine is not None and type(engine).__name__ != "HFEngine"
+
+    def _optimizer_step(self, optimizer: Any, scheduler: Any, loss: torch.Tensor) -> None:
+        grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=loss.device)
+        if not (torch.isfinite(loss) and torch.isfinite(norm)):
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
+            log.warning(
+                "step %d: non-finite loss %s or gradient norm %s; optimizer step skipped (%d in a row)",
+                self.global_step,
+                float(loss),
+                float(norm),
+                self.consecutive_skips,
+            )
+            optimizer.zero_grad(set_to_none=True)
+            if self.consecutive_skips >= self.hparams.max_consecutive_skips:
+                raise RuntimeError(
+                    f"{self.consecutive_skips} optimizer steps in a row had a non-finite loss or gradient "
+                    f"(max_consecutive_skips={self.hparams.max_consecutive_skips}); the weights are those of "
+                    f"step {self.global_step}. Check the rewards, the learning rate and the precision."
+                )
+            return
+        self.consecutive_skips = 0
+        if self.hparams.max_grad_norm > 0:
+            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
+        self._last_grad_norm = norm
+
+    def _log_step(
+        self,
+        batch: RolloutBatch,
+        advantages: torch.Tensor,
+        metrics: dict[str, Any],
+        loss: torch.Tensor,
+        train_s: float,
+    ) -> None:
+        values: dict[str, Any] = {f"train/{k}": v for k, v in metrics.items()}
+        finite = batch.rewards[torch.isfinite(batch.rewards)]
+        values["train/loss"] = loss
+        values["reward/mean"] = finite.mean() if finite.numel() else torch.tensor(float("nan"))
+        values["reward/std"] = finite.std() if finite.numel() > 1 else torch.zeros(())
+        for name, scores in batch.reward_components.items():
+            ok = scores[torch.isfinite(scores)]
+            values[f"reward/{name}_mean"] = ok.mean() if ok.numel() else torch.tensor(float("nan"))
+        accuracy = self._accuracy(batch)
+        if accuracy is not None:
+            values["train/accuracy"] = accuracy.mean()
+        if batch.advantage_weights is not None:
+            values["train/advantage_weight_mean"] = batch.advantage_weights.mean()
+        values["train/skipped_steps"] = float(self.skipped_steps)
+        values["train/grad_norm"] = getattr(self, "_last_grad_norm", torch.zeros(()))
+        values["train/lr"] = self.optimizers().param_groups[0]["lr"]
+        values["time/train_s"] = train_s
+        values.update({k: v for k, v in batch.metrics.items()})
+        values = {k: (v.detach().float() if isinstance(v, torch.Tensor) else float(v)) for k, v in values.items()}
+        self.log_dict(values, batch_size=batch.num_groups, sync_dist=True)
+        self.log("reward", values["reward/mean"], prog_bar=True, logger=False, batch_size=batch.num_groups)
+        if accuracy is not None:
+            self.log("acc", values["train/accuracy"], prog_bar=True, logger=False, batch_size=batch.num_groups)
+        every = self.hparams.log_samples_every_n_steps
+        if every and batch_idx_divisible(self.global_step, every, self.hparams.num_iterations):
+            self._log_samples(batch)
+
+    def _accuracy(self, batch: RolloutBatch) -> torch.Tensor | None:
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "accuracy"):
+            return datamodule.accuracy(batch)
+        return None
+
+    def _log_samples(self, batch: RolloutBatch, count: int = 4) -> None:
+        if not isinstance(self.logger, TensorBoardLogger) or not self.trainer.is_global_zero:
+            return
+        group_size = batch.num_completions // batch.num_groups
+        lines = []
+        for n in range(0, min(count * group_size, batch.num_completions), group_size):
+            lines.append(
+                f"**prompt** `{batch.prompts[n // group_size]!r}`  \n**completion** `{batch.completions[n]!r}`  \n"
+                f"**reward** {float(batch.rewards[n]):.3f}"
+            )
+        self.logger.experiment.add_text("samples", "\n\n---\n\n".join(lines), global_step=self.global_step)
+
+    # ----------------------------------------------------------------------------------- evaluation
+    def _eval_step(self, batch: RolloutBatch, stage: str) -> None:
+        accuracy = self._accuracy(batch)
+        finite = batch.rewards.nan_to_num(0.0)
+        n = batch.num_completions
+        self.log(f"{stage}/reward_mean", finite.mean(), batch_size=n, sync_dist=True, prog_bar=False)
+        if accuracy is not None:
+            self.log(f"{stage}/accuracy", accuracy.mean(), batch_size=n, sync_dist=True, prog_bar=True)
+        self.log(f"{stage}/completion_length", batch.completion_mask.sum(-1).mean(), batch_size=n, sync_dist=True)
+
+    def validation_step(self, batch: RolloutBatch, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: RolloutBatch, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    # ------------------------------------------------------------------------------------ optimizers
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(p for p in self.policy.parameters() if p.requires_grad)
+        if self.scheduler_factory is not None:
+            scheduler = self.scheduler_factory(optimizer)
+        else:
+            warmup = self.hparams.warmup_steps
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+            )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        for reference in self._reference:
+            reference.to(self.device)
+
+    # ------------------------------------------------------------------------------ weights export
+    def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The policy's weights with Hugging Face names (LoRA merged), for the rollout engine's sync."""
+        from lit_gcpo.policy import merged_state_items
+
+        return merged_state_items(self.policy, self.uses_lora)
+
+    def on_fit_end(self) -> None:
+        target = self.hparams.export_dir
+        if target is None or not self.trainer.is_global_zero:
+            return
+        if target == "auto":
+            target = str(Path(self.trainer.log_dir or self.trainer.default_root_dir) / "policy")
+        model = self.policy.merge_and_unload() if self.uses_lora else self.policy
+        model.save_pretrained(target)
+        self.tokenizer.save_pretrained(target)
+        log.info("policy exported to %s", target)
+        self.exported_to = target
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["lit_gcpo"] = {"skipped_steps": self.skipped_steps}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.skipped_steps = int(checkpoint.get("lit_gcpo", {}).get("skipped_steps", 0))
+
+
+def batch_idx_divisible(global_step: int, every: int, num_iterations: int) -> bool:
+    """True on the rollout batch whose optimizer steps cross a multiple of ``every``."""
+    rollout_index = global_step // num_iterations
+    return math.floor(rollout_index) % every == 0

@@ -1,0 +1,67 @@
+"""Rule-based math rewards: the final ``\\boxed{}`` answer against the gold, by Math-Verify equivalence.
+
+``math_accuracy`` is the binary verifiable reward of DeepSeekMath's GRPO setting (and of SEED-GRPO /
+GCPO): 1 when the completion's final answer is equivalent to the gold, else 0. Project's reading: the
+final answer is the content of the completion's last complete ``\\boxed{}``/``\\fbox{}`` (none -> 0);
+a completion whose gold cannot be read gets ``None`` (no score), not 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lit_gcpo.answers import answers_equivalent, extract_boxed, gold_answer
+from lit_gcpo.rewards.loading import REWARDS
+
+GRADING_TIMEOUT_S = 1.0
+"""Seconds one Math-Verify comparison may take (real answers take milliseconds); a timeout scores 0."""
+
+
+def completion_text(completion: Any) -> str:
+    """The text of a completion: a string, or TRL's conversational form (the last message's content)."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
+        return str(completion[-1].get("content", ""))
+    return "" if completion is None else str(completion)
+
+
+def _row_gold(index: int, columns: dict[str, list[Any]]) -> str | None:
+    """Gold of row ``index``: ``gold``, else ``answer``, else ``final_answer``, else the box of ``solution``."""
+    for field in ("gold", "answer", "final_answer"):
+        values = columns.get(field)
+        if values is not None and values[index] is not None:
+            gold = gold_answer(values[index])
+            if gold is not None:
+                return gold
+    solutions = columns.get("solution")
+    if solutions is not None and isinstance(solutions[index], str):
+        return extract_boxed(solutions[index])
+    return None
+
+
+@REWARDS.register("math_accuracy")
+def math_accuracy(prompts: list[str], completions: list[Any], **columns: list[Any]) -> list[float | None]:
+    """1.0 when the last ``\\boxed{}`` of the completion is equivalent to the gold, else 0.0.
+
+    The gold comes from the ``gold`` column (evaluation items) or the ``answer`` column (any format
+    ``lit_gcpo.answers.gold_answer`` reads: LaTeX, numbers, GSM8K ``#### n``, solutions with a box,
+    lists), else ``final_answer`` (OlympiadBench), else the last box of ``solution`` (Minerva); ``None``
+    for a row without a readable gold.
+    """
+    scores: list[float | None] = []
+    for index, completion in enumerate(completions):
+        gold = _row_gold(index, columns)
+        if gold is None:
+            scores.append(None)
+            continue
+        predicted = extract_boxed(completion_text(completion))
+        correct = predicted is not None and answers_equivalent(gold, predicted, timeout_s=GRADING_TIMEOUT_S)
+        scores.append(1.0 if correct else 0.0)
+    return scores
+
+
+@REWARDS.register("format")
+def format_reward(prompts: list[str], completions: list[Any], **columns: list[Any]) -> list[float | None]:
+    """1.0 when the completion states a final answer in a complete, non-empty ``\\boxed{}``, else 0.0."""
+    return [1.0 if extract_boxed(completion_text(c)) else 0.0 for c in completions]

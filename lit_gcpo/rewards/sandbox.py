@@ -1,0 +1,231 @@
+"""Math-Verify grading in a separate, killable process: a time bound that works from any thread.
+
+Math-Verify bounds ``parse``/``verify`` with ``signal.alarm``, which only works in the main thread of
+the main interpreter (Lightning and dataloader threads get a ``ValueError``) and cannot interrupt a
+computation that sits in C code: ``verify`` on ``9^{9^{9^{9}}}`` keeps one core busy far past any
+alarm. So the grading runs in a child interpreter started with ``python -I <this file>``:
+
+* the child imports only the standard library and ``math_verify`` (no torch, no project package, no
+  ``__main__`` re-import as ``multiprocessing``'s spawn would do), and reads one JSON request per line
+  on stdin, answering one JSON line on stdout;
+* inside the child a ``setitimer`` alarm stops slow Python-level work after ``timeout_s`` (cheap: the
+  process survives);
+* the parent waits ``timeout_s * 1.25 + 0.2`` seconds for the answer; past that it kills the child
+  (C-level hang), starts a replacement at once in the background and reports a timeout.
+
+Only ``LatexExtractionConfig`` is used: Math-Verify's ``ExprExtractionConfig`` goes through
+``sympy.parse_expr``, which evaluates Python, and model outputs are untrusted text.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import queue
+import select
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+STARTUP_TIMEOUT_S = 60.0
+"""Seconds a fresh child may take to import Math-Verify (a loaded 2-core machine needs ~1-3 s)."""
+
+
+class GraderUnavailableError(RuntimeError):
+    """The grading process could not be started or died for a reason other than a timeout."""
+
+
+@dataclass(frozen=True)
+class GradeResult:
+    """One comparison: ``equal`` is Math-Verify's verdict; ``timed_out`` says the bound was hit."""
+
+    equal: bool
+    timed_out: bool = False
+
+
+class GraderProcess:
+    """One child interpreter running Math-Verify; one request at a time (callers hold ``lock``)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._buffer = b""
+        self._ready = False
+
+    def start(self) -> None:
+        """Launch the child without waiting for it to be ready."""
+        self._proc = subprocess.Popen(
+            [sys.executable, "-I", os.path.abspath(__file__)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            close_fds=True,
+        )
+        self._buffer = b""
+        self._ready = False
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process id (None before the first start)."""
+        return None if self._proc is None else self._proc.pid
+
+    def close(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self._proc = None
+
+    def _read_line(self, deadline: float) -> bytes | None:
+        """The next line from the child, or None when ``deadline`` passes or the child closed stdout."""
+        assert self._proc is not None and self._proc.stdout is not None
+        fd = self._proc.stdout.fileno()
+        while b"\n" not in self._buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            readable, _, _ = select.select([fd], [], [], remaining)
+            if not readable:
+                return None
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return None
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line
+
+    def _ensure_ready(self) -> None:
+        if self._proc is None or self._proc.poll() is not None:
+            self.start()
+        if self._ready:
+            return
+        line = self._read_line(time.monotonic() + STARTUP_TIMEOUT_S)
+        if line is None or json.loads(line).get("ready") is not True:
+            self.close()
+            raise GraderUnavailableError(
+                f"the Math-Verify grading process did not start within {STARTUP_TIMEOUT_S:.0f} s"
+            )
+        self._ready = True
+
+    def grade(self, gold: str, pred: str, timeout_s: float) -> GradeResult:
+        """Math-Verify equivalence of two answer strings, bounded by ``timeout_s`` (+ a kill grace)."""
+        self._ensure_ready()
+        assert self._proc is not None and self._proc.stdin is not None
+        request = json.dumps({"gold": gold, "pred": pred, "timeout": timeout_s}) + "\n"
+        try:
+            self._proc.stdin.write(request.encode())
+            self._proc.stdin.flush()
+        except (BrokenPipeError, OSError) as error:
+            self.close()
+            raise GraderUnavailableError("the Math-Verify grading process died") from error
+        line = self._read_line(time.monotonic() + timeout_s * 1.25 + 0.2)
+        if line is None:
+            died = self._proc.poll() is not None
+            # C-level hang (or crash): kill and pre-start a replacement so the next call finds it warm.
+            self.close()
+            self.start()
+            if died:
+                raise GraderUnavailableError("the Math-Verify grading process exited unexpectedly")
+            return GradeResult(equal=False, timed_out=True)
+        reply = json.loads(line)
+        return GradeResult(equal=bool(reply["equal"]), timed_out=bool(reply["timed_out"]))
+
+
+class GraderPool:
+    """``num_workers`` grading processes shared by every thread of this process.
+
+    A caller takes a free process (waiting if all are busy), so concurrent callers' bounds include the
+    wait for a free process.
+    """
+
+    def __init__(self, num_workers: int = 1) -> None:
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        self._free: queue.SimpleQueue[GraderProcess] = queue.SimpleQueue()
+        self._all = [GraderProcess() for _ in range(num_workers)]
+        for worker in self._all:
+            self._free.put(worker)
+
+    def grade(self, gold: str, pred: str, timeout_s: float) -> GradeResult:
+        worker = self._free.get()
+        try:
+            with worker.lock:
+                return worker.grade(gold, pred, timeout_s)
+        finally:
+            self._free.put(worker)
+
+    @property
+    def pids(self) -> list[int | None]:
+        """Process ids of the grading processes (None for one not started yet)."""
+        return [worker.pid for worker in self._all]
+
+    def close(self) -> None:
+        for worker in self._all:
+            worker.close()
+
+
+_POOL: GraderPool | None = None
+_POOL_PID: int | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def default_pool() -> GraderPool:
+    """The process-wide pool (one grading process, started on first use, killed at exit).
+
+    A forked child (e.g. a dataloader worker) gets its own pool: sharing the parent's pipes would mix
+    the two processes' requests.
+    """
+    global _POOL, _POOL_PID
+    with _POOL_LOCK:
+        if _POOL is None or _POOL_PID != os.getpid():
+            _POOL, _POOL_PID = GraderPool(num_workers=1), os.getpid()
+            atexit.register(_POOL.close)
+        return _POOL
+
+
+# ------------------------------------------------------------------------------------------ the child
+def _child_main() -> None:  # pragma: no cover - runs in the child interpreter
+    import logging
+    import signal
+
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # anything a library prints must not corrupt the protocol on stdout
+    logging.disable(logging.CRITICAL)
+    from math_verify import LatexExtractionConfig, parse, verify
+
+    config = [LatexExtractionConfig()]
+
+    class _Alarm(BaseException):  # not an Exception: Math-Verify's `except Exception` must not swallow it
+        pass
+
+    def _on_alarm(signum: int, frame: object) -> None:
+        raise _Alarm
+
+    signal.signal(signal.SIGALRM, _on_alarm)
+    # Math-Verify builds its parser and regexes lazily: pay that before "ready", not in the first request.
+    verify(parse("$\\frac{1}{2}$", extraction_config=config), parse("$0.5$", extraction_config=config))
+    out.write('{"ready": true}\n')
+    out.flush()
+    for line in sys.stdin:
+        request = json.loads(line)
+        equal, timed_out = False, False
+        try:
+            signal.setitimer(signal.ITIMER_REAL, float(request["timeout"]))
+            try:
+                gold = parse(f"${request['gold']}$", extraction_config=config, parsing_timeout=None)
+                pred = parse(f"${request['pred']}$", extraction_config=config, parsing_timeout=None)
+                equal = bool(gold) and bool(pred) and bool(verify(gold, pred, timeout_seconds=None))
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+        except _Alarm:
+            timed_out = True
+        except Exception:
+            equal = False
+        out.write(json.dumps({"equal": equal, "timed_out": timed_out}) + "\n")
+        out.flush()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _child_main()

@@ -1,0 +1,22 @@
+"""Shared fixtures: tiny models built offline, no hub access."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A randomly initialised 2-layer character Llama with its tokenizer, saved to a temporary directory."""
+    from lit_gcpo.tiny_model import build_char_tokenizer, build_tiny_config, build_tiny_model
+
+    path = tmp_path_factory.mktemp("tiny-random")
+    config = build_tiny_config(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    build_tiny_model(config, seed=0).save_pretrained(path)
+    build_char_tokenizer().save_pretrained(path)
+    return str(path)

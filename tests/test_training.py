@@ -1,0 +1,207 @@
+"""End-to-end behaviour of GRPOModule + RolloutDataModule in a real Trainer on the CPU."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import pytest
+import torch
+
+from lit_gcpo.batch import RolloutBatch
+from lit_gcpo.data.datamodule import RolloutDataModule
+from lit_gcpo.data.sources import ArithmeticTask
+from lit_gcpo.engines.base import SamplingConfig
+from lit_gcpo.module import GRPOModule
+
+
+def make_pair(
+    model_dir: str,
+    *,
+    lr: float = 1e-2,
+    micro_batch_size: int = 0,
+    rewards=None,
+    optimizer=None,
+    val: bool = False,
+    **module_kwargs,
+):
+    def sgd(params):
+        return torch.optim.SGD(params, lr=lr)
+
+    module = GRPOModule(
+        model=model_dir,
+        optimizer=optimizer or sgd,
+        micro_batch_size=micro_batch_size,
+        max_grad_norm=0.0,
+        log_samples_every_n_steps=0,
+        export_dir=None,
+        **module_kwargs,
+    )
+    data = RolloutDataModule(
+        train=ArithmeticTask("train", num_train=64, num_val=8, seed=1),
+        val=ArithmeticTask("validation", num_train=64, num_val=8, seed=1) if val else None,
+        batch_size=3,
+        group_size=4,
+        rewards=rewards or ["toy_rewards:digit_fraction"],
+        accuracy_reward=None,
+        sampling=SamplingConfig(temperature=1.0, max_new_tokens=6),
+        seed=3,
+    )
+    return module, data
+
+
+def trainer(tmp_path, max_steps: int, **kwargs) -> L.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        limit_val_batches=0,
+    )
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+class CaptureBatches(L.Callback):
+    def __init__(self) -> None:
+        self.batches: list[RolloutBatch] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.batches.append(batch)
+
+
+def test_one_step_changes_every_trainable_parameter(tiny_model_dir, tmp_path):
+    module, data = make_pair(tiny_model_dir, lr=1e-2)
+    before = {n: p.detach().clone() for n, p in module.policy.named_parameters()}
+    trainer(tmp_path, 1).fit(module, data)
+    unchanged = [n for n, p in module.policy.named_parameters() if torch.equal(p.detach(), before[n])]
+    assert unchanged == []
+
+
+def test_logged_loss_equals_hand_formula_on_policy(tiny_model_dir, tmp_path):
+    """On-policy (ratio 1), no KL, token_mean: loss = -sum(m * A) / sum(m), A from a per-group loop."""
+    module, data = make_pair(tiny_model_dir, lr=0.0)
+    capture = CaptureBatches()
+    run = trainer(tmp_path, 1, callbacks=[capture])
+    run.fit(module, data)
+    batch = capture.batches[0]
+    expected_adv = torch.zeros_like(batch.rewards)
+    for g in range(batch.num_groups):
+        rows = (batch.group_ids == g).nonzero().squeeze(-1)
+        r = batch.rewards[rows]
+        if r.max() - r.min() > 0:
+            expected_adv[rows] = (r - r.mean()) / (r.std() + 1e-4)
+    mask = batch.completion_mask
+    expected = -(mask * expected_adv[:, None]).sum() / mask.sum()
+    assert float(run.logged_metrics["train/loss"]) == pytest.approx(float(expected), abs=1e-6)
+    assert float(expected) != 0.0  # the toy reward gives the groups a spread
+
+
+def test_trainer_logprobs_equal_full_log_softmax_and_engine(tiny_model_dir, tmp_path):
+    module, data = make_pair(tiny_model_dir, lr=0.0)
+    capture = CaptureBatches()
+    trainer(tmp_path, 1, callbacks=[capture]).fit(module, data)
+    batch = capture.batches[0]
+    with torch.no_grad():
+        position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        logits = module.policy(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids
+        ).logits  # [N, P + L, V]
+    p = batch.prompt_length
+    full = torch.log_softmax(logits[:, p - 1 : -1].float(), -1).gather(-1, batch.completion_ids.unsqueeze(-1))[..., 0]
+    mask = batch.completion_mask.bool()
+    torch.testing.assert_close(batch.old_logprobs[mask], full[mask], atol=1e-5, rtol=0)
+    # the hf engine's sampled-token log-probs are those of the same distribution
+    torch.testing.assert_close(batch.engine_logprobs[mask], full[mask], atol=1e-4, rtol=0)
+
+
+def _final_weights(module: GRPOModule) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.policy.named_parameters()}
+
+
+def test_micro_batches_give_the_same_update(tiny_model_dir, tmp_path):
+    results = []
+    for micro in (0, 5):
+        L.seed_everything(0)
+        module, data = make_pair(tiny_model_dir, lr=0.5, micro_batch_size=micro)
+        trainer(tmp_path / str(micro), 1).fit(module, data)
+        results.append(_final_weights(module))
+    for name, value in results[0].items():
+        torch.testing.assert_close(results[1][name], value, atol=1e-6, rtol=0, msg=name)
+
+
+def test_resume_continues_exactly(tiny_model_dir, tmp_path):
+    def adam(params):
+        return torch.optim.AdamW(params, lr=1e-3)
+
+    L.seed_everything(0)
+    module, data = make_pair(tiny_model_dir, optimizer=adam, warmup_steps=4)
+    trainer(tmp_path / "straight", 6).fit(module, data)
+    straight = _final_weights(module)
+
+    L.seed_everything(0)
+    module, data = make_pair(tiny_model_dir, optimizer=adam, warmup_steps=4)
+    first = trainer(tmp_path / "a", 3)
+    first.fit(module, data)
+    ckpt = tmp_path / "three.ckpt"
+    first.save_checkpoint(ckpt)
+    assert data.consumed_batches == 3
+
+    L.seed_everything(123)  # a different global RNG must not matter
+    module, data = make_pair(tiny_model_dir, optimizer=adam, warmup_steps=4)
+    trainer(tmp_path / "b", 6).fit(module, data, ckpt_path=str(ckpt))
+    assert data.consumed_batches == 6
+    resumed = _final_weights(module)
+    for name, value in straight.items():
+        torch.testing.assert_close(resumed[name], value, atol=1e-6, rtol=0, msg=name)
+
+
+def _poison_training_passes(monkeypatch, count: float) -> None:
+    """Make the first ``count`` gradient-enabled log-prob passes NaN (the scoring pass is no-grad)."""
+    original = GRPOModule.completion_logprobs
+    state = {"left": count}
+
+    def poisoned(self, *args, **kwargs):
+        logprobs, entropy, hidden = original(self, *args, **kwargs)
+        if torch.is_grad_enabled() and state["left"] > 0:
+            state["left"] -= 1
+            logprobs = logprobs + float("nan")
+        return logprobs, entropy, hidden
+
+    monkeypatch.setattr(GRPOModule, "completion_logprobs", poisoned)
+
+
+def test_nonfinite_loss_skips_the_step(tiny_model_dir, tmp_path, monkeypatch):
+    module, data = make_pair(tiny_model_dir, lr=1e-2)
+    before = _final_weights(module)
+    _poison_training_passes(monkeypatch, 2)
+    run = trainer(tmp_path, 1)
+    run.fit(module, data)
+    assert module.skipped_steps == 2
+    assert run.global_step == 1 and data.consumed_batches == 3  # two rollouts skipped, the third trained
+    after = _final_weights(module)
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert any(not torch.equal(after[n], before[n]) for n in after)
+
+
+def test_persistent_nonfinite_loss_stops_with_a_clear_error(tiny_model_dir, tmp_path, monkeypatch):
+    module, data = make_pair(tiny_model_dir, lr=1e-2, max_consecutive_skips=3)
+    before = _final_weights(module)
+    _poison_training_passes(monkeypatch, math.inf)
+    with pytest.raises(RuntimeError, match="3 optimizer steps in a row had a non-finite loss"):
+        trainer(tmp_path, 5).fit(module, data)
+    assert all(torch.equal(v, before[n]) for n, v in _final_weights(module).items())
+
+
+def test_validation_reports_greedy_accuracy(tiny_model_dir, tmp_path):
+    module, data = make_pair(tiny_model_dir, lr=0.0, val=True)
+    data.accuracy_reward = None
+    run = trainer(tmp_path, 1, limit_val_batches=None, val_check_interval=1, check_val_every_n_epoch=None)
+    run.validate(module, data)
+    # the toy reward has no accuracy: the mean reward of greedy completions is reported instead
+    assert "val/reward_mean" in run.logged_metrics
+    assert 0.0 <= float(run.logged_metrics["val/reward_mean"]) <= 1.0
+    assert not math.isnan(float(run.logged_metrics["val/reward_mean"]))

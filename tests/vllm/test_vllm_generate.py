@@ -1,0 +1,92 @@
+"""VLLMEngine.generate against transformers on the same tiny model (counts, ids, greedy, log-probs, RNG)."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from lit_gcpo.engines.base import SamplingConfig
+from lit_gcpo.engines.hf import HFEngine
+
+pytestmark = pytest.mark.vllm
+
+PROMPTS = ["12+34=", "7*8-5=", "(9+1)*3="]
+
+
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+
+
+def test_counts_ids_eos_and_truncation_flags(engine, policy, tokenizer):
+    prompts = _encode(tokenizer, PROMPTS)
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=12, seed=3)
+    out = engine.generate(prompts, num_samples=4, sampling=sampling)
+    hf_out = HFEngine(policy, tokenizer).generate(prompts, num_samples=4, sampling=sampling)
+    assert len(out.completion_ids) == len(hf_out.completion_ids) == 3 * 4
+    assert len(out.truncated) == len(out.logprobs) == 12
+    eos = tokenizer.eos_token_id
+    for row, (ids, logprobs, truncated) in enumerate(zip(out.completion_ids, out.logprobs, out.truncated, strict=True)):
+        assert 1 <= len(ids) <= 12, row
+        assert all(0 <= token < len(tokenizer) for token in ids), row
+        assert len(logprobs) == len(ids), row
+        assert all(lp <= 0.0 for lp in logprobs), row
+        assert eos not in ids[:-1], row  # EOS can only end a completion
+        # truncated <=> the limit was hit without EOS
+        assert truncated == (ids[-1] != eos and len(ids) == 12), row
+
+
+def test_greedy_completions_equal_transformers(engine, policy, tokenizer):
+    prompts = _encode(tokenizer, PROMPTS)
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=16)
+    vllm_out = engine.generate(prompts, num_samples=2, sampling=greedy)
+    hf_out = HFEngine(policy, tokenizer).generate(prompts, num_samples=2, sampling=greedy)
+    assert vllm_out.completion_ids == hf_out.completion_ids
+    assert vllm_out.truncated == hf_out.truncated
+    # Greedy samples of a group are identical, and a random model does not stop at once.
+    assert vllm_out.completion_ids[0] == vllm_out.completion_ids[1]
+    assert len(vllm_out.completion_ids[0]) > 1
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampled_token_logprobs_match_log_softmax_recomputation(engine, policy, tokenizer, recompute, temperature):
+    prompts = _encode(tokenizer, PROMPTS[:2])
+    out = engine.generate(prompts, 3, SamplingConfig(temperature=temperature, max_new_tokens=10, seed=11))
+    worst = 0.0
+    for row, (ids, logprobs) in enumerate(zip(out.completion_ids, out.logprobs, strict=True)):
+        reference = recompute(policy, prompts[row // 3], ids, temperature)  # [T]
+        worst = max(worst, (torch.tensor(logprobs) - reference).abs().max().item())
+    assert worst < 1e-3
+
+
+def test_seeded_calls_repeat_and_unseeded_calls_differ(engine, tokenizer):
+    prompts = _encode(tokenizer, PROMPTS[:1]) * 2  # the same prompt twice in one call
+    seeded = SamplingConfig(temperature=1.0, max_new_tokens=12, seed=5)
+    first = engine.generate(prompts, 4, seeded).completion_ids
+    assert engine.generate(prompts, 4, seeded).completion_ids == first
+    # Two copies of one prompt get different seeds (no shared noise across groups).
+    assert first[:4] != first[4:]
+    unseeded = SamplingConfig(temperature=1.0, max_new_tokens=12)
+    # The engine's own RNG stream advances between calls even though the caller's RNG is restored.
+    assert engine.generate(prompts, 4, unseeded).completion_ids != engine.generate(prompts, 4, unseeded).completion_ids
+
+
+def test_generate_leaves_the_callers_rng_untouched(engine, tokenizer):
+    torch.manual_seed(1234)
+    np.random.seed(1234)
+    random.seed(1234)
+    torch_state, numpy_state, python_state = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    engine.generate(_encode(tokenizer, PROMPTS), 4, SamplingConfig(temperature=1.0, max_new_tokens=8))
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    assert np.array_equal(np.random.get_state()[1], numpy_state[1])
+    assert random.getstate() == python_state
+
+
+def test_prompt_errors_name_the_row(engine, tokenizer):
+    prompts = [*_encode(tokenizer, PROMPTS[:1]), []]
+    with pytest.raises(ValueError, match=r"prompt_ids\[1\] is empty"):
+        engine.generate(prompts, 2, SamplingConfig(max_new_tokens=4))
+    with pytest.raises(ValueError, match=r"prompt_ids\[0\] has 600 tokens"):
+        engine.generate([[5] * 600], 2, SamplingConfig(max_new_tokens=4))
