@@ -118,7 +118,7 @@ def bench_loss() -> list[str]:
     return [
         "## Loss (bench_algos.py loss)",
         "",
-        f"{dt.date.today().isoformat()}, {MACHINE}, torch {torch.__version__}, {torch.get_num_threads()} threads.",
+        f"{dt.date.today().isoformat()}, {MACHINE}, torch {torch.__version__}, threads: {torch.get_num_threads()}.",
         f"GRPO loss for B*G = {n} completions ({num_groups} groups of {group_size}) x L = {length} tokens:",
         "group advantages + clipped policy loss + beta * k3 KL + token_mean, forward + backward w.r.t. logp.",
         f"Both give the same loss (checked to 1e-5). Load average when done: {os.getloadavg()[0]:.1f}.",

@@ -138,8 +138,9 @@ def answers_equivalent(a: str, b: str, timeout_s: float = 2.0) -> bool:
     content of a ``\\boxed{}``), not whole completions. The call returns within about
     ``1.25 * timeout_s + 0.2`` seconds from any thread (plus the wait for the grading process when
     another thread is using it, or when it is still starting); a comparison that times out counts as
-    not equivalent (and is not cached, since a loaded machine may be the cause). Raises ``lit_gcpo.rewards.sandbox.GraderUnavailableError`` when the grading process
-    cannot run at all (an infrastructure failure, not a wrong answer).
+    not equivalent (and is not cached, since a loaded machine may be the cause). Raises
+    ``lit_gcpo.rewards.sandbox.GraderUnavailableError`` when the grading process cannot run at all (an
+    infrastructure failure, not a wrong answer).
     """
     if not isinstance(a, str) or not isinstance(b, str):
         return False

@@ -13,7 +13,7 @@ from pathlib import Path
 # between their two thread pools made generation 7x slower (shared/VLLM_NOTES.md).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from lit_gcpo.data.datamodule import RolloutDataModule
 from lit_gcpo.module import GRPOModule
@@ -41,17 +41,11 @@ def check_checkpoint(path: str) -> None:
 
 
 class GCPOCLI(LightningCLI):
-    def before_fit(self) -> None:
-        self._check_ckpt("fit")
-
-    def before_validate(self) -> None:
-        self._check_ckpt("validate")
-
-    def before_test(self) -> None:
-        self._check_ckpt("test")
-
-    def _check_ckpt(self, subcommand: str) -> None:
-        ckpt_path = self.config[subcommand].get("ckpt_path")
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        super().parse_arguments(parser, args)
+        # LightningCLI reads the checkpoint's hyper-parameters right after parsing: check the file first.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path:
             check_checkpoint(str(ckpt_path))
 

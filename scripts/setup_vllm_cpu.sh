@@ -53,10 +53,11 @@ for pkg in torchvision torchaudio torchcodec triton; do
     fi
 done
 
-# Re-install the repo only when its pyproject changed since the last successful install.
-stamp="$VENV/.lit_gcpo_pyproject.sha256"
-want="$(sha256sum "$REPO_ROOT/pyproject.toml" | cut -d' ' -f1)"
-if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]] && "$PY" -c "import lit_gcpo" 2>/dev/null; then
+# Re-install the repo only when its pyproject or its location changed since the last install (a venv
+# kept outside the repo may have been made for another clone: its editable install points there).
+stamp="$VENV/.lit_gcpo_install_stamp"
+want="$(sha256sum "$REPO_ROOT/pyproject.toml" | cut -d' ' -f1) $REPO_ROOT"
+if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]] && (cd / && "$PY" -c "import lit_gcpo") 2>/dev/null; then
     log "lit-gcpo[dev] already installed (pyproject unchanged)"
 else
     log "installing lit-gcpo[dev] (editable) from $REPO_ROOT"

@@ -189,3 +189,26 @@ def test_forked_child_gets_its_own_grading_process() -> None:
     assert child_results == (True, False)
     assert set(child_pids).isdisjoint(default_pool().pids)
     assert answers_equivalent("\\frac{7}{14}", "0.5") and not answers_equivalent("\\frac{7}{14}", "0.7")
+
+
+def test_grader_process_crash_mid_request_is_a_no_verdict_not_an_error() -> None:
+    # A child that dies on an input (here: killed while expanding a huge power) must not raise: that
+    # comparison gets no verdict and the next one is served by a replacement.
+    worker = GraderProcess()
+    try:
+        assert worker.grade("1", "1", timeout_s=1.0).equal
+        crashed = worker.pid
+        assert crashed is not None
+        results = []
+        thread = threading.Thread(target=lambda: results.append(worker.grade("5", "(x+1)^{100000}", timeout_s=20.0)))
+        start = time.monotonic()
+        thread.start()
+        time.sleep(0.3)
+        os.kill(crashed, signal.SIGKILL)
+        thread.join(30)
+        assert time.monotonic() - start < 10.0  # returned on the crash, not at the 20 s bound
+        assert results[0].timed_out and not results[0].equal
+        assert worker.pid != crashed
+        assert worker.grade("\\frac{1}{2}", "0.5", timeout_s=5.0).equal
+    finally:
+        worker.close()

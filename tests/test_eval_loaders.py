@@ -102,8 +102,11 @@ def test_items_feed_the_rewards_through_the_gold_column() -> None:
     scores = math_accuracy([""] * 5, completions, gold=[item["gold"] for item in math_items])
     assert scores == [1.0, 0.0, 1.0, 0.0, 1.0]  # odd rows answer gold + 1
     qa_items = _load("narrativeqa").items
-    scores = qa_exact_match([""] * 3, ["Answer: servant", "Answer: doom", "Answer: HIS best friend"],
-                            gold=[item["gold"] for item in qa_items])
+    scores = qa_exact_match(
+        [""] * 3,
+        ["Answer: servant", "Answer: doom", "Answer: HIS best friend"],
+        gold=[item["gold"] for item in qa_items],
+    )
     assert scores == [1.0, 0.0, 1.0]
 
 

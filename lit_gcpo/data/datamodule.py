@@ -92,7 +92,9 @@ class RolloutDataModule(L.LightningDataModule):
     Args:
         train: where training prompts come from.
         val: validation prompts (None: no validation).
-        test: prompts for ``lit-gcpo test`` (None: the validation prompts).
+        test: prompts for ``lit-gcpo test``: one source or several (e.g. one per benchmark, each its own
+            dataloader, reported separately); None: the validation prompts. A source with a ``template``
+            or ``required_fields`` attribute (not None) uses them instead of the ones here.
         template: the user message, with ``{field}`` placeholders filled from the row.
         system: system message for chat templates.
         chat: use the tokenizer's chat template: ``auto`` (when it has one), ``always``, ``never``.
@@ -117,7 +119,7 @@ class RolloutDataModule(L.LightningDataModule):
         self,
         train: PromptSource | None = None,
         val: PromptSource | None = None,
-        test: PromptSource | None = None,
+        test: PromptSource | list[PromptSource] | None = None,
         template: str = "{prompt}",
         system: str | None = None,
         chat: Literal["auto", "always", "never"] = "auto",
@@ -148,7 +150,8 @@ class RolloutDataModule(L.LightningDataModule):
             raise ValueError(f"reward_weights has {len(reward_weights)} entries for {len(rewards)} rewards")
         if accuracy_reward is not None and accuracy_reward not in rewards:
             raise ValueError(f"accuracy_reward {accuracy_reward!r} is not one of rewards {rewards}")
-        self.train_source, self.val_source, self.test_source = train, val, test
+        self.train_source, self.val_source = train, val
+        self.test_sources: list[PromptSource] = [test] if isinstance(test, PromptSource) else list(test or [])
         self.template, self.system, self.chat = template, system, chat
         self.required_fields = list(required_fields) if required_fields is not None else ["answer"]
         self.batch_size, self.group_size = batch_size, group_size
@@ -174,22 +177,27 @@ class RolloutDataModule(L.LightningDataModule):
         if module is None or not hasattr(module, "tokenizer"):
             raise RuntimeError("RolloutDataModule needs a LightningModule with `tokenizer` and `policy`")
         tokenizer = module.tokenizer
-        renderer = PromptRenderer(tokenizer, self.template, self.system, self.chat)
-        sources = {
-            "train": self.train_source,
-            "val": self.val_source,
-            "test": self.test_source or self.val_source,
-        }
-        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, ())
-        for split in wanted:
-            if sources[split] is not None and split not in self._datasets:
-                self._datasets[split] = self._prepare(split, sources[split], renderer)
+        sources: dict[str, PromptSource | None] = {"train": self.train_source, "val": self.val_source}
+        for index, source in enumerate(self.test_sources or [self.val_source]):
+            sources[f"test{index}"] = source
+        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": [k for k in sources if k.startswith("test")]}
+        for split in wanted.get(stage, []):
+            source = sources[split]
+            if source is not None and split not in self._datasets:
+                if hasattr(source, "bind_tokenizer"):  # sources that budget their text in tokens
+                    source.bind_tokenizer(tokenizer)
+                self._datasets[split] = self._prepare(split, source, self._renderer(source, tokenizer))
         if self.collector is None:
             from lit_gcpo.rewards import RewardSet
 
             rewards = RewardSet.from_names(self.reward_names, self.reward_weights, timeout=self.reward_timeout)
             engine = build_engine(self.engine_name, module.policy, tokenizer, **self.engine_options)
-            self.collector = RolloutCollector(engine, tokenizer, rewards, add_special_tokens=not renderer.use_chat)
+            use_chat = self._renderer(None, tokenizer).use_chat
+            self.collector = RolloutCollector(engine, tokenizer, rewards, add_special_tokens=not use_chat)
+
+    def _renderer(self, source: PromptSource | None, tokenizer: Any) -> PromptRenderer:
+        template = getattr(source, "template", None) or self.template
+        return PromptRenderer(tokenizer, template, self.system, self.chat)
 
     def _prepare(
         self, split: str, source: PromptSource, renderer: PromptRenderer
@@ -197,7 +205,9 @@ class RolloutDataModule(L.LightningDataModule):
         rows = source.load()
         if not rows:
             raise ValueError(f"{split}: the prompt source {source.describe()} has no rows")
-        needed = sorted(set(placeholders(self.template)) | set(self.required_fields))
+        required = getattr(source, "required_fields", None)
+        required = self.required_fields if required is None else required
+        needed = sorted(set(placeholders(renderer.template)) | set(required))
         for name in needed:
             if all(row.get(name) is None for row in rows):
                 raise ValueError(
@@ -243,11 +253,14 @@ class RolloutDataModule(L.LightningDataModule):
         rows, prompts = self._datasets["val"]
         return self._shard(EvalPrompts(rows, prompts, self.val_batch_size))
 
-    def test_dataloader(self) -> DataLoader | list:
-        if "test" not in self._datasets:
-            return []
-        rows, prompts = self._datasets["test"]
-        return self._shard(EvalPrompts(rows, prompts, self.val_batch_size))
+    def test_dataloader(self) -> list[DataLoader]:
+        """One dataloader per test source, in the order given (``dataloader_idx`` = position)."""
+        splits = sorted((k for k in self._datasets if k.startswith("test")), key=lambda k: int(k[4:]))
+        return [self._shard(EvalPrompts(*self._datasets[split], self.val_batch_size)) for split in splits]
+
+    def test_names(self) -> list[str]:
+        """A name for each test dataloader (its source's ``describe()``)."""
+        return [source.describe() for source in (self.test_sources or [self.val_source]) if source is not None]
 
     # --------------------------------------------------------------------------------------- rollout
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

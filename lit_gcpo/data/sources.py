@@ -113,7 +113,8 @@ class ArithmeticTask(PromptSource):
     """The built-in synthetic arithmetic task (``lit_gcpo.tasks.arithmetic``), generated from a seed.
 
     Training and validation rows come from one call with the same ``seed``, ``num_train``, ``num_val``
-    and ``mix``, and never share a prompt.
+    and ``mix``; with ``disjoint`` they never share a prompt (a level has only 10^k x 3^(k-1) prompts, so
+    the easy levels cannot always be kept apart).
 
     Args:
         split: ``train`` or ``validation``.
@@ -122,6 +123,7 @@ class ArithmeticTask(PromptSource):
         mix: relative frequency of each difficulty level (number of operands), e.g. ``{2: 0.5, 3: 0.5}``;
             None is the task's default mix.
         seed: the generator's seed.
+        disjoint: redraw training problems whose prompt is a validation prompt.
         fields: renames columns, ``{source_name: name_used_here}``.
         limit: keep only the first ``limit`` rows (0 = all).
     """
@@ -133,10 +135,12 @@ class ArithmeticTask(PromptSource):
         num_val: int = 256,
         mix: dict[int, float] | None = None,
         seed: int = 0,
+        disjoint: bool = False,
         fields: dict[str, str] | None = None,
         limit: int = 0,
     ) -> None:
         super().__init__(fields, limit)
+        self.disjoint = disjoint
         if num_train < 1 or num_val < 1:
             raise ValueError(f"num_train and num_val must be >= 1, got {num_train} and {num_val}")
         self.split, self.num_train, self.num_val, self.mix, self.seed = split, num_train, num_val, mix, seed
@@ -144,7 +148,9 @@ class ArithmeticTask(PromptSource):
     def _read(self) -> list[dict[str, Any]]:
         from lit_gcpo.tasks.arithmetic import arithmetic_splits
 
-        train, val = arithmetic_splits(self.num_train, self.num_val, mix=self.mix, seed=self.seed)
+        train, val = arithmetic_splits(
+            self.num_train, self.num_val, mix=self.mix, seed=self.seed, disjoint=self.disjoint
+        )
         return train if self.split == "train" else val
 
     def describe(self) -> str:

@@ -4,7 +4,9 @@ The engine runs vLLM in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so the t
 the model runner without serialisation: ``sync_weights`` hands the ``(hf_name, tensor)`` pairs to the
 worker's ``reload_weights`` (the shared path that also works on the CPU, where vLLM repacks linear
 weights into oneDNN kernels and the model's own ``load_weights`` cannot be called) and then empties the
-prefix cache, whose KV blocks were computed with the old weights.
+prefix cache, whose KV blocks were computed with the old weights. On the CPU, a model with tied
+embeddings also needs its output head repacked after the reload (vLLM 0.32 keeps the head's old packed
+copy: log-probs lagged the policy by 0.07 after one step); :func:`_repack_tied_lm_head` does that.
 
 Environment (defaults set with ``os.environ.setdefault`` when this module is imported):
 
@@ -211,7 +213,13 @@ class VLLMEngine(RolloutEngine):
             )
         if enable_sleep_mode and not torch.cuda.is_available():
             raise ValueError("enable_sleep_mode needs a CUDA GPU (vLLM's sleep mode frees GPU memory)")
-        from vllm import LLM
+        try:
+            from vllm import LLM
+        except ImportError as err:
+            raise ImportError(
+                "VLLMEngine needs vllm: on a GPU pip install 'lit-gcpo[vllm]', on a CPU use the venv of "
+                f"scripts/setup_vllm_cpu.sh ({err})"
+            ) from err
 
         self.tokenizer = tokenizer
         self.sync_every = sync_every
@@ -249,7 +257,7 @@ class VLLMEngine(RolloutEngine):
         model_config = self.llm.llm_engine.model_config
         self._repack_tied_head = _on_cpu() and bool(getattr(model_config.hf_text_config, "tie_word_embeddings", False))
         self.max_model_len = model_config.max_model_len
-        self.dtype = self.llm.llm_engine.model_config.dtype
+        self.dtype = model_config.dtype
 
     # ------------------------------------------------------------------ generation
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from lit_gcpo.evaluation.benchmarks import BENCHMARKS, BenchmarkItems, BenchmarkSpec, load_benchmark, normalise_rows
 from lit_gcpo.evaluation.metrics import (
+    QAF1,
     AverageAtK,
     GreedyAccuracy,
     IncorrectnessAUROC,
     MajorityAtK,
     PassAtK,
     QAExactMatch,
-    QAF1,
     majority_answer,
     pass_at_k,
 )

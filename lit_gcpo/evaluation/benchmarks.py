@@ -120,7 +120,8 @@ def _olympiadbench(row: Mapping[str, Any]) -> tuple[str | None, str | None, Any]
 def _hotpotqa(row: Mapping[str, Any]) -> tuple[str | None, str | None, Any]:
     context = row.get("context") or {}
     titles, paragraphs = context.get("title") or [], context.get("sentences") or []
-    blocks = [f"{title}: {''.join(sentences).strip()}" for title, sentences in zip(titles, paragraphs)]
+    # a malformed row with more titles than paragraphs keeps the paired ones
+    blocks = [f"{title}: {''.join(sentences).strip()}" for title, sentences in zip(titles, paragraphs, strict=False)]
     answer = _text(row.get("answer"))
     return _text(row.get("question")), "\n\n".join(blocks) or None, [answer] if answer else None
 
@@ -176,8 +177,13 @@ def normalise_rows(spec: BenchmarkSpec, rows: list[dict[str, Any]]) -> Benchmark
         )
     if skipped:
         shown = ", ".join(skipped[:10]) + (" ..." if len(skipped) > 10 else "")
-        log.warning("%s: %d of %d rows have no readable question/gold and are left out: %s",
-                    spec.name, len(skipped), len(rows), shown)
+        log.warning(
+            "%s: %d of %d rows have no readable question/gold and are left out: %s",
+            spec.name,
+            len(skipped),
+            len(rows),
+            shown,
+        )
     return BenchmarkItems(spec.name, items, skipped)
 
 

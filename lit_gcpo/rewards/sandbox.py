@@ -10,8 +10,11 @@ alarm. So the grading runs in a child interpreter started with ``python -I <this
   on stdin, answering one JSON line on stdout;
 * inside the child a ``setitimer`` alarm stops slow Python-level work after ``timeout_s`` (cheap: the
   process survives);
-* the parent waits ``timeout_s * 1.25 + 0.2`` seconds for the answer; past that it kills the child
-  (C-level hang), starts a replacement at once in the background and reports a timeout.
+* the parent waits ``timeout_s * 1.25 + 0.2`` seconds for the answer; past that (C-level hang) or when
+  the child dies on an input, it kills the child, starts a replacement at once in the background and
+  reports a timeout for that comparison;
+* the child's address space is limited (``CHILD_MEMORY_LIMIT_BYTES``) so a runaway expansion raises
+  ``MemoryError`` instead of eating the machine's memory.
 
 Only ``LatexExtractionConfig`` is used: Math-Verify's ``ExprExtractionConfig`` goes through
 ``sympy.parse_expr``, which evaluates Python, and model outputs are untrusted text.
@@ -34,13 +37,18 @@ STARTUP_TIMEOUT_S = 60.0
 """Seconds a fresh child may take to import Math-Verify (a loaded 2-core machine needs ~1-3 s)."""
 
 
+CHILD_MEMORY_LIMIT_BYTES = 2 * 1024**3
+"""Address-space limit of the grading process."""
+
+
 class GraderUnavailableError(RuntimeError):
     """The grading process could not be started or died for a reason other than a timeout."""
 
 
 @dataclass(frozen=True)
 class GradeResult:
-    """One comparison: ``equal`` is Math-Verify's verdict; ``timed_out`` says the bound was hit."""
+    """One comparison: ``equal`` is Math-Verify's verdict; ``timed_out``: no verdict in time (or the child
+    crashed on this input), ``equal`` is then False."""
 
     equal: bool
     timed_out: bool = False
@@ -122,12 +130,10 @@ class GraderProcess:
             raise GraderUnavailableError("the Math-Verify grading process died") from error
         line = self._read_line(time.monotonic() + timeout_s * 1.25 + 0.2)
         if line is None:
-            died = self._proc.poll() is not None
-            # C-level hang (or crash): kill and pre-start a replacement so the next call finds it warm.
+            # A C-level hang, or a crash on this input (the likely cause either way): no verdict for it.
+            # Kill and pre-start a replacement so that the next call finds it warm.
             self.close()
             self.start()
-            if died:
-                raise GraderUnavailableError("the Math-Verify grading process exited unexpectedly")
             return GradeResult(equal=False, timed_out=True)
         reply = json.loads(line)
         return GradeResult(equal=bool(reply["equal"]), timed_out=bool(reply["timed_out"]))
@@ -179,7 +185,7 @@ def default_pool() -> GraderPool:
     """
     global _POOL, _POOL_PID
     with _POOL_LOCK:
-        if _POOL is None or _POOL_PID != os.getpid():
+        if _POOL is None or os.getpid() != _POOL_PID:
             _POOL, _POOL_PID = GraderPool(num_workers=1), os.getpid()
             atexit.register(_POOL.close)
         return _POOL
@@ -188,7 +194,11 @@ def default_pool() -> GraderPool:
 # ------------------------------------------------------------------------------------------ the child
 def _child_main() -> None:  # pragma: no cover - runs in the child interpreter
     import logging
+    import resource
     import signal
+
+    # An expression that expands without bound hits MemoryError (caught below) instead of the machine's RAM.
+    resource.setrlimit(resource.RLIMIT_AS, (CHILD_MEMORY_LIMIT_BYTES, CHILD_MEMORY_LIMIT_BYTES))
 
     out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # anything a library prints must not corrupt the protocol on stdout

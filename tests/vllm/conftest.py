@@ -18,7 +18,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # only effective if torch i
 import pytest
 import torch
 
-HAS_VLLM = importlib.util.find_spec("vllm") is not None
+# This folder is itself importable as a namespace package "vllm" (tests/ is on sys.path under pytest):
+# only a real package, with a file behind it, counts.
+_SPEC = importlib.util.find_spec("vllm")
+HAS_VLLM = _SPEC is not None and _SPEC.origin is not None
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -55,13 +58,22 @@ def policy():
 
 
 @pytest.fixture(scope="session")
-def engine(policy, tokenizer):
-    """The shared VLLMEngine (start-up 20-50 s on a 2-core CPU); tests leave its weights as they found them."""
+def engine_and_rng_states(policy, tokenizer):
+    """The shared VLLMEngine (start-up 20-50 s on a 2-core CPU) and the caller's torch RNG state before and
+    after creating it (vLLM reseeds the process at start-up). Tests leave its weights as they found them."""
     from lit_gcpo.engines.vllm import VLLMEngine
 
+    torch.manual_seed(4321)
+    before = torch.get_rng_state()
     vllm_engine = VLLMEngine(policy, tokenizer, dtype="float32", max_model_len=512, seed=0)
-    yield vllm_engine
+    after = torch.get_rng_state()
+    yield vllm_engine, (before, after)
     vllm_engine.close()
+
+
+@pytest.fixture(scope="session")
+def engine(engine_and_rng_states):
+    return engine_and_rng_states[0]
 
 
 @pytest.fixture()

@@ -73,6 +73,11 @@ def test_seeded_calls_repeat_and_unseeded_calls_differ(engine, tokenizer):
     assert engine.generate(prompts, 4, unseeded).completion_ids != engine.generate(prompts, 4, unseeded).completion_ids
 
 
+def test_engine_creation_leaves_the_callers_rng_untouched(engine_and_rng_states):
+    _, (before, after) = engine_and_rng_states
+    assert torch.equal(before, after)
+
+
 def test_generate_leaves_the_callers_rng_untouched(engine, tokenizer):
     torch.manual_seed(1234)
     np.random.seed(1234)

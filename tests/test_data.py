@@ -1,0 +1,156 @@
+"""Prompt sources, templates and the prompt stream of the rollout DataModule."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from lit_gcpo.batch import PromptBatch
+from lit_gcpo.data.datamodule import EvalPrompts, PromptStream, RolloutDataModule
+from lit_gcpo.data.sources import ArithmeticTask, HubDataset, LocalFiles
+from lit_gcpo.data.templates import QWEN_MATH_TEMPLATE, PromptRenderer, fill
+from lit_gcpo.tiny_model import build_char_tokenizer
+
+ROWS = [{"problem": f"{i}+1", "solution": str(i + 1)} for i in range(7)]
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_local_jsonl_and_parquet_with_field_mapping(tmp_path):
+    import pandas as pd
+
+    jsonl = write_jsonl(tmp_path / "rows.jsonl", ROWS)
+    parquet = tmp_path / "rows.parquet"
+    pd.DataFrame(ROWS).to_parquet(parquet)
+    fields = {"problem": "prompt", "solution": "answer"}
+    expected = [{"prompt": r["problem"], "answer": r["solution"]} for r in ROWS]
+    assert LocalFiles(jsonl, fields=fields).load() == expected
+    assert LocalFiles(str(parquet), fields=fields).load() == expected
+    assert LocalFiles(jsonl, fields=fields, limit=3).load() == expected[:3]
+
+
+def test_hub_dataset_reads_a_local_dataset_directory(tmp_path):
+    folder = tmp_path / "my_dataset"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", ROWS)
+    rows = HubDataset(str(folder), split="train", fields={"problem": "prompt"}).load()
+    assert [r["prompt"] for r in rows] == [r["problem"] for r in ROWS]
+
+
+def test_local_files_errors_name_the_file(tmp_path):
+    with pytest.raises(ValueError, match=r"unsupported format '\.csv'"):
+        LocalFiles(str(tmp_path / "x.csv"))
+    with pytest.raises(FileNotFoundError, match=r"missing\.jsonl"):
+        LocalFiles(str(tmp_path / "missing.jsonl")).load()
+
+
+def test_arithmetic_splits_are_disjoint_and_deterministic():
+    args = dict(num_train=300, num_val=50, mix={2: 1.0, 3: 1.0}, seed=4, disjoint=True)
+    train = ArithmeticTask("train", **args).load()
+    val = ArithmeticTask("validation", **args).load()
+    assert len(train) == 300 and len(val) == 50
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in val}
+    assert ArithmeticTask("train", **args).load() == train
+    assert {r["level"] for r in train} == {2, 3}
+
+
+def test_template_fills_fields_and_leaves_other_braces():
+    text = fill(QWEN_MATH_TEMPLATE, {"prompt": "What is 1+1?"})
+    assert text == "What is 1+1?\nPlease reason step by step, and put your final answer within \\boxed{}."
+    assert fill("{a} and {b} in \\boxed{}", {"a": 1, "b": "x"}) == "1 and x in \\boxed{}"
+    with pytest.raises(KeyError, match="b"):
+        fill("{a} {b}", {"a": 1})
+
+
+def test_renderer_uses_the_chat_template_when_the_tokenizer_has_one():
+    tokenizer = build_char_tokenizer()
+    assert PromptRenderer(tokenizer, "{prompt}=").render({"prompt": "1+2"}) == "1+2="
+    tokenizer.chat_template = "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}[assistant]"
+    renderer = PromptRenderer(tokenizer, "{prompt}=", system="S")
+    assert renderer.use_chat
+    assert renderer.render({"prompt": "1+2"}) == "[system]S[user]1+2=[assistant]"
+    assert PromptRenderer(tokenizer, "{prompt}=", chat="never").render({"prompt": "1+2"}) == "1+2="
+
+
+def _stream(rows, batch_size, seed, start=0, rank=0, world=1) -> PromptStream:
+    stream = PromptStream(rows, [r["problem"] for r in rows], batch_size, seed, lambda: start)
+    stream.rank, stream.world_size = rank, world
+    return stream
+
+
+def _take(stream, count) -> list[PromptBatch]:
+    iterator = iter(stream)
+    return [next(iterator) for _ in range(count)]
+
+
+def test_prompt_stream_visits_every_row_once_per_epoch():
+    batches = _take(_stream(ROWS, batch_size=7, seed=0), 3)
+    for batch in batches:  # one batch = one epoch here
+        assert sorted(batch.indices) == list(range(7))
+    assert batches[0].indices != batches[1].indices  # reshuffled each epoch
+
+
+def test_prompt_stream_resumes_at_the_next_batch():
+    straight = _take(_stream(ROWS, batch_size=3, seed=5), 6)
+    resumed = _take(_stream(ROWS, batch_size=3, seed=5, start=4), 2)
+    assert [b.indices for b in resumed] == [b.indices for b in straight[4:6]]
+
+
+def test_ranks_draw_disjoint_prompts_that_cover_the_single_process_order():
+    single = _take(_stream(ROWS * 2, batch_size=2, seed=1), 4)
+    rank0 = _take(_stream(ROWS * 2, batch_size=2, seed=1, rank=0, world=2), 2)
+    rank1 = _take(_stream(ROWS * 2, batch_size=2, seed=1, rank=1, world=2), 2)
+    interleaved = [rank0[0], rank1[0], rank0[1], rank1[1]]
+    assert [b.indices for b in interleaved] == [b.indices for b in single]
+
+
+def test_eval_prompts_shard_by_rank_without_overlap():
+    shards = []
+    for rank in range(3):
+        dataset = EvalPrompts(ROWS, [r["problem"] for r in ROWS], batch_size=2)
+        dataset.rank, dataset.world_size = rank, 3
+        shards.append([i for batch in dataset for i in batch.indices])
+    assert sorted(i for shard in shards for i in shard) == list(range(7))
+
+
+def test_rows_missing_a_field_are_skipped_and_counted(tmp_path, caplog):
+    rows = [
+        {"prompt": "1+1=", "answer": "2"},
+        {"prompt": "2+2="},
+        {"prompt": "", "answer": "1"},
+        {"prompt": "3+3=", "answer": "6"},
+    ]
+    data = RolloutDataModule(train=LocalFiles(write_jsonl(tmp_path / "r.jsonl", rows)))
+    renderer = PromptRenderer(build_char_tokenizer(), data.template)
+    with caplog.at_level(logging.WARNING):
+        kept_rows, prompts = data._prepare("train", data.train_source, renderer)
+    assert prompts == ["1+1=", "3+3="]
+    assert [r["answer"] for r in kept_rows] == ["2", "6"]
+    assert data.skipped_rows["train"] == 2
+    assert "row 1 lacks ['answer']" in caplog.text and "row 2 lacks ['prompt']" in caplog.text
+
+
+def test_a_field_missing_from_every_row_is_an_error_naming_it(tmp_path):
+    rows = [{"question": "1+1=", "answer": "2"}]
+    data = RolloutDataModule(train=LocalFiles(write_jsonl(tmp_path / "r.jsonl", rows)))
+    renderer = PromptRenderer(build_char_tokenizer(), data.template)
+    with pytest.raises(ValueError, match=r"field 'prompt' is missing from every row.*\['answer', 'question'\]"):
+        data._prepare("train", data.train_source, renderer)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"group_size": 1}, "group_size must be >= 2"),
+        ({"rewards": ["math_accuracy"], "reward_weights": [1.0, 2.0]}, "reward_weights has 2 entries for 1"),
+        ({"rewards": ["qa_f1"], "accuracy_reward": "math_accuracy"}, "accuracy_reward 'math_accuracy' is not one"),
+    ],
+)
+def test_invalid_datamodule_arguments_name_the_option(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        RolloutDataModule(**kwargs)
