@@ -1,4 +1,4 @@
-"""Helpers shared by the research benchmarks ``uncertainty_faithfulness.py`` and ``compare_methods.py``.
+"""Helpers shared by the benchmark scripts.
 
 - ``write_results_section``: replace (or append) one marked section of ``benchmarks/RESULTS.md``.
 - ``resolve_policy``: the path of a policy to load. The alias ``lit-gcpo/tiny-arith`` maps to the shipped
@@ -106,7 +106,8 @@ def sft_tiny_policy(target: Path, steps: int, seed: int = 0, batch_size: int = 6
     for step in range(steps):
         chunk = problems[step * batch_size : (step + 1) * batch_size]
         prompts = [tokenizer(p.prompt, add_special_tokens=False)["input_ids"] for p in chunk]
-        answers = [tokenizer(p.solution, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for p in chunk]
+        eos = [tokenizer.eos_token_id]
+        answers = [tokenizer(p.solution, add_special_tokens=False)["input_ids"] + eos for p in chunk]
         width = max(len(p) + len(a) for p, a in zip(prompts, answers, strict=True))
         ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)  # [b, T]
         labels = torch.full_like(ids, -100)  # [b, T]
@@ -122,7 +123,8 @@ def sft_tiny_policy(target: Path, steps: int, seed: int = 0, batch_size: int = 6
         optimizer.step()
         scheduler.step()
         if step % 250 == 0:
-            log.warning("stand-in SFT step %d/%d loss %.3f (%.0f s)", step, steps, loss.item(), time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            log.warning("stand-in SFT step %d/%d loss %.3f (%.0f s)", step, steps, loss.item(), seconds)
     target.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)

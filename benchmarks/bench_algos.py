@@ -16,28 +16,12 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
+from _common import MACHINE, write_results_section
 
 from lit_gcpo.advantages import group_advantages
 from lit_gcpo.losses import grpo_loss
-
-RESULTS = Path(__file__).with_name("RESULTS.md")
-MACHINE = "2-core CPU, no GPU"
-
-
-def write_results_section(name: str, lines: list[str]) -> None:
-    """Replace (or append) the section ``name`` of ``benchmarks/RESULTS.md``, leaving the others alone."""
-    begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
-    block = "\n".join([begin, *lines, end])
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    RESULTS.write_text(text)
 
 
 def time_it(fn: Callable[[], object], repeats: int) -> float:

@@ -24,7 +24,8 @@ import time
 import faiss
 import numpy as np
 import torch
-from bench_algos import MACHINE, time_it, write_results_section
+from _common import MACHINE, write_results_section
+from bench_algos import time_it
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 

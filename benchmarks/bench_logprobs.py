@@ -79,7 +79,7 @@ def main() -> None:
     assert abs(a - b) <= 1e-5 * abs(a), ("full and chunked log-probs differ", a, b)
 
     sys.path.insert(0, str(script.parent))
-    from bench_algos import MACHINE, write_results_section
+    from _common import MACHINE, write_results_section
 
     full_128, full_256 = by_key[("full", 128)]["peak_extra_mb"], by_key[("full", 256)]["peak_extra_mb"]
     slope_mb = (full_256 - full_128) / 128  # per position of T

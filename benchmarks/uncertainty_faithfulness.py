@@ -18,7 +18,7 @@ Read the "all prompts" column with care: a group without reward spread has A = 0
 all prompts any signal that separates RD = 0 from RD > 0 groups correlates with V for that reason alone (RD
 does so by construction). The RD > 0 column is the test of the claim.
 
-    python benchmarks/uncertainty_faithfulness.py                       # tiny policy, 256 prompts x 8
+    python benchmarks/uncertainty_faithfulness.py                       # tiny policy, 1024 prompts x 8
     python benchmarks/uncertainty_faithfulness.py --model PATH --device cuda --prompts data.jsonl \\
         --params 'lm_head|layers\\.2[0-9]\\.'
 """
@@ -30,6 +30,7 @@ import math
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -37,17 +38,17 @@ import torch
 from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import FIGURES, resolve_policy, run_header, write_results_section  # noqa: E402
+from _common import FIGURES, resolve_policy, run_header, write_results_section
 
-from lit_gcpo.advantages import group_advantages  # noqa: E402
-from lit_gcpo.batch import PromptBatch, RolloutBatch  # noqa: E402
-from lit_gcpo.clustering import answer_clusters  # noqa: E402
-from lit_gcpo.data.rollout import RolloutCollector  # noqa: E402
-from lit_gcpo.engines.base import SamplingConfig  # noqa: E402
-from lit_gcpo.engines.hf import HFEngine  # noqa: E402
-from lit_gcpo.module import GRPOModule  # noqa: E402
-from lit_gcpo.rewards import RewardSet  # noqa: E402
-from lit_gcpo.uncertainty import calibrated_uncertainty, uncertainty_signals  # noqa: E402
+from lit_gcpo.advantages import group_advantages
+from lit_gcpo.batch import PromptBatch, RolloutBatch
+from lit_gcpo.clustering import answer_clusters
+from lit_gcpo.data.rollout import RolloutCollector
+from lit_gcpo.engines.base import SamplingConfig
+from lit_gcpo.engines.hf import HFEngine
+from lit_gcpo.module import GRPOModule
+from lit_gcpo.rewards import RewardSet
+from lit_gcpo.uncertainty import calibrated_uncertainty, uncertainty_signals
 
 SECTION = "uncertainty_faithfulness"
 # Signals in report order, with the label of the table.
@@ -125,7 +126,9 @@ def group_gradients(
         ids = batch.input_ids[row : row + 1, first : prompt_len + length]  # [1, P' + L']
         logprobs, _, _ = module.completion_logprobs(ids, attn[None, first:], length)  # [1, L']
         parts = torch.autograd.grad(logprobs.sum(), params, allow_unused=True)
-        flat = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(parts, params)])
+        flat = torch.cat(
+            [(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(parts, params, strict=True)]
+        )
         grads[position] = flat.double() * float(advantages[row])
     return grads
 
@@ -186,62 +189,78 @@ def group_signals(batch: RolloutBatch) -> dict[str, torch.Tensor]:
     return {name: signals[name].detach().double().cpu() for name in SIGNAL_LABELS}
 
 
-def spearman_with_ci(x: np.ndarray, y: np.ndarray, resamples: int, seed: int) -> tuple[float, float, float]:
-    """Spearman rho of (x, y) and a paired percentile-bootstrap 95% CI over the pairs (NaN if undefined)."""
-    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return math.nan, math.nan, math.nan
-    rho = float(stats.spearmanr(x, y).statistic)
+def stratified_spearman(x: np.ndarray, y: np.ndarray, strata: np.ndarray) -> float:
+    """Spearman rho of (x, y) within strata: the ranks of x and y centred in every stratum, then correlated.
 
-    def statistic(a: np.ndarray, b: np.ndarray) -> float:
-        if np.ptp(a) == 0 or np.ptp(b) == 0:
-            return math.nan  # a resample without variation: no rank correlation
-        return stats.spearmanr(a, b).statistic
+    With the strata = groups of equal RD (for 0/1 rewards: the number of correct completions), this asks
+    whether a signal tracks V beyond what the reward pattern, which fixes the advantages, already explains.
+    NaN when nothing varies within the strata.
+    """
+    rank_x, rank_y = stats.rankdata(x), stats.rankdata(y)
+    for value in np.unique(strata):
+        members = strata == value
+        rank_x[members] -= rank_x[members].mean()
+        rank_y[members] -= rank_y[members].mean()
+    scale = math.sqrt(float((rank_x**2).sum() * (rank_y**2).sum()))
+    return float((rank_x * rank_y).sum() / scale) if scale > 0 else math.nan
 
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return math.nan  # no variation: no rank correlation
+    return float(stats.spearmanr(x, y).statistic)
+
+
+def with_bootstrap_ci(
+    statistic: Callable[..., float], samples: tuple[np.ndarray, ...], resamples: int, seed: int
+) -> tuple[float, float, float]:
+    """``statistic(*samples)`` and a paired percentile-bootstrap 95% CI over the prompts (NaN if undefined)."""
+    value = statistic(*samples)
+    if len(samples[0]) < 3 or math.isnan(value):
+        return value, math.nan, math.nan
     result = stats.bootstrap(
-        (x, y),
+        samples,
         statistic,
         paired=True,
         vectorized=False,
         n_resamples=resamples,
-        confidence_level=0.95,
         method="percentile",
         rng=np.random.default_rng(seed),
     )
-    # percentile CI over the resamples where rho is defined (scipy's own interval is NaN if any is NaN)
+    # percentile CI over the resamples where the statistic is defined (scipy's own interval is NaN if any is)
     low, high = np.nanpercentile(result.bootstrap_distribution, [2.5, 97.5])
-    return rho, float(low), float(high)
+    return value, float(low), float(high)
 
 
 def _fmt(rho: float, low: float, high: float) -> str:
-    return "n/a (constant)" if math.isnan(rho) else f"{rho:+.3f} [{low:+.3f}, {high:+.3f}]"
+    return "n/a" if math.isnan(rho) else f"{rho:+.3f} [{low:+.3f}, {high:+.3f}]"
 
 
 def reading(results: dict[str, tuple[tuple[float, float, float], ...]], spread: np.ndarray) -> str:
     """A plain-words reading of the table, derived from the numbers only (CIs decide, not point estimates)."""
 
-    def verdict(name: str) -> str:
-        rho, low, high = results[name][1]
+    def verdict(name: str, column: int) -> str:
+        rho, low, high = results[name][column]
         if math.isnan(rho):
-            return f"{name} undefined"
-        sign = "positive" if low > 0 else "negative" if high < 0 else "indistinguishable from 0"
+            return f"{name} n/a"
+        sign = "> 0" if low > 0 else "< 0" if high < 0 else "CI includes 0"
         return f"{name} {rho:+.2f} ({sign})"
 
-    clear = [n for n in ("se", "cd", "bot", "rd", "u_c") if not math.isnan(results[n][1][0])]
-    best = max(clear, key=lambda n: abs(results[n][1][0])) if clear else None
+    names = [n for n in ("se", "cd", "bot", "rd", "u_c", "u_c_cd", "length") if not math.isnan(results[n][1][0])]
     se_ci, bot_ci = results["se"][1], results["bot"][1]
     overlap = not (se_ci[1] > bot_ci[2] or bot_ci[1] > se_ci[2])
-    length = results["length"][1]
     return (
-        "Reading (generated from the numbers). Over all prompts the correlations are dominated by the "
-        f"{int((~spread).sum())} groups without reward spread, where V = 0 by construction: RD ranks them first, "
-        "and any signal that is low on all-correct or all-wrong groups inherits that. On the "
-        f"{int(spread.sum())} prompts with RD > 0, the claim under test: " + ", ".join(verdict(n) for n in clear)
-        + (f"; the largest in magnitude is {best}" if best else "")
-        + ". BoT versus SE: their 95% CIs "
+        "Reading (generated from the numbers). Over all prompts every correlation is dominated by the "
+        f"{int((~spread).sum())} groups without reward spread, where A = 0 and V = 0 by construction: RD ranks "
+        "them first, and any signal that is low on all-correct or all-wrong groups inherits that, so that column "
+        f"says nothing about the claim. On the {int(spread.sum())} prompts with RD > 0: "
+        + ", ".join(verdict(n, 1) for n in names)
+        + ". BoT versus SE there: their 95% CIs "
         + ("overlap, so this run does not separate them" if overlap else "do not overlap")
-        + f". The length control has rho {length[0]:+.2f} [{length[1]:+.2f}, {length[2]:+.2f}]: a signal that "
-        "does no better than completion length is not evidence for geometry. One policy, one task, one seed: "
-        "a diagnostic of this setting, not a verdict on the GCPO paper's claim."
+        + ". Within groups of equal RD (which, for 0/1 rewards, fixes the advantages and so most of V's scale): "
+        + ", ".join(verdict(n, 2) for n in names if n != "rd")
+        + ". A signal that does no better than the completion-length control is no evidence for geometry. One "
+        "policy, one task, one seed: a diagnostic of this setting, not a verdict on the GCPO paper's claim."
     )
 
 
@@ -268,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="lit-gcpo/tiny-arith", help="HF model name/path or the tiny alias")
     parser.add_argument("--prompts", default=None, help="JSONL with prompt/answer (default: the arithmetic task)")
-    parser.add_argument("--num-prompts", type=int, default=512)
+    parser.add_argument("--num-prompts", type=int, default=1024)
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -312,15 +331,21 @@ def main(argv: list[str] | None = None) -> None:
     values = {name: torch.cat(parts).numpy() for name, parts in per_signal.items()}
     spread = values["rd"] > 0
     table = [
-        "| signal | Spearman with V, all prompts [95% CI] | Spearman with V, prompts with RD > 0 [95% CI] |",
-        "|---|---|---|",
+        "| signal | Spearman with V, all prompts | Spearman with V, prompts with RD > 0 "
+        "| same, within equal-RD strata |",
+        "|---|---|---|---|",
     ]
     results = {}
+    strata = np.round(values["rd"][spread], 6)
     for offset, (name, label) in enumerate(SIGNAL_LABELS.items()):
-        every = spearman_with_ci(values[name], variance, args.resamples, args.seed + offset)
-        some = spearman_with_ci(values[name][spread], variance[spread], args.resamples, args.seed + offset)
-        results[name] = (every, some)
-        table.append(f"| {label} | {_fmt(*every)} | {_fmt(*some)} |")
+        seed = args.seed + offset
+        every = with_bootstrap_ci(spearman, (values[name], variance), args.resamples, seed)
+        some = with_bootstrap_ci(spearman, (values[name][spread], variance[spread]), args.resamples, seed)
+        within = with_bootstrap_ci(
+            stratified_spearman, (values[name][spread], variance[spread], strata), args.resamples, seed
+        )
+        results[name] = (every, some, within)
+        table.append(f"| {label} | {_fmt(*every)} | {_fmt(*some)} | {_fmt(*within)} |")
     accuracy = float(torch.cat(accuracies).mean())
     summary = (
         f"Policy: {policy.description}. {len(variance)} prompts "
@@ -328,7 +353,9 @@ def main(argv: list[str] | None = None) -> None:
         f" x G = {args.group_size} completions at temperature {args.temperature}, up to {args.max_new_tokens} "
         f"tokens; sampled accuracy {accuracy:.3f}; {int(spread.sum())} prompts ({spread.mean():.0%}) have RD > 0. "
         f"V over {'all' if args.params is None else 'the ' + repr(args.params)} {num_params:,} parameters, GRPO "
-        f"advantages (std-normalised, eps 1e-4); per-completion gradients summed over a group match one batched backward to a relative {check:.1e}; {args.resamples} paired percentile-bootstrap resamples. "
+        f"advantages (std-normalised, eps 1e-4); per-completion gradients summed over a group match one "
+        f"batched backward to a relative {check:.1e}; values are Spearman rho [paired percentile-bootstrap 95% "
+        f"CI, {args.resamples} resamples over prompts]. "
         f"Sampling + scoring {sample_s:.0f} s, total {total_s:.0f} s."
     )
     print(summary)

@@ -50,11 +50,13 @@ class GCPOCLI(LightningCLI):
             check_checkpoint(str(ckpt_path))
 
 
-def main(args: list[str] | None = None) -> GCPOCLI:
+def main(args: list[str] | None = None, run: bool = True) -> GCPOCLI:
+    """The ``lit-gcpo`` command; ``run=False`` only builds the trainer, model and data (for scripts)."""
     return GCPOCLI(
         GRPOModule,
         RolloutDataModule,
         args=args,
+        run=run,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
     )

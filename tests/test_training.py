@@ -196,12 +196,56 @@ def test_persistent_nonfinite_loss_stops_with_a_clear_error(tiny_model_dir, tmp_
     assert all(torch.equal(v, before[n]) for n, v in _final_weights(module).items())
 
 
-def test_validation_reports_greedy_accuracy(tiny_model_dir, tmp_path):
+def test_validation_reward_equals_independent_greedy_decoding(tiny_model_dir, tmp_path):
+    """val/reward_mean equals greedy decoding of each prompt alone (no padding) scored by hand."""
+    from toy_rewards import digit_fraction
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     module, data = make_pair(tiny_model_dir, lr=0.0, val=True)
-    data.accuracy_reward = None
-    run = trainer(tmp_path, 1, limit_val_batches=None, val_check_interval=1, check_val_every_n_epoch=None)
+    data.val_batch_size = 3  # several batches, uneven last one
+    run = trainer(tmp_path, 1, limit_val_batches=None)
     run.validate(module, data)
-    # the toy reward has no accuracy: the mean reward of greedy completions is reported instead
-    assert "val/reward_mean" in run.logged_metrics
-    assert 0.0 <= float(run.logged_metrics["val/reward_mean"]) <= 1.0
-    assert not math.isnan(float(run.logged_metrics["val/reward_mean"]))
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = ArithmeticTask("validation", num_train=64, num_val=8, seed=1).load()
+    scores = []
+    for row in rows:
+        ids = torch.tensor([tokenizer(row["prompt"])["input_ids"]])
+        out = model.generate(
+            ids,
+            do_sample=False,
+            max_new_tokens=6,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        text = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        scores += digit_fraction([row["prompt"]], [text])
+    expected = sum(scores) / len(scores)
+    assert float(run.logged_metrics["val/reward_mean"]) == pytest.approx(expected, abs=1e-6)
+    assert 0 < expected < 1  # the comparison is not between two trivial values
+
+
+def test_lora_policy_uses_adapters_for_reference_and_exports_merged_weights(tiny_model_dir, tmp_path):
+    from lit_gcpo.policy import LoraOptions
+
+    module, data = make_pair(tiny_model_dir, lr=0.05, beta=0.1, lora=LoraOptions(r=4, alpha=8))
+    assert module._reference == []  # the base model with adapters disabled is the reference
+    capture = CaptureBatches()
+    trainer(tmp_path, 2, callbacks=[capture]).fit(module, data)
+    trainable = [n for n, p in module.policy.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    # the reference log-probs are the frozen base model's: equal in both steps, unlike the policy's
+    second = capture.batches[1]
+    base = make_pair(tiny_model_dir)[0]
+    with torch.no_grad():
+        ref, _, _ = base.completion_logprobs(second.input_ids, second.attention_mask, second.completion_mask.shape[1])
+    mask = second.completion_mask.bool()
+    torch.testing.assert_close(second.ref_logprobs[mask], ref[mask], atol=1e-5, rtol=0)
+    assert not torch.allclose(second.old_logprobs[mask], ref[mask], atol=1e-4)
+    # exported weights (what a rollout engine receives) equal peft's own merge
+    exported = dict(module.export_weights())
+    merged = module.policy.merge_and_unload().state_dict()
+    assert set(exported) == set(merged)
+    for name, value in merged.items():
+        torch.testing.assert_close(exported[name], value, atol=1e-6, rtol=0, msg=name)

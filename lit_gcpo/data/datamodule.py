@@ -273,6 +273,7 @@ class RolloutDataModule(L.LightningDataModule):
             self._sync_engine(module)
             sampling = self._with_seed(self.sampling, self.consumed_batches)
             rollout = self.collector.collect(batch, self.group_size, sampling, module.device)
+            self.collector.engine.sleep()  # vLLM sleep mode frees its memory for the optimizer steps
             self.consumed_batches += 1
         else:
             sampling = self._with_seed(self.sampling, -1)

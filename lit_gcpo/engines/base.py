@@ -69,3 +69,6 @@ class RolloutEngine(abc.ABC):
     @abc.abstractmethod
     def sync_weights(self, named_parameters: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load the policy's current weights (Hugging Face names) into the engine, from memory."""
+
+    def sleep(self) -> None:
+        """Release accelerator memory while the trainer steps (engines without such a mode do nothing)."""

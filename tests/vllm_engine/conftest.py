@@ -2,7 +2,7 @@
 
 Every test here is marked ``vllm`` and needs the separate venv of ``scripts/setup_vllm_cpu.sh``:
 
-    OMP_WAIT_POLICY=PASSIVE .venv-vllm/bin/python -m pytest tests/vllm -m vllm -x -q
+    OMP_WAIT_POLICY=PASSIVE .venv-vllm/bin/python -m pytest tests/vllm_engine -m vllm -x -q
 
 Without vllm installed the tests are skipped. The engine is in-process (the engine module disables
 vLLM's multiprocessing), so nothing is spawned and pytest's ``__main__`` is never re-imported.
