@@ -72,3 +72,4 @@ class RolloutEngine(abc.ABC):
 
     def sleep(self) -> None:
         """Release accelerator memory while the trainer steps (engines without such a mode do nothing)."""
+        return None
