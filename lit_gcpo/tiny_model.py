@@ -17,11 +17,17 @@ config is used on purpose: with a Qwen2 config ``AutoTokenizer`` swaps in Qwen2'
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+
+from lit_gcpo.tasks.arithmetic import ArithmeticProblem
 
 TINY_MODEL_NAME = "lit-gcpo/tiny-arith"
 TINY_MODEL_PATH = str(Path(__file__).resolve().parent / "assets" / "tiny-arith")
@@ -100,3 +106,108 @@ def build_tiny_model(config: LlamaConfig | None = None, seed: int = 0) -> LlamaF
     model.generation_config.bos_token_id = config.bos_token_id
     model.generation_config.eos_token_id = config.eos_token_id
     return model
+
+
+def _pad_right(sequences: Sequence[Sequence[int]], value: int) -> torch.Tensor:
+    width = max(len(sequence) for sequence in sequences)
+    padded = torch.full((len(sequences), width), value, dtype=torch.long)  # [B, L]
+    for row, sequence in enumerate(sequences):
+        padded[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+    return padded
+
+
+def sft_loss(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, prompts: Sequence[str], completions: Sequence[str]
+) -> torch.Tensor:
+    """Mean next-token cross-entropy over the completion tokens (EOS appended), prompts unscored."""
+    prompt_ids = [tokenizer(prompt)["input_ids"] for prompt in prompts]
+    completion_ids = [tokenizer(text)["input_ids"] + [tokenizer.eos_token_id] for text in completions]
+    pairs = list(zip(prompt_ids, completion_ids, strict=True))
+    input_ids = _pad_right([p + c for p, c in pairs], tokenizer.pad_token_id)  # [B, L]
+    attention_mask = _pad_right([[1] * (len(p) + len(c)) for p, c in pairs], 0)  # [B, L]
+    loss_mask = _pad_right([[0] * len(p) + [1] * len(c) for p, c in pairs], 0)  # [B, L]
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]  # [B, L-1, V]
+    targets = input_ids[:, 1:]  # [B, L-1]
+    mask = loss_mask[:, 1:].float()  # [B, L-1]
+    nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # [B, L-1]
+    return (nll * mask).sum() / mask.sum()
+
+
+def sft_warm_start(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerFast,
+    problems: Sequence[ArithmeticProblem],
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    warmup_steps: int = 20,
+    seed: int = 0,
+) -> list[float]:
+    """Supervised fine-tuning on worked solutions, in place; returns the loss of every step.
+
+    Batch ``k`` is ``problems[k * batch_size : (k + 1) * batch_size]`` (so ``steps * batch_size`` problems are
+    needed); AdamW (betas 0.9, 0.98, no weight decay), linear warm-up then constant lr, gradient norm
+    clipped to 1. Deterministic for a fixed thread count: call under ``torch.use_deterministic_algorithms``.
+    """
+    if len(problems) < steps * batch_size:
+        raise ValueError(
+            f"sft_warm_start needs steps * batch_size = {steps * batch_size} problems, got {len(problems)}"
+        )
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup_steps)))
+    model.train()
+    losses = []
+    for step in range(steps):
+        batch = problems[step * batch_size : (step + 1) * batch_size]
+        loss = sft_loss(model, tokenizer, [p.prompt for p in batch], [p.solution for p in batch])
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+_LAST_BOX = re.compile(r"\\boxed\{([^{}]*)\}")
+
+
+def boxed_answer(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` of ``text`` (no nesting), stripped; None if there is none."""
+    matches = _LAST_BOX.findall(text)
+    return matches[-1].strip() if matches else None
+
+
+@torch.no_grad()
+def greedy_accuracy(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerFast,
+    rows: Sequence[Mapping[str, Any]],
+    max_new_tokens: int = 24,
+    batch_size: int = 256,
+) -> dict[int, tuple[int, int]]:
+    """Greedy-decoding correctness per level: ``{level: (correct, total)}``.
+
+    A completion is correct when its last boxed answer equals the row's gold integer string exactly (for
+    plain integers this is what a math-verify equivalence check accepts, bar spellings like ``+5``).
+    """
+    model.eval()
+    counts: dict[int, list[int]] = {}
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        encoded = tokenizer([row["prompt"] for row in chunk], return_tensors="pt", padding=True, padding_side="left")
+        output = model.generate(
+            **encoded,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )  # [b, P + L]
+        texts = tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
+        for row, text in zip(chunk, texts, strict=True):
+            tally = counts.setdefault(int(row["level"]), [0, 0])
+            tally[0] += boxed_answer(text) == row["answer"]
+            tally[1] += 1
+    return {level: (tally[0], tally[1]) for level, tally in sorted(counts.items())}

@@ -9,12 +9,12 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from lit_gcpo.callbacks import UncertaintyCallback
-from lit_gcpo.callbacks.uncertainty import DEFAULT_SENTENCE_MODEL, resolve_sentence_model
 from torch.utils.data import DataLoader
 
 from lit_gcpo.answers import answers_equivalent
 from lit_gcpo.batch import RolloutBatch
+from lit_gcpo.callbacks import UncertaintyCallback
+from lit_gcpo.callbacks.uncertainty import DEFAULT_SENTENCE_MODEL, resolve_sentence_model
 from lit_gcpo.clustering import answer_clusters, embedding_clusters
 from lit_gcpo.uncertainty import advantage_weights, uncertainty_signals
 

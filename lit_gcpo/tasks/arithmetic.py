@@ -158,7 +158,7 @@ def sample_problems(
     return problems
 
 
-DEFAULT_MIX: dict[int, float] = {1: 0.05, 2: 0.35, 3: 0.35, 4: 0.25}
+DEFAULT_MIX: dict[int, float] = {1: 0.05, 2: 0.5, 3: 0.3, 4: 0.15}
 """The quickstart's difficulty mix (weights per number of operands), used for training and validation."""
 
 
