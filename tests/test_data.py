@@ -75,6 +75,8 @@ def test_renderer_uses_the_chat_template_when_the_tokenizer_has_one():
     assert renderer.use_chat
     assert renderer.render({"prompt": "1+2"}) == "[system]S[user]1+2=[assistant]"
     assert PromptRenderer(tokenizer, "{prompt}=", chat="never").render({"prompt": "1+2"}) == "1+2="
+    named = PromptRenderer(tokenizer, "qwen-math", chat="never").render({"prompt": "1+2"})
+    assert named == "1+2\nPlease reason step by step, and put your final answer within \\boxed{}."
 
 
 def _stream(rows, batch_size, seed, start=0, rank=0, world=1) -> PromptStream:

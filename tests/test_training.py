@@ -81,6 +81,17 @@ def test_one_step_changes_every_trainable_parameter(tiny_model_dir, tmp_path):
     assert unchanged == []
 
 
+def test_bf16_mixed_precision_comes_from_the_trainer(tiny_model_dir, tmp_path):
+    module, data = make_pair(tiny_model_dir, lr=1e-2)
+    before = _final_weights(module)
+    run = trainer(tmp_path, 2, precision="bf16-mixed")
+    run.fit(module, data)
+    after = _final_weights(module)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in after.values())  # master weights
+    assert module.skipped_steps == 0 and any(not torch.equal(after[n], before[n]) for n in after)
+    assert math.isfinite(float(run.logged_metrics["train/loss"]))
+
+
 def test_logged_loss_equals_hand_formula_on_policy(tiny_model_dir, tmp_path):
     """On-policy (ratio 1), no KL, token_mean: loss = -sum(m * A) / sum(m), A from a per-group loop."""
     module, data = make_pair(tiny_model_dir, lr=0.0)

@@ -95,7 +95,8 @@ class RolloutDataModule(L.LightningDataModule):
         test: prompts for ``lit-gcpo test``: one source or several (e.g. one per benchmark, each its own
             dataloader, reported separately); None: the validation prompts. A source with a ``template``
             or ``required_fields`` attribute (not None) uses them instead of the ones here.
-        template: the user message, with ``{field}`` placeholders filled from the row.
+        template: the user message, with ``{field}`` placeholders filled from the row, or a named template
+            (``qwen-math``: the Qwen2.5-Math "put your final answer within \\boxed{}" prompt).
         system: system message for chat templates.
         chat: use the tokenizer's chat template: ``auto`` (when it has one), ``always``, ``never``.
         required_fields: fields every row must have (besides the template's); rows missing one are skipped

@@ -13,6 +13,9 @@ from typing import Any
 QWEN_MATH_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 QWEN_MATH_TEMPLATE = "{prompt}\nPlease reason step by step, and put your final answer within \\boxed{}."
 
+TEMPLATES = {"qwen-math": QWEN_MATH_TEMPLATE, "plain": "{prompt}"}
+"""Templates by name: ``--data.template qwen-math`` is the Qwen2.5-Math boxed-answer prompt."""
+
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -37,7 +40,7 @@ class PromptRenderer:
     """Renders rows with a template, through the tokenizer's chat template when asked to.
 
     Args:
-        template: the user message, with ``{field}`` placeholders.
+        template: the user message, with ``{field}`` placeholders, or a name in ``TEMPLATES``.
         system: an optional system message (chat template only).
         chat: ``"auto"`` uses the chat template when the tokenizer has one; ``"always"``/``"never"``.
     """
@@ -49,7 +52,7 @@ class PromptRenderer:
         if chat == "always" and not has_template:
             raise ValueError("chat='always' but the tokenizer has no chat template")
         self.tokenizer = tokenizer
-        self.template = template
+        self.template = TEMPLATES.get(template, template)
         self.system = system
         self.use_chat = chat == "always" or (chat == "auto" and has_template)
 
