@@ -17,7 +17,6 @@ Lightning leaves clipping to the module under manual optimization.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -245,7 +244,7 @@ class GRPOModule(L.LightningModule):
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
         length = mask.shape[1]
-        metrics: dict[str, Any] = {}
+        micro_metrics: list[tuple[dict[str, Any], torch.Tensor]] = []
         for _ in range(hp.num_iterations):
             step_loss = torch.zeros((), device=mask.device)
             for rows in self._micro_batches(batch.num_completions):
@@ -275,20 +274,22 @@ class GRPOModule(L.LightningModule):
                 loss = loss * world
                 self.manual_backward(loss)
                 step_loss = step_loss + loss.detach() / world
-                metrics["entropy"] = (entropy.detach() * mask[rows]).sum() / mask[rows].sum().clamp(min=1)
+                tokens = mask[rows].sum()
+                metrics["entropy"] = (entropy.detach() * mask[rows]).sum() / tokens.clamp(min=1)
+                micro_metrics.append((metrics, tokens))
             self._optimizer_step(optimizer, scheduler, step_loss)
         self._log_step(
             batch,
-            advantages,
-            {**adv_metrics, **metrics, **tis_metrics},
+            batch_idx,
+            {**adv_metrics, **_merge_micro_metrics(micro_metrics, hp.num_iterations), **tis_metrics},
             step_loss,
             time.perf_counter() - start,
         )
 
     def _engine_differs(self) -> bool:
-        datamodule = self.trainer.datamodule
-        engine = getattr(getattr(datamodule, "collector", None), "engine", None)
-        return engine is not None and type(engine).__name__ != "HFEngine"
+        """Whether the rollout engine is a separate copy of the policy (vLLM), whose log-probs may differ."""
+        engine = getattr(getattr(self.trainer.datamodule, "collector", None), "engine", None)
+        return engine is not None and not engine.samples_from_policy
 
     def _optimizer_step(self, optimizer: Any, scheduler: Any, loss: torch.Tensor) -> None:
         grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
@@ -323,7 +324,7 @@ class GRPOModule(L.LightningModule):
     def _log_step(
         self,
         batch: RolloutBatch,
-        advantages: torch.Tensor,
+        batch_idx: int,
         metrics: dict[str, Any],
         loss: torch.Tensor,
         train_s: float,
@@ -352,7 +353,7 @@ class GRPOModule(L.LightningModule):
         if accuracy is not None:
             self.log("acc", values["train/accuracy"], prog_bar=True, logger=False, batch_size=batch.num_groups)
         every = self.hparams.log_samples_every_n_steps
-        if every and batch_idx_divisible(self.global_step, every, self.hparams.num_iterations):
+        if every and batch_idx % every == 0:
             self._log_samples(batch)
 
     def _accuracy(self, batch: RolloutBatch) -> torch.Tensor | None:
@@ -383,10 +384,11 @@ class GRPOModule(L.LightningModule):
             self.log(f"{stage}/accuracy", accuracy.mean(), batch_size=n, sync_dist=True, prog_bar=True)
         self.log(f"{stage}/completion_length", batch.completion_mask.sum(-1).mean(), batch_size=n, sync_dist=True)
 
-    def validation_step(self, batch: RolloutBatch, batch_idx: int) -> None:
+    def validation_step(self, batch: RolloutBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, "val")
 
-    def test_step(self, batch: RolloutBatch, batch_idx: int) -> None:
+    def test_step(self, batch: RolloutBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        # dataloader_idx: Lightning requires it once there are several test sources (one per benchmark)
         self._eval_step(batch, "test")
 
     # ------------------------------------------------------------------------------------ optimizers
@@ -431,7 +433,26 @@ class GRPOModule(L.LightningModule):
         self.skipped_steps = int(checkpoint.get("lit_gcpo", {}).get("skipped_steps", 0))
 
 
-def batch_idx_divisible(global_step: int, every: int, num_iterations: int) -> bool:
-    """True on the rollout batch whose optimizer steps cross a multiple of ``every``."""
-    rollout_index = global_step // num_iterations
-    return math.floor(rollout_index) % every == 0
+_SUMMED = ("loss", "policy_loss", "kl_loss", "entropy_loss")  # micro-batch parts of one batch-level loss
+
+
+def _merge_micro_metrics(
+    parts: list[tuple[dict[str, Any], torch.Tensor]], num_iterations: int
+) -> dict[str, torch.Tensor]:
+    """One value per metric over all micro-batches and iterations: the loss terms (normalised by whole-batch
+    counts) summed and averaged over iterations, ``*_min``/``*_max`` by min/max, the rest as a mean weighted by
+    each micro-batch's completion tokens."""
+    total = sum(tokens for _, tokens in parts).clamp(min=1)
+    merged: dict[str, torch.Tensor] = {}
+    for key in parts[0][0]:
+        values = torch.stack([torch.as_tensor(m[key], dtype=torch.float32).detach() for m, _ in parts])
+        if key in _SUMMED:
+            merged[key] = values.sum() / num_iterations
+        elif key.endswith("_min"):
+            merged[key] = values.min()
+        elif key.endswith("_max"):
+            merged[key] = values.max()
+        else:
+            weights = torch.stack([tokens.float() for _, tokens in parts])
+            merged[key] = (values * weights).sum() / total
+    return merged

@@ -134,14 +134,18 @@ def _final_weights(module: GRPOModule) -> dict[str, torch.Tensor]:
 
 
 def test_micro_batches_give_the_same_update(tiny_model_dir, tmp_path):
-    results = []
+    results, logged = [], []
     for micro in (0, 5):
         L.seed_everything(0)
         module, data = make_pair(tiny_model_dir, lr=0.5, micro_batch_size=micro)
-        trainer(tmp_path / str(micro), 1).fit(module, data)
+        run = trainer(tmp_path / str(micro), 1)
+        run.fit(module, data)
         results.append(_final_weights(module))
+        logged.append({k: float(run.logged_metrics[f"train/{k}"]) for k in ("loss", "policy_loss", "entropy")})
     for name, value in results[0].items():
         torch.testing.assert_close(results[1][name], value, atol=1e-6, rtol=0, msg=name)
+    for key, value in logged[0].items():  # metrics merged over micro-batches equal the whole batch's
+        assert logged[1][key] == pytest.approx(value, abs=1e-6), key
 
 
 def test_resume_continues_exactly(tiny_model_dir, tmp_path):

@@ -60,7 +60,14 @@ class Generation:
 
 
 class RolloutEngine(abc.ABC):
-    """Generates completions for the trainer and follows the trainer's weights."""
+    """Generates completions for the trainer and follows the trainer's weights.
+
+    Attributes:
+        samples_from_policy: True when the engine generates with the trained module itself (``hf``), so its
+            log-probs are the trainer's and need no importance correction.
+    """
+
+    samples_from_policy: bool = False
 
     @abc.abstractmethod
     def generate(self, prompt_ids: list[list[int]], num_samples: int, sampling: SamplingConfig) -> Generation:

@@ -23,6 +23,8 @@ class HFEngine(RolloutEngine):
         max_batch_size: at most this many sequences per ``generate`` call (bounds memory); 0 = all at once.
     """
 
+    samples_from_policy = True
+
     def __init__(self, policy: torch.nn.Module, tokenizer, max_batch_size: int = 0) -> None:
         self.policy = policy
         self.tokenizer = tokenizer
