@@ -62,5 +62,10 @@ def main(args: list[str] | None = None, run: bool = True) -> GCPOCLI:
     )
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+    """The ``lit-gcpo`` console script (returns nothing, so a finished run exits with status 0)."""
     main()
+
+
+if __name__ == "__main__":
+    console_main()

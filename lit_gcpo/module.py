@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+import torchmetrics
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -147,6 +148,9 @@ class GRPOModule(L.LightningModule):
             )
         self.skipped_steps = 0
         self.consecutive_skips = 0
+        self._baseline = torch.nn.ModuleDict(
+            {"val/accuracy": torchmetrics.MeanMetric(), "val/reward_mean": torchmetrics.MeanMetric()}
+        )
 
     # -------------------------------------------------------------------------------- forward passes
     def _decoder_and_head(self) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -383,6 +387,25 @@ class GRPOModule(L.LightningModule):
         if accuracy is not None:
             self.log(f"{stage}/accuracy", accuracy.mean(), batch_size=n, sync_dist=True, prog_bar=True)
         self.log(f"{stage}/completion_length", batch.completion_mask.sum(-1).mean(), batch_size=n, sync_dist=True)
+        if stage == "val" and self.trainer.sanity_checking:
+            self._baseline["val/reward_mean"].update(finite)
+            if accuracy is not None:
+                self._baseline["val/accuracy"].update(accuracy)
+
+    def on_validation_epoch_end(self) -> None:
+        """Lightning discards what is logged during the sanity check; with ``num_sanity_val_steps: -1`` that
+        check is a full validation of the starting policy, so write it to the loggers as the step-0 baseline."""
+        if not self.trainer.sanity_checking:
+            return
+        values = {}
+        for name, metric in self._baseline.items():
+            if metric.update_count:
+                values[name] = float(metric.compute())  # reduced over data-parallel ranks
+            metric.reset()
+        for logger in self.loggers:
+            logger.log_metrics(values, step=self.global_step)
+        if values and self.trainer.is_global_zero:
+            log.info("starting policy: %s", ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
 
     def validation_step(self, batch: RolloutBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, "val")

@@ -67,7 +67,7 @@ def _short_fit_args(model_dir: str, root: Path, steps: int = 3) -> list[str]:
 
 def test_short_fit_writes_tensorboard_scalars_and_samples(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(Path(__file__).parents[1])
-    cli = main(["fit", *_short_fit_args(tiny_model_dir, tmp_path)])
+    cli = main(["fit", *_short_fit_args(tiny_model_dir, tmp_path), "--trainer.num_sanity_val_steps", "-1"])
     events = sorted(tmp_path.rglob("events.out.tfevents.*"))
     assert events
     accumulator = EventAccumulator(str(events[0].parent), size_guidance={"scalars": 0, "tensors": 0})
@@ -97,6 +97,8 @@ def test_short_fit_writes_tensorboard_scalars_and_samples(tiny_model_dir, tmp_pa
     assert expected <= scalars, sorted(expected - scalars)
     steps = [event.step for event in accumulator.Scalars("train/loss")]
     assert steps == [0, 1, 2]
+    # the full sanity validation of the starting policy is logged as the step-0 baseline, then step 2's
+    assert [event.step for event in accumulator.Scalars("val/accuracy")] == [0, 1]
     assert "samples/text_summary" in accumulator.Tags()["tensors"]
     exported = Path(cli.model.exported_to)
     assert (exported / "model.safetensors").is_file() and (exported / "tokenizer.json").is_file()
@@ -121,3 +123,23 @@ def test_truncated_checkpoint_gives_a_clear_error(tmp_path, tiny_model_dir, monk
         main(["fit", *_short_fit_args(tiny_model_dir, tmp_path / "again"), "--ckpt_path", str(truncated)])
     with pytest.raises(FileNotFoundError, match="no checkpoint file at"):
         check_checkpoint(str(tmp_path / "absent.ckpt"))
+
+
+def test_console_script_exits_zero_after_a_run(tiny_model_dir, tmp_path):
+    """The installed ``lit-gcpo`` wrapper does ``sys.exit(console_main())``: a finished run must exit 0."""
+    import os
+    import subprocess
+    import sys
+
+    script = "import sys; from lit_gcpo.cli import console_main; sys.exit(console_main())"
+    args = _short_fit_args(tiny_model_dir, tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-c", script, "validate", *args],
+        cwd=Path(__file__).parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)},  # the toy reward module
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "val/accuracy" in result.stdout

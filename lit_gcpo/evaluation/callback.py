@@ -1,0 +1,173 @@
+"""``BenchmarkReport``: grade evaluation rollouts per benchmark, and report accuracy and calibration.
+
+A thin Lightning adapter: each test (or validation) batch, a ``RolloutBatch`` of k completions per
+prompt from either engine, becomes one record per prompt (``lit_gcpo.evaluation.results.
+rollout_records``: grades by ``lit_gcpo.evaluation.grading``, uncertainty signals by
+``lit_gcpo.evaluation.calibration``). At the end of the epoch the records of all ranks are gathered,
+``lit_gcpo.evaluation.results`` turns them into per-benchmark metrics (torchmetrics), which are logged as
+``<stage>/<benchmark>/<metric>``, printed as a table (rank 0) and written with every record as JSON and
+CSV.
+
+Gathering the records first (instead of syncing each torchmetrics object) makes every rank compute the
+same numbers even when a rank saw no batch of some benchmark, and the files hold every item once.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from lit_gcpo.batch import RolloutBatch
+from lit_gcpo.evaluation.results import Record, format_table, rollout_records, summarise, write_results
+
+log = logging.getLogger(__name__)
+
+
+class BenchmarkReport(pl.Callback):
+    """Per-benchmark accuracy (greedy, avg@k, pass@k, maj@k; QA EM/F1) and uncertainty AUROCs.
+
+    Rows are read from ``batch.rows``: ``kind`` (``math``/``qa``, default ``math``), ``gold`` (else
+    ``answer``), ``benchmark`` (default: the dataloader's name), ``id`` and ``index`` (default: arrival
+    order). ``BenchmarkSource`` rows carry all of them.
+
+    Args:
+        output_dir: where ``<stem>_benchmarks.json``, ``<stem>_items.csv``, ``<stem>_summary.csv`` and
+            ``<stem>_table.md`` are written (stem ``test``, or ``val-step<N>``); None = the trainer's log
+            dir (else its ``default_root_dir``).
+        pass_ks: the k of pass@k; None = 1, 2, 4, ... below the completions per prompt, and that count.
+        geometric: ``bot`` or ``cd``, the geometric signal U of the calibrated ``u_c = U (1 - RD)``.
+        reward_range: ``(min, max)`` possible reward, the scale of reward dispersion RD.
+        validation: also report after every validation epoch (not only ``lit-gcpo test``).
+    """
+
+    def __init__(
+        self,
+        output_dir: str | None = None,
+        pass_ks: list[int] | None = None,
+        geometric: str = "bot",
+        reward_range: tuple[float, float] = (0.0, 1.0),
+        validation: bool = False,
+    ) -> None:
+        if pass_ks is not None and any(k < 1 for k in pass_ks):
+            raise ValueError(f"BenchmarkReport pass_ks must be >= 1, got {pass_ks}")
+        if geometric not in ("bot", "cd"):
+            raise ValueError(f"BenchmarkReport geometric={geometric!r}; valid: bot, cd")
+        self.output_dir = output_dir
+        self.pass_ks = pass_ks
+        self.geometric = geometric
+        self.reward_range = (float(reward_range[0]), float(reward_range[1]))
+        self.validation = validation
+        self.records: list[Record] = []
+        self.summary: dict[str, dict[str, float]] = {}
+        self.paths: dict[str, Path] = {}
+
+    # ------------------------------------------------------------------------------------------ hooks
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.records = []
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.records = []
+
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self.records += self.grade_batch(batch, self._loader_name(trainer, "test", dataloader_idx))
+
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self.validation:
+            self.records += self.grade_batch(batch, self._loader_name(trainer, "val", dataloader_idx))
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._report(trainer, pl_module, "test", "test")
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.validation:
+            self._report(trainer, pl_module, "val", f"val-step{trainer.global_step}")
+
+    # ---------------------------------------------------------------------------------------- grading
+    def grade_batch(self, batch: RolloutBatch, default_benchmark: str = "benchmark") -> list[Record]:
+        """One record per prompt of ``batch`` (``lit_gcpo.evaluation.results.rollout_records``)."""
+        return rollout_records(
+            batch,
+            default_benchmark=default_benchmark,
+            geometric=self.geometric,
+            reward_range=self.reward_range,
+            first_index=len(self.records),
+        )
+
+    # -------------------------------------------------------------------------------------- reporting
+    def _report(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, stem: str) -> None:
+        records = _gather(trainer, self.records)
+        order = {}
+        for record in records:  # benchmarks in the order their first batch arrived on rank 0 ...
+            order.setdefault(record["benchmark"], len(order))
+        records.sort(key=lambda r: (order[r["benchmark"]], r["index"]))  # ... items in benchmark order
+        skipped = self._skipped(trainer, stage)
+        self.summary = summarise(records, skipped, self.pass_ks)
+        for benchmark, values in self.summary.items():
+            for metric, value in values.items():
+                pl_module.log(f"{stage}/{benchmark}/{metric}", float(value), sync_dist=True)  # equal on every rank
+        directory = self._directory(trainer)  # log_dir broadcasts: every rank asks
+        if trainer.is_global_zero:
+            table = format_table(self.summary)
+            print(f"\n{stage} benchmarks ({len(records)} items)\n{table}\n")
+            self.paths = write_results(directory, stem, self.summary, records, skipped)
+            for benchmark, ids in skipped.items():
+                if ids:
+                    log.warning("%s: %d items left out for an unreadable gold: %s", benchmark, len(ids), ids[:10])
+            log.info("benchmark results written to %s", self.paths["json"])
+        self.records = records
+
+    def _directory(self, trainer: pl.Trainer) -> Path:
+        if self.output_dir is not None:
+            return Path(self.output_dir)
+        return Path(trainer.log_dir or trainer.default_root_dir)
+
+    @staticmethod
+    def _loader_name(trainer: pl.Trainer, stage: str, dataloader_idx: int) -> str:
+        datamodule = getattr(trainer, "datamodule", None)
+        if stage == "test" and hasattr(datamodule, "test_names"):
+            names = datamodule.test_names()
+            if dataloader_idx < len(names):
+                return names[dataloader_idx]
+        return f"{stage}{dataloader_idx}"
+
+    @staticmethod
+    def _skipped(trainer: pl.Trainer, stage: str) -> dict[str, list[str]]:
+        """Ids the benchmark loaders of this stage's sources left out (sources with ``name``/``skipped``)."""
+        datamodule = getattr(trainer, "datamodule", None)
+        val_source = getattr(datamodule, "val_source", None)
+        sources = list(getattr(datamodule, "test_sources", None) or []) if stage == "test" else []
+        sources = sources or [val_source]  # the DataModule tests on the validation source when given none
+        skipped: dict[str, list[str]] = {}
+        for source in sources:
+            if hasattr(source, "skipped") and hasattr(source, "name"):
+                skipped.setdefault(source.name, []).extend(source.skipped)
+        return skipped
+
+
+def _gather(trainer: pl.Trainer, records: list[Record]) -> list[Record]:
+    """Every rank's records on every rank (a copy of the local list on one process)."""
+    if trainer.world_size <= 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return list(records)
+    everyone: list[list[Record] | None] = [None] * trainer.world_size
+    torch.distributed.all_gather_object(everyone, records)
+    return [record for part in everyone for record in (part or [])]

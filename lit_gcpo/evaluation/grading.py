@@ -1,0 +1,118 @@
+"""Grading benchmark completions by the kind of their benchmark, as pure functions.
+
+* math: the final answer is the content of the completion's last complete ``\\boxed{}``
+  (``lit_gcpo.answers.extract_boxed``); it is correct when Math-Verify finds it equivalent to the gold
+  (``lit_gcpo.answers.answers_equivalent``, gold first, the ``math_accuracy`` reward's time bound).
+* qa: the answer is ``lit_gcpo.rewards.qa.extract_qa_answer`` (last box, else the text after the last
+  "Answer:", else the whole completion); it is correct on a SQuAD exact match with any reference, and
+  its token F1 is the best over the references.
+
+Per prompt (project's reading, the rule of the semantic-entropy papers applied to k samples): the answer
+the model reports is the *majority answer* of its completions (``lit_gcpo.evaluation.metrics.
+majority_answer`` under the kind's equivalence: Math-Verify for math, equal SQuAD-normalised text for
+QA); whether it is wrong is the label that the uncertainty signals are asked to predict (AUROC). With
+one completion the majority answer is that completion's answer.
+
+``benchmark_correctness`` wraps the per-completion grade as a reward function (TRL convention), so that a
+run mixing math and QA benchmarks has one accuracy reward valid for both kinds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from lit_gcpo.answers import answers_equivalent, extract_boxed, gold_answer
+from lit_gcpo.evaluation.metrics import Equivalence, majority_answer
+from lit_gcpo.rewards.math_reward import GRADING_TIMEOUT_S, completion_text
+from lit_gcpo.rewards.qa import exact_match, extract_qa_answer, normalize_answer, references, token_f1
+
+KINDS = ("math", "qa")
+
+
+@dataclass(frozen=True)
+class Grade:
+    """One completion's grade: the extracted answer (None: none found), correctness and QA token F1."""
+
+    answer: str | None
+    correct: bool
+    f1: float | None = None
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"benchmark kind must be one of {KINDS}, got {kind!r}")
+
+
+def math_equivalent(gold: str, answer: str) -> bool:
+    """Math-Verify equivalence with the ``math_accuracy`` reward's time bound (timeout = not equivalent)."""
+    return answers_equivalent(gold, answer, timeout_s=GRADING_TIMEOUT_S)
+
+
+def qa_equivalent(a: str, b: str) -> bool:
+    """Two QA answers agree when their SQuAD-normalised texts are equal."""
+    return normalize_answer(a) == normalize_answer(b)
+
+
+def equivalence(kind: str) -> Equivalence:
+    """The answer equivalence of a benchmark kind (clusters answers and picks the majority)."""
+    _check_kind(kind)
+    return math_equivalent if kind == "math" else qa_equivalent
+
+
+def gold_references(kind: str, gold: Any) -> list[str]:
+    """The gold as a list of strings: one normalised math answer, or the QA references (empty: none)."""
+    _check_kind(kind)
+    if kind == "math":
+        text = gold_answer(gold)
+        return [text] if text is not None else []
+    return references(gold)
+
+
+def extract_answer(kind: str, completion: str) -> str | None:
+    """The final answer a completion states (math: last box; QA: ``extract_qa_answer``, None if empty)."""
+    _check_kind(kind)
+    if kind == "math":
+        return extract_boxed(completion)
+    return extract_qa_answer(completion) or None
+
+
+def grade_answer(kind: str, answer: str | None, gold: Any) -> Grade:
+    """Grade an extracted answer against the gold (math: equivalence; QA: best EM and F1 over references)."""
+    refs = gold_references(kind, gold)
+    if kind == "math":
+        correct = answer is not None and bool(refs) and math_equivalent(refs[0], answer)
+        return Grade(answer, correct)
+    if answer is None or not refs:
+        return Grade(answer, False, 0.0)
+    em = max(exact_match(answer, ref) for ref in refs)
+    return Grade(answer, em == 1.0, max(token_f1(answer, ref) for ref in refs))
+
+
+def grade_completion(kind: str, completion: str, gold: Any) -> Grade:
+    """Extract the answer of one completion and grade it."""
+    return grade_answer(kind, extract_answer(kind, completion), gold)
+
+
+def majority_grade(kind: str, answers: Sequence[str | None], gold: Any) -> Grade:
+    """The majority answer of one prompt's completions, graded (no answer at all: incorrect)."""
+    winner = majority_answer(list(answers), equivalence(kind))
+    return grade_answer(kind, winner, gold)
+
+
+def benchmark_correctness(prompts: list[str], completions: list[Any], **columns: list[Any]) -> list[float | None]:
+    """Reward: 1.0 when the completion is correct for its row's ``kind`` against the row's ``gold``.
+
+    Rows without ``kind`` are graded as math; rows whose gold cannot be read get None (no score).
+    """
+    kinds = columns.get("kind") or ["math"] * len(completions)
+    golds = columns.get("gold") or [None] * len(completions)
+    scores: list[float | None] = []
+    for completion, kind, gold in zip(completions, kinds, golds, strict=True):
+        kind = kind or "math"
+        if not gold_references(kind, gold):
+            scores.append(None)
+            continue
+        scores.append(float(grade_completion(kind, completion_text(completion), gold).correct))
+    return scores

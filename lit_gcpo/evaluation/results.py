@@ -1,0 +1,290 @@
+"""Rollout batches -> per-item evaluation records -> per-benchmark metrics (torchmetrics), a text table,
+JSON and CSV files.
+
+A record is one prompt (benchmark item) with its k completions::
+
+    {"benchmark", "kind", "id", "index", "prompt", "gold",
+     "completions": [k str], "answers": [k str | None], "correct": [k bool], "f1": [k float] | None,
+     "majority_answer": str | None, "majority_correct": bool, "signals": {name: float | None}}
+
+Metrics per benchmark (``n`` completions per item):
+
+* math: ``accuracy`` (``GreedyAccuracy``) when n = 1; else ``avg@n``, unbiased ``pass@k`` for each k of
+  ``pass_ks`` (default 1, 2, 4, ... up to n, and n) and ``maj@n``;
+* QA: ``em`` and ``f1`` over all completions, and ``pass@k`` (on exact match) when n > 1;
+* ``auroc_<signal>`` for each uncertainty signal present (``IncorrectnessAUROC``: the signal ranking the
+  items whose majority answer is wrong above the others; NaN with one class or n = 1);
+* ``items`` (graded items) and ``skipped`` (items left out for an unreadable gold).
+
+The metrics are computed from the records alone (their answers, grades and signals), so every number
+in the files can be recomputed from the saved items.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lit_gcpo.batch import RolloutBatch
+from lit_gcpo.evaluation.calibration import AUROC_SIGNALS, prompt_signals
+from lit_gcpo.evaluation.grading import (
+    KINDS,
+    extract_answer,
+    gold_references,
+    grade_answer,
+    majority_grade,
+    math_equivalent,
+)
+from lit_gcpo.evaluation.metrics import (
+    QAF1,
+    AverageAtK,
+    GreedyAccuracy,
+    IncorrectnessAUROC,
+    MajorityAtK,
+    PassAtK,
+    QAExactMatch,
+)
+
+Record = dict[str, Any]
+# The records are gathered from every rank before any metric sees them: a metric syncing its own states
+# across ranks would count every item world-size times.
+_LOCAL: dict[str, Any] = {"sync_on_compute": False}
+_SIGNAL_COLUMNS = ("se", "se_n", "num_clusters", "cd", "bot", "rd", "u_c")
+
+
+def rollout_records(
+    batch: RolloutBatch,
+    *,
+    default_benchmark: str = "benchmark",
+    geometric: str = "bot",
+    reward_range: tuple[float, float] = (0.0, 1.0),
+    first_index: int = 0,
+) -> list[Record]:
+    """One record per prompt of a rollout batch: its completions graded, majority answer, signals.
+
+    Rows are read for ``kind`` (default ``math``), ``gold`` (else ``answer``), ``benchmark`` (default
+    ``default_benchmark``), ``id`` and ``index`` (default: ``first_index`` + position in the batch). Math
+    answers are the batch's ``answers`` (the rollout's last-box extraction) when present.
+    """
+    group_ids = batch.group_ids.detach().cpu().long()  # [N]
+    kinds = [str(row.get("kind") or "math") for row in batch.rows]  # [B]
+    for position, kind in enumerate(kinds):
+        if kind not in KINDS:
+            raise ValueError(f"row {position} of the batch has kind {kind!r}; valid: {', '.join(KINDS)}")
+    golds = [row.get("gold", row.get("answer")) for row in batch.rows]  # [B]
+    grades = []
+    for n, g in enumerate(group_ids.tolist()):
+        from_rollout = kinds[g] == "math" and batch.answers is not None
+        answer = batch.answers[n] if from_rollout else extract_answer(kinds[g], batch.completions[n])
+        grades.append(grade_answer(kinds[g], answer, golds[g]))  # [N]
+    signals = prompt_signals(
+        group_ids,
+        [grade.answer for grade in grades],
+        kinds,
+        rewards=batch.rewards,
+        embeddings=batch.embeddings,
+        seq_logprobs=batch.seq_logprobs,
+        geometric=geometric,
+        reward_range=reward_range,
+    )  # {name: [B]}
+    records = []
+    for b, row in enumerate(batch.rows):
+        members = torch.nonzero(group_ids == b).flatten().tolist()
+        mine = [grades[n] for n in members]
+        majority = majority_grade(kinds[b], [g.answer for g in mine], golds[b])
+        index = int(row.get("index", first_index + b))
+        records.append(
+            {
+                "benchmark": str(row.get("benchmark") or default_benchmark),
+                "kind": kinds[b],
+                "id": str(row.get("id", f"{default_benchmark}-{index}")),
+                "index": index,
+                "prompt": batch.prompts[b],
+                "gold": golds[b] if kinds[b] == "qa" else (gold_references("math", golds[b]) or [None])[0],
+                "completions": [batch.completions[n] for n in members],
+                "answers": [g.answer for g in mine],
+                "correct": [g.correct for g in mine],
+                "f1": [g.f1 for g in mine] if kinds[b] == "qa" else None,
+                "majority_answer": majority.answer,
+                "majority_correct": majority.correct,
+                "signals": {name: _number(value[b]) for name, value in signals.items()},
+            }
+        )
+    return records
+
+
+def _number(value: torch.Tensor) -> float | None:
+    number = float(value)
+    return None if math.isnan(number) else number
+
+
+def default_pass_ks(n: int) -> list[int]:
+    """1, 2, 4, ... below n, and n."""
+    ks, k = [], 1
+    while k < n:
+        ks.append(k)
+        k *= 2
+    return [*ks, n]
+
+
+def _samples_per_item(records: Sequence[Record]) -> int:
+    counts = {len(r["completions"]) for r in records}
+    if len(counts) != 1:
+        raise ValueError(
+            f"benchmark {records[0]['benchmark']!r}: items have different numbers of completions {sorted(counts)}"
+        )
+    return counts.pop()
+
+
+def _correct_matrix(records: Sequence[Record]) -> torch.Tensor:
+    return torch.tensor([[float(c) for c in r["correct"]] for r in records], dtype=torch.float64)  # [I, n]
+
+
+def _signal(records: Sequence[Record], name: str) -> torch.Tensor:
+    values = [r["signals"].get(name) for r in records]
+    return torch.tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float64)  # [I]
+
+
+def benchmark_metrics(records: Sequence[Record], pass_ks: Sequence[int] | None = None) -> dict[str, float]:
+    """The metrics of one benchmark's records (all of one kind and one completion count)."""
+    if not records:
+        return {"items": 0.0}
+    kind = records[0]["kind"]
+    n = _samples_per_item(records)
+    correct = _correct_matrix(records)  # [I, n]
+    values: dict[str, float] = {"items": float(len(records))}
+    ks = [k for k in (pass_ks if pass_ks is not None else default_pass_ks(n)) if k <= n]
+    if kind == "math":
+        if n == 1:
+            metric: Any = GreedyAccuracy(**_LOCAL)
+            metric.update(correct[:, 0])
+            values["accuracy"] = float(metric.compute())
+        else:
+            metric = AverageAtK(n, **_LOCAL)
+            metric.update(correct)
+            values[f"avg@{n}"] = float(metric.compute())
+            majority = MajorityAtK(n, equivalent=math_equivalent, **_LOCAL)
+            majority.update([r["answers"] for r in records], [gold_references("math", r["gold"])[0] for r in records])
+            values[f"maj@{n}"] = float(majority.compute())
+    else:
+        predictions = [a or "" for r in records for a in r["answers"]]  # one row per completion
+        refs = [gold_references("qa", r["gold"]) for r in records for _ in r["answers"]]
+        for name, metric in (("em", QAExactMatch(**_LOCAL)), ("f1", QAF1(**_LOCAL))):
+            metric.update(predictions, refs)
+            values[name] = float(metric.compute())
+    if n > 1:
+        for k in ks:
+            pass_k = PassAtK(k, **_LOCAL)
+            pass_k.update(correct)
+            values[f"pass@{k}"] = float(pass_k.compute())
+    majority_correct = torch.tensor([float(r["majority_correct"]) for r in records])  # [I]
+    present = {name for r in records for name, v in r["signals"].items() if v is not None}
+    for name in AUROC_SIGNALS:
+        if name in present:
+            auroc = IncorrectnessAUROC(**_LOCAL)
+            auroc.update(_signal(records, name), majority_correct)
+            values[f"auroc_{name}"] = float(auroc.compute())
+    return values
+
+
+def summarise(
+    records: Sequence[Record], skipped: Mapping[str, Sequence[str]] | None = None, pass_ks: Sequence[int] | None = None
+) -> dict[str, dict[str, float]]:
+    """Per-benchmark metrics, benchmarks in order of first appearance, with ``skipped`` counts."""
+    by_benchmark: dict[str, list[Record]] = {}
+    for record in records:
+        by_benchmark.setdefault(record["benchmark"], []).append(record)
+    summary = {}
+    for name, items in by_benchmark.items():
+        values = benchmark_metrics(items, pass_ks)
+        summary[name] = {"items": values.pop("items"), "skipped": float(len((skipped or {}).get(name, ()))), **values}
+    for name, ids in (skipped or {}).items():
+        summary.setdefault(name, {"items": 0.0, "skipped": float(len(ids))})
+    return summary
+
+
+_COUNTS = ("items", "skipped")
+
+
+def _cell(column: str, value: float) -> str:
+    if math.isnan(value):
+        return "-"
+    return str(int(value)) if column in _COUNTS else f"{value:.4f}"
+
+
+def format_table(summary: Mapping[str, Mapping[str, float]]) -> str:
+    """A Markdown table: one row per benchmark, one column per metric (``-`` = not defined)."""
+    columns: list[str] = []
+    for values in summary.values():
+        columns += [c for c in values if c not in columns]
+    header = ["benchmark", *columns]
+    rows = [[name, *(_cell(c, values.get(c, math.nan)) for c in columns)] for name, values in summary.items()]
+    widths = [max(len(str(line[i])) for line in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    separator = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(header), separator, *(line(r) for r in rows)])
+
+
+def _jsonable(value: Any) -> Any:
+    """NaN -> None (strict JSON), recursively."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def write_results(
+    directory: str | Path,
+    stem: str,
+    summary: Mapping[str, Mapping[str, float]],
+    records: Sequence[Record],
+    skipped: Mapping[str, Sequence[str]] | None = None,
+) -> dict[str, Path]:
+    """Write ``<stem>_benchmarks.json`` (summary, skipped ids, items), ``<stem>_items.csv`` (one row per
+    item), ``<stem>_summary.csv`` (one row per benchmark) and ``<stem>_table.md``; returns their paths."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "json": directory / f"{stem}_benchmarks.json",
+        "items_csv": directory / f"{stem}_items.csv",
+        "summary_csv": directory / f"{stem}_summary.csv",
+        "table": directory / f"{stem}_table.md",
+    }
+    document = {"summary": summary, "skipped": {k: list(v) for k, v in (skipped or {}).items()}, "items": records}
+    paths["json"].write_text(json.dumps(_jsonable(document), indent=1, ensure_ascii=False, allow_nan=False))
+    item_columns = ["benchmark", "id", "kind", "prompt", "gold", "completions", "answers", "correct", "f1"]
+    item_columns += ["majority_answer", "majority_correct", *_SIGNAL_COLUMNS]
+    with paths["items_csv"].open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=item_columns)
+        writer.writeheader()
+        for record in records:
+            row = {c: record.get(c) for c in item_columns if c not in _SIGNAL_COLUMNS}
+            for column in ("gold", "completions", "answers", "correct", "f1"):
+                row[column] = json.dumps(_jsonable(record.get(column)), ensure_ascii=False)
+            for name in _SIGNAL_COLUMNS:
+                value = record["signals"].get(name)
+                row[name] = "" if value is None or math.isnan(value) else repr(float(value))
+            writer.writerow(row)
+    metric_columns: list[str] = []
+    for values in summary.values():
+        metric_columns += [c for c in values if c not in metric_columns]
+    with paths["summary_csv"].open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["benchmark", *metric_columns])
+        for name, values in summary.items():
+            cells = [values.get(c, math.nan) for c in metric_columns]
+            writer.writerow([name, *("" if math.isnan(v) else repr(float(v)) for v in cells)])
+    paths["table"].write_text(format_table(summary) + "\n")
+    return paths
