@@ -161,3 +161,13 @@ def test_incorrectness_auroc_one_class_and_nan_scores() -> None:
     metric.update(torch.tensor([float("nan"), 0.5]), torch.tensor([0, 0]))
     # the NaN row is dropped: incorrect {0.5} vs correct {0.2, 0.9} -> 1 of 2 pairs
     assert metric.compute().item() == pytest.approx(0.5, abs=1e-6)
+
+
+def test_incorrectness_auroc_after_a_data_parallel_sync() -> None:
+    """A sync replaces the list states by concatenated tensors (dist_reduce_fx="cat"); compute must accept that."""
+    metric = IncorrectnessAUROC()
+    metric.update(torch.tensor([0.0, 1.0]), torch.tensor([1, 1]))
+    metric.update(torch.tensor([1.0, 3.0]), torch.tensor([0, 0]))
+    expected = metric.compute().item()  # 0.875, as in the hand-derived case above
+    metric.scores, metric.incorrect = torch.cat(metric.scores), torch.cat(metric.incorrect)  # what a sync leaves
+    assert metric.compute().item() == pytest.approx(expected, abs=1e-9) == pytest.approx(0.875)

@@ -218,7 +218,8 @@ class IncorrectnessAUROC(Metric):
         self.incorrect.append((correct.reshape(-1)[keep].to(torch.float64) < 0.5).long())
 
     def compute(self) -> torch.Tensor:
-        if not self.scores:
+        # after a data-parallel sync the states are already concatenated tensors, not lists
+        if isinstance(self.scores, list) and not self.scores:
             return torch.tensor(float("nan"))
         scores = dim_zero_cat(self.scores)  # [M]
         incorrect = dim_zero_cat(self.incorrect)  # [M]
