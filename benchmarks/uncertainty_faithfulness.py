@@ -259,9 +259,21 @@ def reading(results: dict[str, tuple[tuple[float, float, float], ...]], spread: 
         + ("overlap, so this run does not separate them" if overlap else "do not overlap")
         + ". Within groups of equal RD (which, for 0/1 rewards, fixes the advantages and so most of V's scale): "
         + ", ".join(verdict(n, 2) for n in names if n != "rd")
-        + ". A signal that does no better than the completion-length control is no evidence for geometry. One "
+        + ". "
+        + _against_length(results)
+        + " A signal that does no better than the completion-length control is no evidence for geometry. One "
         "policy, one task, one seed: a diagnostic of this setting, not a verdict on the GCPO paper's claim."
     )
+
+
+def _against_length(results: dict[str, tuple[tuple[float, float, float], ...]]) -> str:
+    """Which uncertainty signals beat the completion-length control on the RD > 0 prompts (point estimates)."""
+    control = results["length"][1][0]
+    names = [n for n in ("se", "cd", "bot", "u_c", "u_c_cd") if not math.isnan(results[n][1][0])]
+    above = [n for n in names if results[n][1][0] > control]
+    if not above:
+        return f"No uncertainty signal beats the length control (rho {control:+.2f}) on the RD > 0 prompts."
+    return f"Above the length control (rho {control:+.2f}) on the RD > 0 prompts: {', '.join(above)}."
 
 
 def scatter_plot(values: dict[str, np.ndarray], variance: np.ndarray, path: Path) -> None:

@@ -2,8 +2,10 @@
 
 ``TINY_MODEL_PATH`` is the directory of ``lit-gcpo/tiny-arith``: a ~0.4M-parameter ``LlamaConfig`` model
 warm-started by supervised fine-tuning on worked solutions of ``lit_gcpo.tasks.arithmetic`` (regenerate it
-with ``scripts/build_tiny_model.py``). It is deliberately under-trained: its greedy accuracy starts well
-below what sampling 8 completions finds, which is the gap a GRPO-family run closes in minutes on a CPU.
+with ``scripts/build_tiny_model.py``). It is deliberately under-trained: on ``DEFAULT_MIX`` validation rows its
+greedy accuracy is 0.23 while sampling 8 completions at temperature 1 finds the answer for 0.56 of the
+prompts (the same model trained 1500 steps instead of 200 reaches 0.88 greedy): the gap a GRPO-family run
+closes in minutes on a CPU.
 
 The tokenizer is a ``tokenizers`` WordLevel model over single characters plus one multi-character token,
 ``\\boxed{``, so that the answer marker costs one generation step instead of seven. No special token is

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
-from lit_gcpo.tasks.arithmetic import DEFAULT_MIX, ArithmeticProblem, arithmetic_splits, sample_problems
+from lit_gcpo.tasks.arithmetic import (
+    DEFAULT_MIX,
+    WARM_START_MIX,
+    ArithmeticProblem,
+    arithmetic_splits,
+    sample_problems,
+)
 
-__all__ = ["DEFAULT_MIX", "ArithmeticProblem", "arithmetic_splits", "sample_problems"]
+__all__ = ["DEFAULT_MIX", "WARM_START_MIX", "ArithmeticProblem", "arithmetic_splits", "sample_problems"]
