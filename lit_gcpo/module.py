@@ -28,6 +28,7 @@ import torchmetrics
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
 
 from lit_gcpo.advantages import group_advantages
 from lit_gcpo.batch import RolloutBatch
@@ -148,6 +149,7 @@ class GRPOModule(L.LightningModule):
             )
         self.skipped_steps = 0
         self.consecutive_skips = 0
+        self.validation_history: list[tuple[int, float]] = []  # (step, val/accuracy), this run only
         self._baseline = torch.nn.ModuleDict(
             {"val/accuracy": torchmetrics.MeanMetric(), "val/reward_mean": torchmetrics.MeanMetric()}
         )
@@ -394,8 +396,12 @@ class GRPOModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         """Lightning discards what is logged during the sanity check; with ``num_sanity_val_steps: -1`` that
-        check is a full validation of the starting policy, so write it to the loggers as the step-0 baseline."""
+        check is a full validation of the starting policy, so write it to the loggers as the step-0 baseline.
+        Every validation is also kept in ``validation_history`` for the summary printed at the end of fit."""
         if not self.trainer.sanity_checking:
+            accuracy = self.trainer.callback_metrics.get("val/accuracy")
+            if accuracy is not None:
+                self.validation_history.append((self.global_step, float(accuracy)))
             return
         values = {}
         for name, metric in self._baseline.items():
@@ -404,8 +410,10 @@ class GRPOModule(L.LightningModule):
             metric.reset()
         for logger in self.loggers:
             logger.log_metrics(values, step=self.global_step)
-        if values and self.trainer.is_global_zero:
-            log.info("starting policy: %s", ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
+        if "val/accuracy" in values:
+            self.validation_history.append((self.global_step, values["val/accuracy"]))
+        if values:
+            rank_zero_info("starting policy: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
 
     def validation_step(self, batch: RolloutBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, "val")
@@ -446,8 +454,18 @@ class GRPOModule(L.LightningModule):
         model = self.policy.merge_and_unload() if self.uses_lora else self.policy
         model.save_pretrained(target)
         self.tokenizer.save_pretrained(target)
-        log.info("policy exported to %s", target)
         self.exported_to = target
+        summary = f"policy exported to {target}"
+        if self.validation_history:
+            (first_step, first), (best_step, best) = (
+                self.validation_history[0],
+                max(self.validation_history, key=lambda item: item[1]),
+            )
+            summary += (
+                f"; validation accuracy {first:.3f} (step {first_step}) -> best {best:.3f} (step {best_step}), "
+                f"last {self.validation_history[-1][1]:.3f}"
+            )
+        rank_zero_info(summary)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["lit_gcpo"] = {"skipped_steps": self.skipped_steps}

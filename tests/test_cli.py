@@ -99,6 +99,8 @@ def test_short_fit_writes_tensorboard_scalars_and_samples(tiny_model_dir, tmp_pa
     assert steps == [0, 1, 2]
     # the full sanity validation of the starting policy is logged as the step-0 baseline, then step 2's
     assert [event.step for event in accumulator.Scalars("val/accuracy")] == [0, 1]
+    logged = [event.value for event in accumulator.Scalars("val/accuracy")]
+    assert [value for _, value in cli.model.validation_history] == pytest.approx(logged, abs=1e-6)
     assert "samples/text_summary" in accumulator.Tags()["tensors"]
     exported = Path(cli.model.exported_to)
     assert (exported / "model.safetensors").is_file() and (exported / "tokenizer.json").is_file()
