@@ -13,6 +13,9 @@ required
     ``rewards``      ``[N]`` float, scalar reward per completion; NaN = failed (left out of RD).
 optional
     ``answers``      ``list[str | None]`` of length N, extracted final answers (``answer`` clustering).
+    ``answer_clusters`` ``[N]`` long, answer clusters already computed by the data pipeline (ids local to
+                     each group, as ``lit_gcpo.clustering.answer_clusters`` returns); used as they are by
+                     ``answer`` clustering instead of clustering ``answers`` again.
     ``completions``  ``list[str]`` of length N; answers are extracted from it with
                      ``lit_gcpo.answers.extract_boxed`` when ``answers`` is absent, and it is the text
                      embedded when ``embeddings`` names a sentence-transformers model.
@@ -89,7 +92,9 @@ class UncertaintyCallback(pl.Callback):
         gamma: exponent of the ``focal`` family.
         normalise_batch: rescale the weights to mean 1 over the step's groups (all ranks).
         reward_range: ``(min, max)`` possible reward, the scale of reward dispersion.
-        log_histograms_every_n_steps: TensorBoard histograms of every signal every N batches (0 = never).
+        log_histograms_every_n_steps: every N batches (0 = never), TensorBoard histograms of every signal and
+            the correlation of each signal with reward dispersion over all groups seen since the last time
+            (one batch has too few groups for a stable correlation).
         embedding_batch_size: batch size of the sentence-transformers encoder.
     """
 
@@ -140,6 +145,7 @@ class UncertaintyCallback(pl.Callback):
         self.groups_seen = 0
         self._encoder: Any = None
         self._warned_discrete = False
+        self._window: list[dict[str, Tensor]] = []  # per-group signals since the last correlation
 
     @property
     def state_key(self) -> str:
@@ -237,6 +243,8 @@ class UncertaintyCallback(pl.Callback):
         if self.clustering == "embedding":
             assert embeddings is not None  # _embeddings raised otherwise
             return embedding_clusters(embeddings, group_ids, self.tau)
+        if "answer_clusters" in batch:  # the rollout pipeline clustered while the policy scored the batch
+            return batch["answer_clusters"]
         if "answers" in batch:
             answers = list(batch["answers"])
         else:
@@ -289,19 +297,38 @@ class UncertaintyCallback(pl.Callback):
                 )
         values["mean"]["uncertainty/nonfinite_rewards"] = metrics["nonfinite_rewards"].float()
         values["mean"]["time/uncertainty_s"] = torch.tensor(seconds)
-        for name, signal in signals.items():
-            if name == "rd":
-                continue
-            for label, correlation in (("pearson", pearson_corrcoef), ("spearman", spearman_corrcoef)):
-                values["mean"][f"uncertainty/corr_rd/{name}_{label}"] = self._correlation(
-                    correlation, signal, signals["rd"]
-                )
+        if self.log_histograms_every_n_steps > 0:
+            self._window.append({name: signal.detach().float().cpu() for name, signal in signals.items()})
+        diagnostics_step = self._is_diagnostics_step()
+        if diagnostics_step:
+            values["mean"].update(self._window_correlations())
+        sync = trainer.world_size > 1  # avoids Lightning's per-key sync machinery on one device
         for statistic, reduce_fx in _STATISTIC_REDUCTIONS.items():
             logged = {key: value.to(pl_module.device) for key, value in values[statistic].items()}
             pl_module.log_dict(
-                logged, on_step=True, on_epoch=False, sync_dist=True, reduce_fx=reduce_fx, batch_size=num_groups
+                logged, on_step=True, on_epoch=False, sync_dist=sync, reduce_fx=reduce_fx, batch_size=num_groups
             )
-        self._log_histograms(trainer, signals)
+        if diagnostics_step:
+            self._log_histograms(trainer, signals)
+
+    def _is_diagnostics_step(self) -> bool:
+        every = self.log_histograms_every_n_steps
+        return every > 0 and (self.batches_seen - 1) % every == 0
+
+    def _window_correlations(self) -> dict[str, Tensor]:
+        """Pearson and Spearman correlation of each signal with RD over the groups of the window (this batch
+        and those since the last diagnostics step); the window is then emptied."""
+        pooled = {name: torch.cat([step[name] for step in self._window]) for name in self._window[0]}
+        self._window.clear()
+        correlations = {}
+        for name, signal in pooled.items():
+            if name == "rd":
+                continue
+            for label, correlation in (("pearson", pearson_corrcoef), ("spearman", spearman_corrcoef)):
+                correlations[f"uncertainty/corr_rd/{name}_{label}"] = self._correlation(
+                    correlation, signal, pooled["rd"]
+                )
+        return correlations
 
     @staticmethod
     def _correlation(correlation: Callable[[Tensor, Tensor], Tensor], signal: Tensor, rd: Tensor) -> Tensor:
@@ -313,8 +340,7 @@ class UncertaintyCallback(pl.Callback):
         return correlation(x, y).float().nan_to_num(0.0)
 
     def _log_histograms(self, trainer: pl.Trainer, signals: dict[str, Tensor]) -> None:
-        every = self.log_histograms_every_n_steps
-        if every == 0 or (self.batches_seen - 1) % every != 0 or not trainer.is_global_zero:
+        if not trainer.is_global_zero:
             return
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):

@@ -49,6 +49,8 @@ class RolloutBatch:
         reward_components: each reward function's score by name, ``[N]`` float each (NaN = failed).
         truncated: completion hit the token limit without EOS, ``[N]`` bool.
         answers: extracted final answers (None when there is none), ``[N]``.
+        answer_clusters: clusters of mathematically equivalent ``answers`` within each group (ids local to
+            the group; a missing answer is a singleton), ``[N]`` long, or None.
         engine_logprobs: sampled-token log-probs reported by the rollout engine, ``[N, L]`` or None.
         old_logprobs: the trainer's log-probs of the sampled tokens under the generating policy, ``[N, L]``.
         ref_logprobs: the frozen reference model's log-probs, ``[N, L]`` or None when beta = 0.
@@ -69,6 +71,7 @@ class RolloutBatch:
     reward_components: dict[str, torch.Tensor] = field(default_factory=dict)
     truncated: torch.Tensor | None = None
     answers: list[str | None] | None = None
+    answer_clusters: torch.Tensor | None = None
     engine_logprobs: torch.Tensor | None = None
     old_logprobs: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None

@@ -127,6 +127,10 @@ def test_trainer_logprobs_equal_full_log_softmax_and_engine(tiny_model_dir, tmp_
     torch.testing.assert_close(batch.old_logprobs[mask], full[mask], atol=1e-5, rtol=0)
     # the hf engine's sampled-token log-probs are those of the same distribution
     torch.testing.assert_close(batch.engine_logprobs[mask], full[mask], atol=1e-4, rtol=0)
+    # the answer clusters computed alongside the scoring pass are those of the answers
+    from lit_gcpo.clustering import answer_clusters
+
+    assert torch.equal(batch.answer_clusters, answer_clusters(batch.answers, batch.group_ids))
 
 
 def _final_weights(module: GRPOModule) -> dict[str, torch.Tensor]:

@@ -216,3 +216,37 @@ def test_sentence_transformers_source_uses_offline_model(tmp_path) -> None:
     expected, _ = advantage_weights("gcpo", signals)
     torch.testing.assert_close(module.seen[0][1], expected[batch["group_ids"]], atol=1e-5, rtol=0)
     assert not math.isclose(expected[0].item(), expected[1].item())  # the two groups differ
+
+
+def test_correlations_pool_the_groups_since_the_last_diagnostics_step(tmp_path) -> None:
+    """With every=3, diagnostics run at batches 1 and 4; the second correlates the 12 groups of batches 2-4."""
+    from scipy.stats import pearsonr, spearmanr
+
+    batches = [_dict_batch(seed) for seed in range(4)]
+    callback = UncertaintyCallback(method="gcpo", clustering="answer", log_histograms_every_n_steps=3)
+    trainer = _trainer(tmp_path, callback, max_steps=4)
+    trainer.fit(_RecordingModule(), _loader(batches))
+    pooled = [_expected_weights(_dict_batch(seed), "gcpo")[1] for seed in (1, 2, 3)]
+    bot = torch.cat([signals["bot"] for signals in pooled]).double().numpy()
+    rd = torch.cat([signals["rd"] for signals in pooled]).double().numpy()
+    metrics = trainer.logged_metrics
+    assert float(metrics["uncertainty/corr_rd/bot_spearman"]) == pytest.approx(spearmanr(bot, rd).statistic, abs=1e-5)
+    assert float(metrics["uncertainty/corr_rd/bot_pearson"]) == pytest.approx(pearsonr(bot, rd).statistic, abs=1e-5)
+    assert callback._window == []
+
+
+def test_precomputed_answer_clusters_are_used_as_given(tmp_path) -> None:
+    """A pipeline that already clustered the answers (lit-gcpo's DataModule does, overlapping the scoring pass)
+    hands them over as ``answer_clusters``; here they deliberately differ from what ``answers`` would give."""
+    batch = _dict_batch(0)
+    given = torch.arange(GROUP_SIZE).repeat(GROUPS)  # every completion its own cluster
+    callback = UncertaintyCallback(method="seed_grpo", clustering="answer")
+    module = _RecordingModule()
+    _trainer(tmp_path, callback, max_steps=1).fit(module, _loader([{**batch, "answer_clusters": given}]))
+    signals, _ = uncertainty_signals(
+        batch["group_ids"], GROUPS, rewards=batch["rewards"], cluster_ids=given, embeddings=batch["embeddings"],
+        seq_logprobs=batch["seq_logprobs"],
+    )  # fmt: skip
+    expected, _ = advantage_weights("seed_grpo", signals)
+    torch.testing.assert_close(module.seen[0][1], expected[batch["group_ids"]])
+    assert not torch.allclose(module.seen[0][1], _expected_weights(batch, "seed_grpo")[0])

@@ -12,8 +12,10 @@ see the complete ``RolloutBatch`` in ``on_train_batch_start``.
 from __future__ import annotations
 
 import logging
+import time
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 import lightning as L
@@ -22,6 +24,7 @@ from jsonargparse.typing import PositiveFloat, PositiveInt
 from torch.utils.data import DataLoader, IterableDataset
 
 from lit_gcpo.batch import PromptBatch, RolloutBatch
+from lit_gcpo.clustering import answer_clusters
 from lit_gcpo.data.rollout import RolloutCollector
 from lit_gcpo.data.sources import PromptSource
 from lit_gcpo.data.templates import PromptRenderer, placeholders
@@ -113,6 +116,8 @@ class RolloutDataModule(L.LightningDataModule):
         val_samples: completions per evaluation prompt (1 with ``val_temperature`` 0 is greedy accuracy).
         val_temperature: sampling temperature for evaluation.
         val_batch_size: prompts per evaluation batch.
+        cluster_answers: cluster each group's final answers by math-verify equivalence while the policy scores
+            the batch (``batch.answer_clusters``, read by the uncertainty callback's ``answer`` clustering).
         seed: seeds the prompt order and the sampler (together with the step and the rank).
     """
 
@@ -137,6 +142,7 @@ class RolloutDataModule(L.LightningDataModule):
         val_samples: PositiveInt = 1,
         val_temperature: float = 0.0,
         val_batch_size: PositiveInt = 64,
+        cluster_answers: bool = True,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -166,6 +172,8 @@ class RolloutDataModule(L.LightningDataModule):
             val_batch_size,
         )
         self.seed = seed
+        self.cluster_answers = cluster_answers
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="answer-clusters")
         self.consumed_batches = 0  # training prompt batches turned into rollouts (resume position)
         self.skipped_rows: dict[str, int] = {}
         self.collector: RolloutCollector | None = None
@@ -280,9 +288,20 @@ class RolloutDataModule(L.LightningDataModule):
             sampling = self._with_seed(self.sampling, -1)
             sampling.temperature = self.val_temperature
             rollout = self.collector.collect(batch, self.val_samples, sampling, module.device)
+        # Answer clustering (math-verify, in its grading process) overlaps the policy's scoring pass.
+        clusters = self._executor.submit(self._answer_clusters, rollout) if self.cluster_answers else None
         if hasattr(module, "score_rollout"):
             module.score_rollout(rollout, with_reference=training)
+        if clusters is not None:
+            rollout.answer_clusters = clusters.result()
         return rollout
+
+    @staticmethod
+    def _answer_clusters(rollout: RolloutBatch) -> torch.Tensor:
+        start = time.perf_counter()
+        clusters = answer_clusters(rollout.answers, rollout.group_ids)
+        rollout.metrics["time/answer_clusters_s"] = time.perf_counter() - start
+        return clusters
 
     def _sync_engine(self, module: Any) -> None:
         """Push the policy's weights to the engine once per optimizer step (no-op for ``hf``)."""
