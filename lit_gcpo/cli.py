@@ -40,14 +40,30 @@ def check_checkpoint(path: str) -> None:
         raise ValueError(f"ckpt_path: {path} is corrupt (member {bad} fails its checksum)")
 
 
+def latest_last_checkpoint(root: str) -> str:
+    """The most recently written ``last.ckpt`` below ``root`` (every run's logger makes a new version
+    directory, so Lightning's own ``"last"``, which looks in the new run's directory, would find nothing)."""
+    candidates = sorted(Path(root).rglob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise FileNotFoundError(f"ckpt_path last: no last.ckpt below trainer.default_root_dir={root}")
+    return str(candidates[-1])
+
+
 class GCPOCLI(LightningCLI):
+    """LightningCLI that resolves ``--ckpt_path last`` to the newest ``last.ckpt`` of the run's root directory
+    and checks a checkpoint file before anything reads it."""
+
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         super().parse_arguments(parser, args)
-        # LightningCLI reads the checkpoint's hyper-parameters right after parsing: check the file first.
         subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path:
-            check_checkpoint(str(ckpt_path))
+        if not subcommand or not self.config[subcommand].get("ckpt_path"):
+            return
+        config = self.config[subcommand]
+        if config.ckpt_path == "last":
+            config.ckpt_path = latest_last_checkpoint(config.trainer.default_root_dir or ".")
+            print(f"resuming from {config.ckpt_path}")
+        # LightningCLI reads the checkpoint's hyper-parameters right after parsing: check the file first.
+        check_checkpoint(str(config.ckpt_path))
 
 
 def main(args: list[str] | None = None, run: bool = True) -> GCPOCLI:

@@ -145,3 +145,18 @@ def test_console_script_exits_zero_after_a_run(tiny_model_dir, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "val/accuracy" in result.stdout
+
+
+def test_ckpt_path_last_resumes_the_newest_run(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(Path(__file__).parents[1])
+    first = main(["fit", *_short_fit_args(tiny_model_dir, tmp_path, steps=2)])
+    assert first.datamodule.consumed_batches == 2
+    resumed = main(["fit", *_short_fit_args(tiny_model_dir, tmp_path, steps=4), "--ckpt_path", "last"])
+    assert resumed.trainer.global_step == 4
+    assert resumed.datamodule.consumed_batches == 4  # continued with the next prompts, not the first
+    accumulator = EventAccumulator(resumed.trainer.log_dir, size_guidance={"scalars": 0})
+    accumulator.Reload()
+    assert [event.step for event in accumulator.Scalars("train/loss")] == [2, 3]  # only the two new steps ran
+    assert resumed.trainer.ckpt_path.endswith("last.ckpt") and str(tmp_path) in resumed.trainer.ckpt_path
+    with pytest.raises(FileNotFoundError, match=r"no last\.ckpt below"):
+        main(["fit", *_short_fit_args(tiny_model_dir, tmp_path / "empty"), "--ckpt_path", "last"])
