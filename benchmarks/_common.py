@@ -41,12 +41,14 @@ def write_results_section(name: str, lines: list[str]) -> None:
     RESULTS.write_text(text)
 
 
-def run_header() -> str:
-    """``date, machine, torch version, threads, load average`` for a results section."""
+def run_header(threads: int | None = None) -> str:
+    """``date, machine, torch version, threads, load average`` for a results section (``threads``: those of
+    the runs when they are other processes; default: this process's)."""
     load = " / ".join(f"{x:.1f}" for x in _load_average())
+    threads = torch.get_num_threads() if threads is None else threads
     return (
         f"{dt.date.today().isoformat()}, {MACHINE} ({platform.machine()}), torch {torch.__version__}, "
-        f"{torch.get_num_threads()} torch threads; load average (1/5/15 min) at the end: {load}."
+        f"{threads} torch threads; load average (1/5/15 min) at the end: {load}."
     )
 
 

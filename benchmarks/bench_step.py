@@ -22,7 +22,14 @@ from _common import run_header, write_results_section
 
 from lit_gcpo.cli import main as cli_main
 
-PHASES = ("time/generate_s", "time/reward_s", "time/score_s", "time/uncertainty_s", "time/train_s")
+PHASES = (
+    "time/generate_s",
+    "time/reward_s",
+    "time/score_s",
+    "time/answer_clusters_s",
+    "time/uncertainty_s",
+    "time/train_s",
+)
 
 
 class StepTimer(L.Callback):
@@ -106,7 +113,9 @@ def main() -> None:
     lines += [
         f"| whole step (wall, incl. logging) | {wall:.4f} | 100% |",
         "",
-        f"The uncertainty callback's whole hook (answer clustering, signals, weights and its logging; the policy"
+        "`answer_clusters` runs in a thread during `score` (the policy's no-grad forward pass), so it is not"
+        " added to the step; `uncertainty` is the callback's own timer (signals and weights).",
+        f"The uncertainty callback's whole hook (signals, weights and its logging; answer clusters and policy"
         f" embeddings come with the batch) takes {callback_s:.4f} s, {callback_s / wall:.1%} of a step.",
         f"Peak resident memory of the process: {peak_mb:.0f} MB.",
     ]

@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     policy = resolve_policy(model_name)
     model_path = policy.path if policy.stand_in else None
 
+    interval = val_interval(steps, int(base["trainer"].get("val_check_interval") or steps))
     start = time.perf_counter()
     baseline = baseline_accuracy(base, out, model_path, args)
     curves: dict[str, list[list[tuple[int, float]]]] = {m: [] for m in args.methods}
@@ -191,8 +192,13 @@ def main(argv: list[str] | None = None) -> None:
                 config = run_config(base, method, seed, steps, out, model_path)
                 seconds[method].append(launch("fit", config, log_dir, args.threads, args.timeout))
                 print(f"{method} seed {seed}: {seconds[method][-1]:.0f} s", flush=True)
-            # Lightning logs the validation that follows optimizer step k at logger step k - 1.
-            values = [(s + 1, v) for s, v in read_scalars(log_dir) if s + 1 <= steps]
+            elif (log_dir / "fit.log").is_file() and (log_dir / "fit_config.yaml").is_file():
+                # the config is written right before the launch and the log last touched at its end
+                began = (log_dir / "fit_config.yaml").stat().st_mtime
+                seconds[method].append((log_dir / "fit.log").stat().st_mtime - began)
+            # Lightning logs the validation that follows optimizer step k at logger step k - 1; an entry at
+            # another step (the sanity check of the starting policy, when it is logged) is the baseline's.
+            values = [(s + 1, v) for s, v in read_scalars(log_dir) if s + 1 <= steps and (s + 1) % interval == 0]
             if not values or values[-1][0] != steps:
                 print(f"{method} seed {seed}: no {METRIC} at step {steps} in {log_dir}; left out", flush=True)
                 continue
@@ -202,6 +208,8 @@ def main(argv: list[str] | None = None) -> None:
             lowest[method] += [v for _, v in read_scalars(log_dir, "uncertainty/weight_min")]
 
     done = {m: f for m, f in finals.items() if f}
+    # seeds are shared across methods (same prompt order and sampler seeds): compare them seed by seed
+    paired_seeds = all(len(f) == len(args.seeds) for f in done.values())
     table = [
         "| method | runs | final val accuracy, mean ± std | min - max | per seed | advantage weight: mean (min) "
         "| wall time per run |",
@@ -209,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     for method, values in done.items():
         mean, std, low, high = summarise(values)
-        per_run = f"{np.mean(seconds[method]):.0f} s" if seconds[method] else "(not re-run)"
+        per_run = f"{np.mean(seconds[method]):.0f} s" if seconds[method] else "n/a"
         per_seed = ", ".join(f"{v:.3f}" for v in values)
         weight = f"{np.mean(weights[method]):.4f} ({min(lowest[method]):.4f})" if weights[method] else "n/a"
         table.append(
@@ -232,19 +240,19 @@ def main(argv: list[str] | None = None) -> None:
             [
                 "## GRPO vs SEED-GRPO vs GCPO (compare_methods.py)",
                 "",
-                run_header(),
+                run_header(args.threads),
                 summary,
                 "",
                 *table,
                 "",
                 "Curves (mean ± std over seeds): `benchmarks/figures/compare_methods.png`.",
                 "",
-                reading(done, steps, {m: weights[m] for m in done}),
+                reading(done, steps, {m: weights[m] for m in done}, paired_seeds),
             ],
         )
 
 
-def reading(finals: dict[str, list[float]], steps: int, weights: dict[str, list[float]]) -> str:
+def reading(finals: dict[str, list[float]], steps: int, weights: dict[str, list[float]], paired: bool) -> str:
     """A reading derived from the numbers: differences smaller than the seed spread are not differences."""
     stats = {m: summarise(v) for m, v in finals.items()}
     order = sorted(stats, key=lambda m: -stats[m][0])
@@ -260,10 +268,22 @@ def reading(finals: dict[str, list[float]], steps: int, weights: dict[str, list[
     if few:
         text += "Fewer than 3 seeds per method: no comparison can be read from this run (a smoke test). "
     elif not separated:
-        text += "The seed ranges of all methods overlap: this run shows no difference between them. "
+        text += "The seed ranges of all methods overlap: compared unpaired, this run shows no difference between them. "
     else:
         text += f"{top}'s seed range does not overlap that of {', '.join(separated)}; with 3 seeds this is a hint, "
         text += "not a significant result. "
+    if paired and not few and "grpo" in finals:
+        for method in (m for m in finals if m != "grpo"):
+            differences = np.asarray(finals[method]) - np.asarray(finals["grpo"])
+            same_sign = bool((differences > 0).all() or (differences < 0).all())
+            text += (
+                f"Paired by seed, {method} - grpo = {', '.join(f'{d:+.3f}' for d in differences)} (mean "
+                f"{differences.mean():+.3f}{', the same sign for every seed' if same_sign else ''}). "
+            )
+        text += (
+            f"With {len(finals['grpo'])} seeds, even a same-sign paired difference has a 1 in "
+            f"{2 ** (len(finals['grpo']) - 1)} chance of arising from noise alone: more seeds would settle it. "
+        )
     drift = max((abs(1.0 - float(np.mean(w))) for w in weights.values() if w), default=0.0)
     if drift < 0.05:
         text += (
