@@ -65,14 +65,18 @@ class GreedyAccuracy(_MeanOverProblems):
         self._add(correct.reshape(-1).to(torch.float64))  # [B]
 
 
-class AverageAtK(_MeanOverProblems):
-    """avg@k: mean over problems of the mean correctness of the first ``k`` samples."""
+class _AtK(_MeanOverProblems):
+    """A mean over problems of a score computed from ``k`` samples per problem."""
 
     def __init__(self, k: int, **kwargs) -> None:
         super().__init__(**kwargs)
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         self.k = k
+
+
+class AverageAtK(_AtK):
+    """avg@k: mean over problems of the mean correctness of the first ``k`` samples."""
 
     def update(self, correct: torch.Tensor) -> None:
         """``correct``: ``[B, n]`` bool/0-1 with ``n >= k``; samples beyond the first k are ignored."""
@@ -99,14 +103,8 @@ def pass_at_k(num_samples: torch.Tensor, num_correct: torch.Tensor, k: int) -> t
     return torch.where(n - c < k, torch.ones_like(estimate), estimate)  # [B]
 
 
-class PassAtK(_MeanOverProblems):
+class PassAtK(_AtK):
     """Unbiased pass@k (Chen et al. 2021, eq. 1) from all n samples of each problem."""
-
-    def __init__(self, k: int, **kwargs) -> None:
-        super().__init__(**kwargs)
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        self.k = k
 
     def update(self, correct: torch.Tensor) -> None:
         """``correct``: ``[B, n]`` bool/0-1 with ``n >= k``."""
@@ -136,7 +134,7 @@ def majority_answer(answers: Sequence[str | None], equivalent: Equivalence) -> s
     return max(classes, key=len)[0]  # max keeps the first of equal sizes
 
 
-class MajorityAtK(_MeanOverProblems):
+class MajorityAtK(_AtK):
     """maj@k: the majority answer of the first ``k`` completions, graded against the gold.
 
     Args:
@@ -146,10 +144,8 @@ class MajorityAtK(_MeanOverProblems):
     """
 
     def __init__(self, k: int, equivalent: Equivalence = answers_equivalent, **kwargs) -> None:
-        super().__init__(**kwargs)
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        self.k, self.equivalent = k, equivalent
+        super().__init__(k, **kwargs)
+        self.equivalent = equivalent
 
     def update(self, answers: Sequence[Sequence[str | None]], golds: Sequence[str]) -> None:
         """``answers[b]``: the extracted answers of problem b (None = no answer); ``golds[b]``: its gold."""
