@@ -56,6 +56,11 @@ class GCPOCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
+        if subcommand and self.config[subcommand].trainer.get("gradient_clip_val"):
+            parser.error(
+                "trainer.gradient_clip_val: GRPOModule steps its optimizer itself (several steps per rollout "
+                "batch), where Lightning cannot clip; use --model.max_grad_norm instead"
+            )
         if not subcommand or not self.config[subcommand].get("ckpt_path"):
             return
         config = self.config[subcommand]

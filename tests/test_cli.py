@@ -107,7 +107,12 @@ def test_short_fit_writes_tensorboard_scalars_and_samples(tiny_model_dir, tmp_pa
 
 
 def test_invalid_config_value_fails_at_parse_time_naming_the_option(capsys):
-    for option, value in [("--model.beta", "-0.1"), ("--model.advantage", "ppo"), ("--data.batch_size", "0")]:
+    for option, value in [
+        ("--model.beta", "-0.1"),
+        ("--model.advantage", "ppo"),
+        ("--data.batch_size", "0"),
+        ("--trainer.gradient_clip_val", "1.0"),  # clipping is --model.max_grad_norm under manual optimization
+    ]:
         with pytest.raises(SystemExit) as exit_info:
             main(["fit", "--config", "configs/quickstart.yaml", option, value])
         assert exit_info.value.code != 0
