@@ -280,9 +280,8 @@ class GRPOModule(L.LightningModule):
                 loss = loss * world
                 self.manual_backward(loss)
                 step_loss = step_loss + loss.detach() / world
-                tokens = mask[rows].sum()
-                metrics["entropy"] = (entropy.detach() * mask[rows]).sum() / tokens.clamp(min=1)
-                micro_metrics.append((metrics, tokens))
+                metrics["entropy"] = metrics.pop("entropy_mean")  # grpo_loss's masked mean of `entropy`
+                micro_metrics.append((metrics, mask[rows].sum()))
             self._optimizer_step(optimizer, scheduler, step_loss)
         self._log_step(
             batch,
@@ -352,7 +351,7 @@ class GRPOModule(L.LightningModule):
         values["train/grad_norm"] = getattr(self, "_last_grad_norm", torch.zeros(()))
         values["train/lr"] = self.optimizers().param_groups[0]["lr"]
         values["time/train_s"] = train_s
-        values.update({k: v for k, v in batch.metrics.items()})
+        values.update(batch.metrics)
         values = {k: (v.detach().float() if isinstance(v, torch.Tensor) else float(v)) for k, v in values.items()}
         self.log_dict(values, batch_size=batch.num_groups, sync_dist=True)
         self.log("reward", values["reward/mean"], prog_bar=True, logger=False, batch_size=batch.num_groups)

@@ -16,6 +16,7 @@ import time
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any, Literal
 
 import lightning as L
@@ -280,13 +281,12 @@ class RolloutDataModule(L.LightningDataModule):
         training = self.trainer.training
         if training:
             self._sync_engine(module)
-            sampling = self._with_seed(self.sampling, self.consumed_batches)
+            sampling = replace(self.sampling, seed=self._seed(self.consumed_batches))
             rollout = self.collector.collect(batch, self.group_size, sampling, module.device)
             self.collector.engine.sleep()  # vLLM sleep mode frees its memory for the optimizer steps
             self.consumed_batches += 1
         else:
-            sampling = self._with_seed(self.sampling, -1)
-            sampling.temperature = self.val_temperature
+            sampling = replace(self.sampling, seed=self._seed(-1), temperature=self.val_temperature)
             rollout = self.collector.collect(batch, self.val_samples, sampling, module.device)
         # Answer clustering (math-verify, in its grading process) overlaps the policy's scoring pass.
         clusters = self._executor.submit(self._answer_clusters, rollout) if self.cluster_answers else None
@@ -311,10 +311,10 @@ class RolloutDataModule(L.LightningDataModule):
                 self.collector.engine.sync_weights(module.export_weights())
             self._synced_step = step
 
-    def _with_seed(self, sampling: SamplingConfig, index: int) -> SamplingConfig:
+    def _seed(self, index: int) -> int:
+        """The sampler's seed for rollout ``index`` (-1: evaluation) on this rank."""
         rank = self.trainer.global_rank if self.trainer is not None else 0
-        seed = zlib.crc32(f"{self.seed}/{index}/{rank}".encode())
-        return SamplingConfig(**{**vars(sampling), "seed": seed})
+        return zlib.crc32(f"{self.seed}/{index}/{rank}".encode())
 
     def accuracy(self, rollout: RolloutBatch) -> torch.Tensor | None:
         """``[N]`` correctness of each completion (the accuracy reward above 0.5), or None."""
