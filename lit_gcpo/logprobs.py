@@ -20,6 +20,8 @@ accumulated in that dtype and cast to the weight's dtype once. Double backward i
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
@@ -73,6 +75,33 @@ def _check_common(temperature: float, chunk_size: int) -> None:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
 
+def _chunked_forward(
+    rows_source: Tensor,
+    scaled_logits: Callable[[slice], Tensor],
+    targets: Tensor,
+    chunk_size: int,
+    with_entropy: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Sampled-token log-prob, log-sum-exp and (optionally) entropy of ``M = len(rows_source)`` tokens, one
+    chunk of ``scaled_logits(rows) -> [c, V]`` (a fresh tensor in the compute dtype) at a time.
+
+    Returns ``(logp [M], lse [M], entropy [M] or [0])`` in the compute dtype of ``rows_source``.
+    """
+    m, dtype = rows_source.shape[0], _compute_dtype(rows_source)
+    logp = rows_source.new_empty(m, dtype=dtype)  # [M]
+    lse = rows_source.new_empty(m, dtype=dtype)  # [M]
+    entropy = rows_source.new_empty(m if with_entropy else 0, dtype=dtype)  # [M] or [0]
+    for start in range(0, m, chunk_size):
+        rows = slice(start, min(start + chunk_size, m))
+        z = scaled_logits(rows)  # [c, V]
+        lp, ls, ent = _chunk_forward(z, targets[rows], with_entropy)
+        logp[rows], lse[rows] = lp, ls
+        if ent is not None:
+            entropy[rows] = ent
+        del z
+    return logp, lse, entropy
+
+
 class _HiddenTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -85,18 +114,13 @@ class _HiddenTokenLogprobs(torch.autograd.Function):
         chunk_size: int,
         with_entropy: bool,
     ) -> tuple[Tensor, Tensor]:
-        m, dtype = hidden.shape[0], _compute_dtype(hidden)
-        logp = hidden.new_empty(m, dtype=dtype)  # [M]
-        lse = hidden.new_empty(m, dtype=dtype)  # [M]
-        entropy = hidden.new_empty(m if with_entropy else 0, dtype=dtype)  # [M] or [0]
-        for start in range(0, m, chunk_size):
-            stop = min(start + chunk_size, m)
-            z = _HiddenTokenLogprobs._scaled_logits(hidden[start:stop], weight, bias, temperature)
-            lp, ls, ent = _chunk_forward(z, targets[start:stop], with_entropy)
-            logp[start:stop], lse[start:stop] = lp, ls
-            if ent is not None:
-                entropy[start:stop] = ent
-            del z
+        logp, lse, entropy = _chunked_forward(
+            hidden,
+            lambda rows: _HiddenTokenLogprobs._scaled_logits(hidden[rows], weight, bias, temperature),
+            targets,
+            chunk_size,
+            with_entropy,
+        )
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
         ctx.temperature, ctx.chunk_size, ctx.with_entropy = temperature, chunk_size, with_entropy
         ctx.set_materialize_grads(False)
@@ -200,18 +224,14 @@ class _LogitsTokenLogprobs(torch.autograd.Function):
         chunk_size: int,
         with_entropy: bool,
     ) -> tuple[Tensor, Tensor]:
-        m, dtype = logits.shape[0], _compute_dtype(logits)
-        logp = logits.new_empty(m, dtype=dtype)  # [M]
-        lse = logits.new_empty(m, dtype=dtype)  # [M]
-        entropy = logits.new_empty(m if with_entropy else 0, dtype=dtype)  # [M] or [0]
-        for start in range(0, m, chunk_size):
-            stop = min(start + chunk_size, m)
-            z = logits[start:stop].to(dtype, copy=True).div_(temperature)  # [c, V]
-            lp, ls, ent = _chunk_forward(z, targets[start:stop], with_entropy)
-            logp[start:stop], lse[start:stop] = lp, ls
-            if ent is not None:
-                entropy[start:stop] = ent
-            del z
+        dtype = _compute_dtype(logits)
+        logp, lse, entropy = _chunked_forward(
+            logits,
+            lambda rows: logits[rows].to(dtype, copy=True).div_(temperature),  # [c, V]
+            targets,
+            chunk_size,
+            with_entropy,
+        )
         ctx.save_for_backward(logits, targets, lse, entropy)
         ctx.temperature, ctx.chunk_size, ctx.with_entropy = temperature, chunk_size, with_entropy
         ctx.set_materialize_grads(False)
