@@ -64,6 +64,7 @@ class PromptStream(IterableDataset):
                 prompts=[self.prompts[i] for i in indices],
                 rows=[self.rows[i] for i in indices],
                 indices=indices,
+                positions=list(range(first, first + self.batch_size)),
             )
             batch_index += 1
 
@@ -83,6 +84,7 @@ class EvalPrompts(IterableDataset):
                 prompts=[self.prompts[i] for i in indices],
                 rows=[self.rows[i] for i in indices],
                 indices=indices,
+                positions=indices,
             )
 
 
@@ -179,10 +181,11 @@ class RolloutDataModule(L.LightningDataModule):
         self.skipped_rows: dict[str, int] = {}
         self.collector: RolloutCollector | None = None
         self._datasets: dict[str, tuple[list[dict[str, Any]], list[str]]] = {}
-        self._synced_step = -1
+        self._synced_step: int | None = None
 
     # ----------------------------------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
+        self._synced_step = None  # the first batch of every stage syncs the engine
         module = self.trainer.lightning_module if self.trainer is not None else None
         if module is None or not hasattr(module, "tokenizer"):
             raise RuntimeError("RolloutDataModule needs a LightningModule with `tokenizer` and `policy`")
@@ -279,15 +282,18 @@ class RolloutDataModule(L.LightningDataModule):
         assert self.collector is not None, "setup() was not called"
         module = self.trainer.lightning_module
         training = self.trainer.training
+        self._sync_engine(module)  # also before evaluation: a restored checkpoint, the current weights
         if training:
-            self._sync_engine(module)
-            sampling = replace(self.sampling, seed=self._seed(self.consumed_batches))
-            rollout = self.collector.collect(batch, self.group_size, sampling, module.device)
+            sampling = replace(self.sampling, seed=None)
+            seeds = self._prompt_seeds("train", batch)
+            rollout = self.collector.collect(batch, self.group_size, sampling, module.device, seeds=seeds)
             self.collector.engine.sleep()  # vLLM sleep mode frees its memory for the optimizer steps
             self.consumed_batches += 1
         else:
-            sampling = replace(self.sampling, seed=self._seed(-1), temperature=self.val_temperature)
-            rollout = self.collector.collect(batch, self.val_samples, sampling, module.device)
+            stage = "test" if self.trainer.testing else "val"
+            sampling = replace(self.sampling, seed=None, temperature=self.val_temperature)
+            seeds = self._prompt_seeds(f"{stage}{dataloader_idx}", batch)
+            rollout = self.collector.collect(batch, self.val_samples, sampling, module.device, seeds=seeds)
         # Answer clustering (math-verify, in its grading process) overlaps the policy's scoring pass.
         clusters = self._executor.submit(self._answer_clusters, rollout) if self.cluster_answers else None
         if hasattr(module, "score_rollout"):
@@ -304,17 +310,19 @@ class RolloutDataModule(L.LightningDataModule):
         return clusters
 
     def _sync_engine(self, module: Any) -> None:
-        """Push the policy's weights to the engine once per optimizer step (no-op for ``hf``)."""
+        """Push the policy's weights to the engine whenever they may have changed since the last push: after an
+        optimizer step, and at the first batch of every fit, validation or test (a restored checkpoint). A
+        no-op for ``hf``, which samples from the policy itself."""
         step = self.trainer.global_step
         if step != self._synced_step:
-            if self._synced_step >= 0 or step > 0:
-                self.collector.engine.sync_weights(module.export_weights())
+            self.collector.engine.sync_weights(module.export_weights())
             self._synced_step = step
 
-    def _seed(self, index: int) -> int:
-        """The sampler's seed for rollout ``index`` (-1: evaluation) on this rank."""
-        rank = self.trainer.global_rank if self.trainer is not None else 0
-        return zlib.crc32(f"{self.seed}/{index}/{rank}".encode())
+    def _prompt_seeds(self, stream: str, batch: PromptBatch) -> list[int]:
+        """One sampler seed per prompt, from ``seed``, the stream and the prompt's position in it: the same
+        whatever the batch size or the number of ranks, distinct for every prompt."""
+        positions = batch.positions if batch.positions is not None else batch.indices
+        return [zlib.crc32(f"{self.seed}/{stream}/{position}".encode()) for position in positions]
 
     def accuracy(self, rollout: RolloutBatch) -> torch.Tensor | None:
         """``[N]`` correctness of each completion (the accuracy reward above 0.5), or None."""

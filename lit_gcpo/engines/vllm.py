@@ -28,8 +28,12 @@ Project choices the vLLM docs leave open:
   ``log_softmax(logits / T)``, what the trainer and ``HFEngine`` compute; with top-p/top-k it is the
   truncated, renormalised distribution (the true behaviour policy), which ``HFEngine`` does not report.
   Greedy decoding (``T=0``) reports ``log_softmax(logits)``.
-- Seeds: ``SamplingConfig.seed`` is a per-call seed; prompt ``i`` of the call gets the seed
-  ``SeedSequence([seed, i])`` so groups do not share noise. Without a seed the engine samples from its
+- Seeds: each prompt gets its own request seed (the caller's per-prompt ``seeds``, else one derived from
+  ``(SamplingConfig.seed, i)`` by :func:`lit_gcpo.engines.base.prompt_seeds`), so groups do not share noise
+  and a prompt's completions do not depend on the batch it is in.
+- End of sequence: every id of :func:`lit_gcpo.engines.base.end_of_sequence_ids` is a stop token id (vLLM
+  reads the checkpoint's generation config itself only with ``generation_config="auto"``, which would also
+  bring the checkpoint's sampling defaults). Without a seed the engine samples from its
   own torch RNG stream (seeded with ``seed`` at creation), kept apart from the trainer's.
 - RNG isolation: vLLM reseeds the process-global RNGs when it starts and samples from the global torch
   generator. The torch (CPU and CUDA), numpy and ``random`` states of the trainer are saved before and
@@ -63,7 +67,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from lit_gcpo.engines.base import Generation, RolloutEngine, SamplingConfig
+from lit_gcpo.engines.base import Generation, RolloutEngine, SamplingConfig, end_of_sequence_ids, prompt_seeds
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -222,6 +226,7 @@ class VLLMEngine(RolloutEngine):
             ) from err
 
         self.tokenizer = tokenizer
+        self.eos_token_ids = end_of_sequence_ids(policy, tokenizer)
         self.sync_every = sync_every
         self.enable_sleep_mode = enable_sleep_mode
         self._sync_calls = 0
@@ -261,7 +266,13 @@ class VLLMEngine(RolloutEngine):
 
     # ------------------------------------------------------------------ generation
 
-    def generate(self, prompt_ids: list[list[int]], num_samples: int, sampling: SamplingConfig) -> Generation:
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        num_samples: int,
+        sampling: SamplingConfig,
+        seeds: list[int] | None = None,
+    ) -> Generation:
         """``num_samples`` completions per prompt, group-major, with the sampled tokens' log-probs."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
@@ -280,7 +291,8 @@ class VLLMEngine(RolloutEngine):
         self.wake_up()
         # vLLM refuses n > 1 for greedy decoding: decode once and repeat the (deterministic) completion.
         per_request = 1 if sampling.temperature == 0 else num_samples
-        params = [self._sampling_params(SamplingParams, sampling, per_request, row) for row in range(len(prompt_ids))]
+        per_prompt = prompt_seeds(sampling, len(prompt_ids), seeds)
+        params = [self._sampling_params(SamplingParams, sampling, per_request, seed) for seed in per_prompt]
         prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids]
         with self._engine_rng_stream():
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
@@ -299,10 +311,7 @@ class VLLMEngine(RolloutEngine):
                 truncated.append(sample.finish_reason == "length")
         return Generation(completion_ids=completion_ids, logprobs=logprobs, truncated=truncated)
 
-    def _sampling_params(self, factory: Any, sampling: SamplingConfig, num_samples: int, row: int) -> Any:
-        seed = None
-        if sampling.seed is not None:  # one independent stream per prompt of the call
-            seed = int(np.random.SeedSequence([sampling.seed, row]).generate_state(1, np.uint32)[0])
+    def _sampling_params(self, factory: Any, sampling: SamplingConfig, num_samples: int, seed: int | None) -> Any:
         return factory(
             n=num_samples,
             temperature=sampling.temperature,
@@ -310,6 +319,7 @@ class VLLMEngine(RolloutEngine):
             top_k=0 if sampling.top_k == -1 else sampling.top_k,
             max_tokens=sampling.max_new_tokens,
             stop=list(sampling.stop) or None,
+            stop_token_ids=self.eos_token_ids,
             include_stop_str_in_output=True,
             seed=seed,
             logprobs=0,
