@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import zipfile
 from pathlib import Path
+from typing import Any
 
 # Must precede the first torch import: with vLLM and the trainer in one process, OpenMP busy-waiting
 # between their two thread pools made generation 7x slower (shared/VLLM_NOTES.md).
@@ -16,7 +17,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from lit_gcpo.data.datamodule import RolloutDataModule
+from lit_gcpo.engines.base import SamplingConfig
 from lit_gcpo.module import GRPOModule
+from lit_gcpo.parallel import unsupported_option
 
 
 def check_checkpoint(path: str) -> None:
@@ -24,6 +27,8 @@ def check_checkpoint(path: str) -> None:
     if path in ("last", "best", "hpc", "registry") or path.startswith("registry:"):
         return
     file = Path(path)
+    if file.is_dir() and (file / "meta.pt").is_file():
+        return  # a sharded (distributed) checkpoint of fsdp2: one file per rank, read by the strategy
     if not file.is_file():
         raise FileNotFoundError(f"ckpt_path: no checkpoint file at {path}")
     if not zipfile.is_zipfile(file):
@@ -53,6 +58,11 @@ class GCPOCLI(LightningCLI):
     """LightningCLI that resolves ``--ckpt_path last`` to the newest ``last.ckpt`` of the run's root directory
     and checks a checkpoint file before anything reads it."""
 
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # One source of truth: the loss recomputes the distribution the engine samples from.
+        parser.link_arguments("data.sampling", "model.temperature", compute_fn=_sampling_temperature)
+        parser.link_arguments("data.sampling", "model.max_completion_length", compute_fn=_sampling_max_new_tokens)
+
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
@@ -61,6 +71,11 @@ class GCPOCLI(LightningCLI):
                 "trainer.gradient_clip_val: GRPOModule steps its optimizer itself (several steps per rollout "
                 "batch), where Lightning cannot clip; use --model.max_grad_norm instead"
             )
+        config = self.config[subcommand] if subcommand else self.config
+        trainer = config.trainer
+        reason = unsupported_option(trainer.get("strategy"), trainer.get("precision"))
+        if reason is not None:  # before any model is loaded
+            parser.error(reason)
         if not subcommand or not self.config[subcommand].get("ckpt_path"):
             return
         config = self.config[subcommand]
@@ -69,6 +84,24 @@ class GCPOCLI(LightningCLI):
             print(f"resuming from {config.ckpt_path}")
         # LightningCLI reads the checkpoint's hyper-parameters right after parsing: check the file first.
         check_checkpoint(str(config.ckpt_path))
+
+
+def _sampling_field(sampling: Any, name: str) -> Any:
+    """A field of ``data.sampling`` as parsed (a Namespace, possibly with class_path/init_args) or its default."""
+    if sampling is None:
+        return getattr(SamplingConfig(), name)
+    source = getattr(sampling, "init_args", None) or sampling
+    return getattr(source, name, getattr(SamplingConfig(), name))
+
+
+def _sampling_temperature(sampling: Any) -> float:
+    """The training sampler's temperature (greedy sampling, 0, recomputes log-probs at T = 1)."""
+    temperature = _sampling_field(sampling, "temperature")
+    return temperature if temperature > 0 else 1.0
+
+
+def _sampling_max_new_tokens(sampling: Any) -> int:
+    return _sampling_field(sampling, "max_new_tokens")
 
 
 def main(args: list[str] | None = None, run: bool = True) -> GCPOCLI:

@@ -109,7 +109,7 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
 def unsupported_option(strategy: Any, precision: Any) -> str | None:
     """Why GRPOModule cannot honour this Trainer ``strategy`` / ``precision`` (names or objects), or None."""
     name = _strategy_name(strategy)
-    if "deepspeed" in name:
+    if "deepspeed" in name.lower():
         return (
             f"trainer.strategy {name}: DeepSpeed is not supported (it owns gradient clipping and the optimizer "
             "step, which GRPOModule runs itself several times per rollout batch, so clipping would silently "
@@ -140,6 +140,8 @@ def _strategy_name(strategy: Any) -> str:
         return strategy
     if isinstance(strategy, dict):  # a class_path/init_args mapping from a config file
         return str(strategy.get("class_path", ""))
+    if hasattr(strategy, "class_path"):  # the same, parsed (a jsonargparse Namespace)
+        return str(strategy.class_path)
     if isinstance(strategy, FSDP2Strategy):
         return "fsdp2"
     return type(strategy).__name__

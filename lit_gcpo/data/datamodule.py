@@ -121,7 +121,8 @@ class RolloutDataModule(L.LightningDataModule):
         val_batch_size: prompts per evaluation batch.
         cluster_answers: cluster each group's final answers by math-verify equivalence while the policy scores
             the batch (``batch.answer_clusters``, read by the uncertainty callback's ``answer`` clustering).
-        seed: seeds the prompt order and the sampler (together with the step and the rank).
+        seed: seeds the prompt order and the sampler (each prompt from its position in the stream: the same
+            completions whatever the batch size and the number of ranks).
     """
 
     def __init__(
