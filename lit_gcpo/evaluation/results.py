@@ -40,6 +40,7 @@ from lit_gcpo.evaluation.grading import (
     grade_answer,
     majority_grade,
     math_equivalent,
+    no_blank,
 )
 from lit_gcpo.evaluation.metrics import (
     QAF1,
@@ -81,7 +82,7 @@ def rollout_records(
     grades = []
     for n, g in enumerate(group_ids.tolist()):
         from_rollout = kinds[g] == "math" and batch.answers is not None
-        answer = batch.answers[n] if from_rollout else extract_answer(kinds[g], batch.completions[n])
+        answer = no_blank(batch.answers[n]) if from_rollout else extract_answer(kinds[g], batch.completions[n])
         grades.append(grade_answer(kinds[g], answer, golds[g]))  # [N]
     signals = prompt_signals(
         group_ids,
