@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, Literal
@@ -72,7 +72,13 @@ class EvalPrompts(IterableDataset):
     """The evaluation rows once, in order, sharded by rank, in batches (``skip``: batches, by their row
     indices, to leave out: already evaluated by an interrupted run)."""
 
-    def __init__(self, rows: list[dict[str, Any]], prompts: list[str], batch_size: int, skip: Any = None) -> None:
+    def __init__(
+        self,
+        rows: list[dict[str, Any]],
+        prompts: list[str],
+        batch_size: int,
+        skip: Iterable[tuple[int, ...]] | None = None,
+    ) -> None:
         self.rows, self.prompts, self.batch_size = rows, prompts, batch_size
         self.skip: set[tuple[int, ...]] = set(skip or ())
         self.rank, self.world_size = 0, 1
