@@ -84,6 +84,14 @@ def test_one_run_evaluates_greedy_and_sampled_with_each_benchmarks_settings(
     paper = (tmp_path / "test_paper.md").read_text()
     assert "gsm8k/greedy (accuracy)" in paper and "gsm8k/sampled (avg@3)" in paper and "hotpotqa (f1)" in paper
 
+    # Restarted into the same directory with another context budget for HotpotQA: its saved batches were
+    # made from other prompts, and the run stops before generating anything.
+    calls.clear()
+    sources[1]["init_args"]["max_context_tokens"] = 30
+    with pytest.raises(ValueError, match=r"the prompts of 'hotpotqa\(.*\)' at positions \[0, 1, 2\] are not"):
+        main(cli_test_args(tiny_model_dir, tmp_path, sources, samples=2, max_new_tokens=12, batch_size=4))
+    assert calls == []
+
 
 # ------------------------------------------------------------------ lengths, truncation, context
 def _batch(prompt_tokens: list[int], lengths: list[list[int]], truncated: list[list[bool]]) -> RolloutBatch:

@@ -15,7 +15,7 @@ from eval_cli import FIXTURES, cli_test_args, source
 
 from lit_gcpo.evaluation.progress import EvaluationProgress
 
-RECORD = {"benchmark": "toy", "id": "a", "signals": {"se": float("nan")}}
+RECORD = {"benchmark": "toy", "id": "a", "prompt": "the prompt", "signals": {"se": float("nan")}}
 
 
 # ------------------------------------------------------------------------------- the progress file
@@ -47,6 +47,12 @@ def test_resuming_with_other_settings_is_refused(tmp_path: Path) -> None:
         progress.check({"toy": {"samples": 8, "batch_size": 2}})
     with pytest.raises(ValueError, match=r"has results of 'toy', which this config does not evaluate"):
         progress.check({"other": {"samples": 4, "batch_size": 2}})
+    same = {"toy": {"samples": 4, "batch_size": 2}}
+    progress.check(same, {"toy": ["the prompt", "another"]})  # RECORD's prompt is at position 0
+    with pytest.raises(ValueError, match=r"prompts of 'toy' at positions \[0\] are not the ones evaluated then"):
+        progress.check(same, {"toy": ["an edited prompt", "another"]})
+    with pytest.raises(ValueError, match=r"prompts of 'toy' at positions \[0\]"):
+        progress.check(same, {"toy": []})  # fewer rows now (a smaller limit)
 
 
 # --------------------------------------------------------------------------- a real killed run

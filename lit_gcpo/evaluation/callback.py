@@ -106,7 +106,7 @@ class BenchmarkReport(pl.Callback):
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.progress is not None:  # the dataloaders exist now: the passes' settings are known
-            self.progress.check(self._settings(trainer, pl_module))
+            self.progress.check(self._settings(trainer, pl_module), self._prompts(trainer))
 
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.records = self.progress.records() if self.progress is not None else []
@@ -217,6 +217,20 @@ class BenchmarkReport(pl.Callback):
                 described.pop("seed", None)  # set per batch by the DataModule from its seed (in "seed")
             settings[name] = {**common, "sampling": described, "samples": samples}
         return settings
+
+    @staticmethod
+    def _prompts(trainer: pl.Trainer) -> dict[str, list[str]]:
+        """The prompts of each test dataloader (``EvalPrompts``), by its name."""
+        datamodule = getattr(trainer, "datamodule", None)
+        loaders = trainer.test_dataloaders
+        loaders = [loaders] if loaders is not None and not isinstance(loaders, (list, tuple)) else list(loaders or [])
+        names = datamodule.test_names() if hasattr(datamodule, "test_names") else []
+        found = {}
+        for name, loader in zip(names, loaders, strict=False):
+            prompts = getattr(getattr(loader, "dataset", None), "prompts", None)
+            if prompts is not None:
+                found[name] = list(prompts)
+        return found
 
     def _label(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
         if self.label is not None:

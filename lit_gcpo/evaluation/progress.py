@@ -11,7 +11,9 @@ sample count, the evaluation batch size, the number of ranks, the seed, the mode
 written with one ``write`` and flushed to disk (``fsync``) before the next batch, so a killed run leaves
 complete lines and at most one torn last line, which ``load`` drops (and cuts from the file, so that the
 next append starts on a fresh line). A resumed run must have the same settings for every pass it finds
-in the file: anything else raises (the records would not be the ones this config produces).
+in the file, and the same prompts at the positions of every batch found (a changed template, context
+budget, ``limit`` or file): anything else raises (the records would not be the ones this config
+produces).
 
 One file per data-parallel rank (``<stem>_progress.rank<r>.jsonl``): each rank skips its own batches.
 """
@@ -73,8 +75,11 @@ class EvaluationProgress:
             result.setdefault(entry["name"], set()).add(tuple(entry["positions"]))
         return result
 
-    def check(self, settings: Mapping[str, Mapping[str, Any]]) -> None:
-        """Raise unless every batch found was made with ``settings[its name]`` (JSON-comparable)."""
+    def check(
+        self, settings: Mapping[str, Mapping[str, Any]], prompts: Mapping[str, Sequence[str]] | None = None
+    ) -> None:
+        """Raise unless every batch found was made with ``settings[its name]`` (JSON-comparable) and, for
+        the names in ``prompts``, from the prompts now at its positions."""
         expected = {name: jsonable(dict(value)) for name, value in settings.items()}
         for entry in self.batches:
             name = entry["name"]
@@ -95,6 +100,15 @@ class EvaluationProgress:
                     f"{ {k: expected[name].get(k) for k in differing} } now); "
                     "delete the file or choose another output_dir"
                 )
+            current = (prompts or {}).get(name)
+            if current is not None:
+                now = [current[p] if 0 <= p < len(current) else None for p in entry["positions"]]
+                if now != [record.get("prompt") for record in entry["records"]]:
+                    raise ValueError(
+                        f"{self.path}: the prompts of {name!r} at positions {entry['positions']} are not the ones "
+                        "evaluated then (template, context budget, limit or file changed); delete the file or "
+                        "choose another output_dir"
+                    )
 
     def records(self) -> list[Record]:
         """The records of every batch done, in the order they were written."""
