@@ -13,7 +13,7 @@ from lit_gcpo.batch import RolloutBatch
 from lit_gcpo.evaluation import load_benchmark, majority_answer
 from lit_gcpo.evaluation.grading import grade_completion, majority_grade, math_equivalent, qa_equivalent
 from lit_gcpo.evaluation.results import rollout_records, summarise
-from lit_gcpo.rewards import math_accuracy
+from lit_gcpo.rewards import math_accuracy, qa_exact_match, qa_f1
 
 FIXTURES = Path(__file__).parent / "fixtures" / "benchmarks"
 MATH_BENCHMARKS = ("math500", "aime24", "amc23", "minerva_math", "olympiadbench", "gsm8k")  # = file stems
@@ -100,6 +100,12 @@ def test_empty_box_is_no_answer_for_math_and_qa() -> None:
     assert grade_completion("math", "\\boxed{ }", "5").answer is None
     assert grade_completion("qa", "\\boxed{}", ["Paris"]).answer is None
     assert not grade_completion("qa", "\\boxed{}", [""]).correct  # not even against an empty reference
+
+
+def test_empty_box_scores_zero_in_the_qa_rewards() -> None:
+    # "The" normalises to nothing (articles dropped), as does an empty box: equal, but not an answer.
+    for reward in (qa_exact_match, qa_f1):
+        assert reward(["q", "q"], ["\\boxed{}", "\\boxed{the}"], gold=[["The"], ["The"]]) == [0.0, 1.0]
 
 
 def test_empty_box_cannot_win_the_majority_vote() -> None:
