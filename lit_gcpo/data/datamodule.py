@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, Literal
@@ -70,16 +70,26 @@ class PromptStream(IterableDataset):
 
 
 class EvalPrompts(IterableDataset):
-    """The evaluation rows once, in order, sharded by rank, in batches."""
+    """The evaluation rows once, in order, sharded by rank, in batches (``skip``: batches, by their row
+    indices, to leave out: already evaluated by an interrupted run)."""
 
-    def __init__(self, rows: list[dict[str, Any]], prompts: list[str], batch_size: int) -> None:
+    def __init__(
+        self,
+        rows: list[dict[str, Any]],
+        prompts: list[str],
+        batch_size: int,
+        skip: Iterable[tuple[int, ...]] | None = None,
+    ) -> None:
         self.rows, self.prompts, self.batch_size = rows, prompts, batch_size
+        self.skip: set[tuple[int, ...]] = set(skip or ())
         self.rank, self.world_size = 0, 1
 
     def __iter__(self) -> Iterator[PromptBatch]:
         mine = list(range(self.rank, len(self.rows), self.world_size))
         for start in range(0, len(mine), self.batch_size):
             indices = mine[start : start + self.batch_size]
+            if tuple(indices) in self.skip:
+                continue
             yield PromptBatch(
                 prompts=[self.prompts[i] for i in indices],
                 rows=[self.rows[i] for i in indices],
@@ -182,6 +192,8 @@ class RolloutDataModule(L.LightningDataModule):
         self.skipped_rows: dict[str, int] = {}
         self.collector: RolloutCollector | None = None
         self._datasets: dict[str, tuple[list[dict[str, Any]], list[str]]] = {}
+        self._test_passes: list[tuple[str, SamplingConfig, int]] = []  # (name, sampling, samples) per loader
+        self._done_test_batches: dict[str, set[tuple[int, ...]]] = {}
         self._synced_step: int | None = None
 
     # ----------------------------------------------------------------------------------------- setup
@@ -268,13 +280,44 @@ class RolloutDataModule(L.LightningDataModule):
         return self._shard(EvalPrompts(rows, prompts, self.val_batch_size))
 
     def test_dataloader(self) -> list[DataLoader]:
-        """One dataloader per test source, in the order given (``dataloader_idx`` = position)."""
+        """One dataloader per test source and evaluation pass (``dataloader_idx`` = position), in the order
+        given: a source with ``eval_variants`` (``BenchmarkSource``) may ask for several passes (greedy and
+        sampled) and its own sampling settings; rows are tagged with ``variant`` and ``position``."""
         splits = sorted((k for k in self._datasets if k.startswith("test")), key=lambda k: int(k[4:]))
-        return [self._shard(EvalPrompts(*self._datasets[split], self.val_batch_size)) for split in splits]
+        sources = self.test_sources or [self.val_source]
+        default_sampling = replace(self.sampling, temperature=self.val_temperature)
+        loaders, self._test_passes = [], []
+        for split in splits:
+            source, (rows, prompts) = sources[int(split[4:])], self._datasets[split]
+            variants = getattr(source, "eval_variants", None)
+            passes = (
+                variants(default_sampling, self.val_samples) if variants else [("", default_sampling, self.val_samples)]
+            )
+            for variant, sampling, samples in passes:
+                name = source.describe() + (f"/{variant}" if variant else "")
+                tagged = [{**row, "variant": variant, "position": i} for i, row in enumerate(rows)]
+                skip = self._done_test_batches.get(name)
+                loaders.append(self._shard(EvalPrompts(tagged, prompts, self.val_batch_size, skip)))
+                self._test_passes.append((name, sampling, samples))
+        return loaders
 
     def test_names(self) -> list[str]:
-        """A name for each test dataloader (its source's ``describe()``)."""
+        """A name for each test dataloader: its source's ``describe()``, and ``/<variant>`` for a pass."""
+        if self._test_passes:
+            return [name for name, _, _ in self._test_passes]
         return [source.describe() for source in (self.test_sources or [self.val_source]) if source is not None]
+
+    def eval_settings(self, dataloader_idx: int) -> tuple[SamplingConfig, int]:
+        """How evaluation dataloader ``dataloader_idx`` samples: ``(sampling, completions per prompt)``."""
+        if self.trainer is not None and self.trainer.testing and dataloader_idx < len(self._test_passes):
+            _, sampling, samples = self._test_passes[dataloader_idx]
+            return sampling, samples
+        return replace(self.sampling, temperature=self.val_temperature), self.val_samples
+
+    def skip_test_batches(self, done: dict[str, set[tuple[int, ...]]]) -> None:
+        """Leave out of the test dataloaders the batches already evaluated (a resumed run), given as
+        ``{test name: {row positions of a batch}}``; call before the test dataloaders are built."""
+        self._done_test_batches = {name: set(batches) for name, batches in done.items()}
 
     # --------------------------------------------------------------------------------------- rollout
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -291,10 +334,9 @@ class RolloutDataModule(L.LightningDataModule):
             self.collector.engine.sleep()  # vLLM sleep mode frees its memory for the optimizer steps
             self.consumed_batches += 1
         else:
-            stage = "test" if self.trainer.testing else "val"
-            sampling = replace(self.sampling, seed=None, temperature=self.val_temperature)
-            seeds = self._prompt_seeds(f"{stage}{dataloader_idx}", batch)
-            rollout = self.collector.collect(batch, self.val_samples, sampling, module.device, seeds=seeds)
+            sampling, samples = self.eval_settings(dataloader_idx)
+            seeds = self._prompt_seeds(self._eval_stream(dataloader_idx), batch)
+            rollout = self.collector.collect(batch, samples, replace(sampling, seed=None), module.device, seeds=seeds)
         # Answer clustering (math-verify, in its grading process) overlaps the policy's scoring pass.
         clusters = self._executor.submit(self._answer_clusters, rollout) if self.cluster_answers else None
         if hasattr(module, "score_rollout"):
@@ -318,6 +360,13 @@ class RolloutDataModule(L.LightningDataModule):
         if step != self._synced_step:
             self.collector.engine.sync_weights(module.export_weights())
             self._synced_step = step
+
+    def _eval_stream(self, dataloader_idx: int) -> str:
+        """The name that seeds an evaluation dataloader's prompts: the test pass (benchmark and variant), so the
+        same row of two benchmarks or passes draws differently; validation by its dataloader index."""
+        if self.trainer.testing and dataloader_idx < len(self._test_passes):
+            return f"test/{self._test_passes[dataloader_idx][0]}"
+        return f"val/{dataloader_idx}"
 
     def _prompt_seeds(self, stream: str, batch: PromptBatch) -> list[int]:
         """One sampler seed per prompt, from ``seed``, the stream and the prompt's position in it: the same

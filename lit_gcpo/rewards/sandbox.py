@@ -16,6 +16,13 @@ alarm. So the grading runs in a child interpreter started with ``python -I <this
 * the child's address space is limited (``CHILD_MEMORY_LIMIT_BYTES``) so a runaway expansion raises
   ``MemoryError`` instead of eating the machine's memory.
 
+Numbers far below 1: Math-Verify compares two numbers after rounding them to 6 decimals, so
+``2.88 \\times 10^{-19}`` "equals" ``1.325 \\times 10^{-27}`` and ``-5 \\times 10^{-19}``. When both sides parse
+to real numbers, a Math-Verify "equal" must also pass a relative test, ``|a - b| <= RELATIVE_TOLERANCE *
+max(|a|, |b|)`` (the ``rel_tol`` of the Qwen2.5-Math evaluation's ``isclose``). The test only ever turns
+"equal" into "not equal", and for numbers of size 0.01 or more Math-Verify's rounding is already
+stricter, so it changes nothing there.
+
 Only ``LatexExtractionConfig`` is used: Math-Verify's ``ExprExtractionConfig`` goes through
 ``sympy.parse_expr``, which evaluates Python, and model outputs are untrusted text.
 """
@@ -39,6 +46,9 @@ STARTUP_TIMEOUT_S = 60.0
 
 CHILD_MEMORY_LIMIT_BYTES = 2 * 1024**3
 """Address-space limit of the grading process."""
+
+RELATIVE_TOLERANCE = 1e-4
+"""Two real numbers Math-Verify calls equal must also agree to this relative difference."""
 
 
 class GraderUnavailableError(RuntimeError):
@@ -203,9 +213,21 @@ def _child_main() -> None:  # pragma: no cover - runs in the child interpreter
     out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # anything a library prints must not corrupt the protocol on stdout
     logging.disable(logging.CRITICAL)
+    import sympy
     from math_verify import LatexExtractionConfig, parse, verify
 
     config = [LatexExtractionConfig()]
+
+    def _relatively_close(gold: list, pred: list) -> bool:
+        """False only for two real numbers further apart than ``RELATIVE_TOLERANCE`` of the larger."""
+        a, b = gold[0], pred[0]
+        if not (isinstance(a, sympy.Expr) and isinstance(b, sympy.Expr) and a.is_number and b.is_number):
+            return True  # sets, tuples, equations, symbols: Math-Verify's verdict stands
+        x, y = a.evalf(30), b.evalf(30)
+        if not (x.is_real and y.is_real):
+            return True
+        scale = max(abs(x), abs(y))
+        return bool(scale == 0 or abs(x - y) <= RELATIVE_TOLERANCE * scale)
 
     class _Alarm(BaseException):  # not an Exception: Math-Verify's `except Exception` must not swallow it
         pass
@@ -227,6 +249,7 @@ def _child_main() -> None:  # pragma: no cover - runs in the child interpreter
                 gold = parse(f"${request['gold']}$", extraction_config=config, parsing_timeout=None)
                 pred = parse(f"${request['pred']}$", extraction_config=config, parsing_timeout=None)
                 equal = bool(gold) and bool(pred) and bool(verify(gold, pred, timeout_seconds=None))
+                equal = equal and _relatively_close(gold, pred)
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
         except _Alarm:
