@@ -70,6 +70,14 @@ class GCPOCLI(LightningCLI):
         # LightningCLI reads the checkpoint's hyper-parameters right after parsing: check the file first.
         check_checkpoint(str(config.ckpt_path))
 
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        # seed_everything is the run's one seed: the data's seed (prompt order, sampling) follows it unless
+        # set explicitly, and is written into the saved config.yaml.
+        seed = config.get("seed_everything")
+        if config.get("data") is not None and config.data.get("seed") is None and not isinstance(seed, bool):
+            config.data.seed = seed
+
 
 def main(args: list[str] | None = None, run: bool = True) -> GCPOCLI:
     """The ``lit-gcpo`` command; ``run=False`` only builds the trainer, model and data (for scripts)."""

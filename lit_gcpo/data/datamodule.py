@@ -12,6 +12,7 @@ see the complete ``RolloutBatch`` in ``on_train_batch_start``.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import zlib
 from collections.abc import Iterator
@@ -86,6 +87,13 @@ class EvalPrompts(IterableDataset):
             )
 
 
+def run_seed(seed: int | None) -> int:
+    """``seed``, else the one ``seed_everything`` set (Lightning's ``PL_GLOBAL_SEED``), else 0."""
+    if seed is not None:
+        return seed
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
 def _identity(batch: list[PromptBatch]) -> PromptBatch:
     return batch[0]
 
@@ -119,7 +127,8 @@ class RolloutDataModule(L.LightningDataModule):
         val_batch_size: prompts per evaluation batch.
         cluster_answers: cluster each group's final answers by math-verify equivalence while the policy scores
             the batch (``batch.answer_clusters``, read by the uncertainty callback's ``answer`` clustering).
-        seed: seeds the prompt order and the sampler (together with the step and the rank).
+        seed: seeds the prompt order and the sampler (together with the step and the rank); None (the
+            default): the run's ``seed_everything``.
     """
 
     def __init__(
@@ -144,7 +153,7 @@ class RolloutDataModule(L.LightningDataModule):
         val_temperature: float = 0.0,
         val_batch_size: PositiveInt = 64,
         cluster_answers: bool = True,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -187,6 +196,7 @@ class RolloutDataModule(L.LightningDataModule):
         if module is None or not hasattr(module, "tokenizer"):
             raise RuntimeError("RolloutDataModule needs a LightningModule with `tokenizer` and `policy`")
         tokenizer = module.tokenizer
+        self.seed = run_seed(self.seed)
         sources: dict[str, PromptSource | None] = {"train": self.train_source, "val": self.val_source}
         for index, source in enumerate(self.test_sources or [self.val_source]):
             sources[f"test{index}"] = source
