@@ -17,6 +17,7 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 
 from lit_gcpo.data.datamodule import RolloutDataModule
 from lit_gcpo.module import GRPOModule
+from lit_gcpo.run_dir import claim_logger_directory
 
 
 def check_checkpoint(path: str) -> None:
@@ -78,6 +79,14 @@ class GCPOCLI(LightningCLI):
         if config.get("data") is not None and config.data.get("seed") is None and not isinstance(seed, bool):
             config.data.seed = seed
 
+    def after_instantiate_classes(self) -> None:
+        # Claim the log directory before anything (config, checkpoints, events, the exported policy) is written
+        # there. Only rank 0 writes into it; other ranks get its path from rank 0 through ``trainer.log_dir``.
+        if self.trainer.loggers and self.trainer.global_rank == 0:
+            directory = claim_logger_directory(self.trainer.loggers[0])
+            if directory is not None:
+                print(f"run directory: {directory}")
+
 
 def main(args: list[str] | None = None, run: bool = True) -> GCPOCLI:
     """The ``lit-gcpo`` command; ``run=False`` only builds the trainer, model and data (for scripts)."""
@@ -86,7 +95,6 @@ def main(args: list[str] | None = None, run: bool = True) -> GCPOCLI:
         RolloutDataModule,
         args=args,
         run=run,
-        save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
     )
 

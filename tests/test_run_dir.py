@@ -1,0 +1,54 @@
+"""A run never writes into another run's directory: version directories are claimed atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from test_cli import _short_fit_args
+
+from lit_gcpo.cli import main
+from lit_gcpo.run_dir import CLAIM_FILE, RunDirectoryTakenError, claim_directory
+
+
+def test_two_runs_set_up_at_once_get_two_version_directories(tiny_model_dir, tmp_path, monkeypatch):
+    """Both runs are built before either writes anything: the window in which two fits started 0.2 s apart
+    both chose version_0."""
+    monkeypatch.chdir(Path(__file__).parents[1])
+    first = main(_short_fit_args(tiny_model_dir, tmp_path, steps=1), run=False)
+    second = main(_short_fit_args(tiny_model_dir, tmp_path, steps=1), run=False)
+    assert Path(first.trainer.log_dir).name == "version_0"
+    assert Path(second.trainer.log_dir).name == "version_1"
+    claim = json.loads((Path(second.trainer.log_dir) / CLAIM_FILE).read_text())
+    assert claim["pid"] == os.getpid()
+    second.trainer.fit(second.model, datamodule=second.datamodule)
+    first.trainer.fit(first.model, datamodule=first.datamodule)
+    for cli in (first, second):  # each run's files stay in its own directory
+        log_dir = Path(cli.trainer.log_dir)
+        assert (log_dir / "config.yaml").is_file() and (log_dir / "policy" / "model.safetensors").is_file()
+        assert Path(cli.model.exported_to).parent == log_dir
+        assert len(list(log_dir.glob("events.out.tfevents.*"))) == 1
+
+
+def test_a_fixed_version_that_holds_a_run_is_refused(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(Path(__file__).parents[1])
+    args = [*_short_fit_args(tiny_model_dir, tmp_path, steps=1), "--trainer.logger.init_args.version", "mine"]
+    main(["fit", *args])
+    config = next(tmp_path.rglob("mine/config.yaml"))
+    before = config.read_bytes()
+    with pytest.raises(RunDirectoryTakenError, match=r"mine.*already holds a run"):
+        main(["fit", *args, "--model.beta", "0.1"])
+    assert config.read_bytes() == before  # the first run's config was not replaced
+
+
+def test_claim_is_exclusive_and_refuses_directories_of_older_runs(tmp_path):
+    assert claim_directory(tmp_path / "a")
+    assert not claim_directory(tmp_path / "a")  # a second claim of the same directory fails
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "fit.log").write_text("a launcher's own log")  # not a run's file: may be claimed
+    assert claim_directory(tmp_path / "b")
+    (tmp_path / "c" / "checkpoints").mkdir(parents=True)  # a run from before claims existed
+    assert not claim_directory(tmp_path / "c")
+    assert not (tmp_path / "c" / CLAIM_FILE).exists()
