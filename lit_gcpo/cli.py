@@ -17,6 +17,7 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 
 from lit_gcpo.data.datamodule import RolloutDataModule
 from lit_gcpo.module import GRPOModule
+from lit_gcpo.resume import check_resume
 from lit_gcpo.run_dir import claim_logger_directory
 
 
@@ -67,9 +68,16 @@ class GCPOCLI(LightningCLI):
         config = self.config[subcommand]
         if config.ckpt_path == "last":
             config.ckpt_path = latest_last_checkpoint(config.trainer.default_root_dir or ".")
-            print(f"resuming from {config.ckpt_path}")
-        # LightningCLI reads the checkpoint's hyper-parameters right after parsing: check the file first.
         check_checkpoint(str(config.ckpt_path))
+
+    def _parse_ckpt_path(self) -> None:
+        """Replaces LightningCLI's copying of the checkpoint's hyper-parameters over the parsed settings (which
+        dropped explicit ones silently) by ``lit_gcpo.resume``'s rule: settings from the configuration, state
+        from the checkpoint, contradictions refused, and what came from where printed."""
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path and Path(path).is_file():
+            print(check_resume(str(path), self.config[subcommand]))
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
