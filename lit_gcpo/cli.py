@@ -6,54 +6,34 @@ The uncertainty callback and the checkpoints are ordinary Trainer callbacks in t
 from __future__ import annotations
 
 import os
-import zipfile
 from pathlib import Path
+from typing import Any
 
 # Must precede the first torch import: with vLLM and the trainer in one process, OpenMP busy-waiting
 # between their two thread pools made generation 7x slower (shared/VLLM_NOTES.md).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
 
+from lit_gcpo.checkpointing import AtomicCheckpointIO, check_checkpoint, newest_complete_checkpoint
 from lit_gcpo.data.datamodule import RolloutDataModule
 from lit_gcpo.module import GRPOModule
 from lit_gcpo.resume import check_resume
 from lit_gcpo.run_dir import claim_logger_directory
 
 
-def check_checkpoint(path: str) -> None:
-    """Fail early, naming the file, when a checkpoint is missing, truncated or not a torch archive."""
-    if path in ("last", "best", "hpc", "registry") or path.startswith("registry:"):
-        return
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"ckpt_path: no checkpoint file at {path}")
-    if not zipfile.is_zipfile(file):
-        raise ValueError(
-            f"ckpt_path: {path} is truncated or corrupt ({file.stat().st_size} bytes, not a complete torch "
-            "archive); resume from an earlier checkpoint, e.g. another file in the same directory"
-        )
-    try:
-        with zipfile.ZipFile(file) as archive:
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError) as err:
-        raise ValueError(f"ckpt_path: {path} is truncated or corrupt ({err})") from err
-    if bad is not None:
-        raise ValueError(f"ckpt_path: {path} is corrupt (member {bad} fails its checksum)")
-
-
-def latest_last_checkpoint(root: str) -> str:
-    """The most recently written ``last.ckpt`` below ``root`` (every run's logger makes a new version
-    directory, so Lightning's own ``"last"``, which looks in the new run's directory, would find nothing)."""
-    candidates = sorted(Path(root).rglob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not candidates:
-        raise FileNotFoundError(f"ckpt_path last: no last.ckpt below trainer.default_root_dir={root}")
-    return str(candidates[-1])
-
-
 class GCPOCLI(LightningCLI):
-    """LightningCLI that resolves ``--ckpt_path last`` to the newest ``last.ckpt`` of the run's root directory
-    and checks a checkpoint file before anything reads it."""
+    """LightningCLI for lit-gcpo runs, made safe against lost or silently changed work:
+
+    - ``seed_everything`` is the one seed: ``data.seed`` follows it unless set (the saved config shows it);
+    - the run claims its log directory before writing (``lit_gcpo.run_dir``): never another run's;
+    - checkpoints are written atomically (``lit_gcpo.checkpointing``), ``--ckpt_path last`` is the newest
+      complete checkpoint below ``trainer.default_root_dir`` and a checkpoint file is checked before use;
+    - with ``--ckpt_path`` the settings come from the configuration and contradictions with the checkpoint are
+      refused (``lit_gcpo.resume``).
+    """
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         super().parse_arguments(parser, args)
@@ -67,7 +47,7 @@ class GCPOCLI(LightningCLI):
             return
         config = self.config[subcommand]
         if config.ckpt_path == "last":
-            config.ckpt_path = latest_last_checkpoint(config.trainer.default_root_dir or ".")
+            config.ckpt_path = newest_complete_checkpoint(config.trainer.default_root_dir or ".")
         check_checkpoint(str(config.ckpt_path))
 
     def _parse_ckpt_path(self) -> None:
@@ -86,6 +66,14 @@ class GCPOCLI(LightningCLI):
         seed = config.get("seed_everything")
         if config.get("data") is not None and config.data.get("seed") is None and not isinstance(seed, bool):
             config.data.seed = seed
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The configured trainer, writing its checkpoints atomically unless a CheckpointIO plugin is given."""
+        plugins = kwargs.pop("plugins", None) or self._get(self.config_init, "trainer", default={}).get("plugins")
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [] if plugins is None else [plugins]
+        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+            plugins.append(AtomicCheckpointIO())
+        return super().instantiate_trainer(plugins=plugins, **kwargs)
 
     def after_instantiate_classes(self) -> None:
         # Claim the log directory before anything (config, checkpoints, events, the exported policy) is written
