@@ -24,6 +24,21 @@ from lit_gcpo.resume import check_resume
 from lit_gcpo.run_dir import claim_logger_directory
 
 
+def missing_model_path(value: str | None) -> str | None:
+    """Why ``value`` (a model or tokenizer option) names no model, when it is a local path that does not exist;
+    None otherwise. Without this check transformers answered "Repo id must be in the form ..." for a
+    mistyped directory. A hub id has the form ``name`` or ``org/name``."""
+    if not value or value.startswith("lit-gcpo/"):
+        return None
+    looks_local = value.startswith((".", "/", "~")) or value.count("/") > 1 or "\\" in value
+    path = Path(value).expanduser()
+    if looks_local and not path.exists():
+        return f"no such directory {value} (a local model path; hub ids have the form 'org/name')"
+    if path.is_file():
+        return f"{value} is a file; give the directory that holds the model's config.json"
+    return None
+
+
 class GCPOCLI(LightningCLI):
     """LightningCLI for lit-gcpo runs, made safe against lost or silently changed work:
 
@@ -43,6 +58,10 @@ class GCPOCLI(LightningCLI):
                 "trainer.gradient_clip_val: GRPOModule steps its optimizer itself (several steps per rollout "
                 "batch), where Lightning cannot clip; use --model.max_grad_norm instead"
             )
+        for option in ("model", "tokenizer") if subcommand else ():
+            problem = missing_model_path(self.config[subcommand].model.get(option))
+            if problem:
+                parser.error(f"model.{option}: {problem}")
         if not subcommand or not self.config[subcommand].get("ckpt_path"):
             return
         config = self.config[subcommand]

@@ -156,3 +156,23 @@ def test_a_field_missing_from_every_row_is_an_error_naming_it(tmp_path):
 def test_invalid_datamodule_arguments_name_the_option(kwargs, message):
     with pytest.raises(ValueError, match=message):
         RolloutDataModule(**kwargs)
+
+
+def test_an_empty_or_broken_jsonl_is_an_error_naming_the_file_and_line(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match=r"files: .*empty\.jsonl is empty \(no rows\)"):
+        LocalFiles(str(empty)).load()
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "1+1", "answer": "2"}\n\n{"prompt": "2+2", "answer": 4\n{"prompt": "3"}\n')
+    with pytest.raises(ValueError, match=r"broken\.jsonl, line 3: not valid JSON \(Expecting ',' delimiter"):
+        LocalFiles(str(broken)).load()
+    listed = tmp_path / "listed.jsonl"
+    listed.write_text('{"prompt": "1"}\n["2", "3"]\n')
+    with pytest.raises(ValueError, match=r"listed\.jsonl, line 2: a row must be a JSON object, got list"):
+        LocalFiles(str(listed)).load()
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"hub\[train\] has an empty data file"):
+        HubDataset(str(folder)).load()
