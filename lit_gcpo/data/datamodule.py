@@ -29,7 +29,7 @@ from lit_gcpo.batch import PromptBatch, RolloutBatch
 from lit_gcpo.clustering import answer_clusters
 from lit_gcpo.data.rollout import RolloutCollector
 from lit_gcpo.data.sources import PromptSource
-from lit_gcpo.data.templates import PromptRenderer, placeholders
+from lit_gcpo.data.templates import PromptRenderer, context_length, fit_prompts, placeholders
 from lit_gcpo.engines import build_engine
 from lit_gcpo.engines.base import SamplingConfig
 
@@ -113,6 +113,8 @@ class RolloutDataModule(L.LightningDataModule):
         chat: use the tokenizer's chat template: ``auto`` (when it has one), ``always``, ``never``.
         required_fields: fields every row must have (besides the template's); rows missing one are skipped
             with a counted warning, and a field missing from every row is an error at setup.
+        long_prompts: a prompt longer than the model's context minus ``sampling.max_new_tokens``: ``truncate``
+            (keep its last tokens), ``skip``, both counted and logged with the rows, or ``error`` at setup.
         batch_size: prompts per training step (B), per data-parallel rank.
         group_size: completions per prompt (G).
         rewards: reward functions by built-in name or dotted path (``pkg.module:function``).
@@ -140,6 +142,7 @@ class RolloutDataModule(L.LightningDataModule):
         system: str | None = None,
         chat: Literal["auto", "always", "never"] = "auto",
         required_fields: list[str] | None = None,
+        long_prompts: Literal["truncate", "skip", "error"] = "truncate",
         batch_size: PositiveInt = 8,
         group_size: int = 8,
         rewards: list[str] | None = None,
@@ -171,6 +174,8 @@ class RolloutDataModule(L.LightningDataModule):
         self.test_sources: list[PromptSource] = [test] if isinstance(test, PromptSource) else list(test or [])
         self.template, self.system, self.chat = template, system, chat
         self.required_fields = list(required_fields) if required_fields is not None else ["answer"]
+        self.long_prompts, self._context = long_prompts, None
+        self.long_prompt_rows: dict[str, int] = {}
         self.batch_size, self.group_size = batch_size, group_size
         self.reward_names, self.reward_weights, self.reward_timeout = rewards, reward_weights, reward_timeout
         self.accuracy_reward = accuracy_reward
@@ -197,6 +202,7 @@ class RolloutDataModule(L.LightningDataModule):
             raise RuntimeError("RolloutDataModule needs a LightningModule with `tokenizer` and `policy`")
         tokenizer = module.tokenizer
         self.seed = run_seed(self.seed)
+        self._context = context_length(module.policy)
         sources: dict[str, PromptSource | None] = {"train": self.train_source, "val": self.val_source}
         for index, source in enumerate(self.test_sources or [self.val_source]):
             sources[f"test{index}"] = source
@@ -255,6 +261,32 @@ class RolloutDataModule(L.LightningDataModule):
         self.skipped_rows[split] = len(skipped)
         if not kept_rows:
             raise ValueError(f"{split}: every row of {source.describe()} lacks a required field")
+        if self._context is not None:  # never a silent overflow of the model's context
+            skipped_ids = {index for index, _ in skipped}
+            row_ids = [index for index in range(len(rows)) if index not in skipped_ids]
+            budget = self._context - self.sampling.max_new_tokens
+            try:
+                kept, prompts, too_long = fit_prompts(
+                    prompts, renderer.tokenizer, budget, self.long_prompts, not renderer.use_chat, row_ids
+                )
+            except ValueError as error:
+                raise ValueError(f"{split}: {source.describe()}: {error}") from None
+            kept_rows = [kept_rows[index] for index in kept]
+            self.long_prompt_rows[split] = len(too_long)
+            if too_long:
+                log.warning(
+                    "%s: %d of %d prompts of %s are longer than the %d tokens the model's context leaves after the "
+                    "completion (%s); %s (data.long_prompts: truncate, skip or error)",
+                    split,
+                    len(too_long),
+                    len(row_ids),
+                    source.describe(),
+                    budget,
+                    ", ".join(f"row {row_ids[i]}: {n} tokens" for i, n in too_long[:5]),
+                    "skipped" if self.long_prompts == "skip" else "truncated to their last tokens",
+                )
+            if not kept_rows:
+                raise ValueError(f"{split}: every prompt of {source.describe()} is longer than {budget} tokens")
         return kept_rows, prompts
 
     # ------------------------------------------------------------------------------------ dataloaders

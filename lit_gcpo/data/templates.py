@@ -63,3 +63,62 @@ class PromptRenderer:
         messages = [{"role": "system", "content": self.system}] if self.system else []
         messages.append({"role": "user", "content": text})
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def context_length(model: Any) -> int | None:
+    """The longest sequence ``model`` takes (its config's ``max_position_embeddings``), or None if unknown."""
+    config = getattr(model, "config", None)
+    length = getattr(config, "max_position_embeddings", None)
+    return int(length) if isinstance(length, int) and length > 0 else None
+
+
+def fit_prompts(
+    prompts: list[str],
+    tokenizer: Any,
+    budget: int,
+    mode: str,
+    add_special_tokens: bool = True,
+    row_ids: list[int] | None = None,
+) -> tuple[list[int], list[str], list[tuple[int, int]]]:
+    """Prompts that fit in ``budget`` tokens: ``(kept indices, their prompts, [(index, tokens) too long])``.
+
+    ``mode`` says what happens to a longer prompt: ``error`` raises ``ValueError`` with the count and the
+    first ones (named by ``row_ids``, default their positions); ``skip`` leaves it out; ``truncate`` keeps
+    its last ``budget`` tokens (the end holds the question and, with a chat template, the assistant turn the
+    completion continues).
+    """
+    if mode not in ("error", "skip", "truncate"):
+        raise ValueError(f"long_prompts must be 'error', 'skip' or 'truncate', got {mode!r}")
+    if budget < 1:
+        raise ValueError(f"no room for a prompt: the completion alone takes the model's whole context ({budget})")
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=add_special_tokens)["input_ids"]]
+    too_long = [(index, length) for index, length in enumerate(lengths) if length > budget]
+    if too_long and mode == "error":
+        ids = row_ids if row_ids is not None else list(range(len(prompts)))
+        shown = ", ".join(f"row {ids[i]}: {n} tokens" for i, n in too_long[:5])
+        raise ValueError(
+            f"{len(too_long)} of {len(prompts)} prompts are longer than the {budget} tokens the model's context "
+            f"leaves after the completion ({shown}); set long_prompts to 'skip' or 'truncate', or lower "
+            "sampling.max_new_tokens"
+        )
+    long_rows = {index for index, _ in too_long}
+    kept = [index for index in range(len(prompts)) if mode == "truncate" or index not in long_rows]
+    fitted = [
+        _keep_last_tokens(prompts[i], tokenizer, budget, add_special_tokens) if i in long_rows else prompts[i]
+        for i in kept
+    ]
+    return kept, fitted, too_long
+
+
+def _keep_last_tokens(text: str, tokenizer: Any, budget: int, add_special_tokens: bool) -> str:
+    """The longest suffix of ``text`` (cut at a token boundary) that tokenizes to at most ``budget`` tokens."""
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = encoding["offset_mapping"]
+    special = len(tokenizer("", add_special_tokens=add_special_tokens)["input_ids"])  # e.g. BOS
+    start = max(0, len(offsets) - (budget - special))
+    while start < len(offsets):
+        suffix = text[offsets[start][0] :]
+        if len(tokenizer(suffix, add_special_tokens=add_special_tokens)["input_ids"]) <= budget:
+            return suffix
+        start += 1  # re-tokenising a cut text can merge differently: drop one more token
+    return ""
