@@ -14,14 +14,21 @@ from typing import Any
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 
 from lit_gcpo.checkpointing import AtomicCheckpointIO, check_checkpoint, newest_complete_checkpoint
 from lit_gcpo.data.datamodule import RolloutDataModule
 from lit_gcpo.module import GRPOModule
+from lit_gcpo.progress import StepProgressBar
 from lit_gcpo.resume import check_resume
 from lit_gcpo.run_dir import claim_logger_directory
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, (list, tuple)) else [] if value is None else [value]
 
 
 def missing_model_path(value: str | None) -> str | None:
@@ -87,12 +94,17 @@ class GCPOCLI(LightningCLI):
             config.data.seed = seed
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """The configured trainer, writing its checkpoints atomically unless a CheckpointIO plugin is given."""
-        plugins = kwargs.pop("plugins", None) or self._get(self.config_init, "trainer", default={}).get("plugins")
-        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [] if plugins is None else [plugins]
+        """The configured trainer, writing its checkpoints atomically unless a CheckpointIO plugin is given, and
+        showing steps out of ``max_steps`` unless a progress bar is given or disabled."""
+        config = self._get(self.config_init, "trainer", default={})
+        plugins = _as_list(kwargs.pop("plugins", None) or config.get("plugins"))
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             plugins.append(AtomicCheckpointIO())
-        return super().instantiate_trainer(plugins=plugins, **kwargs)
+        callbacks = _as_list(kwargs.pop("callbacks", None) or config.get("callbacks"))
+        enabled = config.get("enable_progress_bar") is not False
+        if enabled and _RICH_AVAILABLE and not any(isinstance(callback, ProgressBar) for callback in callbacks):
+            callbacks.append(StepProgressBar())
+        return super().instantiate_trainer(plugins=plugins, callbacks=callbacks, **kwargs)
 
     def after_instantiate_classes(self) -> None:
         # Claim the log directory before anything (config, checkpoints, events, the exported policy) is written
