@@ -1,5 +1,7 @@
 """``lit-gcpo fit|validate|test|predict``: LightningCLI over GRPOModule and RolloutDataModule.
 
+``predict`` writes completions of ``data.predict`` as JSON lines (``lit_gcpo.prediction``).
+
 The uncertainty callback and the checkpoints are ordinary Trainer callbacks in the config files.
 """
 
@@ -14,7 +16,7 @@ from typing import Any
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar
 from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
@@ -22,9 +24,17 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lit_gcpo.checkpointing import AtomicCheckpointIO, check_checkpoint, newest_complete_checkpoint
 from lit_gcpo.data.datamodule import RolloutDataModule
 from lit_gcpo.module import GRPOModule
+from lit_gcpo.prediction import PredictionWriter
 from lit_gcpo.progress import StepProgressBar
 from lit_gcpo.resume import check_resume
 from lit_gcpo.run_dir import claim_logger_directory
+
+DESCRIPTION = (
+    "lit-gcpo: uncertainty-aware reinforcement learning of language models (GRPO, Dr. GRPO, SEED-GRPO, GCPO) on "
+    "PyTorch Lightning. `fit` trains a policy on rollouts (e.g. --config configs/quickstart.yaml), `validate` and "
+    "`test` evaluate one, `predict` writes a policy's completions of a prompt file (data.predict), with their "
+    "rewards where the rows have gold answers, to predictions.jsonl. Set --seed_everything to choose the run's seed."
+)
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -104,6 +114,8 @@ class GCPOCLI(LightningCLI):
         enabled = config.get("enable_progress_bar") is not False
         if enabled and _RICH_AVAILABLE and not any(isinstance(callback, ProgressBar) for callback in callbacks):
             callbacks.append(StepProgressBar())
+        if self.subcommand == "predict" and not any(isinstance(c, BasePredictionWriter) for c in callbacks):
+            callbacks.append(PredictionWriter())
         return super().instantiate_trainer(plugins=plugins, callbacks=callbacks, **kwargs)
 
     def after_instantiate_classes(self) -> None:
@@ -123,6 +135,9 @@ def main(args: list[str] | None = None, run: bool = True) -> GCPOCLI:
         args=args,
         run=run,
         auto_configure_optimizers=False,
+        parser_kwargs={"description": DESCRIPTION},
+        # A run is reproducible unless asked otherwise (Lightning's default, True, draws a random seed).
+        seed_everything_default=0,
     )
 
 

@@ -102,3 +102,19 @@ def test_a_fit_whose_reward_always_fails_does_not_exit_quietly(tiny_model_dir, t
     refused = r"'unusable_rewards:always_fails' gave no usable score in 10 batches in a row \(last: raised ValueError"
     with pytest.raises(RewardError, match=refused):
         main(["fit", *args, "--data.accuracy_reward", "null", "--trainer.limit_val_batches", "0"])
+
+
+def test_batches_without_any_gold_do_not_count_as_unusable():
+    calls = {"n": 0}
+
+    def gold_or_fail(prompts, completions, **columns):
+        calls["n"] += 1
+        if calls["n"] % 2:
+            return [None] * len(completions)  # rows without gold
+        raise ValueError("boom")
+
+    rewards = RewardSet([RewardTerm("g", gold_or_fail)], max_unusable_batches=2)
+    for _ in range(3):  # None, fail (1), None: still below the limit
+        rewards.score(["p"], ["a"], [{}])
+    with pytest.raises(RewardError, match=r"'g' gave no usable score in 2 batches"):
+        rewards.score(["p"], ["a"], [{}])  # fail (2)

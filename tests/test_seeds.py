@@ -65,3 +65,9 @@ def test_datamodule_without_a_seed_takes_the_global_one(monkeypatch):
     L.seed_everything(7)
     assert run_seed(None) == 7
     assert run_seed(3) == 3
+
+
+def test_the_default_seed_is_fixed_not_random(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(Path(__file__).parents[1])
+    cli = main(["--model.model", tiny_model_dir, "--trainer.default_root_dir", str(tmp_path)], run=False)
+    assert cli.config.seed_everything == 0 and cli.datamodule.seed == 0

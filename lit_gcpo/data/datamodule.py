@@ -107,6 +107,7 @@ class RolloutDataModule(L.LightningDataModule):
         test: prompts for ``lit-gcpo test``: one source or several (e.g. one per benchmark, each its own
             dataloader, reported separately); None: the validation prompts. A source with a ``template``
             or ``required_fields`` attribute (not None) uses them instead of the ones here.
+        predict: prompts for ``lit-gcpo predict`` (sampled like evaluation; gold answers optional).
         template: the user message, with ``{field}`` placeholders filled from the row, or a named template
             (``qwen-math``: the Qwen2.5-Math "put your final answer within \\boxed{}" prompt).
         system: system message for chat templates.
@@ -138,6 +139,7 @@ class RolloutDataModule(L.LightningDataModule):
         train: PromptSource | None = None,
         val: PromptSource | None = None,
         test: PromptSource | list[PromptSource] | None = None,
+        predict: PromptSource | None = None,
         template: str = "{prompt}",
         system: str | None = None,
         chat: Literal["auto", "always", "never"] = "auto",
@@ -172,6 +174,7 @@ class RolloutDataModule(L.LightningDataModule):
             raise ValueError(f"accuracy_reward {accuracy_reward!r} is not one of rewards {rewards}")
         self.train_source, self.val_source = train, val
         self.test_sources: list[PromptSource] = [test] if isinstance(test, PromptSource) else list(test or [])
+        self.predict_source = predict
         self.template, self.system, self.chat = template, system, chat
         self.required_fields = list(required_fields) if required_fields is not None else ["answer"]
         self.long_prompts, self._context = long_prompts, None
@@ -203,10 +206,19 @@ class RolloutDataModule(L.LightningDataModule):
         tokenizer = module.tokenizer
         self.seed = run_seed(self.seed)
         self._context = context_length(module.policy)
-        sources: dict[str, PromptSource | None] = {"train": self.train_source, "val": self.val_source}
+        sources: dict[str, PromptSource | None] = {
+            "train": self.train_source,
+            "val": self.val_source,
+            "predict": self.predict_source,
+        }
         for index, source in enumerate(self.test_sources or [self.val_source]):
             sources[f"test{index}"] = source
-        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": [k for k in sources if k.startswith("test")]}
+        wanted = {
+            "fit": ["train", "val"],
+            "validate": ["val"],
+            "test": [k for k in sources if k.startswith("test")],
+            "predict": ["predict"],
+        }
         for split in wanted.get(stage, []):
             source = sources[split]
             if source is not None and split not in self._datasets:
@@ -233,6 +245,7 @@ class RolloutDataModule(L.LightningDataModule):
             raise ValueError(f"{split}: the prompt source {source.describe()} has no rows")
         required = getattr(source, "required_fields", None)
         required = self.required_fields if required is None else required
+        required = [] if split == "predict" else required  # predictions need no gold
         needed = sorted(set(placeholders(renderer.template)) | set(required))
         for name in needed:
             if all(row.get(name) is None for row in rows):
@@ -309,6 +322,11 @@ class RolloutDataModule(L.LightningDataModule):
         """One dataloader per test source, in the order given (``dataloader_idx`` = position)."""
         splits = sorted((k for k in self._datasets if k.startswith("test")), key=lambda k: int(k[4:]))
         return [self._shard(EvalPrompts(*self._datasets[split], self.val_batch_size)) for split in splits]
+
+    def predict_dataloader(self) -> DataLoader:
+        if "predict" not in self._datasets:
+            raise ValueError("lit-gcpo predict needs prompts: set data.predict (e.g. a LocalFiles source)")
+        return self._shard(EvalPrompts(*self._datasets["predict"], self.val_batch_size))
 
     def test_names(self) -> list[str]:
         """A name for each test dataloader (its source's ``describe()``)."""

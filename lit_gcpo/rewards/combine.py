@@ -18,7 +18,8 @@ completions (``reward/<name>_failures``). Scores must be numbers or None:
   ``reward/<name>_invalid``, logged with an example, and no score for that completion;
 - any other type (a string, a list...) is a bug in the function: ``RewardError`` naming it and the value;
 - a function with no usable score in ``max_unusable_batches`` batches in a row (it fails, times out or
-  returns only unusable values on every call) stops the run with ``RewardError`` and its last problem.
+  returns only unusable values on every call) stops the run with ``RewardError`` and its last problem; a
+  batch it gives only None (rows without a gold answer, e.g. in ``lit-gcpo predict``) does not count.
 
 Combination (project's reading of "weighted sum of rewards" for partial failure): the total of a
 completion is ``sum_i w_i * s_i`` over the components with a score; a component with no score contributes
@@ -218,7 +219,8 @@ class RewardSet:
                 )
                 log.warning("reward %r: %s", name, problem)
             scores = [v if _usable(v) else math.nan for v in values]
-            self._track_usable(name, any(_usable(v) for v in values), problem)
+            if problem is not None or any(v is not None for v in values):  # None alone: no gold, not a fault
+                self._track_usable(name, any(_usable(v) for v in values), problem)
             components[name] = torch.tensor(scores, dtype=torch.float32)  # [N]; NaN = no score
             metrics[f"reward/{name}_failures"] = float(n if failure is not None else 0)
             metrics[f"reward/{name}_timeouts"] = float(timed_out)
@@ -266,7 +268,7 @@ class RewardSet:
         if limit and self._unusable_streak[name] >= limit:
             raise RewardError(
                 f"reward {name!r} gave no usable score in {limit} batches in a row "
-                f"(last: {problem or 'every score was None'}); the run cannot learn from it. Fix the function, "
+                f"(last: {problem}); the run cannot learn from it. Fix the function, "
                 "or remove it from data.rewards"
             )
 
