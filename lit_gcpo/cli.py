@@ -27,7 +27,7 @@ from lit_gcpo.module import GRPOModule
 from lit_gcpo.prediction import PredictionWriter
 from lit_gcpo.progress import StepProgressBar
 from lit_gcpo.resume import check_resume
-from lit_gcpo.run_dir import claim_logger_directory
+from lit_gcpo.run_dir import RunDirectoryTakenError, claim_directory, claim_logger_directory
 
 DESCRIPTION = (
     "lit-gcpo: uncertainty-aware reinforcement learning of language models (GRPO, Dr. GRPO, SEED-GRPO, GCPO) on "
@@ -121,10 +121,20 @@ class GCPOCLI(LightningCLI):
     def after_instantiate_classes(self) -> None:
         # Claim the log directory before anything (config, checkpoints, events, the exported policy) is written
         # there. Only rank 0 writes into it; other ranks get its path from rank 0 through ``trainer.log_dir``.
-        if self.trainer.loggers and self.trainer.global_rank == 0:
+        if self.trainer.global_rank != 0:
+            return
+        if self.trainer.loggers:
             directory = claim_logger_directory(self.trainer.loggers[0])
-            if directory is not None:
-                print(f"run directory: {directory}")
+        else:  # without a logger the run writes its config and checkpoints into default_root_dir itself
+            directory = Path(self.trainer.default_root_dir)
+            if not claim_directory(directory):
+                raise RunDirectoryTakenError(
+                    f"trainer.default_root_dir {directory} already holds a run, and without a logger this run would "
+                    "write its config and checkpoints there too; choose another directory, or use a logger (each "
+                    "run then gets a new version_N)"
+                )
+        if directory is not None:
+            print(f"run directory: {directory}")
 
 
 def main(args: list[str] | None = None, run: bool = True) -> GCPOCLI:

@@ -52,3 +52,12 @@ def test_claim_is_exclusive_and_refuses_directories_of_older_runs(tmp_path):
     (tmp_path / "c" / "checkpoints").mkdir(parents=True)  # a run from before claims existed
     assert not claim_directory(tmp_path / "c")
     assert not (tmp_path / "c" / CLAIM_FILE).exists()
+
+
+def test_a_logger_less_run_into_a_directory_that_holds_a_run_is_refused(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(Path(__file__).parents[1])
+    args = [*_short_fit_args(tiny_model_dir, tmp_path, steps=1), "--trainer.logger", "false"]
+    main(args, run=False)
+    assert (tmp_path / CLAIM_FILE).is_file()
+    with pytest.raises(RunDirectoryTakenError, match=r"default_root_dir .* already holds a run"):
+        main(args, run=False)
