@@ -7,8 +7,9 @@ answer gets no score (``null``), not 0. ``PredictionWriter`` writes one line per
     {"prompt_index": 0, "sample": 0, "prompt": "...", "completion": "...", "answer": "12",
      "truncated": false, "reward": 1.0, "rewards": {"math_accuracy": 1.0}, "correct": true, "row": {...}}
 
-(``correct`` only with an ``accuracy_reward``). The CLI adds the writer to ``predict`` runs that configure
-none, writing ``predictions.jsonl`` in the run's log directory.
+(``correct``: the ``accuracy_reward`` above 0.5, null for a row without gold; absent without an
+``accuracy_reward``). The CLI adds the writer to ``predict`` runs that configure none, writing
+``predictions.jsonl`` in the run's log directory.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def _score(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
-def rollout_records(batch: RolloutBatch, correct: list[bool] | None = None, first_prompt: int = 0) -> list[dict]:
+def rollout_records(batch: RolloutBatch, correct: list[bool | None] | None = None, first_prompt: int = 0) -> list[dict]:
     """One JSON-ready dict per completion of ``batch`` (group-major), numbering prompts from ``first_prompt``."""
     group_ids = batch.group_ids.tolist()  # [N]
     totals = batch.rewards.tolist()  # [N]
@@ -94,9 +95,11 @@ class PredictionWriter(BasePredictionWriter):
         dataloader_idx: int = 0,
     ) -> None:
         assert self._handle is not None, "on_predict_start was not called"
-        datamodule = trainer.datamodule
-        accuracy = datamodule.accuracy(batch) if hasattr(datamodule, "accuracy") else None
-        correct = None if accuracy is None else [bool(value) for value in accuracy.tolist()]
+        name = getattr(trainer.datamodule, "accuracy_reward", None)
+        correct = None
+        if name in batch.reward_components:  # correct = the accuracy reward above 0.5; None without a gold
+            scores = batch.reward_components[name].tolist()
+            correct = [None if math.isnan(value) else value > 0.5 for value in scores]
         for record in rollout_records(batch, correct, self._prompts):
             self._handle.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
         self._handle.flush()

@@ -49,7 +49,7 @@ def test_predict_writes_completions_with_rewards_where_gold_exists(tiny_model_di
         assert record["rewards"]["toy_rewards:digit_fraction"] == pytest.approx(expected, abs=1e-6)
         has_gold = record["row"].get("answer") is not None
         assert (record["rewards"]["math_accuracy"] is not None) == has_gold  # the third row has no gold: null
-        assert record["correct"] == (record["rewards"]["math_accuracy"] == 1.0)
+        assert record["correct"] == (None if not has_gold else record["rewards"]["math_accuracy"] == 1.0)
     # an existing output file is never overwritten
     with pytest.raises(FileExistsError, match=r"predictions\.jsonl exists"):
         main(
