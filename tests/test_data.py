@@ -218,7 +218,8 @@ def test_prompts_longer_than_the_context_are_skipped_or_truncated_and_counted(ti
         skipped = _fit_one_step(tiny_model_dir, LONG_ROWS, tmp_path, long_prompts="skip")
     assert skipped.long_prompt_rows["train"] == 1
     assert skipped._datasets["train"][1] == ["1+1=", "2+2="]
-    assert "1 of 3 prompts of" in caplog.text and "(row 1: 262 tokens); skipped" in caplog.text
+    assert "train: " in caplog.text and "rows.jsonl: 1 of 3 prompts are longer than the 250" in caplog.text
+    assert "(row 1: 262 tokens); skipped" in caplog.text
     truncated = _fit_one_step(tiny_model_dir, LONG_ROWS, tmp_path)  # the default
     prompts = truncated._datasets["train"][1]
     assert prompts[1] == LONG_ROWS[1]["prompt"][-250:] and truncated.long_prompt_rows["train"] == 1

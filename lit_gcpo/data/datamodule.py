@@ -277,29 +277,17 @@ class RolloutDataModule(L.LightningDataModule):
         if self._context is not None:  # never a silent overflow of the model's context
             skipped_ids = {index for index, _ in skipped}
             row_ids = [index for index in range(len(rows)) if index not in skipped_ids]
-            budget = self._context - self.sampling.max_new_tokens
-            try:
-                kept, prompts, too_long = fit_prompts(
-                    prompts, renderer.tokenizer, budget, self.long_prompts, not renderer.use_chat, row_ids
-                )
-            except ValueError as error:
-                raise ValueError(f"{split}: {source.describe()}: {error}") from None
+            kept, prompts, too_long = fit_prompts(
+                prompts,
+                renderer.tokenizer,
+                self._context - self.sampling.max_new_tokens,
+                self.long_prompts,
+                not renderer.use_chat,
+                row_ids,
+                label=f"{split}: {source.describe()}",
+            )
             kept_rows = [kept_rows[index] for index in kept]
             self.long_prompt_rows[split] = len(too_long)
-            if too_long:
-                log.warning(
-                    "%s: %d of %d prompts of %s are longer than the %d tokens the model's context leaves after the "
-                    "completion (%s); %s (data.long_prompts: truncate, skip or error)",
-                    split,
-                    len(too_long),
-                    len(row_ids),
-                    source.describe(),
-                    budget,
-                    ", ".join(f"row {row_ids[i]}: {n} tokens" for i, n in too_long[:5]),
-                    "skipped" if self.long_prompts == "skip" else "truncated to their last tokens",
-                )
-            if not kept_rows:
-                raise ValueError(f"{split}: every prompt of {source.describe()} is longer than {budget} tokens")
         return kept_rows, prompts
 
     # ------------------------------------------------------------------------------------ dataloaders

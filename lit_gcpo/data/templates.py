@@ -7,8 +7,11 @@ chat template.
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 QWEN_MATH_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 QWEN_MATH_TEMPLATE = "{prompt}\nPlease reason step by step, and put your final answer within \\boxed{}."
@@ -79,28 +82,33 @@ def fit_prompts(
     mode: str,
     add_special_tokens: bool = True,
     row_ids: list[int] | None = None,
+    label: str = "prompts",
 ) -> tuple[list[int], list[str], list[tuple[int, int]]]:
     """Prompts that fit in ``budget`` tokens: ``(kept indices, their prompts, [(index, tokens) too long])``.
 
-    ``mode`` says what happens to a longer prompt: ``error`` raises ``ValueError`` with the count and the
-    first ones (named by ``row_ids``, default their positions); ``skip`` leaves it out; ``truncate`` keeps
-    its last ``budget`` tokens (the end holds the question and, with a chat template, the assistant turn the
-    completion continues).
+    ``mode`` says what happens to a longer prompt: ``error`` raises ``ValueError``; ``skip`` leaves it out;
+    ``truncate`` keeps its last ``budget`` tokens (the end holds the question and, with a chat template, the
+    assistant turn the completion continues). Both log a warning. Messages start with ``label`` and name the
+    count and the first rows (by ``row_ids``, default their positions).
     """
     if mode not in ("error", "skip", "truncate"):
         raise ValueError(f"long_prompts must be 'error', 'skip' or 'truncate', got {mode!r}")
     if budget < 1:
-        raise ValueError(f"no room for a prompt: the completion alone takes the model's whole context ({budget})")
+        raise ValueError(f"{label}: no room for a prompt: the completion takes the model's whole context")
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=add_special_tokens)["input_ids"]]
     too_long = [(index, length) for index, length in enumerate(lengths) if length > budget]
-    if too_long and mode == "error":
+    if too_long:
         ids = row_ids if row_ids is not None else list(range(len(prompts)))
-        shown = ", ".join(f"row {ids[i]}: {n} tokens" for i, n in too_long[:5])
-        raise ValueError(
-            f"{len(too_long)} of {len(prompts)} prompts are longer than the {budget} tokens the model's context "
-            f"leaves after the completion ({shown}); set long_prompts to 'skip' or 'truncate', or lower "
-            "sampling.max_new_tokens"
+        problem = (
+            f"{label}: {len(too_long)} of {len(prompts)} prompts are longer than the {budget} tokens the model's "
+            "context leaves after the completion (" + ", ".join(f"row {ids[i]}: {n} tokens" for i, n in too_long[:5])
         )
+        if mode == "error":
+            raise ValueError(f"{problem}); set long_prompts to 'skip' or 'truncate', or lower max_new_tokens")
+        action = "skipped" if mode == "skip" else "truncated to their last tokens"
+        log.warning("%s); %s (long_prompts: truncate, skip or error)", problem, action)
+        if mode == "skip" and len(too_long) == len(prompts):
+            raise ValueError(f"{problem}): every prompt is too long")
     long_rows = {index for index, _ in too_long}
     kept = [index for index in range(len(prompts)) if mode == "truncate" or index not in long_rows]
     fitted = [
