@@ -5,10 +5,10 @@ Set-up: the quickstart config on a small random Llama (built here, offline), a c
 step (``stepN.ckpt`` and ``last.ckpt``), the system temp folder on another filesystem (``TMPDIR=/dev/shm``,
 the condition under which Lightning's own writer left a 0-byte ``last.ckpt``). Each trial:
 
-1. starts the fit in a fresh root directory and SIGKILLs it either at a uniformly random moment of its run
-   (``random``) or as soon as a checkpoint's temporary file appears once a random number of step
-   checkpoints is complete (``write``: the kill lands inside ``AtomicCheckpointIO``'s write; a temporary
-   file left behind confirms it);
+1. starts the fit in a fresh root directory and SIGKILLs it either at a uniformly random moment of its
+   training, between its first and its last checkpoint (``random``), or as soon as a checkpoint's
+   temporary file appears once a random number of step checkpoints is complete (``write``: the kill lands
+   inside ``AtomicCheckpointIO``'s write; a temporary file left behind confirms it);
 2. resumes with ``--ckpt_path last`` (from scratch when no checkpoint was complete yet) up to the same step;
 3. compares the newest checkpoint's policy weights and Adam moments with the reference run's (max |diff|)
    and checks that every ``*.ckpt`` left in the root directory loads.
@@ -97,16 +97,19 @@ def run(config_path: Path, log: Path, *extra: str) -> None:
 
 
 def run_and_kill(config_path: Path, root: Path, log: Path, mode: str, at_s: float, after: int) -> dict[str, Any]:
-    """Start a fit and SIGKILL it at ``at_s`` seconds (``random``) or at the first temporary checkpoint file
-    seen once ``after`` step checkpoints are complete (``write``)."""
+    """Start a fit and SIGKILL it ``at_s`` seconds after its first checkpoint appeared (``random``: a moment of
+    training) or at the first temporary checkpoint file seen once ``after`` step checkpoints are complete
+    (``write``)."""
     with open(log, "a") as handle:
         process = subprocess.Popen(command(config_path), env=environment(), stdout=handle, stderr=subprocess.STDOUT)
     start = time.monotonic()
-    killed_at = None
+    killed_at = training_since = None
     while process.poll() is None:
         elapsed = time.monotonic() - start
+        if training_since is None and any(root.rglob("*.ckpt")):
+            training_since = elapsed
         writing = mode == "write" and any(root.rglob(".*.ckpt.tmp-*")) and len(list(root.rglob("step*.ckpt"))) >= after
-        if (mode == "random" and elapsed >= at_s) or writing:
+        if (mode == "random" and training_since is not None and elapsed - training_since >= at_s) or writing:
             process.send_signal(signal.SIGKILL)
             killed_at = elapsed
             break
@@ -151,6 +154,8 @@ def main() -> None:
     start = time.monotonic()
     run(reference_config, args.out / "reference.log")
     reference_s = time.monotonic() - start
+    stamps = sorted(p.stat().st_mtime for p in reference_root.rglob("*.ckpt"))
+    training_s = stamps[-1] - stamps[0]  # from the first checkpoint to the last: the span a kill may hit
     reference = final_state(reference_root)
     assert reference[2] == args.steps
 
@@ -161,7 +166,7 @@ def main() -> None:
         config_path = args.out / f"trial{trial}.yaml"
         config_path.write_text(yaml.safe_dump(fit_config(model, root, args.steps)))
         log = args.out / f"trial{trial}.log"
-        at_s = rng.uniform(0.2, 0.9) * reference_s
+        at_s = rng.uniform(0.0, 1.0) * training_s
         kill = run_and_kill(config_path, root, log, mode, at_s, after=rng.randint(1, args.steps - 2))
         try:
             resume_from = newest_complete_checkpoint(str(root))
@@ -182,16 +187,17 @@ def main() -> None:
         run_header(threads=1),
         f"{args.steps} optimizer steps of the quickstart config on a random 2-layer, 128-wide Llama; a checkpoint "
         "after every step; TMPDIR=/dev/shm (the temp folder on another filesystem). Reference run "
-        f"{reference_s:.0f} s. Each trial: SIGKILL, then `--ckpt_path last` up to the same step; every `*.ckpt` "
-        "left in the run's root loads (torn files would fail `check_checkpoint`).",
+        f"{reference_s:.0f} s ({training_s:.0f} s from its first checkpoint to its last). Each trial: SIGKILL, "
+        "then `--ckpt_path last` up to the same step; every `*.ckpt` left in the run's root loads (torn files "
+        "would fail `check_checkpoint`).",
         "",
-        "| trial | kill | killed at (s) | temporary file left (kill inside a write) | resumed from step "
+        "| trial | kill | killed at (s after start) | temporary file left (kill inside a write) | resumed from step "
         "| max abs diff, weights | max abs diff, Adam moments |",
         "|---|---|---:|---|---:|---:|---:|",
     ]
     for trial, mode, kill, step_before, weights, moments in rows:
         left = ", ".join(kill["left_temporary"]) or "no"
-        killed = f"{kill['killed_at_s']:.2f}" if kill["killed_at_s"] is not None else "finished first"
+        killed = f"{kill['killed_at_s']:.1f}" if kill["killed_at_s"] is not None else "finished first"
         lines.append(f"| {trial} | {mode} | {killed} | {left} | {step_before} | {weights:.3g} | {moments:.3g} |")
     exact = sum(1 for row in rows if row[4] == 0.0 and row[5] == 0.0)
     inside = sum(1 for row in rows if row[2]["left_temporary"])
