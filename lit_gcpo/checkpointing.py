@@ -80,6 +80,8 @@ def check_checkpoint(path: str) -> None:
     if path in KEYWORDS or path.startswith("registry:"):
         return
     file = Path(path)
+    if file.is_dir() and (file / "meta.pt").is_file():
+        return  # a sharded (distributed) checkpoint: one file per rank, read by the strategy
     if not file.is_file():
         raise FileNotFoundError(f"ckpt_path: no checkpoint file at {path}")
     if not zipfile.is_zipfile(file):
@@ -107,7 +109,7 @@ def newest_complete_checkpoint(root: str) -> str:
     for candidate in candidates:
         try:
             check_checkpoint(str(candidate))
-        except ValueError as error:
+        except (ValueError, FileNotFoundError) as error:  # torn, or a sharded directory without its metadata
             log.warning("skipping %s", error)
             continue
         return str(candidate)

@@ -108,7 +108,8 @@ class GCPOCLI(LightningCLI):
         showing steps out of ``max_steps`` unless a progress bar is given or disabled."""
         config = self._get(self.config_init, "trainer", default={})
         plugins = _as_list(kwargs.pop("plugins", None) or config.get("plugins"))
-        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+        strategy_io = getattr(config.get("strategy"), "_checkpoint_io", None)  # a strategy object's own
+        if strategy_io is None and not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             plugins.append(AtomicCheckpointIO())
         callbacks = _as_list(kwargs.pop("callbacks", None) or config.get("callbacks"))
         enabled = config.get("enable_progress_bar") is not False

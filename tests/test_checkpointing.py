@@ -90,4 +90,7 @@ def test_ckpt_path_last_takes_the_newest_complete_checkpoint(tmp_path):
     paths["step6.ckpt"].write_bytes(data[: len(data) // 2])  # torn (written without the atomic writer)
     os.utime(paths["step6.ckpt"], (time.time() - 10, time.time() - 10))
     (run / ".last.ckpt.tmp-123").write_bytes(b"partial")  # a killed writer's temporary file
+    (run / "step7.ckpt").mkdir()  # a sharded checkpoint whose metadata file was never written
     assert newest_complete_checkpoint(str(tmp_path)) == str(paths["step5.ckpt"])
+    torch.save({"global_step": 7}, run / "step7.ckpt" / "meta.pt")  # complete: its rank files and metadata
+    assert newest_complete_checkpoint(str(tmp_path)) == str(run / "step7.ckpt")
