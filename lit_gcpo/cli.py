@@ -7,6 +7,7 @@ The uncertainty callback and the checkpoints are ordinary Trainer callbacks in t
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar
-from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 
@@ -35,6 +35,10 @@ DESCRIPTION = (
     "`test` evaluate one, `predict` writes a policy's completions of a prompt file (data.predict), with their "
     "rewards where the rows have gold answers, to predictions.jsonl. Set --seed_everything to choose the run's seed."
 )
+
+
+def _has_rich() -> bool:
+    return importlib.util.find_spec("rich") is not None
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -113,7 +117,7 @@ class GCPOCLI(LightningCLI):
             plugins.append(AtomicCheckpointIO())
         callbacks = _as_list(kwargs.pop("callbacks", None) or config.get("callbacks"))
         enabled = config.get("enable_progress_bar") is not False
-        if enabled and _RICH_AVAILABLE and not any(isinstance(callback, ProgressBar) for callback in callbacks):
+        if enabled and _has_rich() and not any(isinstance(callback, ProgressBar) for callback in callbacks):
             callbacks.append(StepProgressBar())
         if self.subcommand == "predict" and not any(isinstance(c, BasePredictionWriter) for c in callbacks):
             callbacks.append(PredictionWriter())
