@@ -61,3 +61,30 @@ def test_a_logger_less_run_into_a_directory_that_holds_a_run_is_refused(tiny_mod
     assert (tmp_path / CLAIM_FILE).is_file()
     with pytest.raises(RunDirectoryTakenError, match=r"default_root_dir .* already holds a run"):
         main(args, run=False)
+
+
+def test_two_fit_processes_started_0_2_s_apart_keep_their_own_directories(tiny_model_dir, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).parents[1]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "lit_gcpo.cli", "fit", *_short_fit_args(tiny_model_dir, tmp_path, steps=2)]
+    processes = []
+    for _ in range(2):
+        processes.append(subprocess.Popen(command, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        time.sleep(0.2)
+    outputs = [process.communicate(timeout=600)[0].decode() for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    versions = sorted(p.name for p in (tmp_path / "gcpo").iterdir())
+    assert versions == ["version_0", "version_1"]
+    for version in versions:
+        log_dir = tmp_path / "gcpo" / version
+        claim = json.loads((log_dir / CLAIM_FILE).read_text())
+        assert claim["pid"] in {process.pid for process in processes}
+        assert (log_dir / "config.yaml").is_file() and (log_dir / "policy" / "model.safetensors").is_file()
+        assert len(list(log_dir.glob("events.out.tfevents.*"))) == 1
+        assert {p.name for p in (log_dir / "checkpoints").iterdir()} >= {"last.ckpt"}
+    claims = {json.loads((tmp_path / "gcpo" / v / CLAIM_FILE).read_text())["pid"] for v in versions}
+    assert len(claims) == 2  # one run per directory
