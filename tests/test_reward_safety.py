@@ -118,3 +118,11 @@ def test_batches_without_any_gold_do_not_count_as_unusable():
         rewards.score(["p"], ["a"], [{}])
     with pytest.raises(RewardError, match=r"'g' gave no usable score in 2 batches"):
         rewards.score(["p"], ["a"], [{}])  # fail (2)
+
+
+def test_a_user_reward_that_prints_still_scores_and_gets_the_columns(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    rewards = RewardSet.from_names(["unusable_rewards:chatty"], timeout=5.0)
+    scores = rewards.score(["p"] * 3, ["a", "b", "c"], [{"answer": "12"}, {"answer": None}, {"answer": "abcd"}])
+    assert scores.components["unusable_rewards:chatty"].tolist() == [2.0, 0.0, 4.0]
+    assert scores.metrics["reward/unusable_rewards:chatty_failures"] == 0.0

@@ -19,3 +19,9 @@ def length_or_spin(prompts: list[str], completions: list[str], **columns: list) 
     if "spin" in completions:
         spin_forever(prompts, completions)
     return [float(len(c)) for c in completions]
+
+
+def chatty(prompts: list[str], completions: list[str], **columns: list) -> list[float | None]:
+    """Prints to stdout (the channel the parent reads replies from) and returns the answers' lengths."""
+    print("scoring", len(completions), "completions\n{not a reply}")
+    return [float(len(a or "")) for a in columns["answer"]]
