@@ -27,6 +27,7 @@ from lit_gcpo.module import GRPOModule
 from lit_gcpo.prediction import PredictionWriter
 from lit_gcpo.progress import StepProgressBar
 from lit_gcpo.resume import check_resume
+from lit_gcpo.rewards.combine import RewardError
 from lit_gcpo.run_dir import RunDirectoryTakenError, claim_directory, claim_logger_directory
 
 DESCRIPTION = (
@@ -140,6 +141,17 @@ class GCPOCLI(LightningCLI):
                 )
         if directory is not None:
             print(f"run directory: {directory}")
+
+    def after_fit(self) -> None:
+        # A short run (fewer batches than RewardSet.max_unusable_batches) whose rewards never scored anything
+        # learned nothing: say so with a failure rather than exit 0.
+        rewards = getattr(getattr(self.datamodule, "collector", None), "rewards", None)
+        if rewards is not None and rewards.scored_batches and not rewards.usable_batches:
+            raise RewardError(
+                f"no batch of this run had a usable reward ({rewards.scored_batches} batches scored by "
+                f"{rewards.names}): it learned nothing. The reward/<name>_failures, _invalid and _timeouts "
+                "metrics and the warnings above say why"
+            )
 
 
 def main(args: list[str] | None = None, run: bool = True) -> GCPOCLI:

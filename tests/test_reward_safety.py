@@ -126,3 +126,12 @@ def test_a_user_reward_that_prints_still_scores_and_gets_the_columns(monkeypatch
     scores = rewards.score(["p"] * 3, ["a", "b", "c"], [{"answer": "12"}, {"answer": None}, {"answer": "abcd"}])
     assert scores.components["unusable_rewards:chatty"].tolist() == [2.0, 0.0, 4.0]
     assert scores.metrics["reward/unusable_rewards:chatty_failures"] == 0.0
+
+
+def test_a_short_fit_without_any_usable_reward_fails_at_its_end(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(Path(__file__).parents[1])
+    from lit_gcpo.cli import main
+
+    args = [*_short_fit_args(tiny_model_dir, tmp_path, steps=3), "--data.rewards", "[unusable_rewards:always_fails]"]
+    with pytest.raises(RewardError, match=r"no batch of this run had a usable reward \(3 batches scored by"):
+        main(["fit", *args, "--data.accuracy_reward", "null", "--trainer.limit_val_batches", "0"])

@@ -19,7 +19,9 @@ completions (``reward/<name>_failures``). Scores must be numbers or None:
 - any other type (a string, a list...) is a bug in the function: ``RewardError`` naming it and the value;
 - a function with no usable score in ``max_unusable_batches`` batches in a row (it fails, times out or
   returns only unusable values on every call) stops the run with ``RewardError`` and its last problem; a
-  batch it gives only None (rows without a gold answer, e.g. in ``lit-gcpo predict``) does not count.
+  batch it gives only None (rows without a gold answer, e.g. in ``lit-gcpo predict``) does not count;
+- ``scored_batches`` / ``usable_batches`` count the batches scored and those where some completion got a
+  total: the CLI fails a fit that ends without a single usable batch.
 
 Combination (project's reading of "weighted sum of rewards" for partial failure): the total of a
 completion is ``sum_i w_i * s_i`` over the components with a score; a component with no score contributes
@@ -153,6 +155,7 @@ class RewardSet:
         self.max_unusable_batches = max_unusable_batches
         self._running: dict[str, list[_Call]] = {t.name: [] for t in self.terms}
         self.timeouts: dict[str, int] = dict.fromkeys(names, 0)  # timed-out calls since creation
+        self.scored_batches = self.usable_batches = 0  # batches scored / with a usable total for some completion
         self._unusable_streak: dict[str, int] = dict.fromkeys(names, 0)
 
     @classmethod
@@ -227,7 +230,10 @@ class RewardSet:
             metrics[f"reward/{name}_none"] = float(sum(v is None for v in values)) if failure is None else 0.0
             metrics[f"reward/{name}_invalid"] = float(len(invalid))
             metrics[f"time/reward_{name}_s"] = time.monotonic() - start
-        return RewardScores(self._combine(components, n), components, metrics)
+        total = self._combine(components, n)
+        self.scored_batches += 1
+        self.usable_batches += int(bool(torch.isfinite(total).any()))
+        return RewardScores(total, components, metrics)
 
     def _collect(self, name: str, call: _Call | None, n: int) -> tuple[list[float | None], str | None, bool]:
         """``(scores, problem, timed_out)``: the N scores of a finished call, or N Nones and why the call failed.
