@@ -11,8 +11,8 @@ peak RSS (which also counts the Python/torch runtime, the same for both strategi
 from __future__ import annotations
 
 import argparse
-import os
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -23,7 +23,7 @@ import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import run_header, write_results_section  # noqa: E402
+from _common import run_header, write_results_section
 
 
 def _local_bytes(tensors) -> int:

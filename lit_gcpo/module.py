@@ -438,6 +438,10 @@ class GRPOModule(L.LightningModule):
         # dataloader_idx: Lightning requires it once there are several test sources (one per benchmark)
         self._eval_step(batch, "test")
 
+    def predict_step(self, batch: RolloutBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        # The DataModule generated and scored the batch; lit_gcpo.prediction.PredictionWriter writes it.
+        return None
+
     # ------------------------------------------------------------------------------------ optimizers
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(p for p in self.policy.parameters() if p.requires_grad)

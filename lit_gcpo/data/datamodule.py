@@ -12,6 +12,7 @@ see the complete ``RolloutBatch`` in ``on_train_batch_start``.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import zlib
 from collections.abc import Iterable, Iterator
@@ -28,7 +29,7 @@ from lit_gcpo.batch import PromptBatch, RolloutBatch
 from lit_gcpo.clustering import answer_clusters
 from lit_gcpo.data.rollout import RolloutCollector
 from lit_gcpo.data.sources import PromptSource
-from lit_gcpo.data.templates import PromptRenderer, placeholders
+from lit_gcpo.data.templates import PromptRenderer, context_length, fit_prompts, placeholders
 from lit_gcpo.engines import build_engine
 from lit_gcpo.engines.base import SamplingConfig
 
@@ -98,6 +99,13 @@ class EvalPrompts(IterableDataset):
             )
 
 
+def run_seed(seed: int | None) -> int:
+    """``seed``, else the one ``seed_everything`` set (Lightning's ``PL_GLOBAL_SEED``), else 0."""
+    if seed is not None:
+        return seed
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
 def _identity(batch: list[PromptBatch]) -> PromptBatch:
     return batch[0]
 
@@ -111,12 +119,15 @@ class RolloutDataModule(L.LightningDataModule):
         test: prompts for ``lit-gcpo test``: one source or several (e.g. one per benchmark, each its own
             dataloader, reported separately); None: the validation prompts. A source with a ``template``
             or ``required_fields`` attribute (not None) uses them instead of the ones here.
+        predict: prompts for ``lit-gcpo predict`` (sampled like evaluation; gold answers optional).
         template: the user message, with ``{field}`` placeholders filled from the row, or a named template
             (``qwen-math``: the Qwen2.5-Math "put your final answer within \\boxed{}" prompt).
         system: system message for chat templates.
         chat: use the tokenizer's chat template: ``auto`` (when it has one), ``always``, ``never``.
         required_fields: fields every row must have (besides the template's); rows missing one are skipped
             with a counted warning, and a field missing from every row is an error at setup.
+        long_prompts: a prompt longer than the model's context minus ``sampling.max_new_tokens``: ``truncate``
+            (keep its last tokens), ``skip``, both counted and logged with the rows, or ``error`` at setup.
         batch_size: prompts per training step (B), per data-parallel rank.
         group_size: completions per prompt (G).
         rewards: reward functions by built-in name or dotted path (``pkg.module:function``).
@@ -132,7 +143,8 @@ class RolloutDataModule(L.LightningDataModule):
         cluster_answers: cluster each group's final answers by math-verify equivalence while the policy scores
             the batch (``batch.answer_clusters``, read by the uncertainty callback's ``answer`` clustering).
         seed: seeds the prompt order and the sampler (each prompt from its position in the stream: the same
-            completions whatever the batch size and the number of ranks).
+            completions whatever the batch size and the number of ranks); None (the default): the run's
+            ``seed_everything``.
     """
 
     def __init__(
@@ -140,10 +152,12 @@ class RolloutDataModule(L.LightningDataModule):
         train: PromptSource | None = None,
         val: PromptSource | None = None,
         test: PromptSource | list[PromptSource] | None = None,
+        predict: PromptSource | None = None,
         template: str = "{prompt}",
         system: str | None = None,
         chat: Literal["auto", "always", "never"] = "auto",
         required_fields: list[str] | None = None,
+        long_prompts: Literal["truncate", "skip", "error"] = "truncate",
         batch_size: PositiveInt = 8,
         group_size: int = 8,
         rewards: list[str] | None = None,
@@ -157,7 +171,7 @@ class RolloutDataModule(L.LightningDataModule):
         val_temperature: float = 0.0,
         val_batch_size: PositiveInt = 64,
         cluster_answers: bool = True,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -173,8 +187,11 @@ class RolloutDataModule(L.LightningDataModule):
             raise ValueError(f"accuracy_reward {accuracy_reward!r} is not one of rewards {rewards}")
         self.train_source, self.val_source = train, val
         self.test_sources: list[PromptSource] = [test] if isinstance(test, PromptSource) else list(test or [])
+        self.predict_source = predict
         self.template, self.system, self.chat = template, system, chat
         self.required_fields = list(required_fields) if required_fields is not None else ["answer"]
+        self.long_prompts, self._context = long_prompts, None
+        self.long_prompt_rows: dict[str, int] = {}
         self.batch_size, self.group_size = batch_size, group_size
         self.reward_names, self.reward_weights, self.reward_timeout = rewards, reward_weights, reward_timeout
         self.accuracy_reward = accuracy_reward
@@ -203,10 +220,21 @@ class RolloutDataModule(L.LightningDataModule):
         if module is None or not hasattr(module, "tokenizer"):
             raise RuntimeError("RolloutDataModule needs a LightningModule with `tokenizer` and `policy`")
         tokenizer = module.tokenizer
-        sources: dict[str, PromptSource | None] = {"train": self.train_source, "val": self.val_source}
+        self.seed = run_seed(self.seed)
+        self._context = context_length(module.policy)
+        sources: dict[str, PromptSource | None] = {
+            "train": self.train_source,
+            "val": self.val_source,
+            "predict": self.predict_source,
+        }
         for index, source in enumerate(self.test_sources or [self.val_source]):
             sources[f"test{index}"] = source
-        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": [k for k in sources if k.startswith("test")]}
+        wanted = {
+            "fit": ["train", "val"],
+            "validate": ["val"],
+            "test": [k for k in sources if k.startswith("test")],
+            "predict": ["predict"],
+        }
         for split in wanted.get(stage, []):
             source = sources[split]
             if source is not None and split not in self._datasets:
@@ -233,6 +261,7 @@ class RolloutDataModule(L.LightningDataModule):
             raise ValueError(f"{split}: the prompt source {source.describe()} has no rows")
         required = getattr(source, "required_fields", None)
         required = self.required_fields if required is None else required
+        required = [] if split == "predict" else required  # predictions need no gold
         needed = sorted(set(placeholders(renderer.template)) | set(required))
         for name in needed:
             if all(row.get(name) is None for row in rows):
@@ -261,6 +290,20 @@ class RolloutDataModule(L.LightningDataModule):
         self.skipped_rows[split] = len(skipped)
         if not kept_rows:
             raise ValueError(f"{split}: every row of {source.describe()} lacks a required field")
+        if self._context is not None:  # never a silent overflow of the model's context
+            skipped_ids = {index for index, _ in skipped}
+            row_ids = [index for index in range(len(rows)) if index not in skipped_ids]
+            kept, prompts, too_long = fit_prompts(
+                prompts,
+                renderer.tokenizer,
+                self._context - self.sampling.max_new_tokens,
+                self.long_prompts,
+                not renderer.use_chat,
+                row_ids,
+                label=f"{split}: {source.describe()}",
+            )
+            kept_rows = [kept_rows[index] for index in kept]
+            self.long_prompt_rows[split] = len(too_long)
         return kept_rows, prompts
 
     # ------------------------------------------------------------------------------------ dataloaders
@@ -300,6 +343,11 @@ class RolloutDataModule(L.LightningDataModule):
                 loaders.append(self._shard(EvalPrompts(tagged, prompts, self.val_batch_size, skip)))
                 self._test_passes.append((name, sampling, samples))
         return loaders
+
+    def predict_dataloader(self) -> DataLoader:
+        if "predict" not in self._datasets:
+            raise ValueError("lit-gcpo predict needs prompts: set data.predict (e.g. a LocalFiles source)")
+        return self._shard(EvalPrompts(*self._datasets["predict"], self.val_batch_size))
 
     def test_names(self) -> list[str]:
         """A name for each test dataloader: its source's ``describe()``, and ``/<variant>`` for a pass."""
