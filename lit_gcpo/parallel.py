@@ -70,12 +70,21 @@ def is_sharded(strategy: Strategy | None) -> bool:
 
 
 def shard_causal_lm(model: torch.nn.Module, mesh: Any) -> None:
-    """Apply FSDP2 to a transformers causal LM: each decoder layer a unit, the model the root."""
+    """Apply FSDP2 to a transformers causal LM: each decoder layer a unit, the model the root.
+
+    A unit gathers its parameters in one buffer of one dtype, so a layer that mixes dtypes (the bf16-mixed
+    reference: bf16 linear layers, fp32 norms) gets one unit per linear layer inside it; gathering them
+    together made the ranks' collectives disagree on sizes.
+    """
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     if isinstance(model, FSDPModule):
         return  # configure_model may run more than once (fit, then test)
     for layer in model.get_decoder().layers:
+        if len({p.dtype for p in layer.parameters()}) > 1:
+            for module in layer.modules():
+                if isinstance(module, torch.nn.Linear):
+                    fully_shard(module, mesh=mesh)
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
 

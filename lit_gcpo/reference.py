@@ -6,7 +6,8 @@ class does what the strategy and precision would have done: the device of the po
 the policy's, and the dtype the precision computes in:
 
 - ``bf16-true`` (and ``64-true``): the whole model in that dtype, as Lightning converts the policy.
-- ``bf16-mixed``: the linear layers' weights and biases in bf16, the rest (embeddings, norms) in fp32.
+- ``bf16-mixed``: the decoder layers' linear weights and biases in bf16, the rest (embeddings, norms, the
+  output head) in fp32.
   Autocast computes every linear layer in bf16 from a bf16 cast of its fp32 weight, so holding that cast is
   the same computation with half the memory for the bulk of the parameters; embeddings and norms stay fp32
   because autocast keeps them (and the residual stream) in fp32: a fully bf16 copy gave log-probs up to
@@ -44,10 +45,10 @@ class ReferencePolicy:
         """Move to ``device`` in the dtype of ``precision``, and shard over ``mesh`` (FSDP2) when given."""
         self.model.to(device=device, dtype=_TRUE_DTYPES.get(str(precision)))
         if str(precision) == "bf16-mixed":
-            embedding = self.model.get_input_embeddings().weight
-            for module in self.model.modules():
-                # a head tied to the embedding shares its parameter: casting it would cast the embedding too
-                if isinstance(module, torch.nn.Linear) and module.weight is not embedding:
+            # the decoder layers' linear layers only: the output head may be tied to the embedding (casting it
+            # would cast the embedding too), and keeping it fp32 keeps the root FSDP unit of one dtype
+            for module in self.model.get_decoder().layers.modules():
+                if isinstance(module, torch.nn.Linear):
                     module.to(torch.bfloat16)
         if mesh is not None:
             shard_causal_lm(self.model, mesh)

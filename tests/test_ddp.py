@@ -103,3 +103,14 @@ def test_fsdp2_two_ranks_equal_one_process_with_global_clipping_and_resume(tiny_
     )
     assert resumed[0]["global_step"] == 6
     assert_same_weights(rank0, resumed[0])
+
+
+def test_fsdp2_with_a_bf16_reference_equals_ddp(tiny_model_dir, tmp_path):
+    """bf16-mixed with the KL term: the reference (bf16 linear layers, fp32 norms) is sharded like the policy,
+    and the run equals DDP's, where nothing is sharded."""
+    options = dict(devices=2, batch_size=3, max_steps=4, precision="bf16-mixed", beta=0.04, max_grad_norm=0.5)
+    ddp = run(tiny_model_dir, tmp_path, strategy="ddp", tag="ddp-bf16", **options)[0]
+    fsdp = run(tiny_model_dir, tmp_path, strategy="fsdp2", tag="fsdp-bf16", **options)[0]
+    assert ddp["skipped"] == fsdp["skipped"] == 2
+    assert fsdp["loss"] == pytest.approx(ddp["loss"], abs=1e-6)
+    assert_same_weights(ddp, fsdp)
