@@ -18,7 +18,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar
-from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO
 
 from lit_gcpo.checkpointing import AtomicCheckpointIO, check_checkpoint, newest_complete_checkpoint
@@ -145,7 +145,9 @@ class GCPOCLI(LightningCLI):
             directory = claim_logger_directory(self.trainer.loggers[0])
         else:  # without a logger the run writes its config and checkpoints into default_root_dir itself
             directory = Path(self.trainer.default_root_dir)
-            if not claim_directory(directory):
+            # evaluation without a logger writes only its report files, and re-running it into the same
+            # directory is how an interrupted evaluation resumes
+            if not claim_directory(directory) and self.subcommand not in ("test", "validate", "predict"):
                 raise RunDirectoryTakenError(
                     f"trainer.default_root_dir {directory} already holds a run, and without a logger this run would "
                     "write its config and checkpoints there too; choose another directory, or use a logger (each "
@@ -184,6 +186,16 @@ def _sampling_max_new_tokens(sampling: Any) -> int:
     return _sampling_field(sampling, "max_new_tokens")
 
 
+class RunConfigSaver(SaveConfigCallback):
+    """Saves the run's config.yaml; a training run never replaces another's (its directory is its own, see
+    ``after_instantiate_classes``), while an evaluation re-run into its directory is how it resumes and
+    replaces the interrupted run's config."""
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self.overwrite = stage != "fit"
+        super().setup(trainer, pl_module, stage)
+
+
 def main(args: list[str] | None = None, run: bool = True) -> GCPOCLI:
     """The ``lit-gcpo`` command; ``run=False`` only builds the trainer, model and data (for scripts)."""
     return GCPOCLI(
@@ -192,6 +204,7 @@ def main(args: list[str] | None = None, run: bool = True) -> GCPOCLI:
         args=args,
         run=run,
         auto_configure_optimizers=False,
+        save_config_callback=RunConfigSaver,
         parser_kwargs={"description": DESCRIPTION},
         # A run is reproducible unless asked otherwise (Lightning's default, True, draws a random seed).
         seed_everything_default=0,

@@ -223,3 +223,30 @@ def test_prompts_longer_than_the_context_are_skipped_or_truncated_and_counted(ti
     truncated = _fit_one_step(tiny_model_dir, LONG_ROWS, tmp_path)  # the default
     prompts = truncated._datasets["train"][1]
     assert prompts[1] == LONG_ROWS[1]["prompt"][-250:] and truncated.long_prompt_rows["train"] == 1
+
+
+def test_engine_state_travels_with_the_datamodule_state():
+    """The vllm engine's ``sync_every`` phase (its count of sync calls) is part of the checkpoint state."""
+    from types import SimpleNamespace
+
+    from lit_gcpo.data.datamodule import RolloutDataModule
+    from lit_gcpo.data.sources import ArithmeticTask
+
+    class Engine:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def state_dict(self):
+            return {"sync_calls": self.calls}
+
+        def load_state_dict(self, state):
+            self.calls = state["sync_calls"]
+
+    saved = RolloutDataModule(train=ArithmeticTask("train", num_train=8, num_val=2))
+    saved.collector = SimpleNamespace(engine=Engine())
+    saved.collector.engine.calls = 5
+    saved.consumed_batches = 7
+    restored = RolloutDataModule(train=ArithmeticTask("train", num_train=8, num_val=2))
+    restored.collector = SimpleNamespace(engine=Engine())
+    restored.load_state_dict(saved.state_dict())
+    assert restored.collector.engine.calls == 5 and restored.consumed_batches == 7

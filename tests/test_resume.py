@@ -36,7 +36,7 @@ def test_explicit_settings_given_with_ckpt_path_are_applied_and_printed(
     assert cli.trainer.global_step == 3  # resumed at step 2, one more step
     hparams = cli.model.hparams
     assert (hparams.max_grad_norm, hparams.warmup_steps, hparams.beta) == (0.5, 3, 0.1)
-    assert cli.model._reference  # beta > 0 loaded the reference model
+    assert cli.model.reference is not None  # beta > 0 loaded the reference model
     out = capsys.readouterr().out
     assert f"resuming from {checkpoint}" in out and "step 2" in out
     assert "model.max_grad_norm: 0.5 (the checkpoint has 1.0)" in out

@@ -210,6 +210,7 @@ class RolloutDataModule(L.LightningDataModule):
         self.collector: RolloutCollector | None = None
         self._datasets: dict[str, tuple[list[dict[str, Any]], list[str]]] = {}
         self._test_passes: list[tuple[str, SamplingConfig, int]] = []  # (name, sampling, samples) per loader
+        self._test_seed_keys: list[str] = []  # what seeds each test loader's prompts
         self._done_test_batches: dict[str, set[tuple[int, ...]]] = {}
         self._synced_step: int | None = None
 
@@ -329,7 +330,7 @@ class RolloutDataModule(L.LightningDataModule):
         splits = sorted((k for k in self._datasets if k.startswith("test")), key=lambda k: int(k[4:]))
         sources = self.test_sources or [self.val_source]
         default_sampling = replace(self.sampling, temperature=self.val_temperature)
-        loaders, self._test_passes = [], []
+        loaders, self._test_passes, self._test_seed_keys = [], [], []
         for split in splits:
             source, (rows, prompts) = sources[int(split[4:])], self._datasets[split]
             variants = getattr(source, "eval_variants", None)
@@ -342,6 +343,8 @@ class RolloutDataModule(L.LightningDataModule):
                 skip = self._done_test_batches.get(name)
                 loaders.append(self._shard(EvalPrompts(tagged, prompts, self.val_batch_size, skip)))
                 self._test_passes.append((name, sampling, samples))
+                # sampling seeds follow the benchmark's name and pass, not its file's location
+                self._test_seed_keys.append(f"{getattr(source, 'name', None) or source.describe()}/{variant}")
         return loaders
 
     def predict_dataloader(self) -> DataLoader:
@@ -412,8 +415,8 @@ class RolloutDataModule(L.LightningDataModule):
     def _eval_stream(self, dataloader_idx: int) -> str:
         """The name that seeds an evaluation dataloader's prompts: the test pass (benchmark and variant), so the
         same row of two benchmarks or passes draws differently; validation by its dataloader index."""
-        if self.trainer.testing and dataloader_idx < len(self._test_passes):
-            return f"test/{self._test_passes[dataloader_idx][0]}"
+        if self.trainer.testing and dataloader_idx < len(self._test_seed_keys):
+            return f"test/{self._test_seed_keys[dataloader_idx]}"
         return f"val/{dataloader_idx}"
 
     def _prompt_seeds(self, stream: str, batch: PromptBatch) -> list[int]:
@@ -430,9 +433,12 @@ class RolloutDataModule(L.LightningDataModule):
 
     # ---------------------------------------------------------------------------------------- resume
     def state_dict(self) -> dict[str, Any]:
-        return {"consumed_batches": self.consumed_batches, "seed": self.seed}
+        engine = self.collector.engine.state_dict() if self.collector is not None else {}
+        return {"consumed_batches": self.consumed_batches, "seed": self.seed, "engine": engine}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "consumed_batches" not in state_dict:
             raise KeyError("RolloutDataModule state lacks 'consumed_batches': not a lit-gcpo checkpoint?")
         self.consumed_batches = int(state_dict["consumed_batches"])
+        if self.collector is not None:  # built in setup, which Lightning runs before restoring
+            self.collector.engine.load_state_dict(state_dict.get("engine", {}))

@@ -119,3 +119,11 @@ class RolloutEngine(abc.ABC):
     def sleep(self) -> None:
         """Release accelerator memory while the trainer steps (engines without such a mode do nothing)."""
         return None
+
+    def state_dict(self) -> dict[str, int]:
+        """What a resumed run needs to continue as if never stopped (kept in the DataModule's checkpoint state)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Restore :meth:`state_dict` (nothing to restore by default)."""
+        del state

@@ -407,6 +407,13 @@ class VLLMEngine(RolloutEngine):
             self._broken = "the prefix cache could not be reset after a sync"
             raise WeightSyncError("vLLM refused to reset its prefix cache after a sync; stale KV would be reused")
 
+    def state_dict(self) -> dict[str, int]:
+        """The phase of ``sync_every``: how many sync calls were made (a resumed run loads on the same calls)."""
+        return {"sync_calls": self._sync_calls}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._sync_calls = int(state.get("sync_calls", 0))
+
     def _validated(self, named_parameters: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
         pairs: list[tuple[str, torch.Tensor]] = []
         seen: set[str] = set()

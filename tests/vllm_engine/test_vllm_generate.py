@@ -95,3 +95,25 @@ def test_prompt_errors_name_the_row(engine, tokenizer):
         engine.generate(prompts, 2, SamplingConfig(max_new_tokens=4))
     with pytest.raises(ValueError, match=r"prompt_ids\[0\] has 600 tokens"):
         engine.generate([[5] * 600], 2, SamplingConfig(max_new_tokens=4))
+
+
+def test_every_end_of_sequence_id_stops_like_the_hf_engine(engine, policy, tokenizer):
+    """A second end-of-sequence id (a chat model's <|im_end|>, listed by its generation config) ends the
+    completion in vLLM as in the hf engine."""
+    prompts = _encode(tokenizer, PROMPTS[:1])
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=16)
+    free = engine.generate(prompts, 1, greedy).completion_ids[0]
+    second = free[2]
+    policy.generation_config.eos_token_id = [tokenizer.eos_token_id, second]
+    saved = engine.eos_token_ids
+    try:
+        from lit_gcpo.engines.base import end_of_sequence_ids
+
+        engine.eos_token_ids = end_of_sequence_ids(policy, tokenizer)  # what the constructor reads
+        stopped = engine.generate(prompts, 1, greedy)
+        hf = HFEngine(policy, tokenizer).generate(prompts, 1, greedy)
+    finally:
+        engine.eos_token_ids = saved
+        policy.generation_config.eos_token_id = tokenizer.eos_token_id
+    assert stopped.completion_ids[0] == free[: free.index(second) + 1] == hf.completion_ids[0]
+    assert stopped.truncated == hf.truncated == [False]
