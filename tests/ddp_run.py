@@ -19,6 +19,25 @@ def sgd(params):
     return torch.optim.SGD(params, lr=0.1)
 
 
+class RecordFirstBatch(L.Callback):
+    """Keeps what the uncertainty callback read and wrote on this rank's first batch (test_ddp checks the
+    weights against the pure functions on both ranks' batches concatenated)."""
+
+    def __init__(self) -> None:
+        self.record = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.record is None:
+            self.record = {
+                "group_ids": batch.group_ids.clone(),
+                "rewards": batch.rewards.clone(),
+                "embeddings": batch.embeddings.clone(),
+                "seq_logprobs": batch.seq_logprobs.clone(),
+                "advantage_weights": batch.advantage_weights.clone(),
+                "weight_std": float(trainer.callback_metrics["uncertainty/weight_std"]),
+            }
+
+
 if __name__ == "__main__":
     model_dir, out_dir = sys.argv[1], Path(sys.argv[2])
     L.seed_everything(0)
@@ -40,7 +59,8 @@ if __name__ == "__main__":
         sampling=SamplingConfig(max_new_tokens=6),
         seed=3,
     )
-    callback = UncertaintyCallback(method="gcpo", clustering="embedding", embeddings="batch", normalise_batch=True)
+    callback = UncertaintyCallback(method="gcpo", clustering="embedding", embeddings="batch", tau=0.9)
+    recorder = RecordFirstBatch()
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,
@@ -52,7 +72,7 @@ if __name__ == "__main__":
         enable_model_summary=False,
         limit_val_batches=0,
         default_root_dir=str(out_dir),
-        callbacks=[callback],
+        callbacks=[callback, recorder],
     )
     trainer.fit(module, data)
     rank = trainer.global_rank
@@ -62,6 +82,7 @@ if __name__ == "__main__":
             "consumed": data.consumed_batches,
             "global_step": trainer.global_step,
             "loss": float(trainer.logged_metrics["train/loss"]),
+            "first_batch": recorder.record,
         },
         out_dir / f"rank{rank}.pt",
     )

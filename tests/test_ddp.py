@@ -30,3 +30,27 @@ def test_two_ranks_stay_in_sync(tiny_model_dir, tmp_path):
     for name, value in rank0["weights"].items():
         torch.testing.assert_close(rank1["weights"][name], value, atol=1e-6, rtol=0, msg=name)
     assert any(not torch.allclose(value, initial[name].detach()) for name, value in rank0["weights"].items())
+    _check_weights_over_both_ranks(rank0["first_batch"], rank1["first_batch"])
+
+
+def _check_weights_over_both_ranks(first: dict, second: dict) -> None:
+    """The callback's weights on each rank equal the pure functions applied to the two ranks' batches
+    concatenated (centring, scale and normalisation are over the whole step, METHODS.md §5.1), and both
+    ranks log the same weight spread (statistics over every rank's groups)."""
+    from lit_gcpo.clustering import embedding_clusters
+    from lit_gcpo.uncertainty import advantage_weights, uncertainty_signals
+
+    offset = int(first["group_ids"].max()) + 1
+    group_ids = torch.cat([first["group_ids"], second["group_ids"] + offset])  # [N0 + N1]
+    embeddings = torch.cat([first["embeddings"], second["embeddings"]])
+    num_groups = int(group_ids.max()) + 1
+    signals, _ = uncertainty_signals(
+        group_ids, num_groups, rewards=torch.cat([first["rewards"], second["rewards"]]),
+        cluster_ids=embedding_clusters(embeddings, group_ids, 0.9), embeddings=embeddings,
+        seq_logprobs=torch.cat([first["seq_logprobs"], second["seq_logprobs"]]),
+    )  # fmt: skip
+    weights, _ = advantage_weights("gcpo", signals)
+    written = torch.cat([first["advantage_weights"], second["advantage_weights"]])
+    torch.testing.assert_close(written, weights[group_ids], atol=1e-5, rtol=1e-5)
+    assert weights.std() > 0  # the check is not vacuous: the groups got different weights
+    assert first["weight_std"] == second["weight_std"]
