@@ -38,7 +38,7 @@ from lit_gcpo.engines.hf import HFEngine
 from lit_gcpo.faithfulness import LENGTH, Faithfulness, completion_gradients, faithfulness, gradient_variance
 from lit_gcpo.module import GRPOModule
 from lit_gcpo.rewards import RewardSet
-from lit_gcpo.uncertainty import calibrated_uncertainty, uncertainty_signals
+from lit_gcpo.uncertainty import advantage_weights, calibrated_uncertainty, uncertainty_signals
 
 SECTION = "uncertainty_faithfulness"
 SIGNAL_LABELS = {
@@ -95,7 +95,42 @@ def batch_signals(batch: RolloutBatch) -> dict[str, torch.Tensor]:
         embeddings=batch.embeddings, seq_logprobs=batch.seq_logprobs, se_kind="rao", geometric="bot", center="batch",
     )  # fmt: skip
     signals["u_c_cd"] = calibrated_uncertainty(signals["cd"], signals["rd"])
-    return {name: signals[name].detach().double().cpu() for name in SIGNAL_LABELS if name != LENGTH}
+    return {name: signals[name].detach().double().cpu() for name in [*SIGNAL_LABELS, "se_n"] if name != LENGTH}
+
+
+WEIGHTINGS = {
+    "seed_grpo": {"method": "seed_grpo"},
+    "seed_grpo_sf": {"method": "seed_grpo", "alpha": 1.0, "scale": "batch_mean", "normalise": True},
+    "gcpo_bot": {"method": "gcpo", "geometric": "bot"},
+    "gcpo_cd": {"method": "gcpo", "geometric": "cd"},
+    "rd_only": {"method": "rd_only"},
+}
+
+
+def weights_by_noise(per_batch: list[tuple[dict[str, torch.Tensor], list[dict]]]) -> list[str]:
+    """Mean weight of each weighting on the noisy and on the clean prompts with RD > 0 (noisy testbed): does it
+    damp the prompts whose rewards are coin flips? Each chunk of prompts is one step's weighting."""
+    sums = {name: {"noisy": 0.0, "clean": 0.0} for name in WEIGHTINGS}
+    counts = {"noisy": 0, "clean": 0}
+    for signals, rows in per_batch:
+        noisy = torch.tensor([float(row.get("noise_rate") or 0.0) > 0 for row in rows])
+        spread = signals["rd"] > 0
+        counts["noisy"] += int((spread & noisy).sum())
+        counts["clean"] += int((spread & ~noisy).sum())
+        for name, options in WEIGHTINGS.items():
+            weights, _ = advantage_weights(signals=signals, **options)
+            sums[name]["noisy"] += float(weights.double()[spread & noisy].sum())
+            sums[name]["clean"] += float(weights.double()[spread & ~noisy].sum())
+    lines = [
+        f"| weighting | mean weight, noisy prompts with RD > 0 (n = {counts['noisy']}) "
+        f"| mean weight, clean prompts with RD > 0 (n = {counts['clean']}) | noisy / clean |",
+        "|---|---|---|---|",
+    ]
+    for name, total in sums.items():
+        noisy_mean = total["noisy"] / max(counts["noisy"], 1)
+        clean_mean = total["clean"] / max(counts["clean"], 1)
+        lines.append(f"| {name} | {noisy_mean:.3f} | {clean_mean:.3f} | {noisy_mean / max(clean_mean, 1e-12):.3f} |")
+    return lines
 
 
 def batch_variance(module: GRPOModule, batch: RolloutBatch, params: list[torch.nn.Parameter]) -> torch.Tensor:
@@ -120,8 +155,9 @@ def batch_variance(module: GRPOModule, batch: RolloutBatch, params: list[torch.n
     return variance
 
 
-def diagnose(model: str, args: argparse.Namespace, testbed: str) -> tuple[dict[str, Faithfulness], str]:
-    """The faithfulness table of one policy, and a one-line description of what was measured."""
+def diagnose(model: str, args: argparse.Namespace, testbed: str) -> tuple[dict[str, Faithfulness], str, list[str]]:
+    """The faithfulness table of one policy, a one-line description of what was measured, and (noisy testbed)
+    the weights on noisy versus clean prompts."""
     start = time.perf_counter()
     device = torch.device(args.device)
     module = GRPOModule(model=model, temperature=args.temperature, policy_embeddings=True).to(device)
@@ -132,10 +168,12 @@ def diagnose(model: str, args: argparse.Namespace, testbed: str) -> tuple[dict[s
     if not params:
         raise ValueError(f"--params {args.params!r} matches no trainable parameter of the policy")
     per_signal: dict[str, list[torch.Tensor]] = {}
-    variances, lengths = [], []
+    variances, lengths, per_batch = [], [], []
     for batch in batches:
         variances.append(batch_variance(module, batch, params))
-        for name, value in batch_signals(batch).items():
+        chunk_signals = batch_signals(batch)
+        per_batch.append((chunk_signals, batch.rows))
+        for name, value in chunk_signals.items():
             per_signal.setdefault(name, []).append(value)
         counts = torch.bincount(batch.group_ids, minlength=batch.num_groups).clamp(min=1)
         lengths.append(
@@ -151,7 +189,7 @@ def diagnose(model: str, args: argparse.Namespace, testbed: str) -> tuple[dict[s
         f"temperature {args.temperature}, up to {args.max_new_tokens} tokens; {spread} prompts have RD > 0; V over "
         f"{sum(p.numel() for p in params):,} parameters; {time.perf_counter() - start:.0f} s"
     )
-    return results, description
+    return results, description, weights_by_noise(per_batch) if testbed == "noisy" else []
 
 
 def table(results: dict[str, Faithfulness]) -> list[str]:
@@ -196,7 +234,7 @@ def compare_rows(args: argparse.Namespace) -> list[str]:
     ]
     for policy in sorted(root.glob(f"*/*/seed{args.policy_seed}/policy")):
         testbed, method = policy.parts[-4], policy.parts[-3]
-        results, description = diagnose(str(policy), args, testbed)
+        results, description, _ = diagnose(str(policy), args, testbed)
         spread = re.search(r"(\d+) prompts have RD > 0", description).group(1)
         cells = [str(results[n].spread_prompts) for n in ("se", "cd", "bot", "u_c", LENGTH)]
         lines.append(f"| {testbed} | {method} | {spread} | {' | '.join(cells)} | {results['bot'].within_rd} |")
@@ -241,15 +279,20 @@ def main(argv: list[str] | None = None) -> None:
             write_results_section(f"{SECTION}.compare", section)
         return
     policy = resolve_policy(args.model)
-    results, description = diagnose(policy.path, args, args.testbed)
+    results, description, noise_lines = diagnose(policy.path, args, args.testbed)
+    if noise_lines:
+        title = "Weights on the noisy versus the clean training prompts (each chunk of prompts weighted as one step):"
+        noise_lines = ["", title, "", *noise_lines]
+    section = SECTION if args.testbed == "arithmetic" and args.prompts is None else f"{SECTION}.{args.testbed}"
     lines = [
-        "## Uncertainty faithfulness (uncertainty_faithfulness.py)", "", run_header(),
+        f"## Uncertainty faithfulness (uncertainty_faithfulness.py, {args.testbed})", "", run_header(),
         f"Policy: {policy.description}. {description}. Values are Spearman rho [paired percentile-bootstrap 95% "
         f"interval, {args.resamples} resamples over prompts].", "", *table(results), "", reading(results),
+        *noise_lines,
     ]  # fmt: skip
     print("\n".join(lines))
     if not args.no_write:
-        write_results_section(SECTION, lines)
+        write_results_section(section, lines)
 
 
 if __name__ == "__main__":
