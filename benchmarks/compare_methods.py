@@ -152,6 +152,16 @@ def paired_bootstrap(differences: np.ndarray, resamples: int = 10_000, seed: int
     return float(low), float(high)
 
 
+def sign_flip_p(differences: np.ndarray) -> float:
+    """Exact two-sided p-value of the paired sign-flip (randomisation) test of a zero mean difference: the share
+    of the 2^n sign patterns whose |mean| is at least the observed one. With n = 5 seeds it cannot go below
+    2/32 = 0.0625, which is the honest resolution of 5 paired runs."""
+    n = len(differences)
+    signs = np.array(np.meshgrid(*[[-1.0, 1.0]] * n)).reshape(n, -1).T  # [2^n, n]
+    means = np.abs((signs * np.abs(differences)).mean(1))
+    return float((means >= abs(differences.mean()) - 1e-12).mean())
+
+
 def run_summary(log_dir: Path, steps: int) -> dict[str, Any] | None:
     """Final accuracy, validation curve and weight spread of one finished run (None when it did not finish)."""
     # Lightning logs the validation that follows optimizer step k at logger step k - 1.
@@ -173,8 +183,8 @@ def testbed_table(results: dict[str, dict[int, dict[str, Any]]], seeds: list[int
     """Markdown table of one testbed and its generated reading."""
     lines = [
         "| method | runs | final greedy val accuracy, mean ± std | per seed | minus GRPO, paired mean [95% bootstrap] "
-        "| weight std per step (RD > 0 groups), mean | weight min - max |",
-        "|---|---|---|---|---|---|---|",
+        "| sign-flip p | weight std per step (RD > 0 groups), mean | weight min - max |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     notes = []
     grpo = results.get("grpo", {})
@@ -185,26 +195,32 @@ def testbed_table(results: dict[str, dict[int, dict[str, Any]]], seeds: list[int
         std = finals.std(ddof=1) if finals.size > 1 else 0.0
         per_seed = ", ".join(f"{runs[s]['final']:.3f}" for s in seeds if s in runs)
         paired = [s for s in seeds if s in runs and s in grpo]
-        versus = "—"
+        versus, p_value = "—", "—"
         if method != "grpo" and len(paired) >= 2:
             differences = np.array([runs[s]["final"] - grpo[s]["final"] for s in paired])
             low, high = paired_bootstrap(differences)
             versus = f"{differences.mean():+.3f} [{low:+.3f}, {high:+.3f}]"
+            p_value = f"{sign_flip_p(differences):.3f}"
             if low > 0 or high < 0:
-                notes.append(f"{method} {'above' if low > 0 else 'below'} GRPO ({versus})")
+                notes.append(f"{method} {'above' if low > 0 else 'below'} GRPO ({versus}, sign-flip p {p_value})")
         weight_std = np.nanmean([runs[s]["weight_std"] for s in seeds if s in runs])
         low_w = np.nanmin([runs[s]["weight_min"] for s in seeds if s in runs])
         high_w = np.nanmax([runs[s]["weight_max"] for s in seeds if s in runs])
         lines.append(
-            f"| {method} | {finals.size} | {finals.mean():.3f} ± {std:.3f} | {per_seed} | {versus} "
+            f"| {method} | {finals.size} | {finals.mean():.3f} ± {std:.3f} | {per_seed} | {versus} | {p_value} "
             f"| {weight_std:.3f} | {low_w:.3f} - {high_w:.3f} |"
         )
         if method != "grpo" and weight_std < 0.02:
             notes.append(f"{method}'s weights barely move (std {weight_std:.3f} < 0.02): for this run it is GRPO")
     if notes:
-        reading = "Intervals that exclude 0 or flat weights: " + "; ".join(notes) + "."
+        reading = "Bootstrap intervals that exclude 0, or flat weights: " + "; ".join(notes) + ". "
     else:
-        reading = "No method's paired interval excludes 0: this run shows no difference to GRPO."
+        reading = "No method's paired bootstrap interval excludes 0: this run shows no difference to GRPO. "
+    reading += (
+        f"A percentile bootstrap over {len(seeds)} seeds is too narrow (it under-covers with so few samples); the "
+        f"exact sign-flip test is the honest check, and with {len(seeds)} seeds its smallest possible p-value is "
+        f"{2 / 2 ** len(seeds):.3f}."
+    )
     return lines, reading
 
 
