@@ -171,8 +171,10 @@ def run_summary(log_dir: Path, steps: int) -> dict[str, Any] | None:
     stds = [v for _, v in read_scalars(log_dir, "uncertainty/weight_spread_std")]
     lows = [v for _, v in read_scalars(log_dir, "uncertainty/weight_spread_min")]
     highs = [v for _, v in read_scalars(log_dir, "uncertainty/weight_spread_max")]
+    lengths = [v for s, v in read_scalars(log_dir, "val/completion_length") if s + 1 == steps]
     return {
         "final": curve[-1][1],
+        "length": lengths[-1] if lengths else float("nan"),
         "weight_std": float(np.mean(stds)) if stds else float("nan"),
         "weight_min": min(lows) if lows else float("nan"),
         "weight_max": max(highs) if highs else float("nan"),
@@ -183,8 +185,9 @@ def testbed_table(results: dict[str, dict[int, dict[str, Any]]], seeds: list[int
     """Markdown table of one testbed and its generated reading."""
     lines = [
         "| method | runs | final greedy val accuracy, mean ± std | per seed | minus GRPO, paired mean [95% bootstrap] "
-        "| sign-flip p | weight std per step (RD > 0 groups), mean | weight min - max |",
-        "|---|---|---|---|---|---|---|---|",
+        "| sign-flip p | weight std per step (RD > 0 groups), mean | weight min - max | final greedy length "
+        "per seed (tokens) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     notes = []
     grpo = results.get("grpo", {})
@@ -206,9 +209,10 @@ def testbed_table(results: dict[str, dict[int, dict[str, Any]]], seeds: list[int
         weight_std = np.nanmean([runs[s]["weight_std"] for s in seeds if s in runs])
         low_w = np.nanmin([runs[s]["weight_min"] for s in seeds if s in runs])
         high_w = np.nanmax([runs[s]["weight_max"] for s in seeds if s in runs])
+        lengths = ", ".join(f"{runs[s]['length']:.1f}" for s in seeds if s in runs)
         lines.append(
             f"| {method} | {finals.size} | {finals.mean():.3f} ± {std:.3f} | {per_seed} | {versus} | {p_value} "
-            f"| {weight_std:.3f} | {low_w:.3f} - {high_w:.3f} |"
+            f"| {weight_std:.3f} | {low_w:.3f} - {high_w:.3f} | {lengths} |"
         )
         if method != "grpo" and weight_std < 0.02:
             notes.append(f"{method}'s weights barely move (std {weight_std:.3f} < 0.02): for this run it is GRPO")
@@ -295,6 +299,16 @@ def main(argv: list[str] | None = None) -> None:
                 if summary is not None:
                     results.setdefault(testbed, {}).setdefault(method, {})[seed] = summary
     total = time.perf_counter() - start
+    if args.collect_only:  # the span of the runs themselves: first config written to last log line
+        configs = list(out.glob("*/*/seed*/fit_config.yaml"))
+        logs = list(out.glob("*/*/seed*/fit.log"))
+        if configs and logs:
+            total = max(f.stat().st_mtime for f in logs) - min(f.stat().st_mtime for f in configs)
+            seconds = [
+                (d / "fit.log").stat().st_mtime - (d / "fit_config.yaml").stat().st_mtime
+                for d in (f.parent for f in logs)
+                if (d / "fit_config.yaml").is_file()
+            ]
     header = (
         f"Config `{Path(args.config).name}` (read at run time), {steps} optimizer steps per run of "
         f"{args.batch_size or base['data']['batch_size']} prompts x {base['data']['group_size']} completions, "
