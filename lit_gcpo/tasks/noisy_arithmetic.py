@@ -24,9 +24,12 @@ completions. Whether an uncertainty weighting damps those groups is the question
 - ``noisy_levels = (2,)`` ("premise false"): the noise falls on the easy prompts, where the policy mostly agrees
   with itself; damping disagreement then damps the clean, hard prompts instead of the noisy ones.
 
-The reward's ``noise_rate`` 0.25 keeps a coin-flip group's RD away from its maximum (k ~ Bin(8, 1/4): mostly
-1-3 successes of 8, RD 0.66-0.97), like the spread groups of the clean hard prompts, so RD alone does not give
-the noisy groups away.
+The reward's ``noise_rate`` 0.25 gives a coin-flip group k ~ Bin(8, 1/4) successes (mostly 1-3 of 8, RD 0.66-
+0.97), in the range of the clean hard prompts' spread groups. Measured on the shipped policy
+(``benchmarks/uncertainty_faithfulness.py --testbed noisy``) the coin-flip groups still have a higher RD on
+average, so ``1 - RD`` lifts them: gcpo gives them about 1.07-1.08 times the weight of the clean spread groups,
+while SEED-GRPO's scale-free weighting gives them 0.90 times (benchmarks/RESULTS.md). On this noise the
+premise fails by construction of the calibration.
 """
 
 from __future__ import annotations
