@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import resource
 import statistics
+import tempfile
 import time
 
 import lightning as L
@@ -82,6 +83,8 @@ def main() -> None:
             "false",
             "--trainer.logger",
             "false",
+            "--trainer.default_root_dir",  # a fresh directory: without a logger a run claims this one
+            tempfile.mkdtemp(prefix="bench_step_"),
             "--model.export_dir",
             "null",
         ],

@@ -53,6 +53,7 @@ def group_advantages(
     mode: str = "grpo",
     scale: str = "group",
     eps: float = 1e-4,
+    all_reduce_sum: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-completion advantages from per-completion rewards and their group ids.
 
@@ -63,6 +64,8 @@ def group_advantages(
         mode: a name in ``ADVANTAGE_MODES`` (``grpo``, ``dr_grpo``).
         scale: ``group`` (the group's std) or ``batch`` (the std of all finite rewards of the batch).
         eps: added to the std before dividing (``grpo`` only).
+        all_reduce_sum: sums a tensor over data-parallel ranks; with ``scale="batch"`` the std is then that of
+            every rank's finite rewards (the global batch), not this rank's.
 
     Returns:
         ``(advantages [N], metrics)``; advantages have the rewards' dtype (float32 for integer rewards).
@@ -109,9 +112,12 @@ def group_advantages(
         sq = zeros_g.index_add(0, group_ids, centered.square())  # [G]
         std = (sq / (counts - 1).clamp_min(1)).sqrt()[group_ids]  # [N] unbiased
     else:
-        n_finite = finite_f.sum()
-        batch_mean = r.sum() / n_finite.clamp_min(1)
-        batch_var = (torch.where(finite, r - batch_mean, 0.0).square().sum()) / (n_finite - 1).clamp_min(1)
+        # moments of the finite rewards, summed over ranks when asked: [count, sum, sum of squares]
+        moments = torch.stack([finite_f.sum(), r.sum(), r.square().sum()])  # [3]
+        if all_reduce_sum is not None:
+            moments = all_reduce_sum(moments)
+        n_finite, total, total_sq = moments.unbind()
+        batch_var = (total_sq - total.square() / n_finite.clamp_min(1)).clamp_min(0) / (n_finite - 1).clamp_min(1)
         std = batch_var.sqrt().expand_as(r)  # [N]
 
     raw = mode_fn(centered, std, eps)  # [N]

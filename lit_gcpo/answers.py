@@ -70,6 +70,26 @@ def _strip_dollars(text: str) -> str:
     return text
 
 
+_INLINE_MATH = re.compile(r"(?<!\\)\$+(.*?)(?<!\\)\$+", re.DOTALL)
+_UNESCAPED_DOLLAR = re.compile(r"(?<!\\)\$")
+_LIST_GLUE = re.compile(r"[,;\s]|\band\b")
+
+
+def _unwrap_math(text: str) -> str:
+    """The gold as a model would box it: ``$...$`` delimiters removed, also inside the text.
+
+    ``"$16$"`` -> ``"16"``; ``"$69$,$84$"`` (OlympiadBench lists several answers in one string) ->
+    ``"69, 84"``; ``"$x=1$ or $x=2$"`` -> ``"x=1 or x=2"``. Escaped dollars (``\\$5``) are content.
+    """
+    text = text.strip()
+    if len(_UNESCAPED_DOLLAR.findall(text)) <= 2 or (text.startswith("$$") and text.count("$") == 4):
+        return _strip_dollars(text)
+    spans = list(_INLINE_MATH.finditer(text))
+    if not _LIST_GLUE.sub("", _INLINE_MATH.sub("", text)):
+        return ", ".join(span.group(1).strip() for span in spans)  # several math answers in one string
+    return _INLINE_MATH.sub(lambda span: span.group(1), text).strip()
+
+
 def _normalise_number(text: str) -> str:
     """``"1,234"`` -> ``"1234"``, ``"025"`` -> ``"25"``, ``"27.0"`` -> ``"27"``; anything else unchanged."""
     if _THOUSANDS.fullmatch(text):
@@ -92,7 +112,8 @@ def gold_answer(value: Any) -> str | None:
     * a list (OlympiadBench ``final_answer``): each element normalised, several joined by ``", "``;
     * GSM8K text ``"... #### 1,234"``: what follows the last ``####``, thousands separators removed;
     * a full solution with a ``\\boxed{}`` (Minerva, MATH ``solution``): the last box's content;
-    * otherwise the string, with surrounding ``$...$`` removed; a plain number loses leading zeros and
+    * otherwise the string, with its ``$...$`` delimiters removed (also inner ones: OlympiadBench's
+      ``"$69$,$84$"`` -> ``"69, 84"``); a plain number loses leading zeros and
       thousands separators (AIME ``"025"`` -> ``"25"``).
     """
     if value is None or isinstance(value, bool):
@@ -116,7 +137,7 @@ def gold_answer(value: Any) -> str | None:
         if boxed is None:
             return None
         text = boxed
-    text = _strip_dollars(text)
+    text = _unwrap_math(text)
     return _normalise_number(text) or None
 
 

@@ -21,11 +21,15 @@ class PromptBatch:
         prompts: the rendered prompt texts, ``[B]``.
         rows: the dataset rows the prompts came from (gold answers and any other columns), ``[B]``.
         indices: the rows' positions in the prompt source, ``[B]``.
+        positions: where each prompt is in its stream, ``[B]``: for training the global position in the endless
+            shuffled stream (the same whatever the batch size and number of ranks), for evaluation the row's
+            index. The sampler seeds each prompt from it, so a prompt's completions do not depend on its batch.
     """
 
     prompts: list[str]
     rows: list[dict[str, Any]]
     indices: list[int]
+    positions: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)

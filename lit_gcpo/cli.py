@@ -1,57 +1,83 @@
 """``lit-gcpo fit|validate|test|predict``: LightningCLI over GRPOModule and RolloutDataModule.
 
+``predict`` writes completions of ``data.predict`` as JSON lines (``lit_gcpo.prediction``).
+
 The uncertainty callback and the checkpoints are ordinary Trainer callbacks in the config files.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
-import zipfile
 from pathlib import Path
+from typing import Any
 
 # Must precede the first torch import: with vLLM and the trainer in one process, OpenMP busy-waiting
 # between their two thread pools made generation 7x slower (shared/VLLM_NOTES.md).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
 
+from lit_gcpo.checkpointing import AtomicCheckpointIO, check_checkpoint, newest_complete_checkpoint
 from lit_gcpo.data.datamodule import RolloutDataModule
+from lit_gcpo.engines.base import SamplingConfig
 from lit_gcpo.module import GRPOModule
+from lit_gcpo.parallel import unsupported_option
+from lit_gcpo.prediction import PredictionWriter
+from lit_gcpo.progress import StepProgressBar
+from lit_gcpo.resume import check_resume
+from lit_gcpo.rewards.combine import RewardError
+from lit_gcpo.run_dir import RunDirectoryTakenError, claim_directory, claim_logger_directory
+
+DESCRIPTION = (
+    "lit-gcpo: uncertainty-aware reinforcement learning of language models (GRPO, Dr. GRPO, SEED-GRPO, GCPO) on "
+    "PyTorch Lightning. `fit` trains a policy on rollouts (e.g. --config configs/quickstart.yaml), `validate` and "
+    "`test` evaluate one, `predict` writes a policy's completions of a prompt file (data.predict), with their "
+    "rewards where the rows have gold answers, to predictions.jsonl. Set --seed_everything to choose the run's seed."
+)
 
 
-def check_checkpoint(path: str) -> None:
-    """Fail early, naming the file, when a checkpoint is missing, truncated or not a torch archive."""
-    if path in ("last", "best", "hpc", "registry") or path.startswith("registry:"):
-        return
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"ckpt_path: no checkpoint file at {path}")
-    if not zipfile.is_zipfile(file):
-        raise ValueError(
-            f"ckpt_path: {path} is truncated or corrupt ({file.stat().st_size} bytes, not a complete torch "
-            "archive); resume from an earlier checkpoint, e.g. another file in the same directory"
-        )
-    try:
-        with zipfile.ZipFile(file) as archive:
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError) as err:
-        raise ValueError(f"ckpt_path: {path} is truncated or corrupt ({err})") from err
-    if bad is not None:
-        raise ValueError(f"ckpt_path: {path} is corrupt (member {bad} fails its checksum)")
+def _has_rich() -> bool:
+    return importlib.util.find_spec("rich") is not None
 
 
-def latest_last_checkpoint(root: str) -> str:
-    """The most recently written ``last.ckpt`` below ``root`` (every run's logger makes a new version
-    directory, so Lightning's own ``"last"``, which looks in the new run's directory, would find nothing)."""
-    candidates = sorted(Path(root).rglob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not candidates:
-        raise FileNotFoundError(f"ckpt_path last: no last.ckpt below trainer.default_root_dir={root}")
-    return str(candidates[-1])
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, (list, tuple)) else [] if value is None else [value]
+
+
+def missing_model_path(value: str | None) -> str | None:
+    """Why ``value`` (a model or tokenizer option) names no model, when it is a local path that does not exist;
+    None otherwise. Without this check transformers answered "Repo id must be in the form ..." for a
+    mistyped directory. A hub id has the form ``name`` or ``org/name``."""
+    if not value or value.startswith("lit-gcpo/"):
+        return None
+    looks_local = value.startswith((".", "/", "~")) or value.count("/") > 1 or "\\" in value
+    path = Path(value).expanduser()
+    if looks_local and not path.exists():
+        return f"no such directory {value} (a local model path; hub ids have the form 'org/name')"
+    if path.is_file():
+        return f"{value} is a file; give the directory that holds the model's config.json"
+    return None
 
 
 class GCPOCLI(LightningCLI):
-    """LightningCLI that resolves ``--ckpt_path last`` to the newest ``last.ckpt`` of the run's root directory
-    and checks a checkpoint file before anything reads it."""
+    """LightningCLI for lit-gcpo runs, made safe against lost or silently changed work:
+
+    - ``seed_everything`` is the one seed: ``data.seed`` follows it unless set (the saved config shows it);
+    - the run claims its log directory before writing (``lit_gcpo.run_dir``): never another run's;
+    - checkpoints are written atomically (``lit_gcpo.checkpointing``), ``--ckpt_path last`` is the newest
+      complete checkpoint below ``trainer.default_root_dir`` and a checkpoint file is checked before use;
+    - with ``--ckpt_path`` the settings come from the configuration and contradictions with the checkpoint are
+      refused (``lit_gcpo.resume``).
+    """
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # One source of truth: the loss recomputes the distribution the engine samples from.
+        parser.link_arguments("data.sampling", "model.temperature", compute_fn=_sampling_temperature)
+        parser.link_arguments("data.sampling", "model.max_completion_length", compute_fn=_sampling_max_new_tokens)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         super().parse_arguments(parser, args)
@@ -61,14 +87,101 @@ class GCPOCLI(LightningCLI):
                 "trainer.gradient_clip_val: GRPOModule steps its optimizer itself (several steps per rollout "
                 "batch), where Lightning cannot clip; use --model.max_grad_norm instead"
             )
+        config = self.config[subcommand] if subcommand else self.config
+        trainer = config.trainer
+        reason = unsupported_option(trainer.get("strategy"), trainer.get("precision"))
+        if reason is not None:  # before any model is loaded
+            parser.error(reason)
+        for option in ("model", "tokenizer") if subcommand else ():
+            problem = missing_model_path(self.config[subcommand].model.get(option))
+            if problem:
+                parser.error(f"model.{option}: {problem}")
         if not subcommand or not self.config[subcommand].get("ckpt_path"):
             return
         config = self.config[subcommand]
         if config.ckpt_path == "last":
-            config.ckpt_path = latest_last_checkpoint(config.trainer.default_root_dir or ".")
-            print(f"resuming from {config.ckpt_path}")
-        # LightningCLI reads the checkpoint's hyper-parameters right after parsing: check the file first.
+            config.ckpt_path = newest_complete_checkpoint(config.trainer.default_root_dir or ".")
         check_checkpoint(str(config.ckpt_path))
+
+    def _parse_ckpt_path(self) -> None:
+        """Replaces LightningCLI's copying of the checkpoint's hyper-parameters over the parsed settings (which
+        dropped explicit ones silently) by ``lit_gcpo.resume``'s rule: settings from the configuration, state
+        from the checkpoint, contradictions refused, and what came from where printed."""
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path and Path(path).is_file():
+            print(check_resume(str(path), self.config[subcommand]))
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        # seed_everything is the run's one seed: the data's seed (prompt order, sampling) follows it unless
+        # set explicitly, and is written into the saved config.yaml.
+        seed = config.get("seed_everything")
+        if config.get("data") is not None and config.data.get("seed") is None and not isinstance(seed, bool):
+            config.data.seed = seed
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The configured trainer, writing its checkpoints atomically unless a CheckpointIO plugin is given, and
+        showing steps out of ``max_steps`` unless a progress bar is given or disabled."""
+        config = self._get(self.config_init, "trainer", default={})
+        plugins = _as_list(kwargs.pop("plugins", None) or config.get("plugins"))
+        strategy_io = getattr(config.get("strategy"), "_checkpoint_io", None)  # a strategy object's own
+        if strategy_io is None and not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+            plugins.append(AtomicCheckpointIO())
+        callbacks = _as_list(kwargs.pop("callbacks", None) or config.get("callbacks"))
+        enabled = config.get("enable_progress_bar") is not False
+        if enabled and _has_rich() and not any(isinstance(callback, ProgressBar) for callback in callbacks):
+            callbacks.append(StepProgressBar())
+        if self.subcommand == "predict" and not any(isinstance(c, BasePredictionWriter) for c in callbacks):
+            callbacks.append(PredictionWriter())
+        return super().instantiate_trainer(plugins=plugins, callbacks=callbacks, **kwargs)
+
+    def after_instantiate_classes(self) -> None:
+        # Claim the log directory before anything (config, checkpoints, events, the exported policy) is written
+        # there. Only rank 0 writes into it; other ranks get its path from rank 0 through ``trainer.log_dir``.
+        if self.trainer.global_rank != 0:
+            return
+        if self.trainer.loggers:
+            directory = claim_logger_directory(self.trainer.loggers[0])
+        else:  # without a logger the run writes its config and checkpoints into default_root_dir itself
+            directory = Path(self.trainer.default_root_dir)
+            if not claim_directory(directory):
+                raise RunDirectoryTakenError(
+                    f"trainer.default_root_dir {directory} already holds a run, and without a logger this run would "
+                    "write its config and checkpoints there too; choose another directory, or use a logger (each "
+                    "run then gets a new version_N)"
+                )
+        if directory is not None:
+            print(f"run directory: {directory}")
+
+    def after_fit(self) -> None:
+        # A short run (fewer batches than RewardSet.max_unusable_batches) whose rewards never scored anything
+        # learned nothing: say so with a failure rather than exit 0.
+        rewards = getattr(getattr(self.datamodule, "collector", None), "rewards", None)
+        if rewards is not None and rewards.scored_batches and not rewards.usable_batches:
+            raise RewardError(
+                f"no batch of this run had a usable reward ({rewards.scored_batches} batches scored by "
+                f"{rewards.names}): it learned nothing. The reward/<name>_failures, _invalid and _timeouts "
+                "metrics and the warnings above say why"
+            )
+
+
+def _sampling_field(sampling: Any, name: str) -> Any:
+    """A field of ``data.sampling`` as parsed (a Namespace, possibly with class_path/init_args) or its default."""
+    if sampling is None:
+        return getattr(SamplingConfig(), name)
+    source = getattr(sampling, "init_args", None) or sampling
+    return getattr(source, name, getattr(SamplingConfig(), name))
+
+
+def _sampling_temperature(sampling: Any) -> float:
+    """The training sampler's temperature (greedy sampling, 0, recomputes log-probs at T = 1)."""
+    temperature = _sampling_field(sampling, "temperature")
+    return temperature if temperature > 0 else 1.0
+
+
+def _sampling_max_new_tokens(sampling: Any) -> int:
+    return _sampling_field(sampling, "max_new_tokens")
 
 
 def main(args: list[str] | None = None, run: bool = True) -> GCPOCLI:
@@ -78,8 +191,10 @@ def main(args: list[str] | None = None, run: bool = True) -> GCPOCLI:
         RolloutDataModule,
         args=args,
         run=run,
-        save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
+        parser_kwargs={"description": DESCRIPTION},
+        # A run is reproducible unless asked otherwise (Lightning's default, True, draws a random seed).
+        seed_everything_default=0,
     )
 
 

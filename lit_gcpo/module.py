@@ -1,17 +1,23 @@
 """The GRPO-family LightningModule: a policy (and, when beta > 0, a frozen reference) trained on rollouts.
 
-The math lives in ``advantages``, ``losses`` and ``logprobs``; this file only orchestrates it:
+The math lives in ``advantages``, ``losses`` and ``logprobs``, the pieces of a step in their own files
+(``scoring``: the log-prob forward; ``reference``: the frozen reference; ``optimizer_step``: the guarded step;
+``step_metrics``: merging metrics over micro-batches and ranks; ``parallel``: FSDP2 and gradient sync). This
+class is the list of Lightning hooks that orders them:
 
-- ``score_rollout`` (called by the rollout DataModule before callbacks see the batch) makes one
-  no-grad forward pass of the policy that yields the generating policy's log-probs ``old_logprobs``
-  and the mean-pooled last hidden state of each completion (``embeddings`` for geometric
-  uncertainty), and the reference log-probs when beta > 0.
-- ``training_step`` uses manual optimization: ``num_iterations`` optimizer steps per rollout batch,
-  each over micro-batches with the loss normalised by the whole batch's (and all ranks') counts, so the
-  gradient does not depend on the micro-batch size or the number of devices. A step whose loss or
-  gradient is not finite is skipped (counted in ``train/skipped_steps``) and never writes NaN weights.
-Precision and the strategy come from the Trainer; gradient clipping is ``max_grad_norm`` here because
-Lightning leaves clipping to the module under manual optimization.
+- ``score_rollout`` (called by the rollout DataModule before callbacks see the batch) makes one no-grad
+  forward pass of the policy, under the same precision context as ``training_step`` (so that on the first
+  iteration the ratio is exactly 1 under bf16-mixed too), giving the generating policy's log-probs
+  ``old_logprobs`` and the mean-pooled last hidden state of each completion (``embeddings``), and the
+  reference log-probs when beta > 0.
+- ``training_step`` uses manual optimization: ``num_iterations`` optimizer steps per rollout batch, each over
+  micro-batches with the loss normalised by the whole batch's (all ranks') counts, so the gradient does not
+  depend on the micro-batch size or the number of devices. Gradients are reduced over ranks on the last
+  micro-batch of each optimizer step only. A step whose loss (on any rank) or global gradient is not finite
+  is skipped on every rank and counted in ``train/skipped_steps``.
+Precision and the strategy come from the Trainer (32-true, bf16-mixed, bf16-true; single device, DDP, or
+``fsdp2``); others are refused in ``setup`` (and by ``lit-gcpo`` at parse time). Gradient clipping is
+``max_grad_norm`` here because Lightning leaves clipping to the module under manual optimization.
 """
 
 from __future__ import annotations
@@ -32,9 +38,13 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lit_gcpo.advantages import group_advantages
 from lit_gcpo.batch import RolloutBatch
-from lit_gcpo.logprobs import token_logprobs
 from lit_gcpo.losses import grpo_loss, truncated_importance_weights
-from lit_gcpo.policy import LoraOptions, load_policy, load_tokenizer
+from lit_gcpo.optimizer_step import GuardedOptimizerStep
+from lit_gcpo.parallel import gradient_sync, is_sharded, shard_causal_lm, unsupported_option
+from lit_gcpo.policy import LoraOptions, load_policy, load_tokenizer, merged_state_items, save_policy
+from lit_gcpo.reference import ReferencePolicy
+from lit_gcpo.scoring import CompletionScorer
+from lit_gcpo.step_metrics import merge_step_metrics
 
 log = logging.getLogger(__name__)
 
@@ -141,24 +151,59 @@ class GRPOModule(L.LightningModule):
         if gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.uses_lora = lora is not None
-        # The reference is not a registered submodule: it is frozen and never checkpointed.
-        self._reference: list[torch.nn.Module] = []
+        self.scorer = CompletionScorer(self.policy, temperature, logprob_chunk_size)
+        # With LoRA the reference is the base model with the adapters disabled; otherwise a frozen copy that is
+        # not a submodule (never checkpointed), placed by `setup` like the policy (see lit_gcpo.reference).
+        self.reference: ReferencePolicy | None = None
         if beta > 0 and not self.uses_lora:
-            self._reference.append(
-                load_policy(model, dtype=dtype, lora=None, disable_dropout=True).eval().requires_grad_(False)
-            )
-        self.skipped_steps = 0
-        self.consecutive_skips = 0
-        self.validation_history: list[tuple[int, float]] = []  # (step, val/accuracy), this run only
+            self.reference = ReferencePolicy(model, dtype, temperature, logprob_chunk_size, self.scorer.plain_head)
+        self.guarded_step = GuardedOptimizerStep(max_grad_norm, max_consecutive_skips)
+        self.validation_history: list[tuple[int, float]] = []  # (step, val/accuracy), kept across resume
         self._baseline = torch.nn.ModuleDict(
             {"val/accuracy": torchmetrics.MeanMetric(), "val/reward_mean": torchmetrics.MeanMetric()}
         )
 
-    # -------------------------------------------------------------------------------- forward passes
-    def _decoder_and_head(self) -> tuple[torch.nn.Module, torch.nn.Module]:
-        model = self.policy.get_base_model() if self.uses_lora else self.policy
-        return model.get_decoder(), model.get_output_embeddings()
+    @property
+    def skipped_steps(self) -> int:
+        return self.guarded_step.skipped
 
+    # ---------------------------------------------------------------------------------- placement
+    def configure_model(self) -> None:
+        """Under ``fsdp2``, shard the policy (each decoder layer a unit, the model the root)."""
+        if is_sharded(self.trainer.strategy):
+            if self.uses_lora:
+                raise ValueError("lora with trainer.strategy fsdp2 is not supported; use ddp for LoRA training")
+            shard_causal_lm(self.policy, self.device_mesh["data_parallel"])
+
+    def setup(self, stage: str) -> None:
+        trainer = self.trainer
+        reason = unsupported_option(trainer.strategy, trainer.precision)
+        if reason is not None:
+            raise ValueError(reason)
+        self._check_sampling_matches(getattr(trainer, "datamodule", None))
+        if self.reference is not None:
+            mesh = self.device_mesh["data_parallel"] if is_sharded(trainer.strategy) else None
+            self.reference.place(trainer.strategy.root_device, trainer.precision, mesh)
+
+    def _check_sampling_matches(self, datamodule: Any) -> None:
+        """The loss must recompute the distribution the engine sampled from: one temperature, one L_max."""
+        sampling = getattr(datamodule, "sampling", None)
+        if sampling is None:
+            return
+        hp = self.hparams
+        if sampling.temperature > 0 and sampling.temperature != hp.temperature:
+            raise ValueError(
+                f"model.temperature {hp.temperature} differs from data.sampling.temperature {sampling.temperature}: "
+                "the ratios, importance weights and entropies would use another distribution than the one sampled "
+                "(lit-gcpo links the two; set only data.sampling.temperature)"
+            )
+        if hp.max_completion_length is not None and hp.max_completion_length != sampling.max_new_tokens:
+            raise ValueError(
+                f"model.max_completion_length {hp.max_completion_length} differs from data.sampling.max_new_tokens "
+                f"{sampling.max_new_tokens} (lit-gcpo links the two; set only data.sampling.max_new_tokens)"
+            )
+
+    # -------------------------------------------------------------------------------- forward passes
     def completion_logprobs(
         self,
         input_ids: torch.Tensor,
@@ -171,172 +216,143 @@ class GRPOModule(L.LightningModule):
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Sampled-token log-probs of the last ``completion_length`` columns, without full logits.
 
-        Returns ``(logprobs [n, L], entropy [n, L] or None, completion hidden states [n, L, H] or None)``.
+        Returns ``(logprobs [n, L], entropy [n, L] or None, completion hidden states [n, L, H] or None)``; with
+        ``reference`` they are the reference model's (the LoRA base model with its adapters disabled).
         """
-        if reference and self._reference:
-            model = self._reference[0]
-            decoder, head = model.get_decoder(), model.get_output_embeddings()
+        scorer = self.reference.scorer if reference and self.reference is not None else self.scorer
+        if reference and self.uses_lora:
+            with self.policy.disable_adapter():
+                scored = scorer(input_ids, attention_mask, completion_length, with_entropy=with_entropy)
         else:
-            decoder, head = self._decoder_and_head()
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [n, P + L], as generate() does
-        hidden = decoder(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
-        ).last_hidden_state
-        prompt_length = input_ids.shape[1] - completion_length
-        # the token at column P + j is predicted from the hidden state at column P + j - 1
-        predicting = hidden[:, prompt_length - 1 : -1]  # [n, L, H]
-        logprobs, entropy = token_logprobs(
-            predicting,
-            head.weight,
-            input_ids[:, prompt_length:],
-            temperature=self.hparams.temperature,
-            chunk_size=self.hparams.logprob_chunk_size,
-            with_entropy=with_entropy,
-            lm_head_bias=head.bias,
-        )
-        return logprobs, entropy, (hidden[:, prompt_length:] if with_hidden else None)
+            scored = scorer(
+                input_ids, attention_mask, completion_length, with_entropy=with_entropy, with_hidden=with_hidden
+            )
+        return scored.logprobs, scored.entropy, scored.hidden
 
     @torch.no_grad()
     def score_rollout(self, batch: RolloutBatch, with_reference: bool = True) -> None:
-        """Fill ``old_logprobs``, ``embeddings`` and (beta > 0) ``ref_logprobs`` of a fresh rollout."""
+        """Fill ``old_logprobs``, ``embeddings`` and (beta > 0) ``ref_logprobs`` of a fresh rollout, in the
+        micro-batches and under the precision context of ``training_step`` (bitwise the same forward)."""
         start = time.perf_counter()
         old, ref, embeddings = [], [], []
         length = batch.completion_mask.shape[1]
-        for rows in self._micro_batches(batch.num_completions):
-            ids, attn, mask = batch.input_ids[rows], batch.attention_mask[rows], batch.completion_mask[rows]
-            logprobs, _, hidden = self.completion_logprobs(
-                ids, attn, length, with_hidden=self.hparams.policy_embeddings
-            )
-            old.append(logprobs)
-            if hidden is not None:  # mean over completion tokens: one vector per completion
-                pooled = (hidden.float() * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
-                embeddings.append(pooled)  # [n, H]
-            if with_reference and self.hparams.beta > 0:
-                if self.uses_lora:
-                    with self.policy.disable_adapter():
-                        ref.append(self.completion_logprobs(ids, attn, length)[0])
-                else:
+        with self._precision_context():
+            for rows in self._micro_batches(batch.num_completions):
+                ids, attn, mask = batch.input_ids[rows], batch.attention_mask[rows], batch.completion_mask[rows]
+                logprobs, _, hidden = self.completion_logprobs(
+                    ids, attn, length, with_hidden=self.hparams.policy_embeddings
+                )
+                old.append(logprobs)
+                if hidden is not None:  # mean over completion tokens: one vector per completion
+                    pooled = (hidden.float() * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+                    embeddings.append(pooled)  # [n, H]
+                if with_reference and self.hparams.beta > 0:
                     ref.append(self.completion_logprobs(ids, attn, length, reference=True)[0])
         batch.old_logprobs = torch.cat(old)  # [N, L]
         batch.embeddings = torch.cat(embeddings) if embeddings else batch.embeddings
         batch.ref_logprobs = torch.cat(ref) if ref else None
         batch.metrics["time/score_s"] = time.perf_counter() - start
 
+    def _precision_context(self) -> Any:
+        if self._trainer is None:
+            return torch.autocast("cpu", enabled=False)
+        return self._trainer.precision_plugin.forward_context()
+
     def _micro_batches(self, n: int) -> list[slice]:
         size = self.hparams.micro_batch_size or n
         return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+    def _reduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
+        """``tensor`` reduced over data-parallel ranks by ``sum``, ``min`` or ``max`` (itself on one device)."""
+        if self.trainer.world_size == 1:
+            return tensor
+        return self.trainer.strategy.reduce(tensor.clone(), reduce_op=op)
 
     # ------------------------------------------------------------------------------------- training
     def training_step(self, batch: RolloutBatch, batch_idx: int) -> None:
         start = time.perf_counter()
         hp = self.hparams
         advantages, adv_metrics = group_advantages(
-            batch.rewards, batch.group_ids, batch.num_groups, mode=hp.advantage, scale=hp.advantage_scale
+            batch.rewards,
+            batch.group_ids,
+            batch.num_groups,
+            mode=hp.advantage,
+            scale=hp.advantage_scale,
+            all_reduce_sum=lambda t: self._reduce(t, "sum"),
         )  # [N]
-        weights = batch.advantage_weights
-        if weights is not None:
-            advantages = advantages * weights.to(advantages.dtype)  # [N], constant within a group
+        if batch.advantage_weights is not None:
+            advantages = advantages * batch.advantage_weights.to(advantages.dtype)  # [N], constant within a group
         mask = batch.completion_mask  # [N, L]
-        # Global counts, so that micro-batches and ranks add up to the whole batch's loss; DDP averages
-        # gradients over ranks, hence the world-size factor.
+        # Global counts, so that micro-batches and ranks add up to the whole batch's loss; DDP and FSDP average
+        # gradients over ranks, hence the world-size factor on each rank's share.
         world = self.trainer.world_size
-        num_tokens = self.trainer.strategy.reduce(mask.sum(), reduce_op="sum")
-        num_seqs = self.trainer.strategy.reduce(torch.tensor(float(mask.shape[0]), device=mask.device), reduce_op="sum")
+        counts = self._reduce(torch.stack([mask.sum(), torch.tensor(float(mask.shape[0]), device=mask.device)]), "sum")
+        num_tokens, num_seqs = counts.unbind()
         is_weights, tis_metrics = None, {}
         if hp.tis_cap > 0 and batch.engine_logprobs is not None and self._engine_differs():
             is_weights, tis_metrics = truncated_importance_weights(
                 batch.old_logprobs, batch.engine_logprobs, mask, hp.tis_cap
             )
-        optimizer = self.optimizers()
-        scheduler = self.lr_schedulers()
-        length = mask.shape[1]
-        micro_metrics: list[tuple[dict[str, Any], torch.Tensor]] = []
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        micro = self._micro_batches(batch.num_completions)
+        parts: list[tuple[dict[str, Any], torch.Tensor]] = []
         for _ in range(hp.num_iterations):
-            step_loss = torch.zeros((), device=mask.device)
-            for rows in self._micro_batches(batch.num_completions):
-                logprobs, entropy, _ = self.completion_logprobs(
-                    batch.input_ids[rows], batch.attention_mask[rows], length, with_entropy=True
-                )
-                loss, metrics = grpo_loss(
-                    logprobs,
-                    batch.old_logprobs[rows],
-                    advantages[rows],
-                    mask[rows],
-                    ref_logp=None if batch.ref_logprobs is None else batch.ref_logprobs[rows],
-                    beta=hp.beta,
-                    kl_estimator=hp.kl_estimator,
-                    entropy=entropy,
-                    entropy_coef=hp.entropy_coef,
-                    eps_low=hp.eps_low,
-                    eps_high=hp.eps_high,
-                    dual_clip=hp.dual_clip,
-                    ratio_level=hp.ratio_level,
-                    is_weights=None if is_weights is None else is_weights[rows],
-                    aggregation=hp.loss_aggregation,
-                    num_tokens=num_tokens,
-                    num_seqs=num_seqs,
-                    max_len=hp.max_completion_length,
-                )
-                loss = loss * world
-                self.manual_backward(loss)
-                step_loss = step_loss + loss.detach() / world
+            step_loss = torch.zeros((), device=mask.device)  # this rank's share of the global loss
+            for index, rows in enumerate(micro):
+                with gradient_sync(self.trainer.strategy, self.policy, enabled=index == len(micro) - 1):
+                    logprobs, entropy, _ = self.completion_logprobs(
+                        batch.input_ids[rows], batch.attention_mask[rows], mask.shape[1], with_entropy=True
+                    )
+                    loss, metrics = grpo_loss(
+                        logprobs,
+                        batch.old_logprobs[rows],
+                        advantages[rows],
+                        mask[rows],
+                        ref_logp=None if batch.ref_logprobs is None else batch.ref_logprobs[rows],
+                        beta=hp.beta,
+                        kl_estimator=hp.kl_estimator,
+                        entropy=entropy,
+                        entropy_coef=hp.entropy_coef,
+                        eps_low=hp.eps_low,
+                        eps_high=hp.eps_high,
+                        dual_clip=hp.dual_clip,
+                        ratio_level=hp.ratio_level,
+                        is_weights=None if is_weights is None else is_weights[rows],
+                        aggregation=hp.loss_aggregation,
+                        num_tokens=num_tokens,
+                        num_seqs=num_seqs,
+                        max_len=hp.max_completion_length,
+                    )
+                    self.manual_backward(loss * world)
+                step_loss = step_loss + loss.detach()
                 metrics["entropy"] = metrics.pop("entropy_mean")  # grpo_loss's masked mean of `entropy`
-                micro_metrics.append((metrics, mask[rows].sum()))
-            self._optimizer_step(optimizer, scheduler, step_loss)
-        self._log_step(
-            batch,
-            batch_idx,
-            {**adv_metrics, **_merge_micro_metrics(micro_metrics, hp.num_iterations), **tis_metrics},
-            step_loss,
-            time.perf_counter() - start,
-        )
+                parts.append((metrics, mask[rows].sum()))
+            self.guarded_step(
+                optimizer,
+                scheduler,
+                step_loss,
+                all_reduce=self._reduce,
+                step=self.global_step,
+            )
+        step_metrics = merge_step_metrics(parts, hp.num_iterations, self._reduce)  # global values
+        self._log_step(batch, batch_idx, step_metrics, {**adv_metrics, **tis_metrics}, time.perf_counter() - start)
 
     def _engine_differs(self) -> bool:
         """Whether the rollout engine is a separate copy of the policy (vLLM), whose log-probs may differ."""
         engine = getattr(getattr(self.trainer.datamodule, "collector", None), "engine", None)
         return engine is not None and not engine.samples_from_policy
 
-    def _optimizer_step(self, optimizer: Any, scheduler: Any, loss: torch.Tensor) -> None:
-        grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=loss.device)
-        if not (torch.isfinite(loss) and torch.isfinite(norm)):
-            self.skipped_steps += 1
-            self.consecutive_skips += 1
-            log.warning(
-                "step %d: non-finite loss %s or gradient norm %s; optimizer step skipped (%d in a row)",
-                self.global_step,
-                float(loss),
-                float(norm),
-                self.consecutive_skips,
-            )
-            optimizer.zero_grad(set_to_none=True)
-            if self.consecutive_skips >= self.hparams.max_consecutive_skips:
-                raise RuntimeError(
-                    f"{self.consecutive_skips} optimizer steps in a row had a non-finite loss or gradient "
-                    f"(max_consecutive_skips={self.hparams.max_consecutive_skips}); the weights are those of "
-                    f"step {self.global_step}. Check the rewards, the learning rate and the precision."
-                )
-            return
-        self.consecutive_skips = 0
-        if self.hparams.max_grad_norm > 0:
-            self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if scheduler is not None:
-            scheduler.step()
-        self._last_grad_norm = norm
-
     def _log_step(
         self,
         batch: RolloutBatch,
         batch_idx: int,
-        metrics: dict[str, Any],
-        loss: torch.Tensor,
+        global_metrics: dict[str, torch.Tensor],
+        rank_metrics: dict[str, Any],
         train_s: float,
     ) -> None:
-        values: dict[str, Any] = {f"train/{k}": v for k, v in metrics.items()}
+        """``global_metrics`` are reduced over ranks already; ``rank_metrics`` and the rest are averaged."""
+        values: dict[str, Any] = {f"train/{k}": v for k, v in rank_metrics.items()}
         finite = batch.rewards[torch.isfinite(batch.rewards)]
-        values["train/loss"] = loss
         values["reward/mean"] = finite.mean() if finite.numel() else torch.tensor(float("nan"))
         values["reward/std"] = finite.std() if finite.numel() > 1 else torch.zeros(())
         for name, scores in batch.reward_components.items():
@@ -347,13 +363,14 @@ class GRPOModule(L.LightningModule):
             values["train/accuracy"] = accuracy.mean()
         if batch.advantage_weights is not None:
             values["train/advantage_weight_mean"] = batch.advantage_weights.mean()
-        values["train/skipped_steps"] = float(self.skipped_steps)
-        values["train/grad_norm"] = getattr(self, "_last_grad_norm", torch.zeros(()))
-        values["train/lr"] = self.optimizers().param_groups[0]["lr"]
         values["time/train_s"] = train_s
         values.update(batch.metrics)
-        values = {k: (v.detach().float() if isinstance(v, torch.Tensor) else float(v)) for k, v in values.items()}
-        self.log_dict(values, batch_size=batch.num_groups, sync_dist=True)
+        reduced = {f"train/{k}": v for k, v in global_metrics.items()}
+        reduced["train/skipped_steps"] = float(self.guarded_step.skipped)
+        reduced["train/grad_norm"] = self.guarded_step.last_grad_norm
+        reduced["train/lr"] = self.optimizers().param_groups[0]["lr"]
+        self.log_dict(_as_floats(values), batch_size=batch.num_groups, sync_dist=True)
+        self.log_dict(_as_floats(reduced), batch_size=batch.num_groups)
         self.log("reward", values["reward/mean"], prog_bar=True, logger=False, batch_size=batch.num_groups)
         if accuracy is not None:
             self.log("acc", values["train/accuracy"], prog_bar=True, logger=False, batch_size=batch.num_groups)
@@ -421,6 +438,10 @@ class GRPOModule(L.LightningModule):
         # dataloader_idx: Lightning requires it once there are several test sources (one per benchmark)
         self._eval_step(batch, "test")
 
+    def predict_step(self, batch: RolloutBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        # The DataModule generated and scored the batch; lit_gcpo.prediction.PredictionWriter writes it.
+        return None
+
     # ------------------------------------------------------------------------------------ optimizers
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(p for p in self.policy.parameters() if p.requires_grad)
@@ -433,26 +454,20 @@ class GRPOModule(L.LightningModule):
             )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def on_fit_start(self) -> None:
-        for reference in self._reference:
-            reference.to(self.device)
-
     # ------------------------------------------------------------------------------ weights export
     def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """The policy's weights with Hugging Face names (LoRA merged), for the rollout engine's sync."""
-        from lit_gcpo.policy import merged_state_items
-
+        """The policy's full weights with Hugging Face names (LoRA merged, FSDP shards gathered), for the rollout
+        engine's sync. Under FSDP2 gathering is a collective: every rank must iterate it."""
         return merged_state_items(self.policy, self.uses_lora)
 
     def on_fit_end(self) -> None:
         target = self.hparams.export_dir
-        if target is None or not self.trainer.is_global_zero:
+        if target is None:
             return
         if target == "auto":
             target = str(Path(self.trainer.log_dir or self.trainer.default_root_dir) / "policy")
-        model = self.policy.merge_and_unload() if self.uses_lora else self.policy
-        model.save_pretrained(target)
-        self.tokenizer.save_pretrained(target)
+        # every rank takes part in gathering sharded weights; rank 0 writes
+        save_policy(self.policy, self.tokenizer, target, self.uses_lora, write=self.trainer.is_global_zero)
         self.exported_to = target
         summary = f"policy exported to {target}"
         if self.validation_history:
@@ -466,33 +481,18 @@ class GRPOModule(L.LightningModule):
             )
         rank_zero_info(summary)
 
+    # ---------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["lit_gcpo"] = {"skipped_steps": self.skipped_steps}
+        checkpoint["lit_gcpo"] = {
+            **self.guarded_step.state_dict(),
+            "validation_history": [list(item) for item in self.validation_history],
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.skipped_steps = int(checkpoint.get("lit_gcpo", {}).get("skipped_steps", 0))
+        state = checkpoint.get("lit_gcpo", {})
+        self.guarded_step.load_state_dict(state)
+        self.validation_history = [(int(step), float(value)) for step, value in state.get("validation_history", [])]
 
 
-_SUMMED = ("loss", "policy_loss", "kl_loss", "entropy_loss")  # micro-batch parts of one batch-level loss
-
-
-def _merge_micro_metrics(
-    parts: list[tuple[dict[str, Any], torch.Tensor]], num_iterations: int
-) -> dict[str, torch.Tensor]:
-    """One value per metric over all micro-batches and iterations: the loss terms (normalised by whole-batch
-    counts) summed and averaged over iterations, ``*_min``/``*_max`` by min/max, the rest as a mean weighted by
-    each micro-batch's completion tokens."""
-    total = sum(tokens for _, tokens in parts).clamp(min=1)
-    merged: dict[str, torch.Tensor] = {}
-    for key in parts[0][0]:
-        values = torch.stack([torch.as_tensor(m[key], dtype=torch.float32).detach() for m, _ in parts])
-        if key in _SUMMED:
-            merged[key] = values.sum() / num_iterations
-        elif key.endswith("_min"):
-            merged[key] = values.min()
-        elif key.endswith("_max"):
-            merged[key] = values.max()
-        else:
-            weights = torch.stack([tokens.float() for _, tokens in parts])
-            merged[key] = (values * weights).sum() / total
-    return merged
+def _as_floats(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v.detach().float() if isinstance(v, torch.Tensor) else float(v)) for k, v in values.items()}

@@ -75,11 +75,14 @@ def load_policy(
 def merged_state_items(policy: torch.nn.Module, uses_lora: bool) -> Iterator[tuple[str, torch.Tensor]]:
     """``(hf_name, tensor)`` pairs of the policy's weights; LoRA adapters merged without touching the model.
 
-    For a LoRA layer the merged weight is ``W + scale * B @ A``, computed on the fly.
+    For a LoRA layer the merged weight is ``W + scale * B @ A``, computed on the fly. FSDP2 shards (DTensors)
+    are gathered to full tensors one at a time, a collective: every rank must iterate in step.
     """
+    from lit_gcpo.parallel import full_tensor
+
     if not uses_lora:
         for name, tensor in policy.state_dict().items():
-            yield name, tensor.detach()
+            yield name, full_tensor(tensor.detach())
         return
     from peft.tuners.lora import LoraLayer
 
@@ -98,3 +101,23 @@ def merged_state_items(policy: torch.nn.Module, uses_lora: bool) -> Iterator[tup
             continue
         clean = name.replace(".base_layer.", ".")
         yield clean, merged.get(clean, tensor.detach())
+
+
+def save_policy(
+    policy: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, target: str, uses_lora: bool, write: bool
+) -> None:
+    """``save_pretrained`` of the policy (LoRA merged, FSDP2 shards gathered) and its tokenizer to ``target``.
+
+    Every rank must call it (gathering is a collective); only the one with ``write`` writes.
+    """
+    state = {name: tensor.contiguous() for name, tensor in merged_state_items(policy, uses_lora)}
+    if not write:
+        return
+    model = policy.get_base_model() if uses_lora else policy
+    model.save_pretrained(target, state_dict=state)
+    tokenizer.save_pretrained(target)
+    sharded_class = type(model).__name__
+    if sharded_class.startswith("FSDP"):  # fully_shard renames the class, and save_pretrained records that name
+        config = type(model.config).from_pretrained(target)
+        config.architectures = [sharded_class.removeprefix("FSDP")]
+        config.save_pretrained(target)

@@ -163,5 +163,12 @@ def test_ckpt_path_last_resumes_the_newest_run(tiny_model_dir, tmp_path, monkeyp
     accumulator.Reload()
     assert [event.step for event in accumulator.Scalars("train/loss")] == [2, 3]  # only the two new steps ran
     assert resumed.trainer.ckpt_path.endswith("last.ckpt") and str(tmp_path) in resumed.trainer.ckpt_path
-    with pytest.raises(FileNotFoundError, match=r"no last\.ckpt below"):
+    with pytest.raises(FileNotFoundError, match=r"no complete checkpoint \(\*\.ckpt\) below"):
         main(["fit", *_short_fit_args(tiny_model_dir, tmp_path / "empty"), "--ckpt_path", "last"])
+
+
+def test_a_model_path_that_does_not_exist_is_named(tmp_path, capsys):
+    for option, value in [("--model.model", str(tmp_path / "no_such_model")), ("--model.tokenizer", "./typo/tok")]:
+        with pytest.raises(SystemExit):
+            main(["fit", "--config", "configs/quickstart.yaml", option, value])
+        assert f"{option.removeprefix('--')}: no such directory {value}" in capsys.readouterr().err

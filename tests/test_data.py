@@ -156,3 +156,70 @@ def test_a_field_missing_from_every_row_is_an_error_naming_it(tmp_path):
 def test_invalid_datamodule_arguments_name_the_option(kwargs, message):
     with pytest.raises(ValueError, match=message):
         RolloutDataModule(**kwargs)
+
+
+def test_an_empty_or_broken_jsonl_is_an_error_naming_the_file_and_line(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match=r"files: .*empty\.jsonl is empty \(no rows\)"):
+        LocalFiles(str(empty)).load()
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "1+1", "answer": "2"}\n\n{"prompt": "2+2", "answer": 4\n{"prompt": "3"}\n')
+    with pytest.raises(ValueError, match=r"broken\.jsonl, line 3: not valid JSON \(Expecting ',' delimiter"):
+        LocalFiles(str(broken)).load()
+    listed = tmp_path / "listed.jsonl"
+    listed.write_text('{"prompt": "1"}\n["2", "3"]\n')
+    with pytest.raises(ValueError, match=r"listed\.jsonl, line 2: a row must be a JSON object, got list"):
+        LocalFiles(str(listed)).load()
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"hub\[train\] has an empty data file"):
+        HubDataset(str(folder)).load()
+
+
+def _fit_one_step(model_dir: str, rows: list[dict], tmp_path, **options) -> RolloutDataModule:
+    import lightning as L
+
+    from lit_gcpo.engines.base import SamplingConfig
+    from lit_gcpo.module import GRPOModule
+
+    data = RolloutDataModule(
+        train=LocalFiles(write_jsonl(tmp_path / "rows.jsonl", rows)),
+        batch_size=2,
+        group_size=2,
+        rewards=["format"],
+        accuracy_reward=None,
+        sampling=SamplingConfig(max_new_tokens=6),
+        **options,
+    )
+    module = GRPOModule(model=model_dir, export_dir=None, log_samples_every_n_steps=0)
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.fit(module, datamodule=data)
+    return data
+
+
+# the tiny model's context is 256 positions; with 6 new tokens a prompt may have 250 (one token per character)
+LONG_ROWS = [
+    {"prompt": "1+1=", "answer": "2"},
+    {"prompt": "1+" * 130 + "1=", "answer": "131"},  # 262 tokens
+    {"prompt": "2+2=", "answer": "4"},
+]
+
+
+def test_prompts_longer_than_the_context_can_be_refused(tiny_model_dir, tmp_path):
+    refused = r"train: .*rows\.jsonl: 1 of 3 prompts are longer than the 250 tokens.*row 1: 262"
+    with pytest.raises(ValueError, match=refused):
+        _fit_one_step(tiny_model_dir, LONG_ROWS, tmp_path, long_prompts="error")
+
+
+def test_prompts_longer_than_the_context_are_skipped_or_truncated_and_counted(tiny_model_dir, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        skipped = _fit_one_step(tiny_model_dir, LONG_ROWS, tmp_path, long_prompts="skip")
+    assert skipped.long_prompt_rows["train"] == 1
+    assert skipped._datasets["train"][1] == ["1+1=", "2+2="]
+    assert "train: " in caplog.text and "rows.jsonl: 1 of 3 prompts are longer than the 250" in caplog.text
+    assert "(row 1: 262 tokens); skipped" in caplog.text
+    truncated = _fit_one_step(tiny_model_dir, LONG_ROWS, tmp_path)  # the default
+    prompts = truncated._datasets["train"][1]
+    assert prompts[1] == LONG_ROWS[1]["prompt"][-250:] and truncated.long_prompt_rows["train"] == 1

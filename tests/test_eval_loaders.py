@@ -21,6 +21,7 @@ FILES = {
     "gsm8k": "gsm8k",
     "hotpotqa": "hotpotqa_dev_distractor",
     "narrativeqa": "narrativeqa",
+    "qasper": "qasper",
 }
 
 # Golds read off the sample files by hand.
@@ -53,7 +54,15 @@ EXPECTED = {
         ("narrativeqa-1", ["Judgment Day", "Judgment day"]),  # reference whitespace stripped
         ("narrativeqa-2", ["His best friend", "his best friend"]),
     ],
+    "qasper": [  # one item per question; one reference per annotator, read as the official evaluator does
+        ("q0001", ["TideSet, HarbourLog corpus", "TideSet and HarbourLog"]),  # spans joined; free form
+        ("q0002", ["Yes", "No"]),  # yes_no true / false
+        ("q0003", ["Unanswerable"]),
+        ("q0004", ["with a detector followed by tracking"]),
+        ("q0005", ["a detector with a tracking step"]),  # the first annotation sets no field: no reference
+    ],
 }
+SKIPPED = {"qasper": ["q0006"]}  # its only annotation sets no field
 
 
 def _load(name: str, **kwargs):
@@ -70,7 +79,7 @@ def test_every_benchmark_is_registered() -> None:
 def test_loader_ids_golds_and_kind(name: str) -> None:
     loaded = _load(name)
     assert [(item["id"], item["gold"]) for item in loaded.items] == EXPECTED[name]
-    assert loaded.skipped == []
+    assert loaded.skipped == SKIPPED.get(name, [])
     kind = BENCHMARKS.get(name).kind
     for item in loaded.items:
         assert item["kind"] == kind and item["benchmark"] == name
@@ -148,3 +157,65 @@ def test_narrativeqa_hub_layout(tmp_path: Path) -> None:
     path.write_text(json.dumps(row) + "\n")
     item = load_benchmark("narrativeqa", str(path)).items[0]
     assert (item["question"], item["context"], item["gold"]) == ("Who?", "A story.", ["Her", "her"])
+
+
+# ------------------------------------------------------------------------------------------ Qasper
+def _release_layout(paper: dict) -> dict:
+    """The hub row of one paper rewritten in the release JSON layout (lists of records)."""
+    qas = paper["qas"]
+    questions = []
+    for q, question in enumerate(qas["question"]):
+        answers = qas["answers"][q]
+        questions.append(
+            {
+                "question": question,
+                "question_id": qas["question_id"][q],
+                "answers": [
+                    {"answer": answer, "annotation_id": answers["annotation_id"][a], "worker_id": "w"}
+                    for a, answer in enumerate(answers["answer"])
+                ],
+            }
+        )
+    sections = [
+        {"section_name": name, "paragraphs": paragraphs}
+        for name, paragraphs in zip(paper["full_text"]["section_name"], paper["full_text"]["paragraphs"], strict=True)
+    ]
+    return {"title": paper["title"], "abstract": paper["abstract"], "full_text": sections, "qas": questions}
+
+
+def test_qasper_release_json_keyed_by_paper_gives_the_same_items(tmp_path: Path) -> None:
+    papers = [json.loads(line) for line in (FIXTURES / "qasper.sample.jsonl").read_text().splitlines()]
+    keyed = {paper["id"]: _release_layout(paper) for paper in papers}
+    path = tmp_path / "qasper-dev-v0.3.json"
+    path.write_text(json.dumps(keyed))
+    release = load_benchmark("qasper", str(path))
+    hub = _load("qasper")
+    assert release.items == hub.items and release.skipped == hub.skipped == ["q0006"]
+    assert len(load_benchmark("qasper", str(path), limit=1)) == 3  # limit counts papers
+
+
+def test_qasper_context_is_the_paper_and_a_paper_without_questions_is_skipped(tmp_path: Path) -> None:
+    item = _load("qasper").items[0]
+    # title, abstract, then "section\nparagraph..." blocks; the empty paragraph and the unnamed empty
+    # section are dropped
+    assert item["context"].split("\n\n") == [
+        "Parsing Tide Tables with Small Models",
+        "We parse tide tables with small sequence models and release the TideSet corpus.",
+        "Introduction\nTide tables are semi-structured.",
+        "Experiments\nWe train on TideSet and the HarbourLog corpus.\nFLOAT SELECTED: Table 1: Accuracy per port.",
+    ]
+    path = tmp_path / "qasper.json"
+    path.write_text(json.dumps({"2001.9": {"title": "T", "abstract": "A", "full_text": [], "qas": []}}))
+    assert load_benchmark("qasper", str(path)).skipped == ["2001.9"]
+
+
+def test_qasper_scores_the_best_token_f1_over_the_references() -> None:
+    from lit_gcpo.evaluation.grading import grade_completion
+
+    gold = _load("qasper").items[0]["gold"]  # ["TideSet, HarbourLog corpus", "TideSet and HarbourLog"]
+    # "HarbourLog corpus" vs the first: 2 common tokens, P 1, R 2/3 -> F1 0.8; vs the second: 1 common,
+    # P 1/2, R 1/3 -> 0.4. The best is 0.8.
+    grade = grade_completion("qa", "\\boxed{HarbourLog corpus}", gold)
+    assert grade.f1 == pytest.approx(0.8) and not grade.correct
+    assert grade_completion("qa", "\\boxed{unanswerable}", ["Unanswerable"]).correct
+    assert grade_completion("qa", "\\boxed{no}", ["Yes", "No"]).f1 == 1.0

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from eval_cli import cli_test_args, source
 
 from lit_gcpo.batch import RolloutBatch
 from lit_gcpo.cli import main
@@ -79,37 +80,8 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def _test_args(model_dir: str, math_file: str, qa_file: str, out: Path) -> list[str]:
-    sources = [
-        {
-            "class_path": "lit_gcpo.evaluation.sources.BenchmarkSource",
-            "init_args": {"name": "gsm8k", "path": math_file},
-        },
-        {
-            "class_path": "lit_gcpo.evaluation.sources.BenchmarkSource",
-            "init_args": {"name": "hotpotqa", "path": qa_file, "max_context_tokens": 60},
-        },
-    ]
-    reward = "lit_gcpo.evaluation.grading:benchmark_correctness"
-    return [
-        "test",
-        "--model.model",
-        model_dir,
-        f"--data.test={json.dumps(sources)}",
-        f"--data.rewards=[{reward}]",
-        f"--data.accuracy_reward={reward}",
-        f"--data.val_samples={SAMPLES}",
-        "--data.val_temperature=1.0",
-        "--data.sampling.max_new_tokens=10",
-        "--data.val_batch_size=2",
-        "--trainer.accelerator=cpu",
-        "--trainer.devices=1",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-        f"--trainer.default_root_dir={out}",
-        "--trainer.logger=false",
-        "--trainer.callbacks+=lit_gcpo.evaluation.callback.BenchmarkReport",
-        f"--trainer.callbacks.output_dir={out}",
-    ]
+    sources = [source("gsm8k", math_file), source("hotpotqa", qa_file, max_context_tokens=60)]
+    return cli_test_args(model_dir, out, sources, samples=SAMPLES, max_new_tokens=10, batch_size=2)
 
 
 def _check_outputs(out: Path, printed: str, logged: dict[str, Any]) -> dict[str, Any]:
@@ -325,5 +297,8 @@ def test_greedy_batch_reports_accuracy_and_no_uncertainty():
     assert all(value is None for r in records for name, value in r["signals"].items() if name != "num_clusters")
     from lit_gcpo.evaluation.results import summarise
 
-    # 4 and 6 right, 7 wrong: accuracy 2/3; no pass@k, maj@k or AUROC with one sample.
-    assert summarise(records) == {"greedy": {"items": 3.0, "skipped": 0.0, "accuracy": pytest.approx(2 / 3)}}
+    # 4 and 6 right, 7 wrong: accuracy 2/3; no pass@k, maj@k or AUROC with one sample. Every completion
+    # is one token long (completion_mask [3, 1]); the batch has no truncation flags, so no truncated_frac.
+    assert summarise(records) == {
+        "greedy": {"items": 3.0, "skipped": 0.0, "accuracy": pytest.approx(2 / 3), "length_mean": 1.0}
+    }

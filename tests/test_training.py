@@ -249,7 +249,7 @@ def test_lora_policy_uses_adapters_for_reference_and_exports_merged_weights(tiny
     from lit_gcpo.policy import LoraOptions
 
     module, data = make_pair(tiny_model_dir, lr=0.05, beta=0.1, lora=LoraOptions(r=4, alpha=8))
-    assert module._reference == []  # the base model with adapters disabled is the reference
+    assert module.reference is None  # the base model with adapters disabled is the reference
     capture = CaptureBatches()
     trainer(tmp_path, 2, callbacks=[capture]).fit(module, data)
     trainable = [n for n, p in module.policy.named_parameters() if p.requires_grad]

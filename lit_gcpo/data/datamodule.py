@@ -12,9 +12,10 @@ see the complete ``RolloutBatch`` in ``on_train_batch_start``.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, Literal
@@ -28,7 +29,7 @@ from lit_gcpo.batch import PromptBatch, RolloutBatch
 from lit_gcpo.clustering import answer_clusters
 from lit_gcpo.data.rollout import RolloutCollector
 from lit_gcpo.data.sources import PromptSource
-from lit_gcpo.data.templates import PromptRenderer, placeholders
+from lit_gcpo.data.templates import PromptRenderer, context_length, fit_prompts, placeholders
 from lit_gcpo.engines import build_engine
 from lit_gcpo.engines.base import SamplingConfig
 
@@ -64,26 +65,45 @@ class PromptStream(IterableDataset):
                 prompts=[self.prompts[i] for i in indices],
                 rows=[self.rows[i] for i in indices],
                 indices=indices,
+                positions=list(range(first, first + self.batch_size)),
             )
             batch_index += 1
 
 
 class EvalPrompts(IterableDataset):
-    """The evaluation rows once, in order, sharded by rank, in batches."""
+    """The evaluation rows once, in order, sharded by rank, in batches (``skip``: batches, by their row
+    indices, to leave out: already evaluated by an interrupted run)."""
 
-    def __init__(self, rows: list[dict[str, Any]], prompts: list[str], batch_size: int) -> None:
+    def __init__(
+        self,
+        rows: list[dict[str, Any]],
+        prompts: list[str],
+        batch_size: int,
+        skip: Iterable[tuple[int, ...]] | None = None,
+    ) -> None:
         self.rows, self.prompts, self.batch_size = rows, prompts, batch_size
+        self.skip: set[tuple[int, ...]] = set(skip or ())
         self.rank, self.world_size = 0, 1
 
     def __iter__(self) -> Iterator[PromptBatch]:
         mine = list(range(self.rank, len(self.rows), self.world_size))
         for start in range(0, len(mine), self.batch_size):
             indices = mine[start : start + self.batch_size]
+            if tuple(indices) in self.skip:
+                continue
             yield PromptBatch(
                 prompts=[self.prompts[i] for i in indices],
                 rows=[self.rows[i] for i in indices],
                 indices=indices,
+                positions=indices,
             )
+
+
+def run_seed(seed: int | None) -> int:
+    """``seed``, else the one ``seed_everything`` set (Lightning's ``PL_GLOBAL_SEED``), else 0."""
+    if seed is not None:
+        return seed
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
 def _identity(batch: list[PromptBatch]) -> PromptBatch:
@@ -99,12 +119,15 @@ class RolloutDataModule(L.LightningDataModule):
         test: prompts for ``lit-gcpo test``: one source or several (e.g. one per benchmark, each its own
             dataloader, reported separately); None: the validation prompts. A source with a ``template``
             or ``required_fields`` attribute (not None) uses them instead of the ones here.
+        predict: prompts for ``lit-gcpo predict`` (sampled like evaluation; gold answers optional).
         template: the user message, with ``{field}`` placeholders filled from the row, or a named template
             (``qwen-math``: the Qwen2.5-Math "put your final answer within \\boxed{}" prompt).
         system: system message for chat templates.
         chat: use the tokenizer's chat template: ``auto`` (when it has one), ``always``, ``never``.
         required_fields: fields every row must have (besides the template's); rows missing one are skipped
             with a counted warning, and a field missing from every row is an error at setup.
+        long_prompts: a prompt longer than the model's context minus ``sampling.max_new_tokens``: ``truncate``
+            (keep its last tokens), ``skip``, both counted and logged with the rows, or ``error`` at setup.
         batch_size: prompts per training step (B), per data-parallel rank.
         group_size: completions per prompt (G).
         rewards: reward functions by built-in name or dotted path (``pkg.module:function``).
@@ -119,7 +142,9 @@ class RolloutDataModule(L.LightningDataModule):
         val_batch_size: prompts per evaluation batch.
         cluster_answers: cluster each group's final answers by math-verify equivalence while the policy scores
             the batch (``batch.answer_clusters``, read by the uncertainty callback's ``answer`` clustering).
-        seed: seeds the prompt order and the sampler (together with the step and the rank).
+        seed: seeds the prompt order and the sampler (each prompt from its position in the stream: the same
+            completions whatever the batch size and the number of ranks); None (the default): the run's
+            ``seed_everything``.
     """
 
     def __init__(
@@ -127,10 +152,12 @@ class RolloutDataModule(L.LightningDataModule):
         train: PromptSource | None = None,
         val: PromptSource | None = None,
         test: PromptSource | list[PromptSource] | None = None,
+        predict: PromptSource | None = None,
         template: str = "{prompt}",
         system: str | None = None,
         chat: Literal["auto", "always", "never"] = "auto",
         required_fields: list[str] | None = None,
+        long_prompts: Literal["truncate", "skip", "error"] = "truncate",
         batch_size: PositiveInt = 8,
         group_size: int = 8,
         rewards: list[str] | None = None,
@@ -144,7 +171,7 @@ class RolloutDataModule(L.LightningDataModule):
         val_temperature: float = 0.0,
         val_batch_size: PositiveInt = 64,
         cluster_answers: bool = True,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -160,8 +187,11 @@ class RolloutDataModule(L.LightningDataModule):
             raise ValueError(f"accuracy_reward {accuracy_reward!r} is not one of rewards {rewards}")
         self.train_source, self.val_source = train, val
         self.test_sources: list[PromptSource] = [test] if isinstance(test, PromptSource) else list(test or [])
+        self.predict_source = predict
         self.template, self.system, self.chat = template, system, chat
         self.required_fields = list(required_fields) if required_fields is not None else ["answer"]
+        self.long_prompts, self._context = long_prompts, None
+        self.long_prompt_rows: dict[str, int] = {}
         self.batch_size, self.group_size = batch_size, group_size
         self.reward_names, self.reward_weights, self.reward_timeout = rewards, reward_weights, reward_timeout
         self.accuracy_reward = accuracy_reward
@@ -179,18 +209,32 @@ class RolloutDataModule(L.LightningDataModule):
         self.skipped_rows: dict[str, int] = {}
         self.collector: RolloutCollector | None = None
         self._datasets: dict[str, tuple[list[dict[str, Any]], list[str]]] = {}
-        self._synced_step = -1
+        self._test_passes: list[tuple[str, SamplingConfig, int]] = []  # (name, sampling, samples) per loader
+        self._done_test_batches: dict[str, set[tuple[int, ...]]] = {}
+        self._synced_step: int | None = None
 
     # ----------------------------------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
+        self._synced_step = None  # the first batch of every stage syncs the engine
         module = self.trainer.lightning_module if self.trainer is not None else None
         if module is None or not hasattr(module, "tokenizer"):
             raise RuntimeError("RolloutDataModule needs a LightningModule with `tokenizer` and `policy`")
         tokenizer = module.tokenizer
-        sources: dict[str, PromptSource | None] = {"train": self.train_source, "val": self.val_source}
+        self.seed = run_seed(self.seed)
+        self._context = context_length(module.policy)
+        sources: dict[str, PromptSource | None] = {
+            "train": self.train_source,
+            "val": self.val_source,
+            "predict": self.predict_source,
+        }
         for index, source in enumerate(self.test_sources or [self.val_source]):
             sources[f"test{index}"] = source
-        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": [k for k in sources if k.startswith("test")]}
+        wanted = {
+            "fit": ["train", "val"],
+            "validate": ["val"],
+            "test": [k for k in sources if k.startswith("test")],
+            "predict": ["predict"],
+        }
         for split in wanted.get(stage, []):
             source = sources[split]
             if source is not None and split not in self._datasets:
@@ -217,6 +261,7 @@ class RolloutDataModule(L.LightningDataModule):
             raise ValueError(f"{split}: the prompt source {source.describe()} has no rows")
         required = getattr(source, "required_fields", None)
         required = self.required_fields if required is None else required
+        required = [] if split == "predict" else required  # predictions need no gold
         needed = sorted(set(placeholders(renderer.template)) | set(required))
         for name in needed:
             if all(row.get(name) is None for row in rows):
@@ -245,6 +290,20 @@ class RolloutDataModule(L.LightningDataModule):
         self.skipped_rows[split] = len(skipped)
         if not kept_rows:
             raise ValueError(f"{split}: every row of {source.describe()} lacks a required field")
+        if self._context is not None:  # never a silent overflow of the model's context
+            skipped_ids = {index for index, _ in skipped}
+            row_ids = [index for index in range(len(rows)) if index not in skipped_ids]
+            kept, prompts, too_long = fit_prompts(
+                prompts,
+                renderer.tokenizer,
+                self._context - self.sampling.max_new_tokens,
+                self.long_prompts,
+                not renderer.use_chat,
+                row_ids,
+                label=f"{split}: {source.describe()}",
+            )
+            kept_rows = [kept_rows[index] for index in kept]
+            self.long_prompt_rows[split] = len(too_long)
         return kept_rows, prompts
 
     # ------------------------------------------------------------------------------------ dataloaders
@@ -264,13 +323,49 @@ class RolloutDataModule(L.LightningDataModule):
         return self._shard(EvalPrompts(rows, prompts, self.val_batch_size))
 
     def test_dataloader(self) -> list[DataLoader]:
-        """One dataloader per test source, in the order given (``dataloader_idx`` = position)."""
+        """One dataloader per test source and evaluation pass (``dataloader_idx`` = position), in the order
+        given: a source with ``eval_variants`` (``BenchmarkSource``) may ask for several passes (greedy and
+        sampled) and its own sampling settings; rows are tagged with ``variant`` and ``position``."""
         splits = sorted((k for k in self._datasets if k.startswith("test")), key=lambda k: int(k[4:]))
-        return [self._shard(EvalPrompts(*self._datasets[split], self.val_batch_size)) for split in splits]
+        sources = self.test_sources or [self.val_source]
+        default_sampling = replace(self.sampling, temperature=self.val_temperature)
+        loaders, self._test_passes = [], []
+        for split in splits:
+            source, (rows, prompts) = sources[int(split[4:])], self._datasets[split]
+            variants = getattr(source, "eval_variants", None)
+            passes = (
+                variants(default_sampling, self.val_samples) if variants else [("", default_sampling, self.val_samples)]
+            )
+            for variant, sampling, samples in passes:
+                name = source.describe() + (f"/{variant}" if variant else "")
+                tagged = [{**row, "variant": variant, "position": i} for i, row in enumerate(rows)]
+                skip = self._done_test_batches.get(name)
+                loaders.append(self._shard(EvalPrompts(tagged, prompts, self.val_batch_size, skip)))
+                self._test_passes.append((name, sampling, samples))
+        return loaders
+
+    def predict_dataloader(self) -> DataLoader:
+        if "predict" not in self._datasets:
+            raise ValueError("lit-gcpo predict needs prompts: set data.predict (e.g. a LocalFiles source)")
+        return self._shard(EvalPrompts(*self._datasets["predict"], self.val_batch_size))
 
     def test_names(self) -> list[str]:
-        """A name for each test dataloader (its source's ``describe()``)."""
+        """A name for each test dataloader: its source's ``describe()``, and ``/<variant>`` for a pass."""
+        if self._test_passes:
+            return [name for name, _, _ in self._test_passes]
         return [source.describe() for source in (self.test_sources or [self.val_source]) if source is not None]
+
+    def eval_settings(self, dataloader_idx: int) -> tuple[SamplingConfig, int]:
+        """How evaluation dataloader ``dataloader_idx`` samples: ``(sampling, completions per prompt)``."""
+        if self.trainer is not None and self.trainer.testing and dataloader_idx < len(self._test_passes):
+            _, sampling, samples = self._test_passes[dataloader_idx]
+            return sampling, samples
+        return replace(self.sampling, temperature=self.val_temperature), self.val_samples
+
+    def skip_test_batches(self, done: dict[str, set[tuple[int, ...]]]) -> None:
+        """Leave out of the test dataloaders the batches already evaluated (a resumed run), given as
+        ``{test name: {row positions of a batch}}``; call before the test dataloaders are built."""
+        self._done_test_batches = {name: set(batches) for name, batches in done.items()}
 
     # --------------------------------------------------------------------------------------- rollout
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -279,15 +374,17 @@ class RolloutDataModule(L.LightningDataModule):
         assert self.collector is not None, "setup() was not called"
         module = self.trainer.lightning_module
         training = self.trainer.training
+        self._sync_engine(module)  # also before evaluation: a restored checkpoint, the current weights
         if training:
-            self._sync_engine(module)
-            sampling = replace(self.sampling, seed=self._seed(self.consumed_batches))
-            rollout = self.collector.collect(batch, self.group_size, sampling, module.device)
+            sampling = replace(self.sampling, seed=None)
+            seeds = self._prompt_seeds("train", batch)
+            rollout = self.collector.collect(batch, self.group_size, sampling, module.device, seeds=seeds)
             self.collector.engine.sleep()  # vLLM sleep mode frees its memory for the optimizer steps
             self.consumed_batches += 1
         else:
-            sampling = replace(self.sampling, seed=self._seed(-1), temperature=self.val_temperature)
-            rollout = self.collector.collect(batch, self.val_samples, sampling, module.device)
+            sampling, samples = self.eval_settings(dataloader_idx)
+            seeds = self._prompt_seeds(self._eval_stream(dataloader_idx), batch)
+            rollout = self.collector.collect(batch, samples, replace(sampling, seed=None), module.device, seeds=seeds)
         # Answer clustering (math-verify, in its grading process) overlaps the policy's scoring pass.
         clusters = self._executor.submit(self._answer_clusters, rollout) if self.cluster_answers else None
         if hasattr(module, "score_rollout"):
@@ -304,17 +401,26 @@ class RolloutDataModule(L.LightningDataModule):
         return clusters
 
     def _sync_engine(self, module: Any) -> None:
-        """Push the policy's weights to the engine once per optimizer step (no-op for ``hf``)."""
+        """Push the policy's weights to the engine whenever they may have changed since the last push: after an
+        optimizer step, and at the first batch of every fit, validation or test (a restored checkpoint). A
+        no-op for ``hf``, which samples from the policy itself."""
         step = self.trainer.global_step
         if step != self._synced_step:
-            if self._synced_step >= 0 or step > 0:
-                self.collector.engine.sync_weights(module.export_weights())
+            self.collector.engine.sync_weights(module.export_weights())
             self._synced_step = step
 
-    def _seed(self, index: int) -> int:
-        """The sampler's seed for rollout ``index`` (-1: evaluation) on this rank."""
-        rank = self.trainer.global_rank if self.trainer is not None else 0
-        return zlib.crc32(f"{self.seed}/{index}/{rank}".encode())
+    def _eval_stream(self, dataloader_idx: int) -> str:
+        """The name that seeds an evaluation dataloader's prompts: the test pass (benchmark and variant), so the
+        same row of two benchmarks or passes draws differently; validation by its dataloader index."""
+        if self.trainer.testing and dataloader_idx < len(self._test_passes):
+            return f"test/{self._test_passes[dataloader_idx][0]}"
+        return f"val/{dataloader_idx}"
+
+    def _prompt_seeds(self, stream: str, batch: PromptBatch) -> list[int]:
+        """One sampler seed per prompt, from ``seed``, the stream and the prompt's position in it: the same
+        whatever the batch size or the number of ranks, distinct for every prompt."""
+        positions = batch.positions if batch.positions is not None else batch.indices
+        return [zlib.crc32(f"{self.seed}/{stream}/{position}".encode()) for position in positions]
 
     def accuracy(self, rollout: RolloutBatch) -> torch.Tensor | None:
         """``[N]`` correctness of each completion (the accuracy reward above 0.5), or None."""

@@ -56,11 +56,17 @@ class RolloutCollector:
         return [self.tokenizer(p, add_special_tokens=self.add_special_tokens)["input_ids"] for p in prompts]
 
     def collect(
-        self, batch: PromptBatch, group_size: int, sampling: SamplingConfig, device: torch.device
+        self,
+        batch: PromptBatch,
+        group_size: int,
+        sampling: SamplingConfig,
+        device: torch.device,
+        seeds: list[int] | None = None,
     ) -> RolloutBatch:
+        """``group_size`` scored completions of each prompt; ``seeds`` (one per prompt) seed their sampling."""
         prompt_ids = self.tokenize(batch.prompts)
         start = time.perf_counter()
-        generation = self.engine.generate(prompt_ids, group_size, sampling)
+        generation = self.engine.generate(prompt_ids, group_size, sampling, seeds=seeds)
         generate_s = time.perf_counter() - start
         completions = self.tokenizer.batch_decode(generation.completion_ids, skip_special_tokens=True)
 

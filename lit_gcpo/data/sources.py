@@ -7,6 +7,7 @@ template and the reward functions read (e.g. ``{"problem": "prompt"}``).
 from __future__ import annotations
 
 import abc
+import json
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -68,7 +69,10 @@ class HubDataset(PromptSource):
     def _read(self) -> list[dict[str, Any]]:
         import datasets
 
-        dataset = datasets.load_dataset(self.path, self.name, split=self.split, revision=self.revision)
+        try:
+            dataset = datasets.load_dataset(self.path, self.name, split=self.split, revision=self.revision)
+        except StopIteration as error:  # an empty data file gives a bare StopIteration
+            raise ValueError(f"path: {self.describe()} has an empty data file") from error
         return dataset.to_list()
 
     def describe(self) -> str:
@@ -102,11 +106,40 @@ class LocalFiles(PromptSource):
         missing = [f for f in self.files if not Path(f).is_file()]
         if missing:
             raise FileNotFoundError(f"files: no such file {missing[0]}")
-        dataset = datasets.load_dataset(self.builder, data_files=self.files, split="train")
+        if self.builder == "json":
+            for file in self.files:
+                check_json_lines(file)
+        try:
+            dataset = datasets.load_dataset(self.builder, data_files=self.files, split="train")
+        except (StopIteration, ValueError, OSError) as error:  # e.g. a bare StopIteration for an empty file
+            raise ValueError(f"files: cannot read {self.describe()} ({type(error).__name__}: {error})") from error
         return dataset.to_list()
 
     def describe(self) -> str:
         return ", ".join(self.files)
+
+
+def check_json_lines(file: str) -> None:
+    """Raise ``ValueError`` naming ``file`` and the line when a JSON(L) file is empty or a JSONL line is not a
+    JSON object (``datasets`` says neither: a bare ``StopIteration``, or a character position without the
+    file). The content of a ``.json`` file (one document or lines) is left to ``datasets``."""
+    with open(file, encoding="utf-8") as handle:
+        text = handle.read()
+    if not text.strip():
+        raise ValueError(f"files: {file} is empty (no rows)")
+    if not file.lower().endswith(".jsonl"):
+        return
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"files: {file}, line {number}: not valid JSON ({error.msg} at column {error.colno})"
+            ) from None
+        if not isinstance(row, dict):
+            raise ValueError(f"files: {file}, line {number}: a row must be a JSON object, got {type(row).__name__}")
 
 
 class ArithmeticTask(PromptSource):

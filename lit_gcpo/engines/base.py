@@ -7,8 +7,10 @@ when it is used.
 from __future__ import annotations
 
 import abc
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -23,7 +25,8 @@ class SamplingConfig:
         top_k: keep the k most likely tokens; -1 disables.
         max_new_tokens: the completion length limit ``L_max``.
         stop: strings that end a completion (the stop string is kept in the text).
-        seed: base seed of the engine's sampler; None leaves it to the engine.
+        seed: base seed of the engine's sampler when the caller gives no per-prompt seeds: prompt ``i`` of a
+            call then gets the seed derived from ``(seed, i)``. None leaves it to the engine.
     """
 
     temperature: float = 1.0
@@ -59,6 +62,32 @@ class Generation:
     truncated: list[bool]
 
 
+def prompt_seeds(sampling: SamplingConfig, num_prompts: int, seeds: list[int] | None) -> list[int | None]:
+    """One seed per prompt: the caller's ``seeds``, else derived from ``(sampling.seed, position in the call)``,
+    else None (the engine's own stream)."""
+    if seeds is not None:
+        if len(seeds) != num_prompts:
+            raise ValueError(f"seeds has {len(seeds)} entries for {num_prompts} prompts")
+        return [int(s) for s in seeds]
+    if sampling.seed is None:
+        return [None] * num_prompts
+    return [zlib.crc32(f"{sampling.seed}/{row}".encode()) for row in range(num_prompts)]
+
+
+def end_of_sequence_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS and each id of the model's generation config
+    (chat models list several, e.g. Qwen's ``<|im_end|>`` and ``<|endoftext|>``), in that order, unique."""
+    ids: list[int] = []
+    generation_config = getattr(model, "generation_config", None)
+    configured = getattr(generation_config, "eos_token_id", None)
+    for value in [tokenizer.eos_token_id, *(configured if isinstance(configured, (list, tuple)) else [configured])]:
+        if value is not None and int(value) not in ids:
+            ids.append(int(value))
+    if not ids:
+        raise ValueError("neither the tokenizer nor the model's generation config defines an end-of-sequence id")
+    return ids
+
+
 class RolloutEngine(abc.ABC):
     """Generates completions for the trainer and follows the trainer's weights.
 
@@ -70,8 +99,18 @@ class RolloutEngine(abc.ABC):
     samples_from_policy: bool = False
 
     @abc.abstractmethod
-    def generate(self, prompt_ids: list[list[int]], num_samples: int, sampling: SamplingConfig) -> Generation:
-        """Sample ``num_samples`` completions for each tokenised prompt (group-major output)."""
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        num_samples: int,
+        sampling: SamplingConfig,
+        seeds: list[int] | None = None,
+    ) -> Generation:
+        """Sample ``num_samples`` completions for each tokenised prompt (group-major output).
+
+        ``seeds`` (one per prompt) makes a prompt's completions depend on its seed and the weights only, not on
+        the batch it is in (see :func:`prompt_seeds`); every id of :func:`end_of_sequence_ids` ends a completion.
+        """
 
     @abc.abstractmethod
     def sync_weights(self, named_parameters: Iterable[tuple[str, torch.Tensor]]) -> None:

@@ -28,8 +28,12 @@ Project choices the vLLM docs leave open:
   ``log_softmax(logits / T)``, what the trainer and ``HFEngine`` compute; with top-p/top-k it is the
   truncated, renormalised distribution (the true behaviour policy), which ``HFEngine`` does not report.
   Greedy decoding (``T=0``) reports ``log_softmax(logits)``.
-- Seeds: ``SamplingConfig.seed`` is a per-call seed; prompt ``i`` of the call gets the seed
-  ``SeedSequence([seed, i])`` so groups do not share noise. Without a seed the engine samples from its
+- Seeds: each prompt gets its own request seed (the caller's per-prompt ``seeds``, else one derived from
+  ``(SamplingConfig.seed, i)`` by :func:`lit_gcpo.engines.base.prompt_seeds`), so groups do not share noise
+  and a prompt's completions do not depend on the batch it is in.
+- End of sequence: every id of :func:`lit_gcpo.engines.base.end_of_sequence_ids` is a stop token id (vLLM
+  reads the checkpoint's generation config itself only with ``generation_config="auto"``, which would also
+  bring the checkpoint's sampling defaults). Without a seed the engine samples from its
   own torch RNG stream (seeded with ``seed`` at creation), kept apart from the trainer's.
 - RNG isolation: vLLM reseeds the process-global RNGs when it starts and samples from the global torch
   generator. The torch (CPU and CUDA), numpy and ``random`` states of the trainer are saved before and
@@ -37,9 +41,13 @@ Project choices the vLLM docs leave open:
 - LoRA: vLLM receives plain merged weights with Hugging Face names; ``policy`` may be a peft model, whose
   adapters are merged on the fly by :func:`lit_gcpo.policy.merged_state_items` (the trained model is not
   modified). The caller of ``sync_weights`` passes merged weights the same way (``export_weights``).
-- DDP: every rank builds its own engine and generates for its own prompts; nothing is shared between
-  ranks. Untested here: vLLM initialises ``torch.distributed`` for itself when no process group exists,
-  so build the engine before the trainer's process group is initialised, or check that vLLM accepts it.
+- Several data-parallel ranks (DDP, FSDP2): one colocated engine per rank, each generating its own prompt
+  shard on its own device, with vLLM's ``external_launcher`` executor (what TRL's colocate mode uses). It
+  joins the trainer's process group instead of creating one (``RANK``/``LOCAL_RANK`` come from it) and
+  builds size-1 tensor-parallel groups inside it, so the engines never talk to each other after start-up
+  (they agree on the KV-cache size once, a collective: every rank builds its engine at the same point).
+  Each rank syncs its own engine from the full weights (FSDP shards are gathered first). Tested on the CPU
+  with 2 gloo ranks (tests/vllm_engine/test_vllm_ddp.py). Tensor parallelism and sleep mode stay GPU-only.
 """
 
 from __future__ import annotations
@@ -63,7 +71,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from lit_gcpo.engines.base import Generation, RolloutEngine, SamplingConfig
+from lit_gcpo.engines.base import Generation, RolloutEngine, SamplingConfig, end_of_sequence_ids, prompt_seeds
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -125,14 +133,31 @@ def _is_peft(policy: torch.nn.Module) -> bool:
 
 
 def _save_policy(policy: torch.nn.Module, tokenizer: Any, directory: str) -> None:
-    """Write the policy (LoRA merged, Hugging Face names) and its tokenizer where vLLM can load them."""
+    """Write the policy (LoRA merged, Hugging Face names), its config and tokenizer where vLLM can load them.
+
+    Every rank writes its own copy (transformers' ``save_pretrained`` writes on rank 0 only once a process group
+    exists). A tensor sharing storage with one written before (a tied output head) is left out, as
+    ``save_pretrained`` does; the engine's spec then drops it on sync.
+    """
+    from safetensors.torch import save_file
+
     from lit_gcpo.policy import merged_state_items
 
-    if _is_peft(policy):
-        state = {name: tensor.contiguous() for name, tensor in merged_state_items(policy, uses_lora=True)}
-        policy.get_base_model().save_pretrained(directory, state_dict=state)
-    else:
-        policy.save_pretrained(directory)
+    state: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in merged_state_items(policy, uses_lora=_is_peft(policy)):
+        pointer = tensor.untyped_storage().data_ptr()
+        if pointer in seen:
+            continue
+        seen.add(pointer)
+        state[name] = tensor.detach().to("cpu").contiguous()
+    save_file(state, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    base = policy.get_base_model() if _is_peft(policy) else policy
+    config = base.config
+    config.architectures = [type(base).__name__.removeprefix("FSDP")]  # fully_shard renames the class
+    config.save_pretrained(directory)
+    if getattr(base, "generation_config", None) is not None:
+        base.generation_config.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
 
 
@@ -140,6 +165,23 @@ def _on_cpu() -> bool:
     from vllm.platforms import current_platform
 
     return current_platform.is_cpu()
+
+
+def _data_parallel_executor() -> str | None:
+    """``external_launcher`` inside a trainer's process group of several ranks (one engine per rank, joining that
+    group), else None (vLLM's in-process default)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    # the executor reads the rank from the environment that torchrun would set; Lightning's launcher may not
+    os.environ.setdefault("RANK", str(dist.get_rank()))
+    os.environ.setdefault("LOCAL_RANK", os.environ.get("LOCAL_RANK", str(dist.get_rank() % max(1, _local_world()))))
+    return "external_launcher"
+
+
+def _local_world() -> int:
+    return int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count() or 1))
 
 
 def _repack_tied_lm_head(worker: Any) -> None:
@@ -222,6 +264,7 @@ class VLLMEngine(RolloutEngine):
             ) from err
 
         self.tokenizer = tokenizer
+        self.eos_token_ids = end_of_sequence_ids(policy, tokenizer)
         self.sync_every = sync_every
         self.enable_sleep_mode = enable_sleep_mode
         self._sync_calls = 0
@@ -236,12 +279,14 @@ class VLLMEngine(RolloutEngine):
         self._expected = checkpoint_spec(model_path)
         # Names the trainer sends but the checkpoint omits: tied aliases such as lm_head.weight.
         self._dropped_names = _policy_state_names(policy) - set(self._expected)
+        executor = _data_parallel_executor()
         with preserved_global_rng():
             self.llm = LLM(
                 model=model_path,
                 tokenizer=model_path,
                 dtype=dtype,
                 seed=seed,
+                distributed_executor_backend=executor,
                 gpu_memory_utilization=gpu_memory_utilization,
                 tensor_parallel_size=tensor_parallel_size,
                 enable_sleep_mode=enable_sleep_mode,
@@ -261,7 +306,13 @@ class VLLMEngine(RolloutEngine):
 
     # ------------------------------------------------------------------ generation
 
-    def generate(self, prompt_ids: list[list[int]], num_samples: int, sampling: SamplingConfig) -> Generation:
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        num_samples: int,
+        sampling: SamplingConfig,
+        seeds: list[int] | None = None,
+    ) -> Generation:
         """``num_samples`` completions per prompt, group-major, with the sampled tokens' log-probs."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
@@ -280,7 +331,8 @@ class VLLMEngine(RolloutEngine):
         self.wake_up()
         # vLLM refuses n > 1 for greedy decoding: decode once and repeat the (deterministic) completion.
         per_request = 1 if sampling.temperature == 0 else num_samples
-        params = [self._sampling_params(SamplingParams, sampling, per_request, row) for row in range(len(prompt_ids))]
+        per_prompt = prompt_seeds(sampling, len(prompt_ids), seeds)
+        params = [self._sampling_params(SamplingParams, sampling, per_request, seed) for seed in per_prompt]
         prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids]
         with self._engine_rng_stream():
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
@@ -299,10 +351,7 @@ class VLLMEngine(RolloutEngine):
                 truncated.append(sample.finish_reason == "length")
         return Generation(completion_ids=completion_ids, logprobs=logprobs, truncated=truncated)
 
-    def _sampling_params(self, factory: Any, sampling: SamplingConfig, num_samples: int, row: int) -> Any:
-        seed = None
-        if sampling.seed is not None:  # one independent stream per prompt of the call
-            seed = int(np.random.SeedSequence([sampling.seed, row]).generate_state(1, np.uint32)[0])
+    def _sampling_params(self, factory: Any, sampling: SamplingConfig, num_samples: int, seed: int | None) -> Any:
         return factory(
             n=num_samples,
             temperature=sampling.temperature,
@@ -310,6 +359,7 @@ class VLLMEngine(RolloutEngine):
             top_k=0 if sampling.top_k == -1 else sampling.top_k,
             max_tokens=sampling.max_new_tokens,
             stop=list(sampling.stop) or None,
+            stop_token_ids=self.eos_token_ids,
             include_stop_str_in_output=True,
             seed=seed,
             logprobs=0,

@@ -1,5 +1,5 @@
 """Evaluation benchmarks as normalised items: MATH-500, AIME24, AMC23, Minerva Math, OlympiadBench,
-GSM8K (math) and HotpotQA distractor, NarrativeQA (QA).
+GSM8K (math) and HotpotQA distractor, NarrativeQA, Qasper (QA).
 
 Every loader returns items ``{"id", "question", "context", "gold", "kind", "benchmark"}``:
 
@@ -8,7 +8,19 @@ Every loader returns items ``{"id", "question", "context", "gold", "kind", "benc
   solution, OlympiadBench's ``final_answer`` list) and a list of reference strings for ``kind="qa"``;
 * ``context`` is ``None`` for math; HotpotQA's ``{title, sentences}`` paragraphs become
   ``"title: sentence sentence ..."`` blocks separated by blank lines; NarrativeQA's is the summary;
+  Qasper's is the paper (title, abstract, then each section's name and paragraphs);
 * ``id`` is the benchmark's own id when it has one, else ``"<benchmark>-<row index>"``.
+
+Qasper is one row per *paper* with its questions inside (``qas``); each question becomes an item (id =
+``question_id``) whose references are its annotators' answers, read as the official Qasper evaluator
+reads them: ``"Unanswerable"`` for an unanswerable mark, the extractive spans joined by ``", "``, else
+the free-form answer, else ``"Yes"``/``"No"``; QA grading scores the best token F1 over them. Both
+published layouts are read: the hub's (``full_text``/``qas`` as columns of lists, ``answers[q]`` =
+``{"answer": [...], "annotation_id": [...]}``) and the release JSON's (``{paper_id: {..., "qas": [{...,
+"answers": [{"answer": {...}}]}]}}``, a ``.json`` object keyed by paper id, or one paper per JSONL line).
+Quirks: ``section_name`` may be null, paragraphs may be empty, ``yes_no`` is null unless the answer is a
+yes/no, and an annotation with no field set has no reference (a question with none is skipped). ``limit``
+counts papers.
 
 A row whose question or gold cannot be read is left out; its id is in ``BenchmarkItems.skipped`` and a
 warning gives the count. The math rewards and metrics read ``gold`` (see ``lit_gcpo.rewards``).
@@ -21,9 +33,11 @@ versions where they differ (e.g. ``question`` vs ``problem``; NarrativeQA's nest
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from lit_gcpo.answers import extract_boxed, gold_answer
@@ -45,6 +59,7 @@ class BenchmarkSpec:
         hub_path, hub_name, hub_split: the hub dataset used when no local file is given.
         convert: row -> ``(question, context, gold)``; any of them None makes the row skipped.
         id_fields: fields tried, in order, for the item id.
+        expand: row -> the rows of its items (Qasper: a paper -> its questions); None = one item per row.
     """
 
     name: str
@@ -54,6 +69,7 @@ class BenchmarkSpec:
     convert: Callable[[Mapping[str, Any]], tuple[str | None, str | None, Any]]
     hub_name: str | None = None
     id_fields: tuple[str, ...] = ("id", "unique_id", "idx")
+    expand: Callable[[Mapping[str, Any]], list[Mapping[str, Any]]] | None = None
 
 
 @dataclass
@@ -138,6 +154,70 @@ def _narrativeqa(row: Mapping[str, Any]) -> tuple[str | None, str | None, Any]:
     return _text(row.get("question")), _text(passage), references or None
 
 
+def _columns(value: Any) -> list[dict[str, Any]]:
+    """A list of records from either layout: a list of dicts, or the hub's dict of equal-length lists."""
+    if isinstance(value, Mapping):
+        lists = {k: v for k, v in value.items() if isinstance(v, list)}
+        width = max((len(v) for v in lists.values()), default=0)
+        return [{k: v[i] if i < len(v) else None for k, v in lists.items()} for i in range(width)]
+    return [v for v in value or [] if isinstance(v, Mapping)]
+
+
+def qasper_reference(answer: Mapping[str, Any]) -> str | None:
+    """One annotator's answer as the official Qasper evaluator reads it (None: no field set)."""
+    if answer.get("unanswerable"):
+        return "Unanswerable"
+    spans = [s for s in answer.get("extractive_spans") or [] if isinstance(s, str) and s.strip()]
+    if spans:
+        return ", ".join(s.strip() for s in spans)
+    free_form = _text(answer.get("free_form_answer"))
+    if free_form is not None:
+        return free_form
+    if answer.get("yes_no") is None:
+        return None
+    return "Yes" if answer["yes_no"] else "No"
+
+
+def _qasper_paper(paper: Mapping[str, Any]) -> str:
+    parts = [t for t in (_text(paper.get("title")), _text(paper.get("abstract"))) if t]
+    for section in _columns(paper.get("full_text")):
+        paragraphs = [p.strip() for p in section.get("paragraphs") or [] if isinstance(p, str) and p.strip()]
+        heading = _text(section.get("section_name"))
+        if paragraphs:
+            parts.append("\n".join([heading, *paragraphs] if heading else paragraphs))
+    return "\n\n".join(parts)
+
+
+def _qasper_questions(paper: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """A paper -> one row per question, with the paper as context and the annotators' references."""
+    questions = _columns(paper.get("qas"))
+    paper_id = str(_first(paper, "id", "paper_id") or "qasper-paper")
+    if not questions:
+        return [{"id": paper_id, "question": None}]  # skipped, by the paper's id
+    context = _qasper_paper(paper)
+    rows = []
+    for position, qa in enumerate(questions):
+        annotations = qa.get("answers")
+        if isinstance(annotations, Mapping):  # hub layout: {"answer": [...], "annotation_id": [...]}
+            answers = [a for a in annotations.get("answer") or [] if isinstance(a, Mapping)]
+        else:  # release layout: [{"answer": {...}, "annotation_id": ...}]
+            answers = [a.get("answer") for a in _columns(annotations) if isinstance(a.get("answer"), Mapping)]
+        references = [r for r in (qasper_reference(a) for a in answers) if r is not None]
+        rows.append(
+            {
+                "id": str(qa.get("question_id") or f"{paper_id}-q{position}"),
+                "question": qa.get("question"),
+                "context": context,
+                "answers": references,
+            }
+        )
+    return rows
+
+
+def _qasper(row: Mapping[str, Any]) -> tuple[str | None, str | None, Any]:
+    return _text(row.get("question")), _text(row.get("context")), row.get("answers") or None
+
+
 def _register(spec: BenchmarkSpec) -> None:
     BENCHMARKS.add(spec.name, spec)
 
@@ -152,12 +232,15 @@ _register(
 _register(BenchmarkSpec("gsm8k", "math", "openai/gsm8k", "test", _gsm8k, "main"))
 _register(BenchmarkSpec("hotpotqa", "qa", "hotpotqa/hotpot_qa", "validation", _hotpotqa, "distractor"))
 _register(BenchmarkSpec("narrativeqa", "qa", "deepmind/narrativeqa", "test", _narrativeqa))
+_register(BenchmarkSpec("qasper", "qa", "allenai/qasper", "test", _qasper, expand=_qasper_questions))
 
 
 def normalise_rows(spec: BenchmarkSpec, rows: list[dict[str, Any]]) -> BenchmarkItems:
     """Rows of ``spec``'s benchmark -> items; rows without a question or gold are skipped by id."""
     items: list[dict[str, Any]] = []
     skipped: list[str] = []
+    if spec.expand is not None:
+        rows = [dict(sub) for row in rows for sub in spec.expand(row)]
     for index, row in enumerate(rows):
         raw_id = _first(row, *spec.id_fields)
         item_id = str(raw_id) if raw_id is not None else f"{spec.name}-{index}"
@@ -196,8 +279,27 @@ def load_benchmark(name: str, path: str | None = None, limit: int = 0) -> Benchm
         limit: keep only the first ``limit`` rows (0 = all), before skipping.
     """
     spec = BENCHMARKS.get(name)
+    keyed = _keyed_json(path, limit) if path is not None else None
+    if keyed is not None:
+        return normalise_rows(spec, keyed)
     if path is not None:
         source: LocalFiles | HubDataset = LocalFiles(path, limit=limit)
     else:
         source = HubDataset(spec.hub_path, split=spec.hub_split, name=spec.hub_name, limit=limit)
     return normalise_rows(spec, source.load())
+
+
+def _keyed_json(path: str, limit: int) -> list[dict[str, Any]] | None:
+    """The rows of a ``.json`` file that is one object of records keyed by id (Qasper's release files),
+    each with its key as ``id``; None for any other file (read by ``datasets``)."""
+    if Path(path).suffix.lower() != ".json" or not Path(path).is_file():
+        return None
+    with open(path, encoding="utf-8") as handle:
+        try:
+            document = json.load(handle)
+        except json.JSONDecodeError:
+            return None  # JSON lines named .json: datasets reads them
+    if not isinstance(document, dict) or not document or not all(isinstance(v, dict) for v in document.values()):
+        return None
+    rows = [{"id": key, **value} for key, value in document.items()]
+    return rows[:limit] if limit > 0 else rows

@@ -10,11 +10,18 @@ CSV.
 
 Gathering the records first (instead of syncing each torchmetrics object) makes every rank compute the
 same numbers even when a rank saw no batch of some benchmark, and the files hold every item once.
+
+``lit-gcpo test`` also writes each batch's records as it comes (``lit_gcpo.evaluation.progress``); a run
+restarted with the same config and ``output_dir`` skips the batches found there (the DataModule leaves
+them out of its test dataloaders) and reports from the saved and the new records together, so its
+report is the one an uninterrupted run gives. The paper-style table (``lit_gcpo.evaluation.paper``: one
+row for this model, one column per benchmark and pass, averages) is printed and written next to it.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +29,8 @@ import lightning.pytorch as pl
 import torch
 
 from lit_gcpo.batch import RolloutBatch
+from lit_gcpo.evaluation.paper import format_paper_table
+from lit_gcpo.evaluation.progress import EvaluationProgress
 from lit_gcpo.evaluation.results import Record, format_table, rollout_records, summarise, write_results
 
 log = logging.getLogger(__name__)
@@ -42,6 +51,15 @@ class BenchmarkReport(pl.Callback):
         geometric: ``bot`` or ``cd``, the geometric signal U of the calibrated ``u_c = U (1 - RD)``.
         reward_range: ``(min, max)`` possible reward, the scale of reward dispersion RD.
         validation: also report after every validation epoch (not only ``lit-gcpo test``).
+        resume: write each test batch's records to ``test_progress.rank<r>.jsonl`` in the output
+            directory and skip the batches already there. Needs a fixed ``output_dir``: the default
+            directory is a new ``version_N`` for every run, so nothing is found to resume from.
+        label: the model's row label in the paper table; None = the module's ``model`` (plus the
+            checkpoint's file name when testing one).
+        averages: named averages of the paper table, ``{name: [benchmark, ...]}``; None = one
+            ``average`` over every benchmark.
+        context_length: the model's context in tokens, for the count of prompts longer than it; None =
+            the policy's ``config.max_position_embeddings`` (when it has one).
     """
 
     def __init__(
@@ -51,6 +69,10 @@ class BenchmarkReport(pl.Callback):
         geometric: str = "bot",
         reward_range: tuple[float, float] = (0.0, 1.0),
         validation: bool = False,
+        resume: bool = True,
+        label: str | None = None,
+        averages: dict[str, list[str]] | None = None,
+        context_length: int | None = None,
     ) -> None:
         if pass_ks is not None and any(k < 1 for k in pass_ks):
             raise ValueError(f"BenchmarkReport pass_ks must be >= 1, got {pass_ks}")
@@ -61,13 +83,33 @@ class BenchmarkReport(pl.Callback):
         self.geometric = geometric
         self.reward_range = (float(reward_range[0]), float(reward_range[1]))
         self.validation = validation
+        self.resume, self.label, self.averages, self.context_length = resume, label, averages, context_length
+        self.progress: EvaluationProgress | None = None
         self.records: list[Record] = []
         self.summary: dict[str, dict[str, float]] = {}
         self.paths: dict[str, Path] = {}
 
     # ------------------------------------------------------------------------------------------ hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Before the test dataloaders exist: find the batches an interrupted run finished."""
+        self.progress = None
+        if stage != "test" or not self.resume:
+            return
+        path = self._directory(trainer) / f"test_progress.rank{trainer.global_rank}.jsonl"
+        self.progress = EvaluationProgress(path)
+        self.progress.load()
+        datamodule = getattr(trainer, "datamodule", None)
+        if self.progress.batches:
+            if not hasattr(datamodule, "skip_test_batches"):
+                raise RuntimeError(f"{path}: resuming needs a DataModule with skip_test_batches (RolloutDataModule)")
+            datamodule.skip_test_batches(self.progress.done())
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.progress is not None:  # the dataloaders exist now: the passes' settings are known
+            self.progress.check(self._settings(trainer, pl_module), self._prompts(trainer))
+
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.records = []
+        self.records = self.progress.records() if self.progress is not None else []
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.records = []
@@ -81,7 +123,12 @@ class BenchmarkReport(pl.Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self.records += self.grade_batch(batch, self._loader_name(trainer, "test", dataloader_idx))
+        name = self._loader_name(trainer, "test", dataloader_idx)
+        records = self.grade_batch(batch, name)
+        self.records += records
+        if self.progress is not None:
+            positions = [int(row.get("position", -1)) for row in batch.rows]
+            self.progress.append(name, positions, self._settings(trainer, pl_module)[name], records)
 
     def on_validation_batch_end(
         self,
@@ -121,20 +168,84 @@ class BenchmarkReport(pl.Callback):
             order.setdefault(record["benchmark"], len(order))
         records.sort(key=lambda r: (order[r["benchmark"]], r["index"]))  # ... items in benchmark order
         skipped = self._skipped(trainer, stage)
-        self.summary = summarise(records, skipped, self.pass_ks)
+        context = self._context_length(pl_module)
+        self.summary = summarise(records, skipped, self.pass_ks, context)
         for benchmark, values in self.summary.items():
             for metric, value in values.items():
                 pl_module.log(f"{stage}/{benchmark}/{metric}", float(value), sync_dist=True)  # equal on every rank
         directory = self._directory(trainer)  # log_dir broadcasts: every rank asks
         if trainer.is_global_zero:
             table = format_table(self.summary)
-            print(f"\n{stage} benchmarks ({len(records)} items)\n{table}\n")
-            self.paths = write_results(directory, stem, self.summary, records, skipped)
+            label = self._label(trainer, pl_module)
+            paper = format_paper_table({label: self.summary}, self.averages)
+            print(f"\n{stage} benchmarks ({len(records)} items)\n{table}\n\n{paper}\n")
+            extra = {"label": label, "averages": self.averages, "context_length": context}
+            self.paths = write_results(directory, stem, self.summary, records, skipped, extra, paper)
             for benchmark, ids in skipped.items():
                 if ids:
                     log.warning("%s: %d items left out for an unreadable gold: %s", benchmark, len(ids), ids[:10])
+            for name, values in self.summary.items():
+                if values.get("over_context", 0) > 0:
+                    log.warning(
+                        "%s: %d of %d prompts are longer than the model's context (%d tokens); their "
+                        "completions are unreliable (cut the context with max_context_tokens, or drop them)",
+                        name,
+                        int(values["over_context"]),
+                        int(values["items"]),
+                        context,
+                    )
             log.info("benchmark results written to %s", self.paths["json"])
         self.records = records
+
+    def _settings(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, dict[str, Any]]:
+        """What decides each test pass's batches and completions (compared when resuming)."""
+        datamodule = getattr(trainer, "datamodule", None)
+        common = {
+            "batch_size": getattr(datamodule, "val_batch_size", None),
+            "world_size": trainer.world_size,
+            "seed": getattr(datamodule, "seed", None),
+            "label": self._label(trainer, pl_module),
+        }
+        names = datamodule.test_names() if hasattr(datamodule, "test_names") else []
+        settings = {}
+        for index, name in enumerate(names):
+            sampling, samples = (
+                datamodule.eval_settings(index) if hasattr(datamodule, "eval_settings") else (None, None)
+            )
+            described = asdict(sampling) if sampling is not None else None
+            if described is not None:
+                described.pop("seed", None)  # set per batch by the DataModule from its seed (in "seed")
+            settings[name] = {**common, "sampling": described, "samples": samples}
+        return settings
+
+    @staticmethod
+    def _prompts(trainer: pl.Trainer) -> dict[str, list[str]]:
+        """The prompts of each test dataloader (``EvalPrompts``), by its name."""
+        datamodule = getattr(trainer, "datamodule", None)
+        loaders = trainer.test_dataloaders
+        loaders = [loaders] if loaders is not None and not isinstance(loaders, (list, tuple)) else list(loaders or [])
+        names = datamodule.test_names() if hasattr(datamodule, "test_names") else []
+        found = {}
+        for name, loader in zip(names, loaders, strict=False):
+            prompts = getattr(getattr(loader, "dataset", None), "prompts", None)
+            if prompts is not None:
+                found[name] = list(prompts)
+        return found
+
+    def _label(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
+        if self.label is not None:
+            return self.label
+        hparams = getattr(pl_module, "hparams", None) or {}
+        label = str(hparams.get("model", "model"))
+        ckpt = getattr(trainer, "ckpt_path", None)
+        return f"{label} @ {Path(ckpt).name}" if ckpt else label
+
+    def _context_length(self, pl_module: pl.LightningModule) -> int | None:
+        if self.context_length is not None:
+            return self.context_length
+        config = getattr(getattr(pl_module, "policy", None), "config", None)
+        value = getattr(config, "max_position_embeddings", None)
+        return int(value) if isinstance(value, int) else None
 
     def _directory(self, trainer: pl.Trainer) -> Path:
         if self.output_dir is not None:

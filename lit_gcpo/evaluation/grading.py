@@ -1,5 +1,7 @@
 """Grading benchmark completions by the kind of their benchmark, as pure functions.
 
+An empty last box (``\\boxed{}``) is no answer for either kind: it is graded wrong and never votes.
+
 * math: the final answer is the content of the completion's last complete ``\\boxed{}``
   (``lit_gcpo.answers.extract_boxed``); it is correct when Math-Verify finds it equivalent to the gold
   (``lit_gcpo.answers.answers_equivalent``, gold first, the ``math_accuracy`` reward's time bound).
@@ -70,12 +72,15 @@ def gold_references(kind: str, gold: Any) -> list[str]:
     return references(gold)
 
 
+def no_blank(answer: str | None) -> str | None:
+    """An answer, or None for no answer: an empty ``\\boxed{}`` states nothing, for math as for QA."""
+    return answer if answer is not None and answer.strip() else None
+
+
 def extract_answer(kind: str, completion: str) -> str | None:
-    """The final answer a completion states (math: last box; QA: ``extract_qa_answer``, None if empty)."""
+    """The final answer a completion states (math: last box; QA: ``extract_qa_answer``), None if empty."""
     _check_kind(kind)
-    if kind == "math":
-        return extract_boxed(completion)
-    return extract_qa_answer(completion) or None
+    return no_blank(extract_boxed(completion) if kind == "math" else extract_qa_answer(completion))
 
 
 def grade_answer(kind: str, answer: str | None, gold: Any) -> Grade:

@@ -114,14 +114,15 @@ class PassAtK(_AtK):
 
 
 def majority_answer(answers: Sequence[str | None], equivalent: Equivalence) -> str | None:
-    """The answer of the largest class of equivalent answers (None answers ignored).
+    """The answer of the largest class of equivalent answers (None and blank answers ignored: an empty
+    ``\\boxed{}`` is no answer and cannot win the vote).
 
     An answer joins the first class whose first member it is equivalent to; ties between classes go to
     the class whose first member came first.
     """
     classes: list[list[str]] = []
     for answer in answers:
-        if answer is None:
+        if answer is None or not answer.strip():
             continue
         for members in classes:
             if equivalent(members[0], answer):

@@ -3,9 +3,13 @@ JSON and CSV files.
 
 A record is one prompt (benchmark item) with its k completions::
 
-    {"benchmark", "kind", "id", "index", "prompt", "gold",
+    {"benchmark", "variant", "kind", "id", "index", "prompt", "prompt_tokens", "gold",
      "completions": [k str], "answers": [k str | None], "correct": [k bool], "f1": [k float] | None,
+     "lengths": [k int], "truncated": [k bool] | None,
      "majority_answer": str | None, "majority_correct": bool, "signals": {name: float | None}}
+
+Records are reported by ``benchmark`` and evaluation pass: ``<benchmark>/<variant>`` when the row names
+a variant (``greedy``/``sampled``, see ``BenchmarkSource``), else ``<benchmark>``.
 
 Metrics per benchmark (``n`` completions per item):
 
@@ -14,6 +18,8 @@ Metrics per benchmark (``n`` completions per item):
 * QA: ``em`` and ``f1`` over all completions, and ``pass@k`` (on exact match) when n > 1;
 * ``auroc_<signal>`` for each uncertainty signal present (``IncorrectnessAUROC``: the signal ranking the
   items whose majority answer is wrong above the others; NaN with one class or n = 1);
+* ``length_mean`` (completion tokens) and ``truncated_frac`` (share of completions that hit
+  ``max_new_tokens``); ``over_context``: prompts longer than the model's context (when it is known);
 * ``items`` (graded items) and ``skipped`` (items left out for an unreadable gold).
 
 The metrics are computed from the records alone (their answers, grades and signals), so every number
@@ -40,6 +46,7 @@ from lit_gcpo.evaluation.grading import (
     grade_answer,
     majority_grade,
     math_equivalent,
+    no_blank,
 )
 from lit_gcpo.evaluation.metrics import (
     QAF1,
@@ -78,10 +85,13 @@ def rollout_records(
         if kind not in KINDS:
             raise ValueError(f"row {position} of the batch has kind {kind!r}; valid: {', '.join(KINDS)}")
     golds = [row.get("gold", row.get("answer")) for row in batch.rows]  # [B]
+    lengths = batch.completion_mask.detach().cpu().sum(-1).long()  # [N]
+    prompt_tokens = batch.attention_mask.detach().cpu().sum(-1).long() - lengths  # [N]
+    truncated = None if batch.truncated is None else batch.truncated.detach().cpu().bool().tolist()  # [N]
     grades = []
     for n, g in enumerate(group_ids.tolist()):
         from_rollout = kinds[g] == "math" and batch.answers is not None
-        answer = batch.answers[n] if from_rollout else extract_answer(kinds[g], batch.completions[n])
+        answer = no_blank(batch.answers[n]) if from_rollout else extract_answer(kinds[g], batch.completions[n])
         grades.append(grade_answer(kinds[g], answer, golds[g]))  # [N]
     signals = prompt_signals(
         group_ids,
@@ -102,15 +112,19 @@ def rollout_records(
         records.append(
             {
                 "benchmark": str(row.get("benchmark") or default_benchmark),
+                "variant": str(row.get("variant") or ""),
                 "kind": kinds[b],
                 "id": str(row.get("id", f"{default_benchmark}-{index}")),
                 "index": index,
                 "prompt": batch.prompts[b],
+                "prompt_tokens": int(prompt_tokens[members[0]]) if members else 0,
                 "gold": golds[b] if kinds[b] == "qa" else (gold_references("math", golds[b]) or [None])[0],
                 "completions": [batch.completions[n] for n in members],
                 "answers": [g.answer for g in mine],
                 "correct": [g.correct for g in mine],
                 "f1": [g.f1 for g in mine] if kinds[b] == "qa" else None,
+                "lengths": [int(lengths[n]) for n in members],
+                "truncated": None if truncated is None else [truncated[n] for n in members],
                 "majority_answer": majority.answer,
                 "majority_correct": majority.correct,
                 "signals": {name: _number(value[b]) for name, value in signals.items()},
@@ -151,7 +165,27 @@ def _signal(records: Sequence[Record], name: str) -> torch.Tensor:
     return torch.tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float64)  # [I]
 
 
-def benchmark_metrics(records: Sequence[Record], pass_ks: Sequence[int] | None = None) -> dict[str, float]:
+def report_name(record: Record) -> str:
+    """``<benchmark>/<variant>``, or ``<benchmark>`` for a benchmark's only evaluation pass."""
+    variant = record.get("variant") or ""
+    return f"{record['benchmark']}/{variant}" if variant else record["benchmark"]
+
+
+def _length_metrics(records: Sequence[Record], context_length: int | None) -> dict[str, float]:
+    lengths = [n for r in records for n in r.get("lengths") or []]
+    values = {"length_mean": sum(lengths) / len(lengths) if lengths else math.nan}
+    flags = [r.get("truncated") for r in records]
+    if all(f is not None for f in flags):
+        every = [bool(t) for f in flags for t in f]
+        values["truncated_frac"] = sum(every) / len(every) if every else math.nan
+    if context_length is not None:
+        values["over_context"] = float(sum(r.get("prompt_tokens", 0) > context_length for r in records))
+    return values
+
+
+def benchmark_metrics(
+    records: Sequence[Record], pass_ks: Sequence[int] | None = None, context_length: int | None = None
+) -> dict[str, float]:
     """The metrics of one benchmark's records (all of one kind and one completion count)."""
     if not records:
         return {"items": 0.0}
@@ -183,6 +217,7 @@ def benchmark_metrics(records: Sequence[Record], pass_ks: Sequence[int] | None =
             pass_k = PassAtK(k, **_LOCAL)
             pass_k.update(correct)
             values[f"pass@{k}"] = float(pass_k.compute())
+    values.update(_length_metrics(records, context_length))
     majority_correct = torch.tensor([float(r["majority_correct"]) for r in records])  # [I]
     present = {name for r in records for name, v in r["signals"].items() if v is not None}
     for name in AUROC_SIGNALS:
@@ -194,22 +229,28 @@ def benchmark_metrics(records: Sequence[Record], pass_ks: Sequence[int] | None =
 
 
 def summarise(
-    records: Sequence[Record], skipped: Mapping[str, Sequence[str]] | None = None, pass_ks: Sequence[int] | None = None
+    records: Sequence[Record],
+    skipped: Mapping[str, Sequence[str]] | None = None,
+    pass_ks: Sequence[int] | None = None,
+    context_length: int | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Per-benchmark metrics, benchmarks in order of first appearance, with ``skipped`` counts."""
+    """Per-benchmark (and pass) metrics, in order of first appearance, with ``skipped`` counts."""
     by_benchmark: dict[str, list[Record]] = {}
     for record in records:
-        by_benchmark.setdefault(record["benchmark"], []).append(record)
+        by_benchmark.setdefault(report_name(record), []).append(record)
     summary = {}
     for name, items in by_benchmark.items():
-        values = benchmark_metrics(items, pass_ks)
-        summary[name] = {"items": values.pop("items"), "skipped": float(len((skipped or {}).get(name, ()))), **values}
+        values = benchmark_metrics(items, pass_ks, context_length)
+        left_out = len((skipped or {}).get(items[0]["benchmark"], ()))
+        summary[name] = {"items": values.pop("items"), "skipped": float(left_out), **values}
+    reported = {r["benchmark"] for r in records}
     for name, ids in (skipped or {}).items():
-        summary.setdefault(name, {"items": 0.0, "skipped": float(len(ids))})
+        if name not in reported:
+            summary.setdefault(name, {"items": 0.0, "skipped": float(len(ids))})
     return summary
 
 
-_COUNTS = ("items", "skipped")
+_COUNTS = ("items", "skipped", "over_context")
 
 
 def _cell(column: str, value: float) -> str:
@@ -234,14 +275,14 @@ def format_table(summary: Mapping[str, Mapping[str, float]]) -> str:
     return "\n".join([line(header), separator, *(line(r) for r in rows)])
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """NaN -> None (strict JSON), recursively."""
     if isinstance(value, float) and math.isnan(value):
         return None
     if isinstance(value, Mapping):
-        return {k: _jsonable(v) for k, v in value.items()}
+        return {k: jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     return value
 
 
@@ -251,9 +292,12 @@ def write_results(
     summary: Mapping[str, Mapping[str, float]],
     records: Sequence[Record],
     skipped: Mapping[str, Sequence[str]] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    paper_table: str | None = None,
 ) -> dict[str, Path]:
-    """Write ``<stem>_benchmarks.json`` (summary, skipped ids, items), ``<stem>_items.csv`` (one row per
-    item), ``<stem>_summary.csv`` (one row per benchmark) and ``<stem>_table.md``; returns their paths."""
+    """Write ``<stem>_benchmarks.json`` (summary, skipped ids, items, and ``extra`` keys such as the run's
+    label), ``<stem>_items.csv`` (one row per item), ``<stem>_summary.csv`` (one row per benchmark),
+    ``<stem>_table.md`` and, when given, ``<stem>_paper.md``; returns their paths."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = {
@@ -262,17 +306,19 @@ def write_results(
         "summary_csv": directory / f"{stem}_summary.csv",
         "table": directory / f"{stem}_table.md",
     }
-    document = {"summary": summary, "skipped": {k: list(v) for k, v in (skipped or {}).items()}, "items": records}
-    paths["json"].write_text(json.dumps(_jsonable(document), indent=1, ensure_ascii=False, allow_nan=False))
-    item_columns = ["benchmark", "id", "kind", "prompt", "gold", "completions", "answers", "correct", "f1"]
+    document = {**(extra or {}), "summary": summary, "skipped": {k: list(v) for k, v in (skipped or {}).items()}}
+    document["items"] = records
+    paths["json"].write_text(json.dumps(jsonable(document), indent=1, ensure_ascii=False, allow_nan=False))
+    item_columns = ["benchmark", "variant", "id", "kind", "prompt", "prompt_tokens", "gold", "completions"]
+    item_columns += ["answers", "correct", "f1", "lengths", "truncated"]
     item_columns += ["majority_answer", "majority_correct", *_SIGNAL_COLUMNS]
     with paths["items_csv"].open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=item_columns)
         writer.writeheader()
         for record in records:
             row = {c: record.get(c) for c in item_columns if c not in _SIGNAL_COLUMNS}
-            for column in ("gold", "completions", "answers", "correct", "f1"):
-                row[column] = json.dumps(_jsonable(record.get(column)), ensure_ascii=False)
+            for column in ("gold", "completions", "answers", "correct", "f1", "lengths", "truncated"):
+                row[column] = json.dumps(jsonable(record.get(column)), ensure_ascii=False)
             for name in _SIGNAL_COLUMNS:
                 value = record["signals"].get(name)
                 row[name] = "" if value is None or math.isnan(value) else repr(float(value))
@@ -287,4 +333,7 @@ def write_results(
             cells = [values.get(c, math.nan) for c in metric_columns]
             writer.writerow([name, *("" if math.isnan(v) else repr(float(v)) for v in cells)])
     paths["table"].write_text(format_table(summary) + "\n")
+    if paper_table is not None:
+        paths["paper"] = directory / f"{stem}_paper.md"
+        paths["paper"].write_text(paper_table + "\n")
     return paths

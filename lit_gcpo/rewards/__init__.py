@@ -3,21 +3,33 @@
 ``fn(prompts: list[str], completions: list[str], **columns) -> list[float | None]``: columns are the
 dataset rows' fields as lists. Built-ins are registered by name in ``REWARDS``; anything else is loaded
 by dotted path (``pkg.module:function``). ``RewardSet`` scores a batch with several of them under a time
-bound and turns failures into counted NaN scores.
+bound (a user's function in its own killable process) and turns failures into counted NaN scores.
 """
 
 from __future__ import annotations
 
-from lit_gcpo.rewards.combine import MAX_STUCK_CALLS, CombinedReward, RewardScores, RewardSet, RewardTerm
+from lit_gcpo.rewards.combine import (
+    MAX_ABS_SCORE,
+    MAX_STUCK_CALLS,
+    CombinedReward,
+    RewardError,
+    RewardScores,
+    RewardSet,
+    RewardTerm,
+)
+from lit_gcpo.rewards.isolated import ProcessReward
 from lit_gcpo.rewards.loading import REWARDS, RewardFn, import_object, load_reward
 from lit_gcpo.rewards.math_reward import GRADING_TIMEOUT_S, completion_text, format_reward, math_accuracy
 from lit_gcpo.rewards.qa import extract_qa_answer, normalize_answer, qa_exact_match, qa_f1, token_f1
 
 __all__ = [
     "GRADING_TIMEOUT_S",
+    "MAX_ABS_SCORE",
     "MAX_STUCK_CALLS",
     "REWARDS",
     "CombinedReward",
+    "ProcessReward",
+    "RewardError",
     "RewardFn",
     "RewardScores",
     "RewardSet",

@@ -6,7 +6,8 @@ score is kept. As in SQuAD v2, F1 with an empty side is 1 when both are empty, e
 
 The answer read from a completion (project's rule, in order): the content of its last complete
 ``\\boxed{}``; else the text after its last "Answer:" (case-insensitive) up to the end of that line;
-else the whole completion.
+else the whole completion. An empty last box is no answer (score 0), also against a reference that
+normalises to nothing.
 """
 
 from __future__ import annotations
@@ -88,6 +89,9 @@ def _score(completions: list[Any], columns: dict[str, list[Any]], metric: Any) -
             scores.append(None)
             continue
         predicted = extract_qa_answer(completion_text(completion))
+        if not predicted.strip():  # an empty \boxed{} states no answer, even against a reference like "The"
+            scores.append(0.0)
+            continue
         scores.append(max(metric(predicted, ref) for ref in refs))
     return scores
 

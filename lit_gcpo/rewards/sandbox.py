@@ -1,4 +1,5 @@
-"""Math-Verify grading in a separate, killable process: a time bound that works from any thread.
+"""Killable child processes (``ChildProcess``), and Math-Verify grading in one: a time bound that works
+from any thread. User reward functions run in the same kind of child (``lit_gcpo.rewards.isolated``).
 
 Math-Verify bounds ``parse``/``verify`` with ``signal.alarm``, which only works in the main thread of
 the main interpreter (Lightning and dataloader threads get a ``ValueError``) and cannot interrupt a
@@ -15,6 +16,13 @@ alarm. So the grading runs in a child interpreter started with ``python -I <this
   reports a timeout for that comparison;
 * the child's address space is limited (``CHILD_MEMORY_LIMIT_BYTES``) so a runaway expansion raises
   ``MemoryError`` instead of eating the machine's memory.
+
+Numbers far below 1: Math-Verify compares two numbers after rounding them to 6 decimals, so
+``2.88 \\times 10^{-19}`` "equals" ``1.325 \\times 10^{-27}`` and ``-5 \\times 10^{-19}``. When both sides parse
+to real numbers, a Math-Verify "equal" must also pass a relative test, ``|a - b| <= RELATIVE_TOLERANCE *
+max(|a|, |b|)`` (the ``rel_tol`` of the Qwen2.5-Math evaluation's ``isclose``). The test only ever turns
+"equal" into "not equal", and for numbers of size 0.01 or more Math-Verify's rounding is already
+stricter, so it changes nothing there.
 
 Only ``LatexExtractionConfig`` is used: Math-Verify's ``ExprExtractionConfig`` goes through
 ``sympy.parse_expr``, which evaluates Python, and model outputs are untrusted text.
@@ -40,8 +48,15 @@ STARTUP_TIMEOUT_S = 60.0
 CHILD_MEMORY_LIMIT_BYTES = 2 * 1024**3
 """Address-space limit of the grading process."""
 
+RELATIVE_TOLERANCE = 1e-4
+"""Two real numbers Math-Verify calls equal must also agree to this relative difference."""
 
-class GraderUnavailableError(RuntimeError):
+
+class ChildUnavailableError(RuntimeError):
+    """A child process could not be started or died for a reason other than a timeout."""
+
+
+class GraderUnavailableError(ChildUnavailableError):
     """The grading process could not be started or died for a reason other than a timeout."""
 
 
@@ -54,10 +69,29 @@ class GradeResult:
     timed_out: bool = False
 
 
-class GraderProcess:
-    """One child interpreter running Math-Verify; one request at a time (callers hold ``lock``)."""
+class ChildProcess:
+    """A child interpreter that prints a ready line, then answers each request line with one reply line.
 
-    def __init__(self) -> None:
+    A request that gets no reply within its bound (a hang, or a crash on that input) kills the child, starts a
+    replacement at once in the background and returns None. One request at a time: callers hold ``lock``.
+
+    Args:
+        command: the child's command line.
+        name: how errors name the child.
+        env: the child's environment (None: this process's).
+        stderr: where the child's stderr goes (None: this process's).
+        error: the exception raised when the child cannot start or dies between requests.
+    """
+
+    def __init__(
+        self,
+        command: list[str],
+        name: str,
+        env: dict[str, str] | None = None,
+        stderr: int | None = subprocess.DEVNULL,
+        error: type[ChildUnavailableError] = ChildUnavailableError,
+    ) -> None:
+        self.command, self.name, self.env, self.stderr, self.error = command, name, env, stderr, error
         self.lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._buffer = b""
@@ -66,10 +100,11 @@ class GraderProcess:
     def start(self) -> None:
         """Launch the child without waiting for it to be ready."""
         self._proc = subprocess.Popen(
-            [sys.executable, "-I", os.path.abspath(__file__)],
+            self.command,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+            stderr=self.stderr,
+            env=self.env,
             close_fds=True,
         )
         self._buffer = b""
@@ -104,36 +139,54 @@ class GraderProcess:
         line, self._buffer = self._buffer.split(b"\n", 1)
         return line
 
-    def _ensure_ready(self) -> None:
+    def wait_ready(self) -> None:
+        """Start the child if needed and wait for its ready line (``STARTUP_TIMEOUT_S`` at most)."""
         if self._proc is None or self._proc.poll() is not None:
             self.start()
         if self._ready:
             return
         line = self._read_line(time.monotonic() + STARTUP_TIMEOUT_S)
-        if line is None or json.loads(line).get("ready") is not True:
+        reply = json.loads(line) if line else {}
+        if reply.get("ready") is not True:
             self.close()
-            raise GraderUnavailableError(
-                f"the Math-Verify grading process did not start within {STARTUP_TIMEOUT_S:.0f} s"
-            )
+            reason = reply.get("error") or f"no ready line within {STARTUP_TIMEOUT_S:.0f} s"
+            raise self.error(f"{self.name} did not start: {reason}")
         self._ready = True
 
-    def grade(self, gold: str, pred: str, timeout_s: float) -> GradeResult:
-        """Math-Verify equivalence of two answer strings, bounded by ``timeout_s`` (+ a kill grace)."""
-        self._ensure_ready()
+    def request(self, line: bytes, timeout_s: float) -> bytes | None:
+        """Send one request line; its reply line, or None (child killed and replaced) past ``timeout_s``."""
+        self.wait_ready()
         assert self._proc is not None and self._proc.stdin is not None
-        request = json.dumps({"gold": gold, "pred": pred, "timeout": timeout_s}) + "\n"
         try:
-            self._proc.stdin.write(request.encode())
+            self._proc.stdin.write(line + b"\n")
             self._proc.stdin.flush()
         except (BrokenPipeError, OSError) as error:
             self.close()
-            raise GraderUnavailableError("the Math-Verify grading process died") from error
-        line = self._read_line(time.monotonic() + timeout_s * 1.25 + 0.2)
-        if line is None:
-            # A C-level hang, or a crash on this input (the likely cause either way): no verdict for it.
-            # Kill and pre-start a replacement so that the next call finds it warm.
+            raise self.error(f"{self.name} died") from error
+        reply = self._read_line(time.monotonic() + timeout_s)
+        if reply is None:
+            # A hang, or a crash on this input (the likely cause either way): no answer for it. Kill and
+            # pre-start a replacement so that the next call finds it warm.
             self.close()
             self.start()
+        return reply
+
+
+class GraderProcess(ChildProcess):
+    """One child interpreter running Math-Verify (this file, ``python -I``)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            [sys.executable, "-I", os.path.abspath(__file__)],
+            name="the Math-Verify grading process",
+            error=GraderUnavailableError,
+        )
+
+    def grade(self, gold: str, pred: str, timeout_s: float) -> GradeResult:
+        """Math-Verify equivalence of two answer strings, bounded by ``timeout_s`` (+ a kill grace)."""
+        request = json.dumps({"gold": gold, "pred": pred, "timeout": timeout_s}).encode()
+        line = self.request(request, timeout_s * 1.25 + 0.2)
+        if line is None:
             return GradeResult(equal=False, timed_out=True)
         reply = json.loads(line)
         return GradeResult(equal=bool(reply["equal"]), timed_out=bool(reply["timed_out"]))
@@ -203,9 +256,21 @@ def _child_main() -> None:  # pragma: no cover - runs in the child interpreter
     out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # anything a library prints must not corrupt the protocol on stdout
     logging.disable(logging.CRITICAL)
+    import sympy
     from math_verify import LatexExtractionConfig, parse, verify
 
     config = [LatexExtractionConfig()]
+
+    def _relatively_close(gold: list, pred: list) -> bool:
+        """False only for two real numbers further apart than ``RELATIVE_TOLERANCE`` of the larger."""
+        a, b = gold[0], pred[0]
+        if not (isinstance(a, sympy.Expr) and isinstance(b, sympy.Expr) and a.is_number and b.is_number):
+            return True  # sets, tuples, equations, symbols: Math-Verify's verdict stands
+        x, y = a.evalf(30), b.evalf(30)
+        if not (x.is_real and y.is_real):
+            return True
+        scale = max(abs(x), abs(y))
+        return bool(scale == 0 or abs(x - y) <= RELATIVE_TOLERANCE * scale)
 
     class _Alarm(BaseException):  # not an Exception: Math-Verify's `except Exception` must not swallow it
         pass
@@ -227,6 +292,7 @@ def _child_main() -> None:  # pragma: no cover - runs in the child interpreter
                 gold = parse(f"${request['gold']}$", extraction_config=config, parsing_timeout=None)
                 pred = parse(f"${request['pred']}$", extraction_config=config, parsing_timeout=None)
                 equal = bool(gold) and bool(pred) and bool(verify(gold, pred, timeout_seconds=None))
+                equal = equal and _relatively_close(gold, pred)
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
         except _Alarm:

@@ -1,0 +1,156 @@
+"""Data-parallel and sharded training: the ``fsdp2`` strategy, sharding a causal LM, gradient sync, and the
+strategies and precisions that GRPOModule refuses.
+
+Why FSDP2 through Lightning's ``ModelParallelStrategy`` and not Lightning's ``FSDPStrategy`` (FSDP1):
+FSDP2 (``torch.distributed.fsdp.fully_shard``) shards each parameter as a DTensor, runs on CPU tensors with
+gloo as well as on GPUs with NCCL (Lightning's ``FSDPStrategy`` refuses a CPU accelerator, so nothing of it
+could be tested here), keeps parameter names and ``requires_grad`` per parameter (no flat parameters, so
+frozen and trained weights mix freely), and is the FSDP that PyTorch develops. ``FSDP2Strategy`` is
+``ModelParallelStrategy`` with every rank in the data-parallel dimension (no tensor parallelism) and full,
+single-file checkpoints by default; it is registered as ``--trainer.strategy fsdp2``. The module shards in
+``configure_model``: each decoder layer is one FSDP unit, the whole model the root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.pytorch.strategies import ModelParallelStrategy, ParallelStrategy, Strategy, StrategyRegistry
+
+# Trainer precisions the module honours: mixed bf16 (fp32 master weights) or one dtype throughout.
+SUPPORTED_PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "64-true", "64")
+# Strategies it honours: one device, DDP (any launcher), FSDP2.
+SUPPORTED_STRATEGIES = ("auto", "single_device", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "fsdp2")
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """Fully sharded data parallelism (FSDP2) over all ranks, on GPUs (NCCL) or CPUs (gloo).
+
+    Args:
+        save_distributed_checkpoint: True writes one shard per rank (a directory, no full gather: use it for
+            7B-scale models); False (default) gathers full weights and optimizer state into one file on rank 0.
+        process_group_backend: ``nccl`` / ``gloo``; None picks the device's default.
+        timeout: collective timeout.
+    """
+
+    strategy_name = "fsdp2"
+
+    def __init__(
+        self,
+        save_distributed_checkpoint: bool = False,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ) -> None:
+        super().__init__(
+            data_parallel_size="auto",
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+        )
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes  # every rank shards the model
+        super().setup_environment()
+
+
+if "fsdp2" not in StrategyRegistry:
+    StrategyRegistry.register(
+        "fsdp2", FSDP2Strategy, description="FSDP2 (fully_shard) over all ranks, GPU or CPU (lit-gcpo)"
+    )
+
+
+def is_sharded(strategy: Strategy | None) -> bool:
+    return isinstance(strategy, ModelParallelStrategy)
+
+
+def shard_causal_lm(model: torch.nn.Module, mesh: Any) -> None:
+    """Apply FSDP2 to a transformers causal LM: each decoder layer a unit, the model the root.
+
+    A unit gathers its parameters in one buffer of one dtype, so a layer that mixes dtypes (the bf16-mixed
+    reference: bf16 linear layers, fp32 norms) gets one unit per linear layer inside it; gathering them
+    together made the ranks' collectives disagree on sizes.
+    """
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    if isinstance(model, FSDPModule):
+        return  # configure_model may run more than once (fit, then test)
+    for layer in model.get_decoder().layers:
+        if len({p.dtype for p in layer.parameters()}) > 1:
+            for module in layer.modules():
+                if isinstance(module, torch.nn.Linear):
+                    fully_shard(module, mesh=mesh)
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+@contextlib.contextmanager
+def gradient_sync(strategy: Strategy, model: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """Let backward passes inside reduce gradients over ranks only when ``enabled`` (the last micro-batch of
+    an optimizer step); otherwise they accumulate locally and the next synced backward reduces the sum."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if enabled:
+        yield
+    elif isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    elif isinstance(strategy, ParallelStrategy):
+        with strategy.block_backward_sync():  # DDP's no_sync
+            yield
+    else:
+        yield
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor gathered to a full tensor (a collective: every rank must call it); other tensors as they are."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def unsupported_option(strategy: Any, precision: Any) -> str | None:
+    """Why GRPOModule cannot honour this Trainer ``strategy`` / ``precision`` (names or objects), or None."""
+    name = _strategy_name(strategy)
+    if "deepspeed" in name.lower():
+        return (
+            f"trainer.strategy {name}: DeepSpeed is not supported (it owns gradient clipping and the optimizer "
+            "step, which GRPOModule runs itself several times per rollout batch, so clipping would silently "
+            "not happen); use --trainer.strategy fsdp2 for sharded training"
+        )
+    if name == "fsdp" or "FSDPStrategy" in name:
+        return (
+            f"trainer.strategy {name}: Lightning's FSDP (FSDP1) is not supported; use --trainer.strategy fsdp2 "
+            "(FSDP2, which also runs on CPUs)"
+        )
+    if isinstance(strategy, str) and name not in SUPPORTED_STRATEGIES and "." not in name:
+        return f"trainer.strategy {name}: not supported; use one of {', '.join(SUPPORTED_STRATEGIES)}"
+    precision = str(precision) if precision is not None else "32-true"
+    if precision not in SUPPORTED_PRECISIONS:
+        hint = (
+            "fp16 needs loss scaling, which GRPOModule's own optimizer steps do not do; use bf16-mixed"
+            if precision.startswith("16")
+            else "use bf16-mixed or 32-true"
+        )
+        return f"trainer.precision {precision}: not supported ({hint})"
+    return None
+
+
+def _strategy_name(strategy: Any) -> str:
+    if strategy is None:
+        return "auto"
+    if isinstance(strategy, str):
+        return strategy
+    if isinstance(strategy, dict):  # a class_path/init_args mapping from a config file
+        return str(strategy.get("class_path", ""))
+    if hasattr(strategy, "class_path"):  # the same, parsed (a jsonargparse Namespace)
+        return str(strategy.class_path)
+    if isinstance(strategy, FSDP2Strategy):
+        return "fsdp2"
+    return type(strategy).__name__

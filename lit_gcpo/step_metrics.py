@@ -1,0 +1,53 @@
+"""The loss metrics of one training step, merged over micro-batches, iterations and data-parallel ranks.
+
+Each micro-batch's loss is already normalised by the whole step's counts (all ranks' tokens or sequences),
+so the global loss of an iteration is the sum of every rank's micro-batch losses, and the step's value is
+the mean over its ``num_iterations``. Ratios, clip fractions and the like are means over completion tokens:
+weighted by each micro-batch's tokens and reduced over ranks as sums, so that a rank with more tokens counts
+more. ``*_min`` / ``*_max`` reduce by min / max. Three collectives per step, whatever the number of metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+SUMMED = ("loss", "policy_loss", "kl_loss", "entropy_loss")  # parts of one batch-level loss
+
+# reduce(tensor, op) with op in {"sum", "min", "max"}: over data-parallel ranks (identity on one device)
+Reduce = Callable[[torch.Tensor, str], torch.Tensor]
+
+
+def merge_step_metrics(
+    parts: list[tuple[dict[str, Any], torch.Tensor]], num_iterations: int, reduce: Reduce
+) -> dict[str, torch.Tensor]:
+    """One global value per metric from ``(metrics, completion tokens)`` of every micro-batch of the step."""
+    keys = list(parts[0][0])
+    values = torch.stack(
+        [torch.stack([torch.as_tensor(m[k], dtype=torch.float32).detach().reshape(()) for k in keys]) for m, _ in parts]
+    )  # [micro-batches x iterations, K]
+    tokens = torch.stack([t.float().reshape(()) for _, t in parts]).to(values.device)  # [M]
+    summed = [k in SUMMED for k in keys]
+    lows = [k.endswith("_min") for k in keys]
+    highs = [k.endswith("_max") for k in keys]
+    # [K sums: the loss terms summed, the other means as token-weighted sums] + [token total]
+    weighted = torch.where(torch.tensor(summed, device=values.device), values, values * tokens.unsqueeze(-1)).sum(
+        0
+    )  # [K]
+    totals = reduce(torch.cat([weighted, tokens.sum().unsqueeze(0)]), "sum")  # [K + 1]
+    minima = reduce(values.min(0).values, "min")  # [K]
+    maxima = reduce(values.max(0).values, "max")  # [K]
+    token_total = totals[-1].clamp(min=1)
+    merged: dict[str, torch.Tensor] = {}
+    for index, key in enumerate(keys):
+        if summed[index]:
+            merged[key] = totals[index] / num_iterations
+        elif lows[index]:
+            merged[key] = minima[index]
+        elif highs[index]:
+            merged[key] = maxima[index]
+        else:
+            merged[key] = totals[index] / token_total
+    return merged

@@ -1,0 +1,53 @@
+"""What ``lit-gcpo`` refuses before any model is loaded, and the settings it keeps in one place."""
+
+from __future__ import annotations
+
+import pytest
+
+from lit_gcpo.cli import main
+
+
+def _parse(*options: str):
+    return main(["--config", "configs/quickstart.yaml", *options], run=False)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "names"),
+    [
+        ("--trainer.strategy", "deepspeed_stage_2", ["trainer.strategy deepspeed_stage_2", "fsdp2"]),
+        ("--trainer.strategy", "fsdp", ["trainer.strategy fsdp", "fsdp2"]),
+        ("--trainer.precision", "16-mixed", ["trainer.precision 16-mixed", "bf16-mixed"]),
+    ],
+)
+def test_unsupported_strategy_or_precision_is_refused_at_parse_time(option, value, names, capsys, monkeypatch):
+    loaded = []
+    monkeypatch.setattr("lit_gcpo.module.load_policy", lambda *a, **k: loaded.append(a))
+    with pytest.raises(SystemExit) as exit_info:
+        _parse(option, value)
+    assert exit_info.value.code != 0
+    message = capsys.readouterr().err
+    assert all(name in message for name in names), message
+    assert loaded == []  # refused before any model was loaded
+
+
+def test_temperature_and_completion_length_come_from_the_sampling(capsys):
+    cli = _parse("--data.sampling.temperature", "0.7", "--data.sampling.max_new_tokens", "17")
+    assert cli.model.hparams.temperature == 0.7 and cli.model.scorer.temperature == 0.7
+    assert cli.model.hparams.max_completion_length == 17
+    assert cli.datamodule.sampling.temperature == 0.7
+
+
+def test_temperature_cannot_be_set_twice(capsys):
+    with pytest.raises(SystemExit):
+        _parse("--model.temperature", "0.5")
+    assert "data.sampling" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config", ["configs/seed_grpo_7b.yaml"])
+def test_7b_config_uses_fsdp2_on_several_nodes(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", config, "--trainer.num_nodes", "2", "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "lit_gcpo.parallel.FSDP2Strategy" in printed and "num_nodes: 2" in printed
+    assert "Qwen/Qwen2.5-Math-7B" in printed and "precision: bf16-mixed" in printed

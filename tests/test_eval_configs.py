@@ -1,0 +1,66 @@
+"""The evaluation configs parse, and ask for what their comments say."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lit_gcpo.cli import main
+from lit_gcpo.evaluation import BENCHMARKS
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+
+
+def _parsed(name: str, capsys) -> dict:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["test", "--config", str(CONFIGS / name), "--print_config"])
+    assert exit_info.value.code == 0
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def _benchmarks(config: dict) -> dict[str, dict]:
+    return {entry["init_args"]["name"]: entry["init_args"] for entry in config["data"]["test"]}
+
+
+def _report(config: dict) -> dict:
+    (report,) = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("BenchmarkReport")]
+    return report["init_args"]
+
+
+def test_eval_qa_config_has_the_three_qa_benchmarks_greedy_and_sampled(capsys) -> None:
+    config = _parsed("eval_qa.yaml", capsys)
+    benchmarks = _benchmarks(config)
+    assert list(benchmarks) == ["hotpotqa", "narrativeqa", "qasper"]
+    for settings in benchmarks.values():
+        assert settings["greedy"] is True and settings["max_context_tokens"] == 3000 and settings["path"] is None
+    data = config["data"]
+    assert (data["val_samples"], data["val_temperature"], data["sampling"]["max_new_tokens"]) == (8, 0.6, 64)
+    assert data["rewards"] == ["qa_f1"]
+    assert _report(config)["averages"] == {"qa": ["hotpotqa", "narrativeqa", "qasper"]}
+    assert _report(config)["output_dir"] == "runs/eval_qa"  # fixed: a restarted run resumes
+
+
+def test_eval_math_config_asks_for_greedy_and_more_samples_on_aime_and_amc(capsys) -> None:
+    benchmarks = _benchmarks(_parsed("eval_math.yaml", capsys))
+    assert list(benchmarks) == ["math500", "aime24", "amc23", "minerva_math", "olympiadbench", "gsm8k"]
+    assert all(settings["greedy"] for settings in benchmarks.values())
+    assert {name: settings["samples"] for name, settings in benchmarks.items()} == {
+        "math500": None,
+        "aime24": 32,
+        "amc23": 32,
+        "minerva_math": None,
+        "olympiadbench": None,
+        "gsm8k": None,
+    }
+
+
+def test_eval_samples_config_covers_every_benchmark_with_its_sample_file(capsys) -> None:
+    config = _parsed("eval_samples.yaml", capsys)
+    benchmarks = _benchmarks(config)
+    assert sorted(benchmarks) == sorted(BENCHMARKS.names())
+    root = Path(__file__).parents[1]
+    for settings in benchmarks.values():
+        assert (root / settings["path"]).is_file() and settings["greedy"] is True
+    assert set(_report(config)["averages"]["math"]) | set(_report(config)["averages"]["qa"]) == set(benchmarks)

@@ -1,0 +1,107 @@
+"""bf16-mixed is on-policy exact, the reference follows the precision, settings the module cannot honour are
+refused before training, and temperature / L_max have one source."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_training import CaptureBatches, make_pair, trainer
+
+from lit_gcpo.parallel import unsupported_option
+
+
+class CaptureLossMetrics(CaptureBatches):
+    """Keeps the batch, and the ratio metrics of the first iteration from the logged values."""
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
+def test_first_iteration_ratio_is_exactly_one(tiny_model_dir, tmp_path, precision):
+    """The scoring pass runs under the training step's precision context and micro-batches: on the first
+    iteration new and old log-probs are the same computation, so every token's ratio is 1 and k3 is 0.
+    (Scoring outside autocast, as before, gave ratios up to 0.15 from 1 under bf16-mixed.)"""
+    module, data = make_pair(tiny_model_dir, lr=1e-2, micro_batch_size=5, num_iterations=1)
+    run = trainer(tmp_path, 2, precision=precision)
+    run.fit(module, data)
+    logged = run.logged_metrics
+    assert float(logged["train/ratio_min"]) == pytest.approx(1.0, abs=1e-6)
+    assert float(logged["train/ratio_max"]) == pytest.approx(1.0, abs=1e-6)
+    assert float(logged["train/approx_kl"]) == pytest.approx(0.0, abs=1e-6)
+    assert float(logged["train/clip_frac_low"]) == 0.0 and float(logged["train/clip_frac_high"]) == 0.0
+    assert float(logged["train/grad_norm"]) > 0  # it did train
+
+
+def test_scoring_outside_the_precision_context_is_detected(tiny_model_dir, tmp_path, monkeypatch):
+    """The planted bug (scoring without autocast) makes the ratio differ from 1 under bf16-mixed."""
+    from lit_gcpo.module import GRPOModule
+
+    monkeypatch.setattr(GRPOModule, "_precision_context", lambda self: torch.autocast("cpu", enabled=False))
+    module, data = make_pair(tiny_model_dir, lr=0.0, num_iterations=1)
+    run = trainer(tmp_path, 1, precision="bf16-mixed")
+    run.fit(module, data)
+    spread = max(
+        abs(float(run.logged_metrics["train/ratio_min"]) - 1), abs(float(run.logged_metrics["train/ratio_max"]) - 1)
+    )
+    assert spread > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("precision", "dtype"), [("32-true", torch.float32), ("bf16-mixed", torch.bfloat16), ("bf16-true", torch.bfloat16)]
+)
+def test_reference_follows_precision_and_equals_policy_at_step_zero(tiny_model_dir, tmp_path, precision, dtype):
+    module, data = make_pair(tiny_model_dir, lr=1e-2, beta=0.04)
+    capture = CaptureBatches()
+    run = trainer(tmp_path, 1, precision=precision, callbacks=[capture])
+    run.fit(module, data)
+    assert module.reference.dtype == dtype
+    assert module.reference.device == run.strategy.root_device
+    assert not any(k.startswith("reference") or "._reference" in k for k in module.state_dict())
+    batch = capture.batches[0]
+    mask = batch.completion_mask.bool()
+    gap = (batch.ref_logprobs - batch.old_logprobs)[mask].abs().max().item()
+    # bf16-mixed: autocast computes each linear layer from a bf16 cast of the policy's fp32 weight, which is
+    # exactly what the reference holds, so the numbers are the same there too
+    assert gap < 1e-6
+    layers = module.reference.model.get_decoder().layers
+    linear = [p for m in layers.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters()]
+    assert all(p.dtype == dtype for p in linear)
+    held = sum(p.numel() * p.element_size() for p in module.reference.model.parameters())
+    fp32 = sum(p.numel() * 4 for p in module.reference.model.parameters())
+    if dtype == torch.bfloat16:
+        assert held < 0.6 * fp32  # the linear layers are the bulk of a decoder
+    else:
+        assert held == fp32
+
+
+@pytest.mark.parametrize(
+    ("strategy", "precision", "names"),
+    [
+        ("deepspeed_stage_2", "bf16-mixed", ["deepspeed", "fsdp2"]),
+        ("deepspeed", "32-true", ["deepspeed", "fsdp2"]),
+        ("fsdp", "32-true", ["FSDP1", "fsdp2"]),
+        ("ddp", "16-mixed", ["trainer.precision 16-mixed", "bf16-mixed"]),
+        ("auto", "16-true", ["trainer.precision 16-true", "bf16-mixed"]),
+    ],
+)
+def test_unsupported_strategy_or_precision_is_named(strategy, precision, names):
+    reason = unsupported_option(strategy, precision)
+    assert reason is not None and all(name in reason for name in names)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "precision"), [("ddp", "bf16-mixed"), ("fsdp2", "32-true"), ("auto", "bf16-true")]
+)
+def test_supported_options_pass(strategy, precision):
+    assert unsupported_option(strategy, precision) is None
+
+
+def test_module_refuses_unsupported_precision_in_setup(tiny_model_dir, tmp_path):
+    module, data = make_pair(tiny_model_dir)
+    # (on a CPU Lightning itself turns 16-mixed into bf16-mixed; 16-true reaches the module as asked)
+    with pytest.raises(ValueError, match=r"trainer\.precision 16-true"):
+        trainer(tmp_path, 1, precision="16-true").fit(module, data)
+
+
+def test_mismatched_temperature_is_refused(tiny_model_dir, tmp_path):
+    module, data = make_pair(tiny_model_dir, temperature=0.7)  # the data samples at 1.0
+    with pytest.raises(ValueError, match="temperature"):
+        trainer(tmp_path, 1).fit(module, data)
