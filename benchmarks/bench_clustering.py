@@ -171,11 +171,13 @@ def bench_answers() -> list[str]:
 
 
 def _signals_loop(group_ids, cluster_ids, embeddings, seq_logprobs, rewards, num_groups) -> dict[str, torch.Tensor]:
-    """The same signals with one Python iteration per group (torch ops on each group's slice)."""
+    """The same signals with one Python iteration per group (torch ops on each group's slice); embeddings centred
+    over the step first, as ``uncertainty_signals`` does by default (METHODS.md 5.1)."""
     out: dict[str, list[float]] = {name: [] for name in ("se", "cd", "bot", "rd")}
+    centred = embeddings.double() - embeddings.double().mean(0)  # [N, d]
     for b in range(num_groups):
         idx = (group_ids == b).nonzero().flatten()
-        unit = torch.nn.functional.normalize(embeddings[idx].double(), dim=-1)  # [G, d]
+        unit = torch.nn.functional.normalize(centred[idx], dim=-1)  # [G, d]
         pi = torch.softmax(seq_logprobs[idx].double(), 0)  # [G]
         _, local = torch.unique(cluster_ids[idx], return_inverse=True)
         masses = torch.zeros(int(local.max()) + 1, dtype=torch.float64).index_add_(0, local, pi)
@@ -216,8 +218,8 @@ def bench_signals() -> list[str]:
     print(f"signals: vectorised {t_vec * 1e3:.2f} ms, loop {t_loop * 1e3:.2f} ms ({t_loop / t_vec:.1f}x)")
     return [
         *_header("Uncertainty signals (bench_clustering.py signals)"),
-        f"{groups} groups x {size} completions, d = {dim}: SE (Rao), SE_n, CD, BoT, RD, U_c and the cluster",
-        "counts; both give the same values (checked to 1e-5).",
+        f"{groups} groups x {size} completions, d = {dim}: SE (Rao), SE_n, CD, BoT (embeddings centred over the",
+        "step), RD, U_c and the cluster counts; both give the same values (checked to 1e-5).",
         "",
         "| implementation | median time | ratio |",
         "|---|---|---|",

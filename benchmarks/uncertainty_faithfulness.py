@@ -1,24 +1,16 @@
 """Does an uncertainty signal track the variance of the policy gradient? (METHODS.md section 6)
 
-For every prompt of the arithmetic task (or of a JSONL file with ``prompt``/``answer``), G completions are
-sampled from the policy (``HFEngine`` + ``RolloutCollector``), rewarded with ``math_accuracy`` and scored by
-``GRPOModule.score_rollout`` (generating-policy log-probs and the mean-pooled last hidden state, exactly as in
-training). With GRPO advantages A_i (``group_advantages``), the per-completion gradient is
+A thin script over ``lit_gcpo.faithfulness``. For every prompt (the arithmetic task's validation problems, the
+noisy testbed's training problems, or a JSONL file with ``prompt``/``answer``), G completions are sampled from
+the policy (``HFEngine`` + ``RolloutCollector``), rewarded, and scored by ``GRPOModule.score_rollout``
+(generating-policy log-probs and mean-pooled last hidden states, as in training); the signals come from
+``uncertainty_signals`` with the training defaults (answer clusters, Rao SE, embeddings centred over each chunk
+of prompts, METHODS.md §5.1); V from ``completion_gradients`` + ``gradient_variance`` with GRPO advantages;
+the correlations, bootstrap intervals, RD strata and the length control from ``faithfulness``.
 
-    g_i = A_i * grad_theta sum_t m_{i,t} log pi(o_{i,t})        (one backward per completion)
-
-and the variance of the group's gradient estimate is V = 1 / (G (G - 1)) sum_i |g_i - g_bar|^2, over the
-flattened gradients of all trainable parameters (or of those whose name matches ``--params``, for big
-models). The signals SE (Rao, answer clustering), CD, BoT, RD and U_c = BoT (1 - RD) come from
-``lit_gcpo.uncertainty.uncertainty_signals``; U_c with CD and the mean completion length (a control: longer
-completions have larger gradients) are added. The script reports each one's Spearman correlation with V over
-prompts, with a paired percentile bootstrap 95% CI, over all prompts and over prompts with RD > 0.
-
-Read the "all prompts" column with care: a group without reward spread has A = 0, hence V = 0 exactly, so over
-all prompts any signal that separates RD = 0 from RD > 0 groups correlates with V for that reason alone (RD
-does so by construction). The RD > 0 column is the test of the claim.
-
-    python benchmarks/uncertainty_faithfulness.py                       # tiny policy, 1024 prompts x 8
+    python benchmarks/uncertainty_faithfulness.py                          # starting tiny policy, 1024 x 8
+    python benchmarks/uncertainty_faithfulness.py --compare-dir runs/compare_methods --steps 40
+        # the final policies of compare_methods.py (seed 0 of every testbed and method), 256 prompts each
     python benchmarks/uncertainty_faithfulness.py --model PATH --device cuda --prompts data.jsonl \\
         --params 'lm_head|layers\\.2[0-9]\\.'
 """
@@ -26,19 +18,16 @@ does so by construction). The RD > 0 column is the test of the claim.
 from __future__ import annotations
 
 import argparse
-import math
 import re
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import FIGURES, resolve_policy, run_header, write_results_section
+from _common import resolve_policy, run_header, write_results_section
 
 from lit_gcpo.advantages import group_advantages
 from lit_gcpo.batch import PromptBatch, RolloutBatch
@@ -46,351 +35,266 @@ from lit_gcpo.clustering import answer_clusters
 from lit_gcpo.data.rollout import RolloutCollector
 from lit_gcpo.engines.base import SamplingConfig
 from lit_gcpo.engines.hf import HFEngine
+from lit_gcpo.faithfulness import LENGTH, Faithfulness, completion_gradients, faithfulness, gradient_variance
 from lit_gcpo.module import GRPOModule
 from lit_gcpo.rewards import RewardSet
-from lit_gcpo.uncertainty import calibrated_uncertainty, uncertainty_signals
+from lit_gcpo.uncertainty import advantage_weights, calibrated_uncertainty, uncertainty_signals
 
 SECTION = "uncertainty_faithfulness"
-# Signals in report order, with the label of the table.
 SIGNAL_LABELS = {
     "se": "SE (Rao, answer clusters)",
-    "cd": "CD (policy embeddings)",
-    "bot": "BoT (policy embeddings)",
+    "cd": "CD (centred policy embeddings)",
+    "bot": "BoT (centred policy embeddings)",
     "rd": "RD",
     "u_c": "U_c = BoT (1 - RD)",
     "u_c_cd": "U_c with CD = CD (1 - RD)",
-    "length": "mean completion length (control)",
+    LENGTH: "mean completion length (control)",
 }
+NOISY_REWARD = "lit_gcpo.tasks.noisy_arithmetic:noisy_math_accuracy"
 
 
-def load_rows(prompts: str | None, num_prompts: int, seed: int) -> list[dict]:
-    """The prompt rows: ``num_prompts`` validation problems of the arithmetic task, or a JSONL file's rows."""
-    if prompts is None:
-        from lit_gcpo.tasks.arithmetic import arithmetic_splits
+def load_rows(testbed: str, prompts: str | None, num_prompts: int, seed: int) -> tuple[list[dict], str]:
+    """The prompt rows and the reward that scores them."""
+    if prompts is not None:
+        from lit_gcpo.data.sources import LocalFiles
 
-        return arithmetic_splits(0, num_prompts, seed=seed)[1]
-    from lit_gcpo.data.sources import LocalFiles
+        rows = LocalFiles(prompts, limit=num_prompts).load()
+        for index, row in enumerate(rows):
+            if not row.get("prompt") or row.get("answer") is None:
+                raise ValueError(f"{prompts}: row {index} needs non-empty 'prompt' and 'answer' fields")
+        return rows, "math_accuracy"
+    if testbed == "noisy":  # the training prompts, where the noise is
+        from lit_gcpo.tasks.noisy_arithmetic import NoisyArithmeticTask
 
-    rows = LocalFiles(prompts, limit=num_prompts).load()
-    for index, row in enumerate(rows):
-        if not row.get("prompt") or row.get("answer") is None:
-            raise ValueError(f"{prompts}: row {index} needs non-empty 'prompt' and 'answer' fields")
-    return rows
+        return NoisyArithmeticTask("train", num_train=5000, seed=seed).load()[:num_prompts], NOISY_REWARD
+    from lit_gcpo.tasks.arithmetic import arithmetic_splits
+
+    return arithmetic_splits(0, num_prompts, seed=seed)[1], "math_accuracy"
 
 
-def collect(
-    module: GRPOModule, rows: list[dict], group_size: int, sampling: SamplingConfig, chunk: int, device: torch.device
-) -> list[RolloutBatch]:
+def collect(module: GRPOModule, rows: list[dict], reward: str, group_size: int, sampling: SamplingConfig, chunk: int):
     """Sample, reward and score G completions for every row, ``chunk`` prompts per generate call."""
-    collector = RolloutCollector(
-        HFEngine(module.policy, module.tokenizer), module.tokenizer, RewardSet.from_names(["math_accuracy"])
-    )
-    batches = []
+    rewards = RewardSet.from_names([reward])
+    collector = RolloutCollector(HFEngine(module.policy, module.tokenizer), module.tokenizer, rewards)
+    batches: list[RolloutBatch] = []
     for start in range(0, len(rows), chunk):
         part = rows[start : start + chunk]
         prompt_batch = PromptBatch([r["prompt"] for r in part], part, list(range(start, start + len(part))))
         seeded = SamplingConfig(**{**vars(sampling), "seed": sampling.seed + start})
-        batch = collector.collect(prompt_batch, group_size, seeded, device)
+        batch = collector.collect(prompt_batch, group_size, seeded, module.device)
         module.score_rollout(batch, with_reference=False)  # old_logprobs [N, L], embeddings [N, H]
         batches.append(batch)
     return batches
 
 
-def selected_parameters(module: GRPOModule, pattern: str | None) -> list[torch.nn.Parameter]:
-    params = [(n, p) for n, p in module.policy.named_parameters() if p.requires_grad]
-    if pattern:
-        params = [(n, p) for n, p in params if re.search(pattern, n)]
-    if not params:
-        raise ValueError(f"--params {pattern!r} matches no trainable parameter of the policy")
-    return [p for _, p in params]
+def batch_signals(batch: RolloutBatch) -> dict[str, torch.Tensor]:
+    """``[B]`` SE, CD, BoT, RD, U_c (BoT and CD) of every group, as the callback computes them in training."""
+    clusters = answer_clusters(batch.answers, batch.group_ids)  # [N]
+    signals, _ = uncertainty_signals(
+        batch.group_ids, batch.num_groups, rewards=batch.rewards, cluster_ids=clusters,
+        embeddings=batch.embeddings, seq_logprobs=batch.seq_logprobs, se_kind="rao", geometric="bot", center="batch",
+    )  # fmt: skip
+    signals["u_c_cd"] = calibrated_uncertainty(signals["cd"], signals["rd"])
+    return {name: signals[name].detach().double().cpu() for name in [*SIGNAL_LABELS, "se_n"] if name != LENGTH}
 
 
-def group_gradients(
-    module: GRPOModule, batch: RolloutBatch, advantages: torch.Tensor, params: list[torch.nn.Parameter], group: int
-) -> torch.Tensor:
-    """``[G, D]`` float64 g_i = A_i grad sum_t m log pi(o_i,t) of one group, one backward per completion.
-
-    Each row is run alone with its padding cut off (left prompt padding, right completion padding), so that
-    no gradient of one completion leaks into another's; rows with A_i = 0 are zero without a backward.
-    """
-    rows = (batch.group_ids == group).nonzero().flatten().tolist()
-    dim = sum(p.numel() for p in params)
-    grads = torch.zeros(len(rows), dim, dtype=torch.float64)  # [G, D]
-    prompt_len = batch.prompt_length
-    for position, row in enumerate(rows):
-        length = int(batch.completion_mask[row].sum())
-        if advantages[row] == 0 or length == 0:
-            continue
-        attn = batch.attention_mask[row, : prompt_len + length]
-        first = int(attn.nonzero()[0])  # drop the left padding of the prompt
-        ids = batch.input_ids[row : row + 1, first : prompt_len + length]  # [1, P' + L']
-        logprobs, _, _ = module.completion_logprobs(ids, attn[None, first:], length)  # [1, L']
-        parts = torch.autograd.grad(logprobs.sum(), params, allow_unused=True)
-        flat = torch.cat(
-            [(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(parts, params, strict=True)]
-        )
-        grads[position] = flat.double() * float(advantages[row])
-    return grads
+WEIGHTINGS = {
+    "seed_grpo": {"method": "seed_grpo"},
+    "seed_grpo_sf": {"method": "seed_grpo", "alpha": 1.0, "scale": "batch_mean", "normalise": True},
+    "gcpo_bot": {"method": "gcpo", "geometric": "bot"},
+    "gcpo_cd": {"method": "gcpo", "geometric": "cd"},
+    "rd_only": {"method": "rd_only"},
+}
 
 
-def gradient_variance(
-    module: GRPOModule, batch: RolloutBatch, advantages: torch.Tensor, params: list[torch.nn.Parameter]
-) -> torch.Tensor:
-    """``[B]`` V = 1 / (G (G - 1)) sum_i |g_i - g_bar|^2 per group; exactly 0 when every A_i of it is 0."""
+def weights_by_noise(per_batch: list[tuple[dict[str, torch.Tensor], list[dict]]]) -> list[str]:
+    """Mean weight of each weighting on the noisy and on the clean prompts with RD > 0 (noisy testbed): does it
+    damp the prompts whose rewards are coin flips? Each chunk of prompts is one step's weighting."""
+    sums = {name: {"noisy": 0.0, "clean": 0.0} for name in WEIGHTINGS}
+    counts = {"noisy": 0, "clean": 0}
+    for signals, rows in per_batch:
+        noisy = torch.tensor([float(row.get("noise_rate") or 0.0) > 0 for row in rows])
+        spread = signals["rd"] > 0
+        counts["noisy"] += int((spread & noisy).sum())
+        counts["clean"] += int((spread & ~noisy).sum())
+        for name, options in WEIGHTINGS.items():
+            weights, _ = advantage_weights(signals=signals, **options)
+            sums[name]["noisy"] += float(weights.double()[spread & noisy].sum())
+            sums[name]["clean"] += float(weights.double()[spread & ~noisy].sum())
+    lines = [
+        f"| weighting | mean weight, noisy prompts with RD > 0 (n = {counts['noisy']}) "
+        f"| mean weight, clean prompts with RD > 0 (n = {counts['clean']}) | noisy / clean |",
+        "|---|---|---|---|",
+    ]
+    for name, total in sums.items():
+        noisy_mean = total["noisy"] / max(counts["noisy"], 1)
+        clean_mean = total["clean"] / max(counts["clean"], 1)
+        lines.append(f"| {name} | {noisy_mean:.3f} | {clean_mean:.3f} | {noisy_mean / max(clean_mean, 1e-12):.3f} |")
+    return lines
+
+
+def batch_variance(module: GRPOModule, batch: RolloutBatch, params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """``[B]`` gradient variance V of every group (groups without reward spread are 0 without a backward)."""
+    advantages, _ = group_advantages(batch.rewards, batch.group_ids, batch.num_groups, mode="grpo")  # [N]
+    advantages = advantages.cpu()
     variance = torch.zeros(batch.num_groups, dtype=torch.float64)
     for group in range(batch.num_groups):
-        members = batch.group_ids == group  # [N]
-        size = int(members.sum())
-        if size < 2 or not bool(advantages[members].ne(0).any()):
+        rows = (batch.group_ids == group).nonzero().flatten().tolist()
+        if not bool(advantages[rows].ne(0).any()):
             continue
-        grads = group_gradients(module, batch, advantages, params, group)  # [G, D]
-        centred = grads - grads.mean(0, keepdim=True)  # [G, D]
-        variance[group] = centred.pow(2).sum() / (size * (size - 1))
+        grads = completion_gradients(
+            lambda ids, mask, length: module.completion_logprobs(ids, mask, length)[0],
+            batch.input_ids,
+            batch.attention_mask,
+            batch.completion_mask,
+            advantages,
+            params,
+            rows,
+        )  # fmt: skip  [G, D]
+        variance[group] = gradient_variance(grads, torch.zeros(len(rows), dtype=torch.long), 1)[0]
     return variance
 
 
-def check_per_sample_gradients(
-    module: GRPOModule, batch: RolloutBatch, advantages: torch.Tensor, params: list[torch.nn.Parameter]
-) -> float:
-    """Relative error between sum_i g_i of the per-row backwards and ONE backward of sum_i A_i sum_t m log pi
-    over the group's padded rows together (the batched path of training): both must agree, or the per-row
-    cutting of padding changed the model's computation. Checked on the first group with reward spread."""
-    spread = [g for g in range(batch.num_groups) if bool(advantages[batch.group_ids == g].ne(0).any())]
-    if not spread:
-        return 0.0
-    group = spread[0]
-    rows = (batch.group_ids == group).nonzero().flatten()
-    logprobs, _, _ = module.completion_logprobs(
-        batch.input_ids[rows], batch.attention_mask[rows], batch.completion_mask.shape[1]
-    )  # [G, L]
-    weighted = (logprobs * batch.completion_mask[rows]).sum(-1) @ advantages[rows].to(logprobs.dtype)
-    batched = torch.cat([g.flatten() for g in torch.autograd.grad(weighted, params)]).double()  # [D]
-    summed = group_gradients(module, batch, advantages, params, group).sum(0)  # [D]
-    return float((summed - batched).norm() / batched.norm().clamp(min=1e-30))
-
-
-def group_signals(batch: RolloutBatch) -> dict[str, torch.Tensor]:
-    """``[B]`` SE, CD, BoT, RD, U_c (BoT and CD) and the mean completion length of every group."""
-    cluster_ids = answer_clusters(batch.answers, batch.group_ids)  # [N]
-    signals, _ = uncertainty_signals(
-        batch.group_ids,
-        batch.num_groups,
-        rewards=batch.rewards,
-        cluster_ids=cluster_ids,
-        embeddings=batch.embeddings,
-        seq_logprobs=batch.seq_logprobs,
-        se_kind="rao",
-        geometric="bot",
+def diagnose(model: str, args: argparse.Namespace, testbed: str) -> tuple[dict[str, Faithfulness], str, list[str]]:
+    """The faithfulness table of one policy, a one-line description of what was measured, and (noisy testbed)
+    the weights on noisy versus clean prompts."""
+    start = time.perf_counter()
+    device = torch.device(args.device)
+    module = GRPOModule(model=model, temperature=args.temperature, policy_embeddings=True).to(device)
+    rows, reward = load_rows(testbed, args.prompts, args.num_prompts, args.seed)
+    sampling = SamplingConfig(temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    batches = collect(module, rows, reward, args.group_size, sampling, args.chunk)
+    params = [p for n, p in module.policy.named_parameters() if p.requires_grad and re.search(args.params or "", n)]
+    if not params:
+        raise ValueError(f"--params {args.params!r} matches no trainable parameter of the policy")
+    per_signal: dict[str, list[torch.Tensor]] = {}
+    variances, lengths, per_batch = [], [], []
+    for batch in batches:
+        variances.append(batch_variance(module, batch, params))
+        chunk_signals = batch_signals(batch)
+        per_batch.append((chunk_signals, batch.rows))
+        for name, value in chunk_signals.items():
+            per_signal.setdefault(name, []).append(value)
+        counts = torch.bincount(batch.group_ids, minlength=batch.num_groups).clamp(min=1)
+        lengths.append(
+            torch.zeros(batch.num_groups).index_add_(0, batch.group_ids, batch.completion_mask.sum(-1).cpu()) / counts
+        )
+    signals = {name: torch.cat(parts) for name, parts in per_signal.items()}
+    results = faithfulness(
+        signals, torch.cat(variances), signals["rd"], torch.cat(lengths), resamples=args.resamples, seed=args.seed
     )
-    signals["u_c_cd"] = calibrated_uncertainty(signals["cd"], signals["rd"])
-    lengths = batch.completion_mask.sum(-1)  # [N]
-    counts = torch.bincount(batch.group_ids, minlength=batch.num_groups).clamp(min=1)
-    signals["length"] = torch.zeros(batch.num_groups).index_add_(0, batch.group_ids, lengths) / counts
-    return {name: signals[name].detach().double().cpu() for name in SIGNAL_LABELS}
-
-
-def stratified_spearman(x: np.ndarray, y: np.ndarray, strata: np.ndarray) -> float:
-    """Spearman rho of (x, y) within strata: the ranks of x and y centred in every stratum, then correlated.
-
-    With the strata = groups of equal RD (for 0/1 rewards: the number of correct completions), this asks
-    whether a signal tracks V beyond what the reward pattern, which fixes the advantages, already explains.
-    NaN when nothing varies within the strata.
-    """
-    rank_x, rank_y = stats.rankdata(x), stats.rankdata(y)
-    for value in np.unique(strata):
-        members = strata == value
-        rank_x[members] -= rank_x[members].mean()
-        rank_y[members] -= rank_y[members].mean()
-    scale = math.sqrt(float((rank_x**2).sum() * (rank_y**2).sum()))
-    return float((rank_x * rank_y).sum() / scale) if scale > 0 else math.nan
-
-
-def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    if np.ptp(x) == 0 or np.ptp(y) == 0:
-        return math.nan  # no variation: no rank correlation
-    return float(stats.spearmanr(x, y).statistic)
-
-
-def with_bootstrap_ci(
-    statistic: Callable[..., float], samples: tuple[np.ndarray, ...], resamples: int, seed: int
-) -> tuple[float, float, float]:
-    """``statistic(*samples)`` and a paired percentile-bootstrap 95% CI over the prompts (NaN if undefined)."""
-    value = statistic(*samples)
-    if len(samples[0]) < 3 or math.isnan(value):
-        return value, math.nan, math.nan
-    result = stats.bootstrap(
-        samples,
-        statistic,
-        paired=True,
-        vectorized=False,
-        n_resamples=resamples,
-        method="percentile",
-        rng=np.random.default_rng(seed),
+    spread = int((signals["rd"] > 0).sum())
+    description = (
+        f"{len(rows)} prompts ({testbed if args.prompts is None else args.prompts}) x G = {args.group_size} at "
+        f"temperature {args.temperature}, up to {args.max_new_tokens} tokens; {spread} prompts have RD > 0; V over "
+        f"{sum(p.numel() for p in params):,} parameters; {time.perf_counter() - start:.0f} s"
     )
-    # percentile CI over the resamples where the statistic is defined (scipy's own interval is NaN if any is)
-    low, high = np.nanpercentile(result.bootstrap_distribution, [2.5, 97.5])
-    return value, float(low), float(high)
+    return results, description, weights_by_noise(per_batch) if testbed == "noisy" else []
 
 
-def _fmt(rho: float, low: float, high: float) -> str:
-    return "n/a" if math.isnan(rho) else f"{rho:+.3f} [{low:+.3f}, {high:+.3f}]"
+def table(results: dict[str, Faithfulness]) -> list[str]:
+    lines = [
+        "| signal | Spearman with V, all prompts | prompts with RD > 0 | same, within equal-RD strata |",
+        "|---|---|---|---|",
+    ]
+    for name, label in SIGNAL_LABELS.items():
+        row = results[name]
+        lines.append(f"| {label} | {row.all_prompts} | {row.spread_prompts} | {row.within_rd} |")
+    return lines
 
 
-def reading(results: dict[str, tuple[tuple[float, float, float], ...]], spread: np.ndarray) -> str:
-    """A plain-words reading of the table, derived from the numbers only (CIs decide, not point estimates)."""
-
-    def verdict(name: str, column: int) -> str:
-        rho, low, high = results[name][column]
-        if math.isnan(rho):
-            return f"{name} n/a"
-        sign = "> 0" if low > 0 else "< 0" if high < 0 else "CI includes 0"
-        return f"{name} {rho:+.2f} ({sign})"
-
-    names = [n for n in ("se", "cd", "bot", "rd", "u_c", "u_c_cd", "length") if not math.isnan(results[n][1][0])]
-    se_ci, bot_ci = results["se"][1], results["bot"][1]
-    overlap = not (se_ci[1] > bot_ci[2] or bot_ci[1] > se_ci[2])
+def reading(results: dict[str, Faithfulness]) -> str:
+    """Plain words derived from the numbers only (intervals decide, not point estimates)."""
+    spread = {n: r.spread_prompts for n, r in results.items()}
+    within = {n: r.within_rd for n, r in results.items()}
+    se, bot, length = spread["se"], spread["bot"], spread[LENGTH]
+    separated = se.high < bot.low or bot.high < se.low
+    beats_length = [n for n in ("se", "cd", "bot", "u_c", "u_c_cd") if spread[n].value > length.value]
+    positive_within = [n for n in ("se", "cd", "bot", "u_c") if within[n].low > 0]
     return (
-        "Reading (generated from the numbers). Over all prompts every correlation is dominated by the "
-        f"{int((~spread).sum())} groups without reward spread, where A = 0 and V = 0 by construction: RD ranks "
-        "them first, and any signal that is low on all-correct or all-wrong groups inherits that, so that column "
-        f"says nothing about the claim. On the {int(spread.sum())} prompts with RD > 0: "
-        + ", ".join(verdict(n, 1) for n in names)
-        + ". BoT versus SE there: their 95% CIs "
-        + ("overlap, so this run does not separate them" if overlap else "do not overlap")
-        + ". Within groups of equal RD (which, for 0/1 rewards, fixes the advantages and so most of V's scale): "
-        + ", ".join(verdict(n, 2) for n in names if n != "rd")
-        + ". "
-        + _against_length(results)
-        + " A signal that does no better than the completion-length control is no evidence for geometry. One "
-        "policy, one task, one seed: a diagnostic of this setting, not a verdict on the GCPO paper's claim."
+        "Reading (generated from the numbers): on the prompts with RD > 0, BoT "
+        + (
+            f"{'exceeds' if bot.value > se.value else 'trails'} SE with non-overlapping intervals"
+            if separated
+            else "and SE have overlapping intervals (not separated)"
+        )
+        + f"; above the length control ({length.value:+.2f}): {', '.join(beats_length) or 'none'}; within equal-RD "
+        f"strata, intervals above 0: {', '.join(positive_within) or 'none'}. A signal that does no better than length "
+        "is no evidence for geometry; one policy and one task per row, not a verdict on the paper."
     )
 
 
-def _against_length(results: dict[str, tuple[tuple[float, float, float], ...]]) -> str:
-    """Which uncertainty signals beat the completion-length control on the RD > 0 prompts (point estimates)."""
-    control = results["length"][1][0]
-    names = [n for n in ("se", "cd", "bot", "u_c", "u_c_cd") if not math.isnan(results[n][1][0])]
-    above = [n for n in names if results[n][1][0] > control]
-    if not above:
-        return f"No uncertainty signal beats the length control (rho {control:+.2f}) on the RD > 0 prompts."
-    return f"Above the length control (rho {control:+.2f}) on the RD > 0 prompts: {', '.join(above)}."
-
-
-def scatter_plot(values: dict[str, np.ndarray], variance: np.ndarray, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    spread = values["rd"] > 0
-    fig, axes = plt.subplots(1, 5, figsize=(18, 3.6), sharey=True)
-    for axis, name in zip(axes, ("se", "cd", "bot", "rd", "u_c"), strict=True):
-        axis.scatter(values[name][spread], variance[spread], s=8, alpha=0.6)
-        axis.set_xlabel(SIGNAL_LABELS[name])
-        axis.set_yscale("log")
-    axes[0].set_ylabel("gradient variance V (RD > 0 prompts)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def compare_rows(args: argparse.Namespace) -> list[str]:
+    """One row per final policy of compare_methods.py (seed ``--policy-seed``): rho on the RD > 0 prompts."""
+    root = Path(args.compare_dir)
+    lines = [
+        "| testbed | method | prompts with RD > 0 | SE | CD | BoT | U_c (BoT) | length (control) "
+        "| BoT within RD strata |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for policy in sorted(root.glob(f"*/*/seed{args.policy_seed}/policy")):
+        testbed, method = policy.parts[-4], policy.parts[-3]
+        results, description, _ = diagnose(str(policy), args, testbed)
+        spread = re.search(r"(\d+) prompts have RD > 0", description).group(1)
+        cells = [str(results[n].spread_prompts) for n in ("se", "cd", "bot", "u_c", LENGTH)]
+        lines.append(f"| {testbed} | {method} | {spread} | {' | '.join(cells)} | {results['bot'].within_rd} |")
+        print(lines[-1], flush=True)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="lit-gcpo/tiny-arith", help="HF model name/path or the tiny alias")
-    parser.add_argument("--prompts", default=None, help="JSONL with prompt/answer (default: the arithmetic task)")
+    parser.add_argument("--testbed", default="arithmetic", choices=("arithmetic", "noisy"))
+    parser.add_argument("--prompts", default=None, help="JSONL with prompt/answer (default: the testbed's)")
     parser.add_argument("--num-prompts", type=int, default=1024)
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--chunk", type=int, default=64, help="prompts per generate call")
+    parser.add_argument("--chunk", type=int, default=32, help="prompts per generate call (= a training step's)")
     parser.add_argument("--params", default=None, help="regex of parameter names whose gradients count")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the 2 cores are shared)")
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compare-dir", default=None, help="diagnose the final policies of compare_methods.py")
+    parser.add_argument("--policy-seed", type=int, default=0, help="which seed's policies (with --compare-dir)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    start = time.perf_counter()
-
+    if args.compare_dir is not None:
+        start = time.perf_counter()
+        lines = compare_rows(args)
+        section = [
+            "## Faithfulness of the compared policies (uncertainty_faithfulness.py --compare-dir)", "", run_header(),
+            f"The final policy of seed {args.policy_seed} of every testbed and method of compare_methods.py; "
+            f"{args.num_prompts} prompts x G = {args.group_size} each (the testbed's training prompts for `noisy`, "
+            f"the validation prompts for `arithmetic`); Spearman rho of each signal with V on the prompts with RD > 0 "
+            f"[paired percentile-bootstrap 95% interval, {args.resamples} resamples]. Total "
+            f"{(time.perf_counter() - start) / 60:.1f} min.", "", *lines,
+        ]  # fmt: skip
+        print("\n".join(section))
+        if not args.no_write:
+            write_results_section(f"{SECTION}.compare", section)
+        return
     policy = resolve_policy(args.model)
-    device = torch.device(args.device)
-    module = GRPOModule(model=policy.path, temperature=args.temperature, policy_embeddings=True).to(device)
-    rows = load_rows(args.prompts, args.num_prompts, args.seed)
-    sampling = SamplingConfig(temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
-    batches = collect(module, rows, args.group_size, sampling, args.chunk, device)
-    sample_s = time.perf_counter() - start
-
-    params = selected_parameters(module, args.params)
-    num_params = sum(p.numel() for p in params)
-    first_advantages, _ = group_advantages(batches[0].rewards, batches[0].group_ids, batches[0].num_groups)
-    check = check_per_sample_gradients(module, batches[0], first_advantages, params)
-    if check > 1e-3:
-        raise RuntimeError(f"per-completion gradients disagree with the batched gradient (relative error {check:.2e})")
-    per_signal: dict[str, list[torch.Tensor]] = {name: [] for name in SIGNAL_LABELS}
-    variances, accuracies = [], []
-    for batch in batches:
-        advantages, _ = group_advantages(batch.rewards, batch.group_ids, batch.num_groups, mode="grpo")  # [N]
-        variances.append(gradient_variance(module, batch, advantages.cpu(), params))
-        for name, value in group_signals(batch).items():
-            per_signal[name].append(value)
-        accuracies.append(batch.reward_components["math_accuracy"].nan_to_num(0.0).cpu())
-    total_s = time.perf_counter() - start
-
-    variance = torch.cat(variances).numpy()
-    values = {name: torch.cat(parts).numpy() for name, parts in per_signal.items()}
-    spread = values["rd"] > 0
-    table = [
-        "| signal | Spearman with V, all prompts | Spearman with V, prompts with RD > 0 "
-        "| same, within equal-RD strata |",
-        "|---|---|---|---|",
-    ]
-    results = {}
-    strata = np.round(values["rd"][spread], 6)
-    for offset, (name, label) in enumerate(SIGNAL_LABELS.items()):
-        seed = args.seed + offset
-        every = with_bootstrap_ci(spearman, (values[name], variance), args.resamples, seed)
-        some = with_bootstrap_ci(spearman, (values[name][spread], variance[spread]), args.resamples, seed)
-        within = with_bootstrap_ci(
-            stratified_spearman, (values[name][spread], variance[spread], strata), args.resamples, seed
-        )
-        results[name] = (every, some, within)
-        table.append(f"| {label} | {_fmt(*every)} | {_fmt(*some)} | {_fmt(*within)} |")
-    accuracy = float(torch.cat(accuracies).mean())
-    summary = (
-        f"Policy: {policy.description}. {len(variance)} prompts "
-        f"({'arithmetic task, validation split of seed ' + str(args.seed) if args.prompts is None else args.prompts})"
-        f" x G = {args.group_size} completions at temperature {args.temperature}, up to {args.max_new_tokens} "
-        f"tokens; sampled accuracy {accuracy:.3f}; {int(spread.sum())} prompts ({spread.mean():.0%}) have RD > 0. "
-        f"V over {'all' if args.params is None else 'the ' + repr(args.params)} {num_params:,} parameters, GRPO "
-        f"advantages (std-normalised, eps 1e-4); per-completion gradients summed over a group match one "
-        f"batched backward to a relative {check:.1e}; values are Spearman rho [paired percentile-bootstrap 95% "
-        f"CI, {args.resamples} resamples over prompts]. "
-        f"Sampling + scoring {sample_s:.0f} s, total {total_s:.0f} s."
-    )
-    print(summary)
-    print("\n".join(table))
-    if args.params is None and args.prompts is None:
-        scatter_plot(values, variance, FIGURES / "uncertainty_faithfulness.png")
+    results, description, noise_lines = diagnose(policy.path, args, args.testbed)
+    if noise_lines:
+        title = "Weights on the noisy versus the clean training prompts (each chunk of prompts weighted as one step):"
+        noise_lines = ["", title, "", *noise_lines]
+    section = SECTION if args.testbed == "arithmetic" and args.prompts is None else f"{SECTION}.{args.testbed}"
+    lines = [
+        f"## Uncertainty faithfulness (uncertainty_faithfulness.py, {args.testbed})", "", run_header(),
+        f"Policy: {policy.description}. {description}. Values are Spearman rho [paired percentile-bootstrap 95% "
+        f"interval, {args.resamples} resamples over prompts].", "", *table(results), "", reading(results),
+        *noise_lines,
+    ]  # fmt: skip
+    print("\n".join(lines))
     if not args.no_write:
-        write_results_section(
-            SECTION,
-            [
-                "## Uncertainty faithfulness (uncertainty_faithfulness.py)",
-                "",
-                run_header(),
-                summary,
-                "",
-                *table,
-                "",
-                "Scatter plots (RD > 0 prompts): `benchmarks/figures/uncertainty_faithfulness.png`.",
-                "",
-                reading(results, spread),
-            ],
-        )
+        write_results_section(section, lines)
 
 
 if __name__ == "__main__":
+    np.seterr(all="ignore")
     main()

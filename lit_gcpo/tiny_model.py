@@ -49,12 +49,15 @@ def resolve_model_path(name_or_path: str) -> str:
     return TINY_MODEL_PATH if name_or_path == TINY_MODEL_NAME else name_or_path
 
 
-def build_char_tokenizer() -> PreTrainedTokenizerFast:
-    """The character-level tokenizer of the tiny models (vocabulary ``VOCAB``, ids in that order).
+def build_char_tokenizer(vocab_tokens: Sequence[str] = VOCAB) -> PreTrainedTokenizerFast:
+    """The character-level tokenizer of the tiny models (vocabulary ``vocab_tokens``, ids in that order; it
+    must start with ``SPECIAL_TOKENS``; the default ``VOCAB`` is the arithmetic one).
 
     Unknown characters map to ``<unk>`` (decoding them is then lossy: the task never produces them).
     """
-    vocab = {token: index for index, token in enumerate(VOCAB)}
+    if tuple(vocab_tokens[: len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
+        raise ValueError(f"vocab_tokens must start with {SPECIAL_TOKENS}, got {tuple(vocab_tokens[:4])}")
+    vocab = {token: index for index, token in enumerate(vocab_tokens)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
     # Each match becomes one token: the box marker whole, anything else one character at a time.
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"\\boxed\{|[\s\S]"), behavior="isolated")
@@ -78,10 +81,11 @@ def build_tiny_config(
     num_heads: int = 4,
     intermediate_size: int = 384,
     max_position_embeddings: int = 256,
+    vocab_tokens: Sequence[str] = VOCAB,
 ) -> LlamaConfig:
-    """A small ``LlamaConfig`` over ``VOCAB`` with tied embeddings and the tokenizer's special ids."""
+    """A small ``LlamaConfig`` over ``vocab_tokens`` with tied embeddings and the tokenizer's special ids."""
     return LlamaConfig(
-        vocab_size=len(VOCAB),
+        vocab_size=len(vocab_tokens),
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
         num_hidden_layers=num_layers,
@@ -89,9 +93,9 @@ def build_tiny_config(
         num_key_value_heads=num_heads,
         max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=True,
-        pad_token_id=VOCAB.index(PAD_TOKEN),
-        bos_token_id=VOCAB.index(BOS_TOKEN),
-        eos_token_id=VOCAB.index(EOS_TOKEN),
+        pad_token_id=list(vocab_tokens).index(PAD_TOKEN),
+        bos_token_id=list(vocab_tokens).index(BOS_TOKEN),
+        eos_token_id=list(vocab_tokens).index(EOS_TOKEN),
     )
 
 

@@ -18,33 +18,64 @@ Sources and the project's readings:
 - Cosine Dispersion, Barycentric Transport and Reward Dispersion are named by GCPO (arXiv 2605.21801)
   whose formulas are not public; the definitions here are the project's reading written in METHODS.md.
   BoT uses the same cluster masses p_k as SE and the *unweighted* mean unit embedding of each cluster.
-- Advantage weights (METHODS.md §5): weight families and method weightings are ``Registry`` entries.
+- Centring (METHODS.md §5.1.1, project's reading): learned representations are anisotropic (one shared
+  direction dominates), which squeezes every cosine towards 1 and every geometric signal towards 0, so CD
+  and BoT are computed on embeddings minus the mean embedding of the whole step (all completions of all
+  prompts, all ranks through ``reduce``). Embedding *clustering* (``lit_gcpo.clustering``) keeps the raw
+  embeddings: its threshold tau is a cosine of the encoder's own space.
+- Advantage weights (METHODS.md §5, §5.1) live in ``lit_gcpo.weighting`` and are re-exported here.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lit_gcpo.registry import Registry
+from lit_gcpo.weighting import (
+    ADVANTAGE_WEIGHTINGS,
+    GEOMETRIC_SIGNALS,
+    SCALES,
+    WEIGHT_FAMILIES,
+    WEIGHTING_DEFAULTS,
+    Reduce,
+    advantage_weights,
+    calibrated_uncertainty,
+    no_reduce,
+    normalise_to_mean_one,
+    signal_statistics,
+)
 
 Metrics = dict[str, Tensor]
 
 SE_KINDS = ("rao", "discrete")
-GEOMETRIC_SIGNALS = ("bot", "cd")
+CENTERINGS = ("batch", "none")
+
+__all__ = [
+    "ADVANTAGE_WEIGHTINGS",
+    "CENTERINGS",
+    "GEOMETRIC_SIGNALS",
+    "SCALES",
+    "SE_KINDS",
+    "WEIGHTING_DEFAULTS",
+    "WEIGHT_FAMILIES",
+    "advantage_weights",
+    "barycentric_transport",
+    "calibrated_uncertainty",
+    "center_embeddings",
+    "cosine_dispersion",
+    "normalise_to_mean_one",
+    "reward_dispersion",
+    "semantic_entropy",
+    "uncertainty_signals",
+]
 
 
 def _summary(name: str, value: Tensor) -> Metrics:
-    """mean/min/max of a ``[B]`` signal as detached 0-dim tensors (empty batch -> zeros)."""
-    value = value.detach().float()
-    if value.numel() == 0:
-        zero = value.new_zeros(())
-        return {f"{name}_mean": zero, f"{name}_min": zero, f"{name}_max": zero}
-    return {f"{name}_mean": value.mean(), f"{name}_min": value.min(), f"{name}_max": value.max()}
+    """mean/min/max/std of a ``[B]`` signal as detached 0-dim tensors (empty batch -> zeros)."""
+    return signal_statistics(name, value)
 
 
 def group_sizes(group_ids: Tensor, num_groups: int) -> Tensor:
@@ -155,6 +186,25 @@ def _unit(embeddings: Tensor) -> Tensor:
     return F.normalize(embeddings.detach().double(), dim=-1)  # [N, d]
 
 
+def center_embeddings(embeddings: Tensor, reduce: Reduce = no_reduce) -> Tensor:
+    """``embeddings [N, d]`` minus the mean embedding of the whole step (all ranks through ``reduce``).
+
+    When every row equals that mean (a step of one completion, or of identical ones) nothing is left to give a
+    direction, and the embeddings are returned uncentred rather than as zero vectors.
+    """
+    if embeddings.dim() != 2:
+        raise ValueError(f"embeddings must be [N, d], got shape {tuple(embeddings.shape)}")
+    values = embeddings.detach().double()  # [N, d]
+    local = torch.cat([values.sum(0), values.new_tensor([float(values.shape[0])])])  # [d + 1]
+    total = reduce(local)
+    mean = total[:-1] / total[-1].clamp(min=1.0)  # [d]
+    centred = values - mean  # [N, d]
+    scale = values.norm(dim=-1).max() if values.numel() else values.new_zeros(())
+    if values.numel() and bool(centred.norm(dim=-1).max() <= 1e-9 * scale.clamp(min=1e-30)):
+        return values
+    return centred
+
+
 def cosine_dispersion(embeddings: Tensor, group_ids: Tensor, num_groups: int) -> tuple[Tensor, Metrics]:
     """Mean pairwise cosine distance of each group's unit embeddings, ``[B]`` in [0, 1].
 
@@ -226,130 +276,6 @@ def reward_dispersion(
     return dispersion.float(), metrics
 
 
-def calibrated_uncertainty(uncertainty: Tensor, reward_dispersion: Tensor) -> Tensor:
-    """``U_c = U * (1 - RD)`` (GCPO calibration, project's reading): damp only what rewards don't explain."""
-    return uncertainty * (1.0 - reward_dispersion)
-
-
-WeightFamily = Callable[[Tensor, float], Tensor]
-WEIGHT_FAMILIES: Registry[WeightFamily] = Registry("advantage-weight family")
-
-
-@WEIGHT_FAMILIES.register("inverse")
-def _inverse(x: Tensor, gamma: float) -> Tensor:
-    return 1.0 / (1.0 + x)
-
-
-@WEIGHT_FAMILIES.register("linear")
-def _linear(x: Tensor, gamma: float) -> Tensor:
-    return (1.0 - x).clamp(min=0.0)
-
-
-@WEIGHT_FAMILIES.register("exponential")
-def _exponential(x: Tensor, gamma: float) -> Tensor:
-    return torch.exp(-x)
-
-
-@WEIGHT_FAMILIES.register("focal")
-def _focal(x: Tensor, gamma: float) -> Tensor:
-    return (1.0 - x).clamp(min=0.0).pow(gamma)
-
-
-Weighting = Callable[..., Tensor]
-ADVANTAGE_WEIGHTINGS: Registry[Weighting] = Registry("advantage weighting method")
-# Defaults of (family, alpha) per method (METHODS.md §5).
-WEIGHTING_DEFAULTS: dict[str, tuple[str, float]] = {
-    "grpo": ("exponential", 0.0),
-    "seed_grpo": ("inverse", 0.0417),
-    "gcpo": ("exponential", 1.0),
-}
-
-
-def _require(signals: Mapping[str, Tensor], name: str, method: str) -> Tensor:
-    if name not in signals or signals[name] is None:
-        raise ValueError(f"advantage weighting {method!r} needs signal {name!r}; got {sorted(signals)}")
-    return signals[name]
-
-
-@ADVANTAGE_WEIGHTINGS.register("grpo")
-def _grpo_weights(
-    signals: Mapping[str, Tensor],
-    family: WeightFamily,
-    alpha: float,
-    gamma: float,
-    geometric: str,
-) -> Tensor:
-    return torch.ones_like(_require(signals, "rd", "grpo"))
-
-
-@ADVANTAGE_WEIGHTINGS.register("seed_grpo")
-def _seed_grpo_weights(
-    signals: Mapping[str, Tensor],
-    family: WeightFamily,
-    alpha: float,
-    gamma: float,
-    geometric: str,
-) -> Tensor:
-    return family(alpha * _require(signals, "se_n", "seed_grpo"), gamma)
-
-
-@ADVANTAGE_WEIGHTINGS.register("gcpo")
-def _gcpo_weights(
-    signals: Mapping[str, Tensor],
-    family: WeightFamily,
-    alpha: float,
-    gamma: float,
-    geometric: str,
-) -> Tensor:
-    if geometric not in GEOMETRIC_SIGNALS:
-        raise ValueError(f"unknown geometric signal {geometric!r}; valid: {', '.join(GEOMETRIC_SIGNALS)}")
-    calibrated = calibrated_uncertainty(_require(signals, geometric, "gcpo"), _require(signals, "rd", "gcpo"))
-    return family(alpha * calibrated, gamma)
-
-
-def advantage_weights(
-    method: str,
-    signals: Mapping[str, Tensor],
-    *,
-    family: str | None = None,
-    alpha: float | None = None,
-    gamma: float = 2.0,
-    geometric: str = "bot",
-    normalise_batch: bool = False,
-) -> tuple[Tensor, Metrics]:
-    """One non-negative weight per group, ``[B]``, to multiply into every advantage of the group.
-
-    Args:
-        method: ``grpo`` (w = 1), ``seed_grpo`` (w = f(alpha SE_n)) or ``gcpo``
-            (w = f(alpha U (1 - RD)), U = ``signals[geometric]``).
-        signals: ``[B]`` tensors by name as ``uncertainty_signals`` returns them (``se_n``, ``bot``,
-            ``cd``, ``rd``, ...); a method reads only the ones it needs.
-        family: weight family name (``inverse``, ``linear``, ``exponential``, ``focal``); None = the
-            method's default (``WEIGHTING_DEFAULTS``).
-        alpha: scale of the uncertainty; None = the method's default.
-        gamma: exponent of ``focal``.
-        geometric: ``bot`` or ``cd``, the geometric uncertainty of ``gcpo``.
-        normalise_batch: rescale the weights to mean 1 over the groups given here.
-    """
-    weighting = ADVANTAGE_WEIGHTINGS.get(method)
-    default_family, default_alpha = WEIGHTING_DEFAULTS[method]
-    weight_family = WEIGHT_FAMILIES.get(family if family is not None else default_family)
-    alpha = default_alpha if alpha is None else alpha
-    if alpha < 0:
-        raise ValueError(f"alpha must be >= 0, got {alpha}")
-    weights = weighting(signals, family=weight_family, alpha=alpha, gamma=gamma, geometric=geometric)
-    if normalise_batch:
-        weights = normalise_to_mean_one(weights)
-    return weights, _summary("weight", weights)
-
-
-def normalise_to_mean_one(weights: Tensor, mean: Tensor | None = None) -> Tensor:
-    """Rescale ``weights`` so that their mean (or the given, e.g. all-rank, ``mean``) is 1; an all-zero
-    batch stays zero."""
-    mean = weights.mean() if mean is None else mean
-    return torch.where(mean > 0, weights / mean.clamp(min=1e-12), weights)
-
-
 def uncertainty_signals(
     group_ids: Tensor,
     num_groups: int,
@@ -361,12 +287,18 @@ def uncertainty_signals(
     se_kind: str = "rao",
     reward_range: tuple[float, float] = (0.0, 1.0),
     geometric: str = "bot",
+    center: str = "batch",
+    reduce: Reduce = no_reduce,
 ) -> tuple[dict[str, Tensor], Metrics]:
     """Every signal that the inputs allow, ``[B]`` each, and their merged metrics.
 
     Always ``rd``; with ``cluster_ids``: ``se``, ``se_n``; with ``embeddings``: ``cd``; with both:
     ``bot``; and ``u_c`` = ``signals[geometric] * (1 - rd)`` when that geometric signal exists.
+    ``center``: ``batch`` computes CD and BoT on embeddings centred over the step (all ranks through
+    ``reduce``, see the module docstring), ``none`` on the raw embeddings.
     """
+    if center not in CENTERINGS:
+        raise ValueError(f"unknown center {center!r}; valid: {', '.join(CENTERINGS)}")
     signals: dict[str, Tensor] = {}
     metrics: Metrics = {}
     signals["rd"], rd_metrics = reward_dispersion(rewards, group_ids, num_groups, reward_range)
@@ -380,6 +312,8 @@ def uncertainty_signals(
         metrics.update(se_metrics)
         metrics.update(_summary("num_clusters", signals["num_clusters"]))
     if embeddings is not None:
+        if center == "batch":
+            embeddings = center_embeddings(embeddings, reduce)  # [N, d]
         signals["cd"], cd_metrics = cosine_dispersion(embeddings, group_ids, num_groups)
         metrics.update(cd_metrics)
         if cluster_ids is not None:

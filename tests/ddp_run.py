@@ -44,6 +44,25 @@ class Poison(L.Callback):
             batch.old_logprobs[rows] = float("nan")
 
 
+class RecordFirstBatch(L.Callback):
+    """Keeps what the uncertainty callback read and wrote on this rank's first batch (test_ddp checks the
+    weights against the pure functions on both ranks' batches concatenated)."""
+
+    def __init__(self) -> None:
+        self.record = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.record is None:
+            self.record = {
+                "group_ids": batch.group_ids.clone(),
+                "rewards": batch.rewards.clone(),
+                "embeddings": batch.embeddings.clone(),
+                "seq_logprobs": batch.seq_logprobs.clone(),
+                "advantage_weights": batch.advantage_weights.clone(),
+                "weight_std": float(trainer.callback_metrics["uncertainty/weight_std"]),
+            }
+
+
 class CountAllReduces(L.Callback):
     """Counts DDP's gradient all-reduce calls (one per bucket per synced backward)."""
 
@@ -89,6 +108,11 @@ if __name__ == "__main__":
     )
     counter = CountAllReduces()
     callbacks: list[L.Callback] = [counter]
+    recorder = RecordFirstBatch()
+    if options.get("uncertainty"):
+        from lit_gcpo.callbacks import UncertaintyCallback
+
+        callbacks += [UncertaintyCallback(method="gcpo", clustering="embedding", embeddings="batch", tau=0.9), recorder]
     if options.get("poison_rollout") is not None:
         callbacks.append(Poison(options["poison_rollout"]))
     trainer = L.Trainer(
@@ -117,6 +141,7 @@ if __name__ == "__main__":
             "skipped": module.skipped_steps,
             "allreduces": counter.calls,
             "loss": float(trainer.logged_metrics["train/loss"]),
+            "first_batch": recorder.record,
         },
         out_dir / f"{options.get('tag', 'run')}-rank{trainer.global_rank}.pt",
     )

@@ -114,3 +114,29 @@ def test_fsdp2_with_a_bf16_reference_equals_ddp(tiny_model_dir, tmp_path):
     assert ddp["skipped"] == fsdp["skipped"] == 2
     assert fsdp["loss"] == pytest.approx(ddp["loss"], abs=1e-6)
     assert_same_weights(ddp, fsdp)
+
+
+def test_uncertainty_weights_are_computed_over_both_ranks(tiny_model_dir, tmp_path):
+    """The callback's weights on each rank equal the pure functions applied to the two ranks' batches
+    concatenated (centring, scale and normalisation are over the whole step, METHODS.md 5.1), and both
+    ranks log the same weight spread (statistics over every rank's groups)."""
+    from lit_gcpo.clustering import embedding_clusters
+    from lit_gcpo.uncertainty import advantage_weights, uncertainty_signals
+
+    rank0, rank1 = run(tiny_model_dir, tmp_path, devices=2, strategy="ddp", batch_size=3, max_steps=2,
+                       poison_rollout=None, uncertainty=True, tag="uncertainty")  # fmt: skip
+    first, second = rank0["first_batch"], rank1["first_batch"]
+    offset = int(first["group_ids"].max()) + 1
+    group_ids = torch.cat([first["group_ids"], second["group_ids"] + offset])  # [N0 + N1]
+    embeddings = torch.cat([first["embeddings"], second["embeddings"]])
+    num_groups = int(group_ids.max()) + 1
+    signals, _ = uncertainty_signals(
+        group_ids, num_groups, rewards=torch.cat([first["rewards"], second["rewards"]]),
+        cluster_ids=embedding_clusters(embeddings, group_ids, 0.9), embeddings=embeddings,
+        seq_logprobs=torch.cat([first["seq_logprobs"], second["seq_logprobs"]]),
+    )  # fmt: skip
+    weights, _ = advantage_weights("gcpo", signals)
+    written = torch.cat([first["advantage_weights"], second["advantage_weights"]])
+    torch.testing.assert_close(written, weights[group_ids], atol=1e-5, rtol=1e-5)
+    assert weights.std() > 0  # the check is not vacuous: the groups got different weights
+    assert first["weight_std"] == second["weight_std"]

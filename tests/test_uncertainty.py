@@ -10,10 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lit_gcpo.uncertainty import (
-    WEIGHT_FAMILIES,
-    advantage_weights,
     barycentric_transport,
-    calibrated_uncertainty,
+    center_embeddings,
     cosine_dispersion,
     reward_dispersion,
     semantic_entropy,
@@ -119,49 +117,27 @@ def test_reward_dispersion_hand_values() -> None:
         reward_dispersion(rewards, group_ids, 4, (1.0, 1.0))
 
 
-def test_weight_families_hand_values_and_ranges() -> None:
-    # At x = 0.5: inverse 1/1.5 = 2/3, linear 0.5, exponential e^-0.5, focal (gamma 2) 0.25.
-    x = torch.tensor([0.5])
-    expected = {"inverse": 2 / 3, "linear": 0.5, "exponential": math.exp(-0.5), "focal": 0.25}
-    assert set(WEIGHT_FAMILIES.names()) == set(expected)
-    for name, value in expected.items():
-        assert WEIGHT_FAMILIES.get(name)(x, 2.0).item() == pytest.approx(value, abs=1e-7)
-    # Every family maps x in [0, 1] into [0, 1], is 1 at x = 0 and is non-increasing; linear and focal
-    # are clamped at 0 past x = 1.
-    grid = torch.linspace(0, 1, 101)
-    for name in WEIGHT_FAMILIES:
-        w = WEIGHT_FAMILIES.get(name)(grid, 2.0)
-        assert w[0].item() == 1.0 and (w >= 0).all() and (w <= 1).all() and (w.diff() <= 0).all(), name
-    assert WEIGHT_FAMILIES.get("linear")(torch.tensor([1.5]), 2.0).item() == 0.0
-    assert WEIGHT_FAMILIES.get("focal")(torch.tensor([1.5]), 3.0).item() == 0.0
-
-
-def test_advantage_weights_per_method() -> None:
-    signals = {
-        "se_n": torch.tensor([1.0, 0.0]),
-        "bot": torch.tensor([0.5, 0.2]),
-        "cd": torch.tensor([0.8, 0.0]),
-        "rd": torch.tensor([0.5, 1.0]),
-    }
-    w, _ = advantage_weights("grpo", signals)
-    torch.testing.assert_close(w, torch.ones(2))
-    # seed_grpo defaults: inverse, alpha 0.0417 -> 1 / 1.0417 at SE_n = 1, 1 at SE_n = 0.
-    w, _ = advantage_weights("seed_grpo", signals)
-    torch.testing.assert_close(w, torch.tensor([1 / 1.0417, 1.0]))
-    # gcpo defaults: exponential, alpha 1, U = BoT: U_c = (0.5 * 0.5, 0.2 * 0) = (0.25, 0) -> (e^-0.25, 1).
-    w, metrics = advantage_weights("gcpo", signals)
-    torch.testing.assert_close(w, torch.tensor([math.exp(-0.25), 1.0]))
-    torch.testing.assert_close(metrics["weight_min"], torch.tensor(math.exp(-0.25)))
-    # gcpo with CD, linear, alpha 2: U_c = (0.4, 0) -> 1 - 0.8 = 0.2, 1; normalised to mean 1: / 0.6.
-    w, _ = advantage_weights("gcpo", signals, geometric="cd", family="linear", alpha=2.0, normalise_batch=True)
-    torch.testing.assert_close(w, torch.tensor([0.2 / 0.6, 1.0 / 0.6]))
-    torch.testing.assert_close(calibrated_uncertainty(signals["bot"], signals["rd"]), torch.tensor([0.25, 0.0]))
-    with pytest.raises(ValueError, match="gcpo, grpo, seed_grpo"):
-        advantage_weights("ppo", signals)
-    with pytest.raises(ValueError, match="exponential, focal, inverse, linear"):
-        advantage_weights("gcpo", signals, family="cubic")
-    with pytest.raises(ValueError, match="'se_n'"):
-        advantage_weights("seed_grpo", {"rd": signals["rd"]})
+def test_centring_over_the_step_hand_values() -> None:
+    # Two groups of two: (1,0), (3,0) and (1,4), (3,4). Step mean (2, 2), centred rows (-1,-2), (1,-2), (-1,2),
+    # (1,2): within each group cos = (-1 + 4) / 5 = 0.6, so CD = 1 - 2 * 0.6 / 2 = 0.4 in both groups.
+    # Raw: group 0 is one direction (CD 0); group 1 has cos = (3 + 16) / (sqrt(17) * 5), CD = 1 - that.
+    # Centring each group on its own mean instead (the wrong reading) makes the two rows antipodal: CD = 1.
+    embeddings = torch.tensor([[1.0, 0.0], [3.0, 0.0], [1.0, 4.0], [3.0, 4.0]])
+    group_ids = torch.tensor([0, 0, 1, 1])
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    centred, _ = uncertainty_signals(group_ids, 2, rewards=rewards, embeddings=embeddings, center="batch")
+    torch.testing.assert_close(centred["cd"], torch.tensor([0.4, 0.4]))
+    raw, _ = uncertainty_signals(group_ids, 2, rewards=rewards, embeddings=embeddings, center="none")
+    torch.testing.assert_close(raw["cd"], torch.tensor([0.0, 1 - 19 / (math.sqrt(17) * 5)]))
+    per_group = embeddings - embeddings.view(2, 2, 2).mean(1).repeat_interleave(2, 0)
+    wrong, _ = cosine_dispersion(per_group, group_ids, 2)
+    assert not torch.allclose(wrong, centred["cd"])  # what a per-group centring would give: (1, 1)
+    torch.testing.assert_close(center_embeddings(embeddings).float(), embeddings - torch.tensor([2.0, 2.0]))
+    # A step whose rows all equal its mean has no direction left: returned uncentred, not as zero vectors.
+    same = torch.tensor([[1.0, 2.0], [1.0, 2.0]])
+    torch.testing.assert_close(center_embeddings(same).float(), same)
+    with pytest.raises(ValueError, match="center 'group'"):
+        uncertainty_signals(group_ids, 2, rewards=rewards, embeddings=embeddings, center="group")
 
 
 def _loop_reference(group_ids, cluster_ids, embeddings, seq_logprobs, rewards, num_groups, kind):
@@ -199,8 +175,11 @@ def _loop_reference(group_ids, cluster_ids, embeddings, seq_logprobs, rewards, n
     seed=st.integers(0, 2**31 - 1),
     kind=st.sampled_from(["rao", "discrete"]),
     shuffle=st.booleans(),
+    center=st.sampled_from(["batch", "none"]),
 )
-def test_vectorised_signals_match_per_group_loop(sizes: list[int], seed: int, kind: str, shuffle: bool) -> None:
+def test_vectorised_signals_match_per_group_loop(
+    sizes: list[int], seed: int, kind: str, shuffle: bool, center: str
+) -> None:
     generator = torch.Generator().manual_seed(seed)
     group_ids = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))  # [N]
     if shuffle:  # the functions must not rely on group-major order
@@ -212,8 +191,11 @@ def test_vectorised_signals_match_per_group_loop(sizes: list[int], seed: int, ki
     rewards = torch.randint(0, 2, (n,), generator=generator).float()
     signals, _ = uncertainty_signals(
         group_ids, len(sizes), rewards=rewards, cluster_ids=cluster_ids, embeddings=embeddings,
-        seq_logprobs=seq_logprobs, se_kind=kind,
+        seq_logprobs=seq_logprobs, se_kind=kind, center=center,
     )  # fmt: skip
+    if center == "batch" and n > 1:  # plain loop: the mean of all rows of the step, subtracted row by row
+        mean = [sum(float(embeddings[i, j]) for i in range(n)) / n for j in range(embeddings.shape[1])]
+        embeddings = torch.tensor([[float(embeddings[i, j]) - mean[j] for j in range(5)] for i in range(n)])
     expected = _loop_reference(group_ids, cluster_ids, embeddings, seq_logprobs, rewards, len(sizes), kind)
     for name, value in expected.items():
         torch.testing.assert_close(signals[name], value, atol=1e-5, rtol=0, msg=name)

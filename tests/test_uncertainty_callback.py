@@ -73,13 +73,19 @@ def _expected_weights(batch: dict[str, Any], method: str, **options: Any) -> tup
         group_ids, GROUPS, rewards=batch["rewards"], cluster_ids=cluster_ids, embeddings=batch["embeddings"],
         seq_logprobs=batch.get("seq_logprobs"), se_kind=options.pop("se_kind", "rao"),
     )  # fmt: skip
-    weights, _ = advantage_weights(method, signals, **options)
-    return weights[group_ids], signals
+    weights, details = advantage_weights(method, signals, **options)
+    return weights[group_ids], {**signals, "u": details["u"], "weight": weights}
 
 
 @pytest.mark.parametrize(
     ("method", "options"),
-    [("gcpo", {}), ("seed_grpo", {}), ("gcpo", {"geometric": "cd", "family": "focal", "alpha": 0.5, "gamma": 3.0})],
+    [
+        ("gcpo", {}),
+        ("seed_grpo", {}),
+        ("rd_only", {}),
+        ("seed_grpo", {"alpha": 1.0, "scale": "batch_mean", "normalise": True}),
+        ("gcpo", {"geometric": "cd", "family": "focal", "alpha": 0.5, "gamma": 3.0, "normalise": False}),
+    ],
 )
 def test_weights_in_training_step_equal_pure_functions(tmp_path, method: str, options: dict) -> None:
     batches = [_dict_batch(seed) for seed in range(3)]
@@ -97,6 +103,12 @@ def test_weights_in_training_step_equal_pure_functions(tmp_path, method: str, op
     torch.testing.assert_close(metrics["uncertainty/bot_mean"], signals["bot"].mean())
     torch.testing.assert_close(metrics["uncertainty/rd_min"], signals["rd"].min())
     torch.testing.assert_close(metrics["uncertainty/weight_mean"], expected.view(GROUPS, GROUP_SIZE)[:, 0].mean())
+    # The per-step spread of u and of the weights (METHODS.md §5.1), over all groups and over those with RD > 0.
+    spread = signals["rd"] > 0
+    torch.testing.assert_close(metrics["uncertainty/weight_std"], signals["weight"].std(unbiased=False))
+    torch.testing.assert_close(metrics["uncertainty/u_max"], signals["u"].max())
+    torch.testing.assert_close(metrics["uncertainty/weight_spread_std"], signals["weight"][spread].std(unbiased=False))
+    torch.testing.assert_close(metrics["uncertainty/weight_spread_min"], signals["weight"][spread].min())
     torch.testing.assert_close(metrics["uncertainty/num_clusters_max"], signals["num_clusters"].max())
     assert "uncertainty/corr_rd/bot_spearman" in metrics and "time/uncertainty_s" in metrics
     assert metrics["time/uncertainty_s"] > 0
@@ -115,20 +127,33 @@ def test_rao_falls_back_to_discrete_with_one_warning(tmp_path) -> None:
     torch.testing.assert_close(module.seen[1][1], expected)
 
 
-def test_state_is_restored_on_resume(tmp_path) -> None:
-    batches = [_dict_batch(seed) for seed in range(5)]
-    first = UncertaintyCallback(method="gcpo", clustering="embedding", tau=0.3)
-    trainer = _trainer(tmp_path, first, max_steps=3)
-    trainer.fit(_RecordingModule(), _loader(batches))
+def test_state_and_diagnostics_window_survive_a_checkpoint_resume(tmp_path) -> None:
+    """Diagnostics every 3 batches: at batch 1 and batch 4. Interrupted after batch 2 (whose groups wait in the
+    window) and resumed from the checkpoint, batch 4 must still correlate the groups of batches 2, 3 and 4
+    (the two batches after the resume are those the resumed module received)."""
+    from scipy.stats import spearmanr
+
+    batches = [_dict_batch(seed) for seed in range(4)]
+    first = UncertaintyCallback(method="gcpo", clustering="answer", log_histograms_every_n_steps=3)
+    trainer = _trainer(tmp_path, first, max_steps=2)
+    trainer.fit(_RecordingModule(), _loader(batches[:2]))
     path = tmp_path / "resume.ckpt"
     trainer.save_checkpoint(path)
-    assert torch.load(path, weights_only=False)["callbacks"][first.state_key] == {
-        "batches_seen": 3, "groups_seen": 3 * GROUPS,
-    }  # fmt: skip
-    resumed = UncertaintyCallback(method="gcpo", clustering="embedding", tau=0.3)
-    _trainer(tmp_path, resumed, max_steps=5).fit(_RecordingModule(), _loader(batches), ckpt_path=path)
-    assert resumed.batches_seen == 5  # 3 restored + 2 new steps
-    assert resumed.groups_seen == 5 * GROUPS
+    state = torch.load(path, weights_only=False)["callbacks"][first.state_key]
+    assert (state["batches_seen"], state["groups_seen"]) == (2, 2 * GROUPS)
+    torch.testing.assert_close(state["window"]["pooled"]["bot"], _expected_weights(batches[1], "gcpo")[1]["bot"])
+    resumed = UncertaintyCallback(method="gcpo", clustering="answer", log_histograms_every_n_steps=3)
+    resumed_trainer = _trainer(tmp_path, resumed, max_steps=4)
+    module = _RecordingModule()
+    resumed_trainer.fit(module, _loader(batches[2:]), ckpt_path=path)
+    assert resumed.batches_seen == 4 and resumed.groups_seen == 4 * GROUPS  # 2 restored + 2 new steps
+    # the checkpointed groups of batch 2, then those of the two batches the resumed run trained on
+    pooled = [_expected_weights(batch, "gcpo")[1] for batch in [batches[1], *(b for b, _ in module.seen)]]
+    bot = torch.cat([signals["bot"] for signals in pooled]).double().numpy()
+    rd = torch.cat([signals["rd"] for signals in pooled]).double().numpy()
+    logged = float(resumed_trainer.logged_metrics["uncertainty/corr_rd/bot_spearman"])
+    assert logged == pytest.approx(spearmanr(bot, rd).statistic, abs=1e-5)
+    assert len(resumed.window) == 0
 
 
 def test_embedding_clustering_and_rollout_batch(tmp_path) -> None:
@@ -174,7 +199,8 @@ def test_histograms_go_to_tensorboard(tmp_path) -> None:
     logger.experiment.flush()
     events = EventAccumulator(logger.log_dir, size_guidance={"histograms": 0}).Reload()
     tags = events.Tags()["histograms"]
-    assert {"uncertainty/bot", "uncertainty/se_n", "uncertainty/weight", "uncertainty/u_c"} <= set(tags)
+    expected_tags = {"uncertainty/bot", "uncertainty/se_n", "uncertainty/weight", "uncertainty/u_c", "uncertainty/u"}
+    assert expected_tags <= set(tags)
     assert [event.step for event in events.Histograms("uncertainty/bot")] == [0, 2]  # batches 1 and 3
     assert "uncertainty/bot_mean" in events.Tags()["scalars"]
 
@@ -232,7 +258,7 @@ def test_correlations_pool_the_groups_since_the_last_diagnostics_step(tmp_path) 
     metrics = trainer.logged_metrics
     assert float(metrics["uncertainty/corr_rd/bot_spearman"]) == pytest.approx(spearmanr(bot, rd).statistic, abs=1e-5)
     assert float(metrics["uncertainty/corr_rd/bot_pearson"]) == pytest.approx(pearsonr(bot, rd).statistic, abs=1e-5)
-    assert callback._window == []
+    assert len(callback.window) == 0
 
 
 def test_precomputed_answer_clusters_are_used_as_given(tmp_path) -> None:
