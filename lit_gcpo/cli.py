@@ -110,7 +110,7 @@ class GCPOCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if path and Path(path).is_file():
-            print(check_resume(str(path), self.config[subcommand]))
+            print(check_resume(str(path), self.config[subcommand], training=subcommand == "fit"))
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -119,6 +119,11 @@ class GCPOCLI(LightningCLI):
         seed = config.get("seed_everything")
         if config.get("data") is not None and config.data.get("seed") is None and not isinstance(seed, bool):
             config.data.seed = seed
+        # The links make model.temperature / max_completion_length refuse values of their own; their values are
+        # set here from the final data.sampling (jsonargparse may apply links before the last nested overrides).
+        if config.get("data") is not None and config.get("model") is not None:
+            config.model.temperature = _sampling_temperature(config.data.get("sampling"))
+            config.model.max_completion_length = _sampling_max_new_tokens(config.data.get("sampling"))
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The configured trainer, writing its checkpoints atomically unless a CheckpointIO plugin is given, and

@@ -58,9 +58,12 @@ def _optimizer_settings(optimizer: Any) -> dict[str, Any]:
     return {}
 
 
-def compare_with_checkpoint(checkpoint: Mapping[str, Any], config: Any) -> tuple[list[str], list[str]]:
+def compare_with_checkpoint(
+    checkpoint: Mapping[str, Any], config: Any, training: bool = True
+) -> tuple[list[str], list[str]]:
     """``(refused, applied)``: one line per setting of ``config`` (the subcommand's namespace) that differs
-    from the checkpoint, naming the option and both values."""
+    from the checkpoint, naming the option and both values. Optimizer settings only matter when ``training``
+    (``fit``): evaluating a checkpoint restores no optimizer state."""
     refused, applied = [], []
     saved = dict(checkpoint.get("hyper_parameters") or {})
     model = _plain(config.get("model")) or {}
@@ -70,7 +73,7 @@ def compare_with_checkpoint(checkpoint: Mapping[str, Any], config: Any) -> tuple
         line = f"model.{name}: {value!r} (the checkpoint has {saved[name]!r})"
         (refused if name in IDENTITY else applied).append(line)
     groups = [group for state in checkpoint.get("optimizer_states") or [] for group in state.get("param_groups", [])]
-    if groups:
+    if groups and training:
         group = groups[0]
         for name, value in _optimizer_settings(model.get("optimizer")).items():
             stored = group.get("initial_lr", group.get("lr")) if name == "lr" else group.get(name)
@@ -89,11 +92,11 @@ def compare_with_checkpoint(checkpoint: Mapping[str, Any], config: Any) -> tuple
     return refused, applied
 
 
-def check_resume(path: str, config: Any) -> str:
+def check_resume(path: str, config: Any, training: bool = True) -> str:
     """Compare the settings with the checkpoint at ``path``; returns the lines to print, raises
     ``ResumeMismatchError`` listing every refused difference."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    refused, applied = compare_with_checkpoint(checkpoint, config)
+    refused, applied = compare_with_checkpoint(checkpoint, config, training)
     if refused:
         raise ResumeMismatchError(
             f"--ckpt_path {path}: the settings contradict the checkpoint (resuming continues its model and "
