@@ -140,3 +140,24 @@ def test_uncertainty_weights_are_computed_over_both_ranks(tiny_model_dir, tmp_pa
     torch.testing.assert_close(written, weights[group_ids], atol=1e-5, rtol=1e-5)
     assert weights.std() > 0  # the check is not vacuous: the groups got different weights
     assert first["weight_std"] == second["weight_std"]
+
+
+def test_readme_fsdp2_command_trains_checkpoints_and_exports(tmp_path):
+    """The README's command with the embedded policy, whose completions end (EOS) at different steps on the
+    two ranks: the sharded generation must keep the ranks' collectives in step (it hung before)."""
+    root = Path(__file__).parents[1]
+    command = [
+        sys.executable, "-m", "lit_gcpo.cli", "fit", "--config", "configs/quickstart.yaml",
+        "--trainer.strategy", "fsdp2", "--trainer.devices", "2", "--trainer.max_steps", "4",
+        "--trainer.val_check_interval", "2", "--trainer.num_sanity_val_steps", "0",
+        "--trainer.enable_progress_bar", "false", "--data.batch_size", "4", "--data.val.init_args.num_val", "8",
+        "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
+    ]  # fmt: skip
+    subprocess.run(command, cwd=root, check=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    checkpoint = next(tmp_path.rglob("last.ckpt"))
+    state = torch.load(checkpoint, weights_only=False)
+    assert state["global_step"] >= 2 and not any("reference" in key for key in state["state_dict"])
+    exported = AutoModelForCausalLM.from_pretrained(next(tmp_path.rglob("policy")))
+    assert exported.config.architectures == ["LlamaForCausalLM"]
+    initial = AutoModelForCausalLM.from_pretrained(str(root / "lit_gcpo/assets/tiny-arith")).state_dict()
+    assert any(not torch.equal(v, initial[n]) for n, v in exported.state_dict().items())

@@ -11,6 +11,8 @@ of its own rather than ``model.generate``:
   (before top-k/top-p, as :class:`Generation` documents) and drops the step's ``[n, V]`` logits; asking
   ``generate`` for log-probs stacks ``[n, T, V]`` (tens of GB at Qwen's vocabulary and 3000 tokens).
 - **Every end-of-sequence id**: the tokenizer's and the generation config's (chat models list several).
+- **Sharded policies** (FSDP2): every forward pass gathers weights from all ranks, so a rank whose
+  sequences all ended keeps stepping until every rank's have.
 
 Top-k and top-p use transformers' logits warpers, stop strings its ``StopStringCriteria``, the KV cache
 its ``DynamicCache``.
@@ -76,6 +78,18 @@ class HFEngine(RolloutEngine):
         finally:
             self.policy.train(was_training)
         return out
+
+    def _all_finished(self, finished: torch.Tensor) -> bool:
+        """Whether every sequence ended, on every rank when the policy is sharded (FSDP2): each forward pass of
+        a sharded policy gathers weights from all ranks, so the ranks must take the same number of steps."""
+        from torch.distributed.fsdp import FSDPModule
+
+        done = finished.all()
+        if isinstance(self.policy, FSDPModule) and torch.distributed.is_initialized():
+            flag = done.to(torch.int32)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            done = flag.bool()
+        return bool(done)
 
     def _uniforms(self, row_seeds: list[tuple[int, int] | None], steps: int, device: torch.device) -> torch.Tensor:
         """``[n, steps]`` uniforms in [0, 1): row ``r`` from a generator seeded by its (prompt seed, sample)."""
@@ -146,7 +160,7 @@ class HFEngine(RolloutEngine):
             newly = ends & ~finished
             lengths = torch.where(newly, t + 1, lengths)
             finished |= newly
-            if bool(finished.all()):
+            if self._all_finished(finished):
                 break
             step_ids = token.unsqueeze(-1)  # [n, 1]
             step_positions = step_positions[:, -1:] + 1  # [n, 1]
