@@ -44,7 +44,7 @@ from lit_gcpo.parallel import gradient_sync, is_sharded, shard_causal_lm, unsupp
 from lit_gcpo.policy import LoraOptions, load_policy, load_tokenizer, merged_state_items, save_policy
 from lit_gcpo.reference import ReferencePolicy
 from lit_gcpo.scoring import CompletionScorer
-from lit_gcpo.step_metrics import merge_step_metrics
+from lit_gcpo.step_metrics import merge_step_metrics, rollout_metrics, sample_text
 
 log = logging.getLogger(__name__)
 
@@ -351,20 +351,9 @@ class GRPOModule(L.LightningModule):
         train_s: float,
     ) -> None:
         """``global_metrics`` are reduced over ranks already; ``rank_metrics`` and the rest are averaged."""
-        values: dict[str, Any] = {f"train/{k}": v for k, v in rank_metrics.items()}
-        finite = batch.rewards[torch.isfinite(batch.rewards)]
-        values["reward/mean"] = finite.mean() if finite.numel() else torch.tensor(float("nan"))
-        values["reward/std"] = finite.std() if finite.numel() > 1 else torch.zeros(())
-        for name, scores in batch.reward_components.items():
-            ok = scores[torch.isfinite(scores)]
-            values[f"reward/{name}_mean"] = ok.mean() if ok.numel() else torch.tensor(float("nan"))
         accuracy = self._accuracy(batch)
-        if accuracy is not None:
-            values["train/accuracy"] = accuracy.mean()
-        if batch.advantage_weights is not None:
-            values["train/advantage_weight_mean"] = batch.advantage_weights.mean()
+        values = {f"train/{k}": v for k, v in rank_metrics.items()} | rollout_metrics(batch, accuracy)
         values["time/train_s"] = train_s
-        values.update(batch.metrics)
         reduced = {f"train/{k}": v for k, v in global_metrics.items()}
         reduced["train/skipped_steps"] = float(self.guarded_step.skipped)
         reduced["train/grad_norm"] = self.guarded_step.last_grad_norm
@@ -384,17 +373,9 @@ class GRPOModule(L.LightningModule):
             return datamodule.accuracy(batch)
         return None
 
-    def _log_samples(self, batch: RolloutBatch, count: int = 4) -> None:
-        if not isinstance(self.logger, TensorBoardLogger) or not self.trainer.is_global_zero:
-            return
-        group_size = batch.num_completions // batch.num_groups
-        lines = []
-        for n in range(0, min(count * group_size, batch.num_completions), group_size):
-            lines.append(
-                f"**prompt** `{batch.prompts[n // group_size]!r}`  \n**completion** `{batch.completions[n]!r}`  \n"
-                f"**reward** {float(batch.rewards[n]):.3f}"
-            )
-        self.logger.experiment.add_text("samples", "\n\n---\n\n".join(lines), global_step=self.global_step)
+    def _log_samples(self, batch: RolloutBatch) -> None:
+        if isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero:
+            self.logger.experiment.add_text("samples", sample_text(batch), global_step=self.global_step)
 
     # ----------------------------------------------------------------------------------- evaluation
     def _eval_step(self, batch: RolloutBatch, stage: str) -> None:

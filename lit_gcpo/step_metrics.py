@@ -1,4 +1,5 @@
-"""The loss metrics of one training step, merged over micro-batches, iterations and data-parallel ranks.
+"""What a training step logs: its loss metrics merged over micro-batches, iterations and data-parallel ranks,
+the rollout's own metrics, and a few samples as text.
 
 Each micro-batch's loss is already normalised by the whole step's counts (all ranks' tokens or sequences),
 so the global loss of an iteration is the sum of every rank's micro-batch losses, and the step's value is
@@ -51,3 +52,33 @@ def merge_step_metrics(
         else:
             merged[key] = totals[index] / token_total
     return merged
+
+
+def rollout_metrics(batch: Any, accuracy: torch.Tensor | None) -> dict[str, Any]:
+    """This rank's rollout metrics (averaged over ranks when logged): rewards over their finite values, each
+    reward's mean, accuracy, the mean advantage weight, and what was measured while building the batch."""
+    values: dict[str, Any] = {}
+    finite = batch.rewards[torch.isfinite(batch.rewards)]
+    values["reward/mean"] = finite.mean() if finite.numel() else torch.tensor(float("nan"))
+    values["reward/std"] = finite.std() if finite.numel() > 1 else torch.zeros(())
+    for name, scores in batch.reward_components.items():
+        ok = scores[torch.isfinite(scores)]
+        values[f"reward/{name}_mean"] = ok.mean() if ok.numel() else torch.tensor(float("nan"))
+    if accuracy is not None:
+        values["train/accuracy"] = accuracy.mean()
+    if batch.advantage_weights is not None:
+        values["train/advantage_weight_mean"] = batch.advantage_weights.mean()
+    values.update(batch.metrics)
+    return values
+
+
+def sample_text(batch: Any, count: int = 4) -> str:
+    """The first completion of the first ``count`` prompts with its reward, as TensorBoard markdown."""
+    group_size = batch.num_completions // batch.num_groups
+    lines = []
+    for n in range(0, min(count * group_size, batch.num_completions), group_size):
+        lines.append(
+            f"**prompt** `{batch.prompts[n // group_size]!r}`  \n**completion** `{batch.completions[n]!r}`  \n"
+            f"**reward** {float(batch.rewards[n]):.3f}"
+        )
+    return "\n\n---\n\n".join(lines)
