@@ -176,7 +176,7 @@ def _data_parallel_executor() -> str | None:
         return None
     # the executor reads the rank from the environment that torchrun would set; Lightning's launcher may not
     os.environ.setdefault("RANK", str(dist.get_rank()))
-    os.environ.setdefault("LOCAL_RANK", os.environ.get("LOCAL_RANK", str(dist.get_rank() % max(1, _local_world()))))
+    os.environ.setdefault("LOCAL_RANK", str(dist.get_rank() % _local_world()))
     return "external_launcher"
 
 
