@@ -22,6 +22,7 @@ Precision and the strategy come from the Trainer (32-true, bf16-mixed, bf16-true
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Iterator
@@ -220,10 +221,8 @@ class GRPOModule(L.LightningModule):
         ``reference`` they are the reference model's (the LoRA base model with its adapters disabled).
         """
         scorer = self.reference.scorer if reference and self.reference is not None else self.scorer
-        if reference and self.uses_lora:
-            with self.policy.disable_adapter():
-                scored = scorer(input_ids, attention_mask, completion_length, with_entropy=with_entropy)
-        else:
+        adapters_off = self.policy.disable_adapter() if reference and self.uses_lora else contextlib.nullcontext()
+        with adapters_off:
             scored = scorer(
                 input_ids, attention_mask, completion_length, with_entropy=with_entropy, with_hidden=with_hidden
             )

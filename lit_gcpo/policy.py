@@ -116,8 +116,13 @@ def save_policy(
     model = policy.get_base_model() if uses_lora else policy
     model.save_pretrained(target, state_dict=state)
     tokenizer.save_pretrained(target)
-    sharded_class = type(model).__name__
-    if sharded_class.startswith("FSDP"):  # fully_shard renames the class, and save_pretrained records that name
+    if type(model).__name__ != architecture_name(model):  # save_pretrained recorded the FSDP class name
         config = type(model.config).from_pretrained(target)
-        config.architectures = [sharded_class.removeprefix("FSDP")]
+        config.architectures = [architecture_name(model)]
         config.save_pretrained(target)
+
+
+def architecture_name(model: torch.nn.Module) -> str:
+    """The transformers class name of ``model`` (``fully_shard`` renames the class ``FSDP<Name>``), as a
+    checkpoint's ``config.architectures`` must hold it for transformers and vLLM to load it."""
+    return type(model).__name__.removeprefix("FSDP")

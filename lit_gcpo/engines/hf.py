@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 from transformers import DynamicCache
 from transformers.generation import StopStringCriteria, TopKLogitsWarper, TopPLogitsWarper
 
@@ -79,13 +80,11 @@ class HFEngine(RolloutEngine):
             self.policy.train(was_training)
         return out
 
-    def _all_finished(self, finished: torch.Tensor) -> bool:
-        """Whether every sequence ended, on every rank when the policy is sharded (FSDP2): each forward pass of
-        a sharded policy gathers weights from all ranks, so the ranks must take the same number of steps."""
-        from torch.distributed.fsdp import FSDPModule
-
+    def _all_finished(self, finished: torch.Tensor, sharded: bool) -> bool:
+        """Whether every sequence ended, on every rank when the policy is ``sharded`` (FSDP2): each forward pass
+        of a sharded policy gathers weights from all ranks, so the ranks must take the same number of steps."""
         done = finished.all()
-        if isinstance(self.policy, FSDPModule) and torch.distributed.is_initialized():
+        if sharded:
             flag = done.to(torch.int32)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
             done = flag.bool()
@@ -124,6 +123,7 @@ class HFEngine(RolloutEngine):
         stop = StopStringCriteria(self.tokenizer, list(sampling.stop)) if sampling.stop else None
         uniforms = None if greedy else self._uniforms(row_seeds, steps, device)  # [n, T]
         eos = torch.tensor(self.eos_token_ids, device=device)
+        sharded = isinstance(self.policy, FSDPModule) and torch.distributed.is_initialized()
 
         tokens = torch.full((n, steps), self.pad_token_id, dtype=torch.long, device=device)  # [n, T]
         logprobs = torch.zeros((n, steps), dtype=torch.float32, device=device)  # [n, T]
@@ -160,7 +160,7 @@ class HFEngine(RolloutEngine):
             newly = ends & ~finished
             lengths = torch.where(newly, t + 1, lengths)
             finished |= newly
-            if self._all_finished(finished):
+            if self._all_finished(finished, sharded):
                 break
             step_ids = token.unsqueeze(-1)  # [n, 1]
             step_positions = step_positions[:, -1:] + 1  # [n, 1]

@@ -141,7 +141,7 @@ def _save_policy(policy: torch.nn.Module, tokenizer: Any, directory: str) -> Non
     """
     from safetensors.torch import save_file
 
-    from lit_gcpo.policy import merged_state_items
+    from lit_gcpo.policy import architecture_name, merged_state_items
 
     state: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
@@ -154,7 +154,7 @@ def _save_policy(policy: torch.nn.Module, tokenizer: Any, directory: str) -> Non
     save_file(state, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
     base = policy.get_base_model() if _is_peft(policy) else policy
     config = base.config
-    config.architectures = [type(base).__name__.removeprefix("FSDP")]  # fully_shard renames the class
+    config.architectures = [architecture_name(base)]
     config.save_pretrained(directory)
     if getattr(base, "generation_config", None) is not None:
         base.generation_config.save_pretrained(directory)
