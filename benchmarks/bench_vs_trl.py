@@ -1,6 +1,7 @@
 """lit-gcpo against TRL's ``GRPOTrainer`` on the same work, side by side: median step time, its split, peak RSS.
 
     .venv/bin/python benchmarks/bench_vs_trl.py [--repeats 3] [--steps 30] [--betas 0 0.04]
+        [--lit-python PATH] [--omp-wait-policy {PASSIVE,ACTIVE,unset}] [--keep] [--no-write]
 
 TRL 1.16.0 lives in its own venv, ``.venv-trl`` (ignored by git), which the script makes when it is missing:
 ``python -m venv``, ``pip install torch==2.13.0`` (the local CPU wheel), then ``trl==1.16.0``, the project's
@@ -37,7 +38,11 @@ The work (``vs_trl_work.py``), identical on both sides:
   policy embeddings and answer clustering run although nothing reads them: issue 11, item 2).
 - environment: CPU, torch threads left at their default (both report it), ``OMP_WAIT_POLICY=PASSIVE`` for
   both: lit-gcpo's CLI sets it itself, and without it TRL's steps on this shared 2-core machine were 5-30x
-  slower (OpenMP threads spinning against other processes), which would measure the machine, not TRL.
+  slower (OpenMP threads spinning against other processes), which would measure the machine, not TRL
+  (``--omp-wait-policy unset`` leaves each its own). lit-gcpo runs in the project's ``.venv`` unless
+  ``--lit-python`` names another venv's python: ``.venv`` holds the dev extras (scikit-learn, matplotlib,
+  scipy), which transformers and torchmetrics import when they are installed, so its RSS is higher than
+  that of a plain ``pip install lit-gcpo``.
 
 Measured per run: the wall time of each optimizer step (between consecutive step ends, logging included),
 median over the steps after the first three; the split of lit-gcpo's step from its logged ``time/*``
@@ -116,17 +121,22 @@ def ensure_trl_venv(venv: Path) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------- runs
-def run_once(framework: str, python: Path, work: Path, beta: float, steps: int, out: Path) -> dict[str, Any]:
+def run_once(
+    framework: str, python: Path, work: Path, beta: float, steps: int, out: Path, omp_wait_policy: str
+) -> dict[str, Any]:
     """One training run in its own process; its record (``vs_trl_runner.finish``). Raises with the log's tail
-    when the run fails or exceeds its time bound."""
+    when the run fails or exceeds its time bound. ``omp_wait_policy`` ``unset``: each framework's own
+    (lit-gcpo's CLI sets PASSIVE unless the environment says otherwise; TRL leaves OpenMP's default)."""
     env = dict(os.environ)
     env.update(
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
         HF_DATASETS_OFFLINE="1",
-        OMP_WAIT_POLICY="PASSIVE",
         PYTHONPATH=os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")])),
     )
+    env.pop("OMP_WAIT_POLICY", None)
+    if omp_wait_policy != "unset":
+        env["OMP_WAIT_POLICY"] = omp_wait_policy
     command = [str(python), str(HERE / "vs_trl_runner.py"), framework, str(work), str(beta), str(steps), str(out)]
     log = out.with_suffix(".log")
     with open(log, "w") as handle:
@@ -162,7 +172,7 @@ def split_of(record: dict[str, Any]) -> dict[str, float]:
     return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
 
 
-def summarise(records: list[dict[str, Any]]) -> dict[str, float]:
+def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians over repeats of the per-run medians; peak RSS medians too; mean completion tokens per step."""
     splits = [split_of(r) for r in records]
     summary = {k: statistics.median(s[k] for s in splits) for k in splits[0]}
@@ -170,6 +180,7 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, float]:
     summary["rss_children"] = statistics.median(r["children_peak_rss_mib"] for r in records)
     summary["tokens"] = statistics.fmean(t for r in records for t in r["completion_tokens"])
     summary["threads"] = records[0]["threads"]
+    summary["runs"] = [s["step"] for s in splits]  # type: ignore[assignment]
     return summary
 
 
@@ -184,7 +195,13 @@ PHASE_ROWS = (
 )
 
 
-def report(results: dict[float, dict[str, dict[str, float]]], args: argparse.Namespace, versions: dict) -> list[str]:
+def venv_name(python: Path) -> str:
+    """The venv of ``python`` as the report names it: relative to the repository when inside it."""
+    venv = Path(os.path.abspath(python)).parent.parent
+    return str(venv.relative_to(ROOT)) if venv.is_relative_to(ROOT) else str(venv)
+
+
+def report(results: dict[float, dict[str, dict[str, Any]]], args: argparse.Namespace, versions: dict) -> list[str]:
     threads = next(iter(results.values()))["lit"]["threads"]
     lines = [
         "## lit-gcpo against TRL's GRPOTrainer on the same work (`bench_vs_trl.py`)",
@@ -193,9 +210,10 @@ def report(results: dict[float, dict[str, dict[str, float]]], args: argparse.Nam
         f"TRL {versions['trl']}, transformers {versions['transformers']} (both venvs), torch {versions['torch']}; "
         f"{args.parameters:,}-parameter random Llama, character tokenizer, {PROMPTS_PER_STEP} prompts x G = "
         f"{GROUP_SIZE} completions of at most {MAX_NEW_TOKENS} tokens per optimizer step, Dr. GRPO, fp32, one "
-        "optimizer step per rollout, TensorBoard scalars every step on both sides, OMP_WAIT_POLICY=PASSIVE on "
-        f"both (settings: the script's docstring). {args.repeats} interleaved repeats x {args.steps} steps per "
-        f"beta; per run the median over steps {WARMUP_STEPS + 1}-{args.steps}, then the median over repeats.",
+        "optimizer step per rollout, TensorBoard scalars every step on both sides, OMP_WAIT_POLICY "
+        f"{args.omp_wait_policy} on both; lit-gcpo ran with `{venv_name(args.lit_python)}` (settings: the script's "
+        f"docstring). {args.repeats} interleaved repeats x {args.steps} steps per beta; per run the median over "
+        f"steps {WARMUP_STEPS + 1}-{args.steps}, then the median over repeats.",
         "",
         "| beta | TRL step (s) | lit-gcpo step (s) | lit / TRL | TRL peak RSS (MiB) | lit-gcpo peak RSS (MiB) "
         "| lit / TRL | tokens/step TRL, lit |",
@@ -209,6 +227,10 @@ def report(results: dict[float, dict[str, dict[str, float]]], args: argparse.Nam
             f"| {trl['rss']:.0f} | {lit_rss} | {lit['rss'] / trl['rss']:.2f}x "
             f"| {trl['tokens']:.0f}, {lit['tokens']:.0f} |"
         )
+    lines.append("")
+    for beta, sides in results.items():
+        runs = "; ".join(f"{fw} " + ", ".join(f"{m:.3f}" for m in sides[fw]["runs"]) for fw in ("trl", "lit"))
+        lines.append(f"Per-run median steps (s) at beta {beta:g}, in repeat order: {runs}.  ")
     lines += ["", "Split of the step (median s over steps and repeats):", ""]
     header = " | ".join(f"TRL b={b:g} | lit b={b:g}" for b in results)
     lines += [f"| phase | {header} |", "| --- |" + " ---: |" * (2 * len(results))]
@@ -231,6 +253,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--betas", type=float, nargs="+", default=[0.0, 0.04])
     parser.add_argument("--trl-venv", type=Path, default=ROOT / ".venv-trl")
+    parser.add_argument(
+        "--lit-python",
+        type=Path,
+        default=Path(sys.executable),
+        help="the python of the venv lit-gcpo runs in (default: this one, the project's .venv with its dev extras)",
+    )
+    parser.add_argument(
+        "--omp-wait-policy",
+        default="PASSIVE",
+        choices=["PASSIVE", "ACTIVE", "unset"],
+        help="OMP_WAIT_POLICY of both runs (unset: each framework's own)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory (model, runs, logs)")
     parser.add_argument("--no-write", action="store_true", help="print the table, leave RESULTS.md alone")
     args = parser.parse_args(argv)
@@ -241,14 +275,15 @@ def main(argv: list[str] | None = None) -> None:
     try:
         files, args.parameters = write_work(work)
         print(f"policy: {args.parameters:,} parameters; work directory {work}")
-        pythons = {"trl": trl_python(args.trl_venv), "lit": Path(sys.executable)}
+        pythons = {"trl": trl_python(args.trl_venv), "lit": args.lit_python}
         records: dict[float, dict[str, list[dict[str, Any]]]] = {b: {"trl": [], "lit": []} for b in args.betas}
         for repeat in range(args.repeats):
             order = ("trl", "lit") if repeat % 2 == 0 else ("lit", "trl")
             for beta in args.betas:
                 for framework in order:
                     out = work / f"{framework}-beta{beta:g}-r{repeat}.json"
-                    record = run_once(framework, pythons[framework], files.root, beta, args.steps, out)
+                    python = pythons[framework]
+                    record = run_once(framework, python, files.root, beta, args.steps, out, args.omp_wait_policy)
                     records[beta][framework].append(record)
                     print(f"repeat {repeat} beta {beta:g} {framework}: median step {split_of(record)['step']:.3f} s")
         results = {b: {fw: summarise(runs) for fw, runs in sides.items()} for b, sides in records.items()}
