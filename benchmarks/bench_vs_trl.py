@@ -146,7 +146,12 @@ def run_once(
             raise RuntimeError(f"{framework} run (beta {beta}) exceeded {120 + 15 * steps} s; log: {log}") from None
     if done.returncode != 0 or not out.exists():
         raise RuntimeError(f"{framework} run (beta {beta}) failed ({done.returncode}):\n{log.read_text()[-3000:]}")
-    return json.loads(out.read_text())
+    record = json.loads(out.read_text())
+    # the same work: one optimizer step per rollout of 64 completions, every step timed
+    counts = (record["optimizer_steps"], len(record["phases"]), len(record["completion_tokens"]))
+    if counts != (steps, steps, steps):
+        raise RuntimeError(f"{framework} run (beta {beta}): optimizer steps, timed steps, rollouts {counts} != {steps}")
+    return record
 
 
 def split_of(record: dict[str, Any]) -> dict[str, float]:

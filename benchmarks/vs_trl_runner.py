@@ -50,11 +50,19 @@ def children_peak_mib() -> float:
     return total_kib / 1024
 
 
-def finish(out: Path, framework: str, walls: list[float], phases: list[dict[str, float]], tokens: list[float]) -> None:
+def finish(
+    out: Path,
+    framework: str,
+    walls: list[float],
+    phases: list[dict[str, float]],
+    tokens: list[float],
+    optimizer_steps: int,
+) -> None:
     import torch
 
     record = {
         "framework": framework,
+        "optimizer_steps": optimizer_steps,
         "walls": walls,
         "phases": phases,
         "completion_tokens": tokens,
@@ -116,7 +124,7 @@ def run_trl(files: WorkFiles, beta: float, steps: int, out: Path) -> None:
         callbacks=[StepClock()],
     )
     trainer.train()
-    finish(out, "trl", walls, phases, tokens)
+    finish(out, "trl", walls, phases, tokens, trainer.state.global_step)
 
 
 # ------------------------------------------------------------------------------------------- lit-gcpo
@@ -150,7 +158,7 @@ def run_lit(files: WorkFiles, beta: float, steps: int, out: Path) -> None:
     cli = cli_main(lit_args(files, beta, steps, out.parent / f"{out.stem}-lit")[1:], run=False)
     cli.trainer.callbacks.append(StepClock())
     cli.trainer.fit(cli.model, cli.datamodule)
-    finish(out, "lit", walls, phases, tokens)
+    finish(out, "lit", walls, phases, tokens, cli.trainer.global_step)
 
 
 def main(argv: list[str]) -> None:
