@@ -34,15 +34,16 @@ The work (``vs_trl_work.py``), identical on both sides:
 - logging: every step, TensorBoard scalars on both sides (lit-gcpo ``TensorBoardLogger``; TRL
   ``report_to="tensorboard"``, ``log_completions=False``); no progress bar; no validation; no checkpoints
   (lit-gcpo ``trainer.enable_checkpointing false``, ``model.export_dir null``; TRL ``save_strategy="no"``);
-  no uncertainty callback. lit-gcpo's other options are its defaults (so, today, the no-grad scoring pass,
-  policy embeddings and answer clustering run although nothing reads them: issue 11, item 2).
+  no uncertainty callback. lit-gcpo's other options are its defaults (nothing reads old log-probs, embeddings
+  or answer clusters, so lit-gcpo computes none: one forward pass of the policy per step, as TRL).
 - environment: CPU, torch threads left at their default (both report it), ``OMP_WAIT_POLICY=PASSIVE`` for
   both: lit-gcpo's CLI sets it itself, and without it TRL's steps on this shared 2-core machine were 5-30x
   slower (OpenMP threads spinning against other processes), which would measure the machine, not TRL
-  (``--omp-wait-policy unset`` leaves each its own). lit-gcpo runs in the project's ``.venv`` unless
-  ``--lit-python`` names another venv's python: ``.venv`` holds the dev extras (scikit-learn, matplotlib,
-  scipy), which transformers and torchmetrics import when they are installed, so its RSS is higher than
-  that of a plain ``pip install lit-gcpo``.
+  (``--omp-wait-policy unset`` leaves each its own). Each framework runs in a venv of its own installation
+  and nothing else: TRL in ``.venv-trl``, lit-gcpo in ``.venv-lit`` (``pip install -e .``, no extras; made by
+  the script like the TRL venv) unless ``--lit-python`` names another venv's python. Why not the project's
+  ``.venv``: it holds the dev extras (scikit-learn, matplotlib), which transformers and torchmetrics import
+  whenever they are installed (+130 MiB of RSS measured), and TRL's venv has none of them.
 
 Measured per run: the wall time of each optimizer step (between consecutive step ends, logging included),
 median over the steps after the first three; the split of lit-gcpo's step from its logged ``time/*``
@@ -118,6 +119,24 @@ def ensure_trl_venv(venv: Path) -> dict[str, str]:
     if versions["transformers"] != transformers:
         print(f"warning: the TRL venv has transformers {versions['transformers']}, the project {transformers}")
     return versions
+
+
+def ensure_lit_venv(venv: Path) -> Path:
+    """Make ``venv`` with lit-gcpo as a user installs it (``pip install -e .``, no extras) when it is missing or
+    cannot import lit-gcpo; returns its python."""
+    python = trl_python(venv)
+    check = [str(python), "-c", "import lit_gcpo.cli, tensorboard"]
+    if python.exists() and subprocess.run(check, capture_output=True, check=False).returncode == 0:
+        return python
+    print(f"making the lit-gcpo venv {venv} (pip install -e ., torch {TORCH_VERSION})")
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(python), "-m", "pip", "install", "--quiet"]
+    for packages in ([f"torch=={TORCH_VERSION}"], ["-e", str(ROOT)]):
+        done = subprocess.run([*pip, *packages], capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(pip + packages)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    return python
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -258,11 +277,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--betas", type=float, nargs="+", default=[0.0, 0.04])
     parser.add_argument("--trl-venv", type=Path, default=ROOT / ".venv-trl")
+    parser.add_argument("--lit-venv", type=Path, default=ROOT / ".venv-lit")
     parser.add_argument(
         "--lit-python",
         type=Path,
-        default=Path(sys.executable),
-        help="the python of the venv lit-gcpo runs in (default: this one, the project's .venv with its dev extras)",
+        default=None,
+        help="the python of the venv lit-gcpo runs in (default: --lit-venv's, made as `pip install -e .`)",
     )
     parser.add_argument(
         "--omp-wait-policy",
@@ -276,6 +296,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.steps < WARMUP_STEPS + 2:
         parser.error(f"--steps must be at least {WARMUP_STEPS + 2} (the first {WARMUP_STEPS} are warm-up)")
     versions = ensure_trl_venv(args.trl_venv)
+    if args.lit_python is None:
+        args.lit_python = ensure_lit_venv(args.lit_venv)
     work = Path(tempfile.mkdtemp(prefix="bench_vs_trl_"))
     try:
         files, args.parameters = write_work(work)
