@@ -1,0 +1,85 @@
+"""The quickstart cannot learn to pad: text after the answer's box earns nothing (issue 11).
+
+A 500-step run of the quickstart with ``math_accuracy`` learned completions like ``\\boxed{6}0}000...`` that
+fill the length limit: the reward read the box and ignored the junk. The quickstart now trains and validates
+with ``math_accuracy_final``, which scores such a completion 0.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoTokenizer
+
+from lit_gcpo.answers import ends_with_box
+from lit_gcpo.batch import PromptBatch
+from lit_gcpo.data.rollout import RolloutCollector
+from lit_gcpo.engines.base import Generation, SamplingConfig
+from lit_gcpo.rewards import RewardSet, math_accuracy, math_accuracy_final
+from lit_gcpo.tiny_model import TINY_MODEL_PATH
+
+QUICKSTART = Path(__file__).parents[1] / "configs" / "quickstart.yaml"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("\\boxed{6}", True),
+        ("3+8-5=11-5=\\boxed{6}", True),
+        ("\\boxed{6}  \n", True),  # trailing whitespace is not junk
+        ("\\boxed{\\frac{1}{2}}", True),  # nested braces inside the box
+        ("\\boxed{1}\\boxed{6}", True),  # the last box ends the text
+        ("\\boxed{6}0}0000", False),  # the padding a 500-step run learned: the box closes before the end
+        ("\\boxed{6}0", False),
+        ("\\boxed{6}}", False),  # a stray brace after the box
+        ("\\boxed{6", False),  # left open (truncated)
+        ("6}", False),  # no box at all
+        ("", False),
+    ],
+)
+def test_ends_with_box(text: str, expected: bool) -> None:
+    assert ends_with_box(text) is expected
+
+
+def test_math_accuracy_final_scores_junk_after_the_box_zero() -> None:
+    completions = ["\\boxed{6}", "\\boxed{6}0}000000", "4+2=\\boxed{6}\n", "\\boxed{7}", "\\boxed{6}"]
+    columns = {"answer": ["6", "6", "6", "6", None]}
+    # math_accuracy reads the last complete box only, so it paid the padded completion (row 1) in full
+    assert math_accuracy([""] * 5, completions, **columns) == [1.0, 1.0, 1.0, 0.0, None]
+    assert math_accuracy_final([""] * 5, completions, **columns) == [1.0, 0.0, 1.0, 0.0, None]
+
+
+class _ScriptedEngine:
+    """Returns fixed completions (token ids) in place of sampling: the rollout and the rewards are what is tested."""
+
+    samples_from_policy = True
+
+    def __init__(self, completion_ids: list[list[int]], truncated: list[bool]) -> None:
+        self.completion_ids, self.truncated = completion_ids, truncated
+
+    def generate(self, prompt_ids, num_samples, sampling, seeds=None) -> Generation:
+        assert len(prompt_ids) * num_samples == len(self.completion_ids)
+        return Generation(self.completion_ids, None, self.truncated)
+
+
+def test_quickstart_rollout_does_not_reward_a_padded_completion() -> None:
+    config = yaml.safe_load(QUICKSTART.read_text())["data"]
+    # the training reward and the validation accuracy are both the strict one
+    assert config["rewards"] == ["math_accuracy_final"]
+    assert config["accuracy_reward"] == "math_accuracy_final"
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL_PATH)
+    # "\\boxed{" is one token of the tiny vocabulary, so "\\boxed{6}0}" is 5 tokens; zeros fill the limit
+    junk = "\\boxed{6}0}" + "0" * (config["sampling"]["max_new_tokens"] - 5)
+    clean = tokenizer("\\boxed{6}", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    padded = tokenizer(junk, add_special_tokens=False)["input_ids"]
+    assert len(padded) == config["sampling"]["max_new_tokens"]  # the padded completion hits the limit
+    engine = _ScriptedEngine([clean, padded], truncated=[False, True])
+    collector = RolloutCollector(engine, tokenizer, RewardSet.from_names(config["rewards"]))
+    batch = PromptBatch(prompts=["3+4-1="], rows=[{"prompt": "3+4-1=", "answer": "6", "level": 3}], indices=[0])
+    rollout = collector.collect(batch, 2, SamplingConfig(**config["sampling"]), torch.device("cpu"))
+    assert rollout.completions == ["\\boxed{6}", junk]
+    torch.testing.assert_close(rollout.rewards, torch.tensor([1.0, 0.0]))
+    assert rollout.metrics["completion/truncated_frac"] == 0.5
