@@ -45,7 +45,7 @@ class RunSummary:
     """What one quickstart run's TensorBoard scalars say.
 
     Attributes:
-        validations: ``(step, val/accuracy)`` of every validation, the step-0 baseline first.
+        validations: ``(training steps done, val/accuracy)`` of every validation, the step-0 baseline first.
         truncated_tail: mean ``completion/truncated_frac`` over the last ``TAIL_STEPS`` training steps.
         truncated_max: its largest value over the run.
         steps: training steps logged.
@@ -90,7 +90,9 @@ def read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float, float]]]:
 def summarise(log_dir: Path) -> RunSummary:
     """The :class:`RunSummary` of the run logged in ``log_dir``; a clear error when it lacks what is needed."""
     scalars = read_scalars(log_dir)
-    validations = [(step, value) for step, _, value in scalars.get("val/accuracy", [])]
+    # Lightning logs the validation run after training step k at TensorBoard step k - 1 (the step-0 baseline at
+    # 0): report the number of training steps done, as the run's own summary line does.
+    validations = [(step + 1 if step else 0, value) for step, _, value in scalars.get("val/accuracy", [])]
     truncated = scalars.get("completion/truncated_frac", [])
     if not validations or validations[0][0] != 0:
         raise ValueError(f"{log_dir}: no val/accuracy at step 0 (the baseline); was num_sanity_val_steps -1?")
@@ -141,7 +143,7 @@ def run_seed(seed: int, seed_dir: Path, threads: int, timeout: float, extra: lis
 def table(rows: list[tuple[int, float | None, RunSummary]]) -> list[str]:
     """Markdown lines: one row per ``(seed, wall_s, summary)``, then the worst seed against the targets."""
     lines = [
-        "| seed | wall (s) | steps | s/step | val accuracy at each validation (step: acc) | baseline | final | best "
+        "| seed | wall (s) | steps | s/step | val accuracy after N steps (N: acc) | baseline | final | best "
         "| gain (points) | truncated, last 20 steps | truncated, max |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]

@@ -29,7 +29,8 @@ def test_summary_of_a_hand_made_run(tmp_path: Path) -> None:
     # 30 steps: truncated 0.5 for the first 10, then 0.1; the last 20 are all 0.1, the max is 0.5.
     _fake_run(tmp_path / "gcpo" / "version_0", {0: 0.25, 49: 0.5, 99: 0.4}, [0.5] * 10 + [0.1] * 20)
     run = summarise(latest_version(tmp_path))
-    assert run.validations == [(0, 0.25), (49, 0.5), (99, pytest.approx(0.4))]
+    # logged at TensorBoard steps 49 and 99, i.e. after 50 and 100 training steps
+    assert run.validations == [(0, 0.25), (50, 0.5), (100, pytest.approx(0.4))]
     assert (run.baseline, run.best) == (0.25, 0.5)
     assert run.final == pytest.approx(0.4)
     assert run.gain_points == pytest.approx(15.0)  # 100 x (0.40 - 0.25)
@@ -58,7 +59,7 @@ def test_table_reports_the_worst_seed_against_the_target(tmp_path: Path) -> None
     _fake_run(tmp_path / "b", {0: 0.2, 99: 0.38}, [0.0] * 5)  # +18 points: misses the target
     good, short = summarise(tmp_path / "a"), summarise(tmp_path / "b")
     lines = table([(0, 150.0, good), (1, 170.0, short)])
-    assert lines[2].startswith("| 0 | 150 | 5 | 0.50 | 0: 0.200, 99: 0.450 | 0.200 | 0.450 | 0.450 | +25.0 |")
+    assert lines[2].startswith("| 0 | 150 | 5 | 0.50 | 0: 0.200, 100: 0.450 | 0.200 | 0.450 | 0.450 | +25.0 |")
     assert "Worst seed: 1, +18.0 points; longest run 170 s" in lines[-1] and lines[-1].endswith("NOT met.")
     assert table([(0, 150.0, good)])[-1].endswith(": met.")
     assert table([(0, 181.0, good)])[-1].endswith("NOT met.")  # +25 points but over 3 minutes

@@ -1,4 +1,5 @@
-"""The quickstart cannot learn to pad: text after the answer's box earns nothing (issue 11).
+"""The quickstart's settings: it cannot learn to pad (text after the answer's box earns nothing, issue 11), and
+its length limit fits its task mix.
 
 A 500-step run of the quickstart with ``math_accuracy`` learned completions like ``\\boxed{6}0}000...`` that
 fill the length limit: the reward read the box and ignored the junk. The quickstart now trains and validates
@@ -7,6 +8,7 @@ with ``math_accuracy_final``, which scores such a completion 0.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from lit_gcpo.batch import PromptBatch
 from lit_gcpo.data.rollout import RolloutCollector
 from lit_gcpo.engines.base import Generation, SamplingConfig
 from lit_gcpo.rewards import RewardSet, math_accuracy, math_accuracy_final
+from lit_gcpo.tasks.arithmetic import ArithmeticProblem
 from lit_gcpo.tiny_model import TINY_MODEL_PATH
 
 QUICKSTART = Path(__file__).parents[1] / "configs" / "quickstart.yaml"
@@ -83,3 +86,20 @@ def test_quickstart_rollout_does_not_reward_a_padded_completion() -> None:
     assert rollout.completions == ["\\boxed{6}", junk]
     torch.testing.assert_close(rollout.rewards, torch.tensor([1.0, 0.0]))
     assert rollout.metrics["completion/truncated_frac"] == 0.5
+
+
+def test_quickstart_length_limit_fits_every_worked_solution_of_its_mix() -> None:
+    # max_new_tokens is set from the mix: every worked solution of every level the quickstart trains on, with
+    # its EOS, must fit, or a correct answer would be cut off. Enumerates all 10 + 300 + 3,000 problems of
+    # levels 1-3 (the longest needs 11 tokens; a level-4 problem such as 9*9*9*9= needs 20 and would fail).
+    config = yaml.safe_load(QUICKSTART.read_text())["data"]
+    mixes = [config[split]["init_args"]["mix"] for split in ("train", "val")]
+    assert mixes[0] == mixes[1]  # validation measures the distribution trained on
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL_PATH)
+    longest = 0
+    for level in (level for level, weight in mixes[0].items() if weight > 0):
+        for operands in itertools.product(range(10), repeat=level):
+            for operators in itertools.product("+-*", repeat=level - 1):
+                solution = ArithmeticProblem(operands, operators).solution
+                longest = max(longest, len(tokenizer(solution, add_special_tokens=False)["input_ids"]) + 1)
+    assert longest <= config["sampling"]["max_new_tokens"]
