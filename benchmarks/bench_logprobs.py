@@ -9,7 +9,9 @@ The full variant materialises [N*T, V] float32 logits, their log_softmax and the
 T = 1024 that is ~5 GB per buffer and well over 15 GB in all, too much for a 24 GiB machine shared with
 other jobs, so it is measured at T = 128 and 256 (memory grows linearly in T) and the chunked path at
 T = 128 and 1024. The chunked backward recomputes the logits, so it costs 4 head matmuls per chunk
-instead of 3: expect it ~1.3x slower than the full path when both fit.
+instead of 3: expect it ~1.3x slower than the full path when both fit. ``auto`` is what the module runs:
+``token_logprobs`` with its defaults, which takes the plain path when one chunk holds every token (here
+N * T = 1024 = chunk_size at T = 128); ``chunked`` forces the chunked function (4 chunks of 256 at T = 128).
 
     python benchmarks/bench_logprobs.py
 """
@@ -29,7 +31,14 @@ import torch
 
 N, H, V = 8, 896, 151_936
 CHUNK = 1024
-RUNS = [("full", 128), ("full", 256), ("chunked", 128), ("chunked+entropy", 128), ("chunked", 1024)]
+RUNS = [
+    ("full", 128),
+    ("full", 256),
+    ("auto", 128),
+    ("chunked", 128),
+    ("chunked+entropy", 128),
+    ("chunked", 1024),
+]
 
 
 def _rss_mb() -> float:
@@ -51,9 +60,16 @@ def _run_variant(variant: str, length: int) -> dict[str, float]:
         logits = hidden @ weight.T  # [N, T, V]
         logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         entropy = None
+    elif variant == "auto":
+        logp, entropy = token_logprobs(hidden, weight, targets, chunk_size=CHUNK)
     else:
         logp, entropy = token_logprobs(
-            hidden, weight, targets, chunk_size=CHUNK, with_entropy=variant.endswith("entropy")
+            hidden,
+            weight,
+            targets,
+            chunk_size=min(CHUNK, N * length // 4),
+            with_entropy=variant.endswith("entropy"),
+            max_plain_elements=0,
         )
     loss = logp.sum() + (entropy.sum() if entropy is not None else 0.0)
     loss.backward()
@@ -87,8 +103,11 @@ def main() -> None:
     lines = [
         "## Chunked log-probs (bench_logprobs.py)",
         "",
-        f"{dt.date.today().isoformat()}, {MACHINE}, torch {torch.__version__}. Forward + backward of the",
-        f"sampled-token log-probs through a [V={V:,}, H={H}] float32 head, N = {N}, chunk_size = {CHUNK};",
+        f"{dt.date.today().isoformat()}, {MACHINE}, torch {torch.__version__} ({torch.get_num_threads()} threads)."
+        " Forward + backward of the",
+        f"sampled-token log-probs through a [V={V:,}, H={H}] float32 head, N = {N}; `auto`: `token_logprobs` with",
+        f"chunk_size = {CHUNK} (one chunk at T = 128: the plain path), `chunked`: the chunked function forced",
+        f"(chunks of min({CHUNK}, N T / 4) tokens);",
         "one run each in a fresh process; memory = peak RSS increase over the inputs (includes the",
         "545 MB gradient of the head weight). `full` = `log_softmax(hidden @ W.T).gather`.",
         f"Load average when done: {os.getloadavg()[0]:.1f} (other jobs share the 2 cores: times are noisy).",

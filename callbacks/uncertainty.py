@@ -46,6 +46,7 @@ from torch import Tensor
 from lit_gcpo.clustering import answer_clusters, embedding_clusters
 from lit_gcpo.diagnostics import DiagnosticsWindow
 from lit_gcpo.embeddings import BATCH_SOURCE, DEFAULT_SENTENCE_MODEL, SentenceEncoder, resolve_sentence_model
+from lit_gcpo.step_metrics import log_step_scalars
 from lit_gcpo.uncertainty import CENTERINGS, SE_KINDS, uncertainty_signals
 from lit_gcpo.weighting import (
     ADVANTAGE_WEIGHTINGS,
@@ -137,6 +138,19 @@ class UncertaintyCallback(pl.Callback):
         self.groups_seen = 0
         self.window = DiagnosticsWindow(reference="rd")
         self._warned_discrete = False
+
+    def rollout_fields(self, stage: str) -> set[str]:
+        """The optional batch fields this callback reads (``lit_gcpo.batch.requested_fields``): in training, the
+        policy's embeddings (``embeddings="batch"``; every geometric signal is logged), the sequence log-probs
+        of Rao semantic entropy, and the pipeline's answer clusters."""
+        if stage != "train":
+            return set()
+        fields = {"embeddings"} if self.encoder is None else set()
+        if self.se_kind == "rao":
+            fields.add("seq_logprobs")
+        if self.clustering == "answer":
+            fields.add("answer_clusters")
+        return fields
 
     @property
     def state_key(self) -> str:
@@ -281,8 +295,7 @@ class UncertaintyCallback(pl.Callback):
         if diagnostics_step:
             values.update(self.window.correlations(prefix="uncertainty/corr_rd/"))
         # Every value is already over all ranks, so no further sync is needed.
-        logged = {key: value.to(pl_module.device) for key, value in values.items()}
-        pl_module.log_dict(logged, on_step=True, on_epoch=False, batch_size=int(signals["rd"].numel()))
+        log_step_scalars(trainer, values)
         if diagnostics_step and trainer.is_global_zero:
             for logger in trainer.loggers:
                 if isinstance(logger, TensorBoardLogger):

@@ -6,11 +6,39 @@ G completions of a prompt are contiguous. ``N = B * G`` below.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
+
+OPTIONAL_FIELDS = ("old_logprobs", "seq_logprobs", "embeddings", "answer_clusters")
+"""The fields of a ``RolloutBatch`` that may cost work of their own (a scoring forward pass of the policy,
+math-verify clustering) and are filled only when something reads them. ``seq_logprobs`` and ``embeddings`` come
+from the engine when it reports them (the ``hf`` engine: the policy itself), else from the scoring pass."""
+
+
+def requested_fields(callbacks: Iterable[Any], stage: str) -> set[str]:
+    """The optional fields that ``callbacks`` read from the batches of ``stage`` (``train``, ``val``, ``test``,
+    ``predict``): the union of each callback's ``rollout_fields(stage)``.
+
+    A callback without ``rollout_fields`` reads none of them. The rollout pipeline fills the optional fields only
+    when asked (on-policy training needs no scoring pass otherwise), so a callback of your own that reads
+    ``embeddings``, ``old_logprobs``/``seq_logprobs`` or ``answer_clusters`` declares it with such a method.
+    """
+    requested: set[str] = set()
+    for callback in callbacks:
+        declare = getattr(callback, "rollout_fields", None)
+        if declare is not None:
+            wanted = set(declare(stage))
+            unknown = wanted - set(OPTIONAL_FIELDS)
+            if unknown:
+                raise ValueError(
+                    f"{type(callback).__name__}.rollout_fields({stage!r}) names {sorted(unknown)}; "
+                    f"optional fields are {', '.join(OPTIONAL_FIELDS)}"
+                )
+            requested |= wanted
+    return requested
 
 
 @dataclass
@@ -98,7 +126,7 @@ class RolloutBatch:
 
     def __contains__(self, key: object) -> bool:
         if key == "seq_logprobs":
-            return self.old_logprobs is not None
+            return self.seq_logprobs is not None
         return key in self._field_names() and getattr(self, str(key)) is not None
 
     def get(self, key: str, default: Any = None) -> Any:
@@ -130,8 +158,11 @@ class RolloutBatch:
 
     @property
     def seq_logprobs(self) -> torch.Tensor | None:
-        """``[N]`` length-normalised sequence log-likelihoods of the generating policy (METHODS.md §4)."""
-        if self.old_logprobs is None:
+        """``[N]`` length-normalised sequence log-likelihoods of the generating policy (METHODS.md §4): from the
+        trainer's ``old_logprobs`` when the batch has them, else from the engine's own (the distribution the
+        completions were drawn from)."""
+        token_logprobs = self.old_logprobs if self.old_logprobs is not None else self.engine_logprobs
+        if token_logprobs is None:
             return None
         lengths = self.completion_mask.sum(-1).clamp(min=1)
-        return (self.old_logprobs * self.completion_mask).sum(-1) / lengths
+        return (token_logprobs * self.completion_mask).sum(-1) / lengths

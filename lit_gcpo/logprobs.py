@@ -61,6 +61,10 @@ def _chunk_grad_z(
     return grad
 
 
+PLAIN_LOGITS_ELEMENTS = 2**24
+"""Logits of at most this many values (64 MiB in float32) take the plain autograd path of ``token_logprobs``."""
+
+
 def _check_targets(targets: Tensor, shape: torch.Size) -> None:
     if targets.shape != shape:
         raise ValueError(f"targets must be [N, T] = {tuple(shape)}, got {tuple(targets.shape)}")
@@ -176,8 +180,13 @@ def token_logprobs(
     chunk_size: int = 1024,
     with_entropy: bool = False,
     lm_head_bias: Tensor | None = None,
+    max_plain_elements: int = PLAIN_LOGITS_ELEMENTS,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-probs of ``targets`` under ``softmax((hidden @ W.T + b) / T)`` without the full logits.
+
+    When the logits are small (one chunk, or at most ``max_plain_elements`` values) the plain autograd path is
+    taken instead: it keeps them for backward rather than recomputing them (one head matmul fewer), which is
+    faster where the memory is not an issue; its extra memory is at most a few times that bound.
 
     Args:
         hidden: final hidden states (after the last norm), ``[N, T, H]``.
@@ -188,6 +197,7 @@ def token_logprobs(
         chunk_size: flattened tokens per chunk; peak extra memory is a few ``[chunk_size, V]`` float32.
         with_entropy: also return the entropy of the temperature-scaled distribution.
         lm_head_bias: optional output bias, ``[V]``.
+        max_plain_elements: the largest ``N * T * V`` computed by the plain path (0: always chunked).
 
     Returns:
         ``(logprobs [N, T], entropy [N, T] or None)`` in float32 (float64 for float64 inputs),
@@ -202,6 +212,15 @@ def token_logprobs(
         )
     _check_targets(targets, hidden.shape[:2])
     n, t, h = hidden.shape
+    vocab = lm_head_weight.shape[0]
+    if n * t <= chunk_size or n * t * vocab <= max_plain_elements:
+        flat = hidden.reshape(n * t, h)
+        logits = flat @ lm_head_weight.T if lm_head_bias is None else torch.addmm(lm_head_bias, flat, lm_head_weight.T)
+        z = logits.to(_compute_dtype(logits))  # [N*T, V]
+        log_probs = torch.log_softmax(z / temperature if temperature != 1.0 else z, dim=-1)  # [N*T, V]
+        logp = log_probs.gather(-1, targets.reshape(-1, 1)).view(n, t)
+        entropy = -(log_probs.exp() * log_probs).sum(-1).view(n, t) if with_entropy else None
+        return logp, entropy
     logp, entropy = _HiddenTokenLogprobs.apply(
         hidden.reshape(n * t, h),
         lm_head_weight,

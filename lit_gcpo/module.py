@@ -9,7 +9,9 @@ class is the list of Lightning hooks that orders them:
   forward pass of the policy, under the same precision context as ``training_step`` (so that on the first
   iteration the ratio is exactly 1 under bf16-mixed too), giving the generating policy's log-probs
   ``old_logprobs`` and the mean-pooled last hidden state of each completion (``embeddings``), and the
-  reference log-probs when beta > 0.
+  reference log-probs when beta > 0. Only what is read is computed: on-policy (an engine that samples from
+  the policy itself, one optimizer step per rollout) the old log-probs are the training pass's own,
+  detached, so without a callback that asks for embeddings or sequence log-probs there is no such pass.
 - ``training_step`` uses manual optimization: ``num_iterations`` optimizer steps per rollout batch, each over
   micro-batches with the loss normalised by the whole batch's (all ranks') counts, so the gradient does not
   depend on the micro-batch size or the number of devices. Gradients are reduced over ranks on the last
@@ -25,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,14 +40,21 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_gcpo.advantages import group_advantages
-from lit_gcpo.batch import RolloutBatch
+from lit_gcpo.batch import OPTIONAL_FIELDS, RolloutBatch
 from lit_gcpo.losses import grpo_loss, truncated_importance_weights
 from lit_gcpo.optimizer_step import GuardedOptimizerStep
 from lit_gcpo.parallel import gradient_sync, is_sharded, shard_causal_lm, unsupported_option
 from lit_gcpo.policy import LoraOptions, load_policy, load_tokenizer, merged_state_items, save_policy
 from lit_gcpo.reference import ReferencePolicy
 from lit_gcpo.scoring import CompletionScorer
-from lit_gcpo.step_metrics import merge_step_metrics, rollout_metrics, sample_text
+from lit_gcpo.step_metrics import (
+    log_step_scalars,
+    logs_this_step,
+    mean_over_ranks,
+    merge_step_metrics,
+    rollout_metrics,
+    sample_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +96,10 @@ class GRPOModule(L.LightningModule):
         micro_batch_size: completions per forward/backward pass (0: the whole batch).
         max_grad_norm: gradient-norm clipping (0: off).
         logprob_chunk_size: tokens per chunk of the memory-bounded log-prob computation.
-        policy_embeddings: fill ``batch.embeddings`` with the mean-pooled last hidden state of each completion.
+        policy_embeddings: fill ``batch.embeddings`` with the mean-pooled last hidden state of each completion,
+            when a callback reads them (``lit_gcpo.batch.requested_fields``).
+        mask_truncated_completions: leave completions that hit ``max_new_tokens`` out of the loss (DAPO's overlong
+            filtering): a truncated completion's reward says nothing about an answer it never finished.
         log_samples_every_n_steps: write a few prompts, completions and rewards as TensorBoard text.
         max_consecutive_skips: stop with an error after this many optimizer steps in a row were skipped for a
             non-finite loss or gradient (the weights are still those of the last good step).
@@ -123,6 +135,7 @@ class GRPOModule(L.LightningModule):
         max_grad_norm: NonNegativeFloat = 1.0,
         logprob_chunk_size: PositiveInt = 4096,
         policy_embeddings: bool = True,
+        mask_truncated_completions: bool = False,
         log_samples_every_n_steps: NonNegativeInt = 50,
         max_consecutive_skips: PositiveInt = 20,
         export_dir: str | None = "auto",
@@ -163,6 +176,11 @@ class GRPOModule(L.LightningModule):
         self._baseline = torch.nn.ModuleDict(
             {"val/accuracy": torchmetrics.MeanMetric(), "val/reward_mean": torchmetrics.MeanMetric()}
         )
+
+    @property
+    def policy_embeddings(self) -> bool:
+        """Whether ``batch.embeddings`` are the policy's mean final hidden states (read by the DataModule)."""
+        return bool(self.hparams.policy_embeddings)
 
     @property
     def skipped_steps(self) -> int:
@@ -229,28 +247,51 @@ class GRPOModule(L.LightningModule):
         return scored.logprobs, scored.entropy, scored.hidden
 
     @torch.no_grad()
-    def score_rollout(self, batch: RolloutBatch, with_reference: bool = True) -> None:
+    def score_rollout(
+        self, batch: RolloutBatch, with_reference: bool = True, fields: Collection[str] | None = None
+    ) -> None:
         """Fill ``old_logprobs``, ``embeddings`` and (beta > 0) ``ref_logprobs`` of a fresh rollout, in the
-        micro-batches and under the precision context of ``training_step`` (bitwise the same forward)."""
+        micro-batches and under the precision context of ``training_step`` (bitwise the same forward).
+
+        ``with_reference``: a training batch (the reference and the loss's own needs count). ``fields``: the
+        optional fields the callbacks read (``lit_gcpo.batch.requested_fields``); None: all of them. What nobody
+        reads is not computed, and with nothing to compute there is no forward pass at all.
+        """
         start = time.perf_counter()
+        wanted = set(OPTIONAL_FIELDS if fields is None else fields)
+        # embeddings and sequence log-probs the engine already reported need no pass of their own
+        with_hidden = self.hparams.policy_embeddings and "embeddings" in wanted and batch.embeddings is None
+        with_policy = (
+            with_hidden
+            or "old_logprobs" in wanted
+            or ("seq_logprobs" in wanted and batch.engine_logprobs is None)
+            or (with_reference and self._needs_old_logprobs(batch))
+        )
+        with_reference = with_reference and self.hparams.beta > 0
         old, ref, embeddings = [], [], []
         length = batch.completion_mask.shape[1]
         with self._precision_context():
-            for rows in self._micro_batches(batch.num_completions):
+            for rows in self._micro_batches(batch.num_completions) if with_policy or with_reference else []:
                 ids, attn, mask = batch.input_ids[rows], batch.attention_mask[rows], batch.completion_mask[rows]
-                logprobs, _, hidden = self.completion_logprobs(
-                    ids, attn, length, with_hidden=self.hparams.policy_embeddings
-                )
-                old.append(logprobs)
-                if hidden is not None:  # mean over completion tokens: one vector per completion
-                    pooled = (hidden.float() * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
-                    embeddings.append(pooled)  # [n, H]
-                if with_reference and self.hparams.beta > 0:
+                if with_policy:
+                    logprobs, _, hidden = self.completion_logprobs(ids, attn, length, with_hidden=with_hidden)
+                    old.append(logprobs)
+                    if hidden is not None:  # mean over completion tokens: one vector per completion
+                        pooled = (hidden.float() * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+                        embeddings.append(pooled)  # [n, H]
+                if with_reference:
                     ref.append(self.completion_logprobs(ids, attn, length, reference=True)[0])
-        batch.old_logprobs = torch.cat(old)  # [N, L]
+        batch.old_logprobs = torch.cat(old) if old else None  # [N, L]
         batch.embeddings = torch.cat(embeddings) if embeddings else batch.embeddings
         batch.ref_logprobs = torch.cat(ref) if ref else None
         batch.metrics["time/score_s"] = time.perf_counter() - start
+
+    def _needs_old_logprobs(self, batch: RolloutBatch) -> bool:
+        """Whether the loss needs the generating policy's log-probs before training: several optimizer steps per
+        rollout (the policy moves between them), or an engine other than the policy with the importance
+        correction on (it compares them with the engine's). Otherwise they are the training pass's own."""
+        tis = self.hparams.tis_cap > 0 and batch.engine_logprobs is not None and self._engine_differs()
+        return self.hparams.num_iterations > 1 or tis
 
     def _precision_context(self) -> Any:
         if self._trainer is None:
@@ -282,11 +323,20 @@ class GRPOModule(L.LightningModule):
         if batch.advantage_weights is not None:
             advantages = advantages * batch.advantage_weights.to(advantages.dtype)  # [N], constant within a group
         mask = batch.completion_mask  # [N, L]
+        if hp.mask_truncated_completions and batch.truncated is not None:
+            mask = mask * (~batch.truncated.bool()).unsqueeze(-1).to(mask.dtype)  # [N, L]
+        if batch.old_logprobs is None and self._needs_old_logprobs(batch):
+            raise ValueError(
+                "this batch has no old_logprobs, which the loss needs (num_iterations > 1 or an importance-corrected "
+                "engine): call score_rollout on it first (the RolloutDataModule does)"
+            )
+        # Entropy is only logged (unless it is in the loss): computed on the steps that write logs.
+        with_entropy = hp.entropy_coef != 0 or self._logs_this_step()
         # Global counts, so that micro-batches and ranks add up to the whole batch's loss; DDP and FSDP average
         # gradients over ranks, hence the world-size factor on each rank's share.
         world = self.trainer.world_size
         counts = self._reduce(torch.stack([mask.sum(), torch.tensor(float(mask.shape[0]), device=mask.device)]), "sum")
-        num_tokens, num_seqs = counts.unbind()
+        num_tokens, num_seqs = counts.clamp(min=1).unbind()  # no tokens (all masked): a zero loss, not 0/0
         is_weights, tis_metrics = None, {}
         if hp.tis_cap > 0 and batch.engine_logprobs is not None and self._engine_differs():
             is_weights, tis_metrics = truncated_importance_weights(
@@ -300,11 +350,13 @@ class GRPOModule(L.LightningModule):
             for index, rows in enumerate(micro):
                 with gradient_sync(self.trainer.strategy, self.policy, enabled=index == len(micro) - 1):
                     logprobs, entropy, _ = self.completion_logprobs(
-                        batch.input_ids[rows], batch.attention_mask[rows], mask.shape[1], with_entropy=True
+                        batch.input_ids[rows], batch.attention_mask[rows], mask.shape[1], with_entropy=with_entropy
                     )
+                    # on-policy with one step per rollout: the generating policy is this very forward
+                    old = logprobs.detach() if batch.old_logprobs is None else batch.old_logprobs[rows]
                     loss, metrics = grpo_loss(
                         logprobs,
-                        batch.old_logprobs[rows],
+                        old,
                         advantages[rows],
                         mask[rows],
                         ref_logp=None if batch.ref_logprobs is None else batch.ref_logprobs[rows],
@@ -324,7 +376,8 @@ class GRPOModule(L.LightningModule):
                     )
                     self.manual_backward(loss * world)
                 step_loss = step_loss + loss.detach()
-                metrics["entropy"] = metrics.pop("entropy_mean")  # grpo_loss's masked mean of `entropy`
+                if "entropy_mean" in metrics:  # grpo_loss's masked mean of `entropy`
+                    metrics["entropy"] = metrics.pop("entropy_mean")
                 parts.append((metrics, mask[rows].sum()))
             self.guarded_step(
                 optimizer,
@@ -338,6 +391,8 @@ class GRPOModule(L.LightningModule):
 
     def _engine_differs(self) -> bool:
         """Whether the rollout engine is a separate copy of the policy (vLLM), whose log-probs may differ."""
+        if self._trainer is None:
+            return False
         engine = getattr(getattr(self.trainer.datamodule, "collector", None), "engine", None)
         return engine is not None and not engine.samples_from_policy
 
@@ -357,14 +412,17 @@ class GRPOModule(L.LightningModule):
         reduced["train/skipped_steps"] = float(self.guarded_step.skipped)
         reduced["train/grad_norm"] = self.guarded_step.last_grad_norm
         reduced["train/lr"] = self.optimizers().param_groups[0]["lr"]
-        self.log_dict(_as_floats(values), batch_size=batch.num_groups, sync_dist=True)
-        self.log_dict(_as_floats(reduced), batch_size=batch.num_groups)
+        averaged = mean_over_ranks(values, self._reduce, self.trainer.world_size, self.device)
+        log_step_scalars(self.trainer, averaged | reduced)
         self.log("reward", values["reward/mean"], prog_bar=True, logger=False, batch_size=batch.num_groups)
         if accuracy is not None:
             self.log("acc", values["train/accuracy"], prog_bar=True, logger=False, batch_size=batch.num_groups)
         every = self.hparams.log_samples_every_n_steps
         if every and batch_idx % every == 0:
             self._log_samples(batch)
+
+    def _logs_this_step(self) -> bool:
+        return logs_this_step(self._trainer)
 
     def _accuracy(self, batch: RolloutBatch) -> torch.Tensor | None:
         datamodule = self.trainer.datamodule if self._trainer is not None else None
@@ -472,7 +530,3 @@ class GRPOModule(L.LightningModule):
         state = checkpoint.get("lit_gcpo", {})
         self.guarded_step.load_state_dict(state)
         self.validation_history = [(int(step), float(value)) for step, value in state.get("validation_history", [])]
-
-
-def _as_floats(values: dict[str, Any]) -> dict[str, Any]:
-    return {k: (v.detach().float() if isinstance(v, torch.Tensor) else float(v)) for k, v in values.items()}

@@ -72,6 +72,39 @@ def rollout_metrics(batch: Any, accuracy: torch.Tensor | None) -> dict[str, Any]
     return values
 
 
+def logs_this_step(trainer: Any) -> bool:
+    """Whether the current training step writes logs (Lightning's ``log_every_n_steps`` cadence)."""
+    return trainer is not None and bool(trainer._logger_connector.should_update_logs)
+
+
+def log_step_scalars(trainer: Any, values: dict[str, Any]) -> None:
+    """Write one training step's scalars as ``LightningModule.log(on_step=True)`` would: to every logger at
+    Lightning's cadence and step numbering, into ``trainer.logged_metrics``, and into ``trainer.callback_metrics``
+    (checkpoint monitors, early stopping).
+
+    Why not ``LightningModule.log_dict``: its result collection costs about 0.5 ms a key on a CPU (measured: the
+    ~40 scalars of a lit-gcpo step were 15 % of a step of the small-model benchmark), and a training step's
+    scalars need none of its epoch aggregation. The values must be the same on every rank already (reduced by the
+    caller); the loggers write on rank 0 only.
+    """
+    scalars = {key: float(value) for key, value in values.items()}
+    tensors = {key: torch.tensor(value) for key, value in scalars.items()}
+    connector = trainer._logger_connector  # Lightning 2.x (pinned < 2.7)
+    trainer.callback_metrics.update(tensors)
+    connector._logged_metrics.update(tensors)  # what `trainer.logged_metrics` shows, with or without loggers
+    if logs_this_step(trainer):
+        connector.log_metrics(scalars)  # Lightning's own writer: adds `epoch`, steps by batches
+
+
+def mean_over_ranks(values: dict[str, Any], reduce: Reduce, world_size: int, device: torch.device) -> dict[str, Any]:
+    """Each value averaged over the data-parallel ranks, in one collective (identity on one device)."""
+    if world_size == 1 or not values:
+        return values
+    stacked = torch.tensor([float(value) for value in values.values()], dtype=torch.float64, device=device)  # [K]
+    means = (reduce(stacked, "sum") / world_size).tolist()
+    return dict(zip(values, means, strict=True))
+
+
 def sample_text(batch: Any, count: int = 4) -> str:
     """The first completion of the first ``count`` prompts with its reward, as TensorBoard markdown."""
     group_size = batch.num_completions // batch.num_groups

@@ -122,6 +122,22 @@ def test_qa_metrics_by_hand() -> None:
     assert f1.compute().item() == pytest.approx((0.5 + 1 + 2 / 3) / 3, abs=1e-15)
 
 
+def test_no_answer_matches_nothing_even_a_reference_that_normalises_to_nothing() -> None:
+    """SQuAD normalisation turns "')." into "", which "" (and a missing answer read as "") would match exactly."""
+    em, f1 = QAExactMatch(), QAF1()
+    em.update(
+        [None, ")", "x"],
+        [
+            "').",
+            "').",
+            "').",
+        ],
+    )
+    f1.update([None], ["x"])
+    assert em.compute().item() == pytest.approx(1 / 3, abs=1e-15)  # only the answer ")" equals it
+    assert f1.compute().item() == 0.0
+
+
 @pytest.mark.parametrize(
     ("uncertainty", "correct", "expected"),
     [

@@ -51,9 +51,9 @@ def test_one_run_evaluates_greedy_and_sampled_with_each_benchmarks_settings(
     calls: list[tuple[int, int, float, int]] = []  # (prompts, samples, temperature, max_new_tokens)
     original = RolloutCollector.collect
 
-    def spy(self, batch, group_size, sampling, device, seeds=None):
+    def spy(self, batch, group_size, sampling, device, seeds=None, **options):
         calls.append((len(batch), group_size, sampling.temperature, sampling.max_new_tokens))
-        return original(self, batch, group_size, sampling, device, seeds=seeds)
+        return original(self, batch, group_size, sampling, device, seeds=seeds, **options)
 
     monkeypatch.setattr(RolloutCollector, "collect", spy)
     sources = [

@@ -134,13 +134,14 @@ def test_cli_test_run_writes_table_json_csv_consistent_with_item_grades(
     # A random policy answers nothing right; to get non-trivial numbers, make the first QA item's gold
     # its first completion's answer and evaluate again: the generation is seeded, so the completions
     # are the same and that completion (at least) is now an exact match.
-    qa_rows[0]["answer"] = qa_items[0]["answers"][0]
+    item, sample = next((i, j) for i, it in enumerate(qa_items) for j, a in enumerate(it["answers"]) if a)
+    qa_rows[item]["answer"] = qa_items[item]["answers"][sample]
     qa_file = _write_jsonl(tmp_path / "hotpotqa_rewritten.jsonl", qa_rows)
     cli = main(_test_args(tiny_model_dir, math_file, qa_file, tmp_path / "second"))
     second = _check_outputs(tmp_path / "second", capsys.readouterr().out, cli.trainer.callback_metrics)
-    first_qa = next(item for item in second["items"] if item["kind"] == "qa")
-    assert first_qa["completions"] == qa_items[0]["completions"]
-    assert first_qa["correct"][0] is True and first_qa["f1"][0] == 1.0
+    rewritten = [it for it in second["items"] if it["kind"] == "qa"][item]
+    assert rewritten["completions"] == qa_items[item]["completions"]
+    assert rewritten["correct"][sample] is True and rewritten["f1"][sample] == 1.0
     assert second["summary"]["hotpotqa"]["em"] > 0.0
 
 

@@ -8,12 +8,13 @@ import json
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 
 import pytest
 import torch
 
 from lit_gcpo.engines.base import SamplingConfig
-from lit_gcpo.engines.hf import HFEngine
+from lit_gcpo.engines.hf import HFEngine, seeded_uniforms
 from lit_gcpo.policy import load_policy, load_tokenizer
 from lit_gcpo.scoring import CompletionScorer
 
@@ -25,6 +26,34 @@ def model_and_tokenizer(tiny_model_dir):
 
 def _ids(tokenizer, texts):
     return [tokenizer(t)["input_ids"] for t in texts]
+
+
+def _splitmix64_reference(key: int, steps: int) -> list[float]:
+    """SplitMix64 (Steele, Lea and Flood 2014) in plain Python integers, seeded with its own output of ``key``."""
+    mask = (1 << 64) - 1
+
+    def mix(z: int) -> int:
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        return z ^ (z >> 31)
+
+    state = mix(key & mask)
+    draws = []
+    for _ in range(steps):
+        state = (state + 0x9E3779B97F4A7C15) & mask
+        draws.append((mix(state) >> 11) / 2**53)
+    return draws
+
+
+def test_seeded_uniforms_are_splitmix64_streams_computed_as_tensors():
+    keys = [0, 1, -5, 2**62 - 1, 123456789 * 1_000_003 + 7]
+    uniforms = seeded_uniforms(torch.tensor(keys), 40)  # [5, 40]
+    for row, key in enumerate(keys):
+        assert uniforms[row].tolist() == _splitmix64_reference(key, 40)
+    many = seeded_uniforms(torch.arange(2000), 50).flatten()  # 100,000 draws: uniform on [0, 1)
+    assert float(many.min()) >= 0 and float(many.max()) < 1
+    counts = torch.histc(many, bins=10, min=0, max=1)
+    assert float(((counts - 10_000) ** 2 / 10_000).sum()) < 27.9  # chi-square, 9 dof, p = 0.001
 
 
 def test_greedy_equals_transformers_generate(model_and_tokenizer):
@@ -99,6 +128,48 @@ def test_reported_logprobs_equal_the_trainers_recomputation(model_and_tokenizer)
         with torch.no_grad():
             expected = scorer(ids, torch.ones_like(ids), len(completion)).logprobs[0]
         torch.testing.assert_close(torch.tensor(out.logprobs[row]), expected, atol=1e-5, rtol=0)
+
+
+def test_embeddings_gathered_while_sampling_equal_the_scoring_pass(model_and_tokenizer):
+    """The mean final hidden state over each completion's tokens, from the sampling loop's own forward passes (and
+    one more for the last tokens), equals the scoring pass's; rows that stopped early and rows that ran to the limit,
+    over several chunks. Asking for them changes no token."""
+    model, tokenizer = model_and_tokenizer
+    prompts = _ids(tokenizer, ["1+2=", "13+4=", "7*8="])
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=8, stop=["1", "2"])
+    engine = HFEngine(model, tokenizer, max_batch_size=4)  # 9 rows: chunks of 4, 4 and 1
+    plain = engine.generate(prompts, 3, sampling, seeds=[1, 2, 3])
+    out = engine.generate(prompts, 3, sampling, seeds=[1, 2, 3], with_embeddings=True)
+    assert out.completion_ids == plain.completion_ids and plain.embeddings is None
+    assert any(out.truncated) and not all(out.truncated)  # both kinds of row
+    scorer = CompletionScorer(model, temperature=1.0, chunk_size=64)
+    for row, completion in enumerate(out.completion_ids):
+        ids = torch.tensor([prompts[row // 3] + completion])
+        with torch.no_grad():
+            hidden = scorer(ids, torch.ones_like(ids), len(completion), with_hidden=True).hidden[0]  # [L, H]
+        torch.testing.assert_close(out.embeddings[row], hidden.mean(0), atol=1e-5, rtol=0)
+
+
+def test_a_stop_string_ends_the_completion_where_its_text_completes(model_and_tokenizer):
+    """A stop string spanning two tokens ends the completion at the token that completes it (kept in the text);
+    one that never appears changes nothing. The tiny character tokenizer has no letters, which transformers'
+    StopStringCriteria cannot read."""
+    model, tokenizer = model_and_tokenizer
+    prompt = _ids(tokenizer, ["13+4="])[0]
+    engine = HFEngine(model, tokenizer)
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=12)
+    free = engine.generate([prompt], 1, sampling, seeds=[5]).completion_ids[0]
+    text = [tokenizer.decode([token], skip_special_tokens=True) for token in free]
+    assert len(free) == 12 and len(set(text)) > 3
+    j = next(j for j in range(2, 11) if text[j] and text[j + 1])
+    stop = text[j] + text[j + 1]  # two tokens
+    first = next(i for i in range(12) if stop in "".join(text[: i + 1]))  # where the text first contains it
+    out = engine.generate([prompt], 1, replace(sampling, stop=[stop, "(((("]), seeds=[5])
+    assert out.completion_ids[0] == free[: first + 1] and out.truncated == [False]
+    never = engine.generate([prompt], 1, replace(sampling, stop=["(((("]), seeds=[5])
+    assert never.completion_ids[0] == free and never.truncated == [True]
+    with pytest.raises(ValueError, match="empty string"):
+        engine.generate([prompt], 1, SamplingConfig(temperature=0, max_new_tokens=4, stop=[""]))
 
 
 def test_every_end_of_sequence_id_of_the_generation_config_stops(model_and_tokenizer):

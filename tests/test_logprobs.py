@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lit_gcpo.logprobs import logprobs_from_logits, token_logprobs
+from lit_gcpo.logprobs import PLAIN_LOGITS_ELEMENTS, logprobs_from_logits, token_logprobs
 
 N, T, H, V = 3, 7, 16, 97  # N * T = 21 tokens
 
@@ -45,16 +45,28 @@ def test_uniform_distribution_by_hand():
     torch.testing.assert_close(entropy, torch.full((2, 3), math.log(V)))
 
 
+# max_plain_elements 0: the chunked autograd function unless one chunk holds every token (21 and 1024); the
+# default: these small logits take the plain path whatever the chunk size
+@pytest.mark.parametrize("max_plain_elements", [0, PLAIN_LOGITS_ELEMENTS])
 @pytest.mark.parametrize("chunk_size", [1, 4, 5, 21, 1024])  # 4 and 5 do not divide N * T = 21
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_chunked_equals_full_log_softmax_values_and_gradients(chunk_size, temperature, with_bias, dtype):
+def test_chunked_equals_full_log_softmax_values_and_gradients(
+    chunk_size, temperature, with_bias, dtype, max_plain_elements
+):
     hidden, weight, bias, targets, g_logp, g_ent = _inputs(chunk_size, with_bias, dtype)
     tol = TOLERANCES[dtype]
     leaves = [hidden.requires_grad_(), weight.requires_grad_()] + ([bias.requires_grad_()] if with_bias else [])
     logp, entropy = token_logprobs(
-        hidden, weight, targets, temperature, chunk_size, with_entropy=True, lm_head_bias=bias
+        hidden,
+        weight,
+        targets,
+        temperature,
+        chunk_size,
+        with_entropy=True,
+        lm_head_bias=bias,
+        max_plain_elements=max_plain_elements,
     )
     assert logp.dtype == dtype and logp.shape == (N, T)
     grads = torch.autograd.grad((logp * g_logp).sum() + (entropy * g_ent).sum(), leaves)
@@ -75,7 +87,7 @@ def test_logprob_only_gradients_without_entropy():
     hidden, weight, _, targets, g_logp, _ = _inputs(3, dtype=torch.float64)
     hidden.requires_grad_()
     weight.requires_grad_()
-    logp, entropy = token_logprobs(hidden, weight, targets, chunk_size=6)
+    logp, entropy = token_logprobs(hidden, weight, targets, chunk_size=6, max_plain_elements=0)
     assert entropy is None
     grads = torch.autograd.grad((logp * g_logp).sum(), [hidden, weight])
     ref_h, ref_w = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
@@ -88,7 +100,7 @@ def test_logprob_only_gradients_without_entropy():
 def test_frozen_lm_head_gets_no_gradient():
     hidden, weight, _, targets, _, _ = _inputs(4)
     hidden.requires_grad_()
-    logp, _ = token_logprobs(hidden, weight, targets, chunk_size=8)
+    logp, _ = token_logprobs(hidden, weight, targets, chunk_size=8, max_plain_elements=0)
     logp.sum().backward()
     assert weight.grad is None and hidden.grad is not None and hidden.grad.abs().sum() > 0
 

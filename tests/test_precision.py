@@ -20,7 +20,8 @@ def test_first_iteration_ratio_is_exactly_one(tiny_model_dir, tmp_path, precisio
     iteration new and old log-probs are the same computation, so every token's ratio is 1 and k3 is 0.
     (Scoring outside autocast, as before, gave ratios up to 0.15 from 1 under bf16-mixed.)"""
     module, data = make_pair(tiny_model_dir, lr=1e-2, micro_batch_size=5, num_iterations=1)
-    run = trainer(tmp_path, 2, precision=precision)
+    # a callback that reads old_logprobs makes the scoring pass run (on-policy it is skipped otherwise)
+    run = trainer(tmp_path, 2, precision=precision, callbacks=[CaptureBatches()], log_every_n_steps=1)
     run.fit(module, data)
     logged = run.logged_metrics
     assert float(logged["train/ratio_min"]) == pytest.approx(1.0, abs=1e-6)
@@ -36,7 +37,7 @@ def test_scoring_outside_the_precision_context_is_detected(tiny_model_dir, tmp_p
 
     monkeypatch.setattr(GRPOModule, "_precision_context", lambda self: torch.autocast("cpu", enabled=False))
     module, data = make_pair(tiny_model_dir, lr=0.0, num_iterations=1)
-    run = trainer(tmp_path, 1, precision="bf16-mixed")
+    run = trainer(tmp_path, 1, precision="bf16-mixed", callbacks=[CaptureBatches()])
     run.fit(module, data)
     spread = max(
         abs(float(run.logged_metrics["train/ratio_min"]) - 1), abs(float(run.logged_metrics["train/ratio_max"]) - 1)

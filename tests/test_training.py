@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 
-from lit_gcpo.batch import RolloutBatch
+from lit_gcpo.batch import OPTIONAL_FIELDS, RolloutBatch
 from lit_gcpo.data.datamodule import RolloutDataModule
 from lit_gcpo.data.sources import ArithmeticTask
 from lit_gcpo.engines.base import SamplingConfig
@@ -66,8 +66,14 @@ def trainer(tmp_path, max_steps: int, **kwargs) -> L.Trainer:
 
 
 class CaptureBatches(L.Callback):
-    def __init__(self) -> None:
+    """Keeps every training batch; it asks for every optional field (``fields``: which ones it declares)."""
+
+    def __init__(self, fields: tuple[str, ...] = OPTIONAL_FIELDS) -> None:
         self.batches: list[RolloutBatch] = []
+        self.fields = set(fields)
+
+    def rollout_fields(self, stage: str) -> set[str]:
+        return self.fields
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.batches.append(batch)
@@ -142,7 +148,7 @@ def test_micro_batches_give_the_same_update(tiny_model_dir, tmp_path):
     for micro in (0, 5):
         L.seed_everything(0)
         module, data = make_pair(tiny_model_dir, lr=0.5, micro_batch_size=micro)
-        run = trainer(tmp_path / str(micro), 1)
+        run = trainer(tmp_path / str(micro), 1, log_every_n_steps=1)  # entropy is computed on logged steps
         run.fit(module, data)
         results.append(_final_weights(module))
         logged.append({k: float(run.logged_metrics[f"train/{k}"]) for k in ("loss", "policy_loss", "entropy")})

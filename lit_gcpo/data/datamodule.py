@@ -5,8 +5,9 @@ epoch from a seed, sharded by data-parallel rank). Generation does not happen in
 Lightning pre-fetches one batch ahead, which would sample with weights one step stale. It happens in
 ``on_after_batch_transfer``, which Lightning calls right before the step that uses the batch; there the
 engine generates G completions per prompt, the rewards score them, and the LightningModule adds what
-needs its models (old and reference log-probs, embeddings) through ``score_rollout``. Callbacks then
-see the complete ``RolloutBatch`` in ``on_train_batch_start``.
+needs its models (old and reference log-probs, embeddings) through ``score_rollout``: only the fields that
+the loss or a callback reads (``lit_gcpo.batch.requested_fields``). Callbacks then see the complete
+``RolloutBatch`` in ``on_train_batch_start``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from jsonargparse.typing import PositiveFloat, PositiveInt
 from torch.utils.data import DataLoader, IterableDataset
 
-from lit_gcpo.batch import PromptBatch, RolloutBatch
+from lit_gcpo.batch import PromptBatch, RolloutBatch, requested_fields
 from lit_gcpo.clustering import answer_clusters
 from lit_gcpo.data.rollout import RolloutCollector
 from lit_gcpo.data.sources import PromptSource
@@ -106,6 +107,15 @@ def run_seed(seed: int | None) -> int:
     return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
+def _stage(trainer: L.Trainer) -> str:
+    """The stage of the batch being built: ``train``, ``val`` (also the sanity check), ``test`` or ``predict``."""
+    if trainer.training:
+        return "train"
+    if trainer.testing:
+        return "test"
+    return "predict" if trainer.predicting else "val"
+
+
 def _identity(batch: list[PromptBatch]) -> PromptBatch:
     return batch[0]
 
@@ -141,7 +151,8 @@ class RolloutDataModule(L.LightningDataModule):
         val_temperature: sampling temperature for evaluation.
         val_batch_size: prompts per evaluation batch.
         cluster_answers: cluster each group's final answers by math-verify equivalence while the policy scores
-            the batch (``batch.answer_clusters``, read by the uncertainty callback's ``answer`` clustering).
+            the batch (``batch.answer_clusters``), when a callback reads them (the uncertainty callback's
+            ``answer`` clustering).
         seed: seeds the prompt order and the sampler (each prompt from its position in the stream: the same
             completions whatever the batch size and the number of ranks); None (the default): the run's
             ``seed_everything``.
@@ -378,20 +389,28 @@ class RolloutDataModule(L.LightningDataModule):
         module = self.trainer.lightning_module
         training = self.trainer.training
         self._sync_engine(module)  # also before evaluation: a restored checkpoint, the current weights
+        fields = requested_fields(self.trainer.callbacks, _stage(self.trainer))
+        # the engine gathers the policy's embeddings while sampling when it can (then no scoring pass is needed)
+        embed = "embeddings" in fields and getattr(module, "policy_embeddings", False)
         if training:
             sampling = replace(self.sampling, seed=None)
             seeds = self._prompt_seeds("train", batch)
-            rollout = self.collector.collect(batch, self.group_size, sampling, module.device, seeds=seeds)
+            rollout = self.collector.collect(
+                batch, self.group_size, sampling, module.device, seeds=seeds, with_embeddings=embed
+            )
             self.collector.engine.sleep()  # vLLM sleep mode frees its memory for the optimizer steps
             self.consumed_batches += 1
         else:
             sampling, samples = self.eval_settings(dataloader_idx)
             seeds = self._prompt_seeds(self._eval_stream(dataloader_idx), batch)
-            rollout = self.collector.collect(batch, samples, replace(sampling, seed=None), module.device, seeds=seeds)
+            rollout = self.collector.collect(
+                batch, samples, replace(sampling, seed=None), module.device, seeds=seeds, with_embeddings=embed
+            )
         # Answer clustering (math-verify, in its grading process) overlaps the policy's scoring pass.
-        clusters = self._executor.submit(self._answer_clusters, rollout) if self.cluster_answers else None
+        cluster = self.cluster_answers and "answer_clusters" in fields
+        clusters = self._executor.submit(self._answer_clusters, rollout) if cluster else None
         if hasattr(module, "score_rollout"):
-            module.score_rollout(rollout, with_reference=training)
+            module.score_rollout(rollout, with_reference=training, fields=fields)
         if clusters is not None:
             rollout.answer_clusters = clusters.result()
         return rollout

@@ -62,11 +62,14 @@ class RolloutCollector:
         sampling: SamplingConfig,
         device: torch.device,
         seeds: list[int] | None = None,
+        with_embeddings: bool = False,
     ) -> RolloutBatch:
-        """``group_size`` scored completions of each prompt; ``seeds`` (one per prompt) seed their sampling."""
+        """``group_size`` scored completions of each prompt; ``seeds`` (one per prompt) seed their sampling;
+        ``with_embeddings``: the engine's completion embeddings, when it reports them (else left to the module)."""
         prompt_ids = self.tokenize(batch.prompts)
         start = time.perf_counter()
-        generation = self.engine.generate(prompt_ids, group_size, sampling, seeds=seeds)
+        extra = {"with_embeddings": True} if with_embeddings and self.engine.reports_embeddings else {}
+        generation = self.engine.generate(prompt_ids, group_size, sampling, seeds=seeds, **extra)
         generate_s = time.perf_counter() - start
         completions = self.tokenizer.batch_decode(generation.completion_ids, skip_special_tokens=True)
 
@@ -111,5 +114,6 @@ class RolloutCollector:
             truncated=torch.tensor(generation.truncated, device=device),
             answers=[extract_boxed(text) for text in completions],
             engine_logprobs=None if engine_logprobs is None else engine_logprobs.to(device),
+            embeddings=None if generation.embeddings is None else generation.embeddings.to(device),
             metrics=metrics,
         )

@@ -55,11 +55,14 @@ class Generation:
             log-probability under the temperature-scaled distribution ``log_softmax(logits / T)``, before
             top-k/top-p truncation, which is what the trainer recomputes (T = 1 for greedy decoding).
         truncated: True where the completion hit ``max_new_tokens`` without EOS or a stop string.
+        embeddings: ``[n, H]`` each completion's final hidden state averaged over its tokens, when asked of an
+            engine that ``reports_embeddings``; None otherwise.
     """
 
     completion_ids: list[list[int]]
     logprobs: list[list[float]] | None
     truncated: list[bool]
+    embeddings: torch.Tensor | None = None
 
 
 def prompt_seeds(sampling: SamplingConfig, num_prompts: int, seeds: list[int] | None) -> list[int | None]:
@@ -94,9 +97,12 @@ class RolloutEngine(abc.ABC):
     Attributes:
         samples_from_policy: True when the engine generates with the trained module itself (``hf``), so its
             log-probs are the trainer's and need no importance correction.
+        reports_embeddings: True when ``generate(..., with_embeddings=True)`` returns the completions' mean final
+            hidden states (the policy's embeddings, without a scoring pass).
     """
 
     samples_from_policy: bool = False
+    reports_embeddings: bool = False
 
     @abc.abstractmethod
     def generate(

@@ -3,10 +3,11 @@
 It generates with the very module the trainer updates, so ``sync_weights`` has nothing to do. Why a loop
 of its own rather than ``model.generate``:
 
-- **Per-prompt seeds.** Each prompt draws its random numbers from its own seeded generator (one uniform per
-  sampled token, drawn up front), and a token is sampled by inverting the CDF of its distribution. A
-  prompt's completions therefore depend on its seed and the weights only, not on the other prompts of the
-  batch, the batch size or the number of data-parallel ranks; ``generate`` shares one RNG stream.
+- **Per-prompt seeds.** Completion ``j`` of a prompt with seed ``s`` draws its uniforms from a SplitMix64
+  stream keyed by ``(s, j)`` (one uniform per sampled token, all rows' streams computed at once as tensor
+  arithmetic), and a token is sampled by inverting the CDF of its distribution. A prompt's completions
+  therefore depend on its seed and the weights only, not on the other prompts of the batch, the batch size
+  or the number of data-parallel ranks; ``generate`` shares one RNG stream.
 - **No full logits.** Each step keeps the sampled token's log-probability ``log_softmax(logits / T)``
   (before top-k/top-p, as :class:`Generation` documents) and drops the step's ``[n, V]`` logits; asking
   ``generate`` for log-probs stacks ``[n, T, V]`` (tens of GB at Qwen's vocabulary and 3000 tokens).
@@ -14,20 +15,103 @@ of its own rather than ``model.generate``:
 - **Sharded policies** (FSDP2): every forward pass gathers weights from all ranks, so a rank whose
   sequences all ended keeps stepping until every rank's have.
 
-Top-k and top-p use transformers' logits warpers, stop strings its ``StopStringCriteria``, the KV cache
-its ``DynamicCache``.
+Top-k and top-p use transformers' logits warpers, the KV cache its ``DynamicCache``. Stop strings are matched
+in the decoded text, as vLLM does: each row keeps the last characters of its completion's text, extended by
+the new token's text (every vocabulary entry decoded once). transformers' ``StopStringCriteria`` was not used
+because it cannot read a vocabulary without letters (it decodes each token after a letter prefix), such as
+the embedded tiny policy's character tokenizer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch.distributed.fsdp import FSDPModule
 from transformers import DynamicCache
-from transformers.generation import StopStringCriteria, TopKLogitsWarper, TopPLogitsWarper
+from transformers.generation import TopKLogitsWarper, TopPLogitsWarper
 
 from lit_gcpo.engines.base import Generation, RolloutEngine, SamplingConfig, end_of_sequence_ids, prompt_seeds
+from lit_gcpo.scoring import base_model
+
+
+def _to_int64(value: int) -> int:
+    """The two's-complement int64 with the bits of the 64-bit unsigned ``value``."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GOLDEN = _to_int64(0x9E3779B97F4A7C15)  # SplitMix64's increment
+_MIX1, _MIX2 = _to_int64(0xBF58476D1CE4E5B9), _to_int64(0x94D049BB133111EB)
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 bits (torch's ``>>`` is arithmetic: it copies the sign bit)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's output function on int64 tensors (multiplication wraps modulo 2^64)."""
+    x = (x ^ _shift_right(x, 30)) * _MIX1
+    x = (x ^ _shift_right(x, 27)) * _MIX2
+    return x ^ _shift_right(x, 31)
+
+
+def seeded_uniforms(keys: torch.Tensor, steps: int) -> torch.Tensor:
+    """``[n, steps]`` float64 uniforms in [0, 1): row ``r`` is the first ``steps`` draws of the SplitMix64
+    generator whose state starts at ``mix(keys[r])``, each draw's top 53 bits over 2^53. All rows at once,
+    with no generator object per row (which cost a few ms per call at 256 rows)."""
+    state = _mix64(keys.to(torch.int64)).unsqueeze(-1)  # [n, 1]
+    counters = torch.arange(1, steps + 1, dtype=torch.int64) * _GOLDEN  # [T], wrapping
+    bits = _mix64(state + counters)  # [n, T]
+    return _shift_right(bits, 11).to(torch.float64) * 2.0**-53
+
+
+class StopStrings:
+    """Ends a row when its completion's decoded text contains one of ``stops``.
+
+    Each row keeps the last ``max(len(stop)) - 1`` characters of its text: a stop string not seen before the new
+    token must end inside the new token's text, so it lies within that tail plus the new text.
+
+    Args:
+        token_texts: the decoded text of each token id.
+        stops: the stop strings (non-empty).
+        rows: the number of rows.
+    """
+
+    def __init__(self, token_texts: list[str], stops: list[str], rows: int) -> None:
+        if any(not stop for stop in stops):
+            raise ValueError("sampling.stop has an empty string, which would end every completion at once")
+        self.token_texts, self.stops = token_texts, stops
+        self.keep = max(len(stop) for stop in stops) - 1
+        self.tails = [""] * rows
+
+    def __call__(self, tokens: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
+        """``[n]`` bool: the rows not yet ``finished`` whose new ``tokens`` complete a stop string."""
+        ends = []
+        for row, (token, done) in enumerate(zip(tokens.tolist(), finished.tolist(), strict=True)):
+            if done:
+                ends.append(False)
+                continue
+            text = self.tails[row] + self.token_texts[token]
+            ends.append(any(stop in text for stop in self.stops))
+            self.tails[row] = text[len(text) - self.keep :] if self.keep else ""
+        return torch.tensor(ends, dtype=torch.bool)
+
+
+@contextlib.contextmanager
+def _last_hidden_states(policy: torch.nn.Module, enabled: bool, captured: list[torch.Tensor]) -> Iterator[None]:
+    """While open (and ``enabled``), append to ``captured`` the decoder's final hidden state (after its last norm)
+    of the last column of every forward pass of ``policy``."""
+    if not enabled:
+        yield
+        return
+    decoder = base_model(policy).get_decoder()
+    hook = decoder.register_forward_hook(lambda _m, _a, out: captured.append(out.last_hidden_state[:, -1]))
+    try:
+        yield
+    finally:
+        hook.remove()
 
 
 class HFEngine(RolloutEngine):
@@ -40,6 +124,7 @@ class HFEngine(RolloutEngine):
     """
 
     samples_from_policy = True
+    reports_embeddings = True
 
     def __init__(self, policy: torch.nn.Module, tokenizer, max_batch_size: int = 0) -> None:
         if max_batch_size < 0:
@@ -49,6 +134,7 @@ class HFEngine(RolloutEngine):
         self.max_batch_size = max_batch_size
         self.eos_token_ids = end_of_sequence_ids(policy, tokenizer)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_ids[0]
+        self._texts: list[str] | None = None
 
     def sync_weights(self, named_parameters: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Nothing to copy: the engine samples from the live policy."""
@@ -60,7 +146,10 @@ class HFEngine(RolloutEngine):
         num_samples: int,
         sampling: SamplingConfig,
         seeds: list[int] | None = None,
+        with_embeddings: bool = False,
     ) -> Generation:
+        """See :meth:`RolloutEngine.generate`; ``with_embeddings`` also returns each completion's mean final
+        hidden state, gathered while sampling (one more forward step for the last tokens)."""
         sequences = [ids for ids in prompt_ids for _ in range(num_samples)]  # group-major
         per_prompt = prompt_seeds(sampling, len(prompt_ids), seeds)
         # completion j of prompt i draws from the seed (seed_i, j): independent of the batch it is in
@@ -69,16 +158,30 @@ class HFEngine(RolloutEngine):
         was_training = self.policy.training
         self.policy.eval()
         out = Generation(completion_ids=[], logprobs=[], truncated=[])
+        embeddings = []
         try:
             for start in range(0, len(sequences), chunk):
                 rows = slice(start, start + chunk)
-                part = self._generate_chunk(sequences[rows], row_seeds[rows], sampling)
+                part = self._generate_chunk(sequences[rows], row_seeds[rows], sampling, with_embeddings)
                 out.completion_ids += part.completion_ids
                 out.logprobs += part.logprobs
                 out.truncated += part.truncated
+                if part.embeddings is not None:
+                    embeddings.append(part.embeddings)
         finally:
             self.policy.train(was_training)
+        out.embeddings = torch.cat(embeddings) if embeddings else None
         return out
+
+    def _token_texts(self) -> list[str]:
+        """The decoded text of every vocabulary entry (special tokens: empty), computed once."""
+        if self._texts is None:
+            known = len(self.tokenizer)
+            texts = self.tokenizer.batch_decode([[i] for i in range(known)], skip_special_tokens=True)
+            # a model's embedding table may be padded beyond the tokenizer (Qwen: 151,936 rows, 151,665 tokens)
+            rows = base_model(self.policy).get_output_embeddings().weight.shape[0]
+            self._texts = texts + [""] * max(0, rows - known)
+        return self._texts
 
     def _all_finished(self, finished: torch.Tensor, sharded: bool) -> bool:
         """Whether every sequence ended, on every rank when the policy is ``sharded`` (FSDP2): each forward pass
@@ -91,19 +194,20 @@ class HFEngine(RolloutEngine):
         return bool(done)
 
     def _uniforms(self, row_seeds: list[tuple[int, int] | None], steps: int, device: torch.device) -> torch.Tensor:
-        """``[n, steps]`` uniforms in [0, 1): row ``r`` from a generator seeded by its (prompt seed, sample)."""
-        rows = []
-        for seed in row_seeds:
-            generator = torch.Generator()
-            if seed is None:
-                generator.seed()
-            else:
-                generator.manual_seed(seed[0] * 1_000_003 + seed[1])
-            rows.append(torch.rand(steps, generator=generator, dtype=torch.float64))
-        return torch.stack(rows).to(device)
+        """``[n, steps]`` uniforms in [0, 1): row ``r`` from the stream of its (prompt seed, sample); a row without
+        a seed from a key drawn from torch's global generator."""
+        keys = [
+            int(torch.randint(-(2**62), 2**62, ())) if seed is None else seed[0] * 1_000_003 + seed[1]
+            for seed in row_seeds
+        ]
+        return seeded_uniforms(torch.tensor(keys, dtype=torch.int64), steps).to(device)
 
     def _generate_chunk(
-        self, sequences: list[list[int]], row_seeds: list[tuple[int, int] | None], sampling: SamplingConfig
+        self,
+        sequences: list[list[int]],
+        row_seeds: list[tuple[int, int] | None],
+        sampling: SamplingConfig,
+        with_embeddings: bool = False,
     ) -> Generation:
         device = next(self.policy.parameters()).device
         n, width, steps = len(sequences), max(len(s) for s in sequences), sampling.max_new_tokens
@@ -112,6 +216,8 @@ class HFEngine(RolloutEngine):
         for row, seq in enumerate(sequences):  # left padding, so that every row continues at the same column
             input_ids[row, width - len(seq) :] = torch.tensor(seq)
             attention_mask[row, width - len(seq) :] = 1
+        # the mask of every column the loop will reach, sliced per step (no concatenation per token)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(n, steps)], dim=-1)  # [n, P + T]
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         greedy = sampling.temperature == 0
         temperature = 1.0 if greedy else sampling.temperature
@@ -120,7 +226,7 @@ class HFEngine(RolloutEngine):
             warpers.append(TopKLogitsWarper(sampling.top_k))
         if not greedy and sampling.top_p < 1:
             warpers.append(TopPLogitsWarper(sampling.top_p))
-        stop = StopStringCriteria(self.tokenizer, list(sampling.stop)) if sampling.stop else None
+        stop = StopStrings(self._token_texts(), list(sampling.stop), n) if sampling.stop else None
         uniforms = None if greedy else self._uniforms(row_seeds, steps, device)  # [n, T]
         eos = torch.tensor(self.eos_token_ids, device=device)
         sharded = isinstance(self.policy, FSDPModule) and torch.distributed.is_initialized()
@@ -130,41 +236,58 @@ class HFEngine(RolloutEngine):
         lengths = torch.full((n,), steps, dtype=torch.long, device=device)  # [n], = T while running
         finished = torch.zeros(n, dtype=torch.bool, device=device)  # [n]
         cache = DynamicCache(config=self.policy.config)
-        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [n, P], as generate() computes them
+        positions = (attention_mask[:, :width].cumsum(-1) - 1).clamp(min=0)  # [n, P], as generate() computes them
         step_ids, step_positions = input_ids, positions
-        for t in range(steps):
+        captured: list[torch.Tensor] = []  # see _last_hidden_states
+        pooled = None
+
+        def forward(t: int) -> torch.Tensor:
+            nonlocal pooled
             logits = self.policy(
                 input_ids=step_ids,
-                attention_mask=attention_mask,
+                attention_mask=attention_mask[:, : width + t],
                 position_ids=step_positions,
                 past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=1,
             ).logits[:, -1]  # [n, V]
-            scaled = logits.float() / temperature  # [n, V]
-            log_probs = torch.log_softmax(scaled, dim=-1)  # [n, V]
-            if greedy:
-                token = scaled.argmax(-1)  # [n]
-            else:
-                for warp in warpers:
-                    scaled = warp(None, scaled)
-                cdf = torch.softmax(scaled, dim=-1, dtype=torch.float64).cumsum(-1)  # [n, V]
-                draw = (uniforms[:, t] * cdf[:, -1]).unsqueeze(-1)  # [n, 1]
-                token = torch.searchsorted(cdf, draw).squeeze(-1).clamp(max=cdf.shape[-1] - 1)  # [n]
-            token = torch.where(finished, self.pad_token_id, token)
-            tokens[:, t] = token
-            logprobs[:, t] = log_probs.gather(-1, token.unsqueeze(-1)).squeeze(-1)
-            ends = torch.isin(token, eos)
-            if stop is not None:
-                ends |= stop(torch.cat([input_ids, tokens[:, : t + 1]], dim=-1), None)
-            newly = ends & ~finished
-            lengths = torch.where(newly, t + 1, lengths)
-            finished |= newly
-            if self._all_finished(finished, sharded):
-                break
-            step_ids = token.unsqueeze(-1)  # [n, 1]
-            step_positions = step_positions[:, -1:] + 1  # [n, 1]
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(n, 1)], dim=-1)
+            if with_embeddings and t > 0:  # the hidden state of token t - 1, summed where it is in the completion
+                hidden = captured.pop().float() * (t - 1 < lengths).unsqueeze(-1)  # [n, H]
+                pooled = hidden if pooled is None else pooled + hidden
+            captured.clear()
+            return logits
+
+        with _last_hidden_states(self.policy, with_embeddings, captured):
+            t = 0
+            for t in range(steps):
+                logits = forward(t)  # [n, V]
+                scaled = logits.float() / temperature  # [n, V]
+                log_probs = torch.log_softmax(scaled, dim=-1)  # [n, V]
+                if greedy:
+                    token = scaled.argmax(-1)  # [n]
+                else:
+                    for warp in warpers:
+                        scaled = warp(None, scaled)
+                    cdf = torch.softmax(scaled, dim=-1, dtype=torch.float64).cumsum(-1)  # [n, V]
+                    draw = (uniforms[:, t] * cdf[:, -1]).unsqueeze(-1)  # [n, 1]
+                    token = torch.searchsorted(cdf, draw).squeeze(-1).clamp(max=cdf.shape[-1] - 1)  # [n]
+                token = torch.where(finished, self.pad_token_id, token)
+                tokens[:, t] = token
+                logprobs[:, t] = log_probs.gather(-1, token.unsqueeze(-1)).squeeze(-1)
+                ends = torch.isin(token, eos)
+                if stop is not None:
+                    ends |= stop(token, finished).to(ends.device)
+                newly = ends & ~finished
+                lengths = torch.where(newly, t + 1, lengths)
+                finished |= newly
+                if self._all_finished(finished, sharded):
+                    break
+                step_ids = token.unsqueeze(-1)  # [n, 1]
+                step_positions = step_positions[:, -1:] + 1  # [n, 1]
+            if with_embeddings:  # the last sampled tokens were never fed: one more step gives their hidden states
+                step_ids, step_positions = tokens[:, t : t + 1], positions[:, -1:] + t + 1  # [n, 1]
+                forward(t + 1)
+        embeddings = None if pooled is None else pooled / lengths.clamp(min=1).unsqueeze(-1).to(pooled.dtype)  # [n, H]
 
         lengths_list, finished_list = lengths.tolist(), finished.tolist()
         tokens_list, logprobs_list = tokens.tolist(), logprobs.tolist()
@@ -172,4 +295,5 @@ class HFEngine(RolloutEngine):
             completion_ids=[tokens_list[r][: lengths_list[r]] for r in range(n)],
             logprobs=[logprobs_list[r][: lengths_list[r]] for r in range(n)],
             truncated=[not f for f in finished_list],
+            embeddings=embeddings,
         )

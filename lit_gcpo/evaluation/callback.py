@@ -90,6 +90,12 @@ class BenchmarkReport(pl.Callback):
         self.paths: dict[str, Path] = {}
 
     # ------------------------------------------------------------------------------------------ hooks
+    def rollout_fields(self, stage: str) -> set[str]:
+        """The optional batch fields the report reads (``lit_gcpo.batch.requested_fields``): the policy's
+        embeddings and sequence log-probs of evaluation batches, for the uncertainty signals of each prompt."""
+        wanted = stage == "test" or (stage == "val" and self.validation)
+        return {"embeddings", "seq_logprobs"} if wanted else set()
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Before the test dataloaders exist: find the batches an interrupted run finished."""
         self.progress = None

@@ -164,14 +164,16 @@ class MajorityAtK(_AtK):
 class _QAMetric(_MeanOverProblems):
     _score: Callable[[str, str], float]
 
-    def update(self, predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> None:
-        """``predictions[b]``: the predicted answer text; ``references[b]``: one or several references."""
+    def update(self, predictions: Sequence[str | None], references: Sequence[str | Sequence[str]]) -> None:
+        """``predictions[b]``: the predicted answer text, None when no answer was found (scores 0, even against a
+        reference that normalises to nothing, such as "')."); ``references[b]``: one or several references."""
         if len(predictions) != len(references):
             raise ValueError(f"{len(predictions)} predictions for {len(references)} reference sets")
         scores = []
         for prediction, refs in zip(predictions, references, strict=True):
             refs = [refs] if isinstance(refs, str) else list(refs)
-            scores.append(max((type(self)._score(prediction, r) for r in refs), default=0.0))
+            found = prediction is not None
+            scores.append(max((type(self)._score(prediction, r) for r in refs if found), default=0.0))
         self._add(torch.tensor(scores, dtype=torch.float64))  # [B]
 
 

@@ -207,7 +207,7 @@ def benchmark_metrics(
             majority.update([r["answers"] for r in records], [gold_references("math", r["gold"])[0] for r in records])
             values[f"maj@{n}"] = float(majority.compute())
     else:
-        predictions = [a or "" for r in records for a in r["answers"]]  # one row per completion
+        predictions = [a for r in records for a in r["answers"]]  # one row per completion; None: no answer
         refs = [gold_references("qa", r["gold"]) for r in records for _ in r["answers"]]
         for name, metric in (("em", QAExactMatch(**_LOCAL)), ("f1", QAF1(**_LOCAL))):
             metric.update(predictions, refs)

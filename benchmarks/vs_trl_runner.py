@@ -1,0 +1,171 @@
+"""One timed training run of ``bench_vs_trl.py``, as its own process: TRL's ``GRPOTrainer`` (run with the TRL
+venv's python) or ``lit-gcpo fit`` (the project's), on the work of ``vs_trl_work``.
+
+    python vs_trl_runner.py {trl,lit} WORK_DIR BETA STEPS OUT.json
+
+Writes ``OUT.json``: the wall time of every optimizer step (between consecutive step ends, so logging is in),
+each step's split, completion tokens per step, the process's peak RSS (``ru_maxrss``) and that of its child
+processes still alive at the end (``VmHWM``: lit-gcpo's reward process), and torch's thread count (left at its
+default on both sides).
+
+Splits. lit-gcpo: its logged ``time/generate_s``, ``time/reward_s``, ``time/score_s`` (the no-grad scoring
+pass: old log-probs, embeddings, reference log-probs) and ``time/train_s`` (forward, backward, optimizer).
+TRL: its own profiling timers (``trl.extras.profiling``), which report only to wandb/mlflow/trackio, are
+read here by replacing ``ProfilingContext._log_metrics`` with a recorder: ``transformers.generate``,
+``_calculate_rewards``, ``_prepare_inputs`` (the whole rollout: generation, rewards, tokenising, the
+reference pass), ``compute_loss`` (the training forward and loss); backward and the optimizer step are what
+remains of the step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from vs_trl_work import GROUP_SIZE, PROMPTS_PER_STEP, WorkFiles, lit_args, sum_reward, trl_config_kwargs
+
+
+def children_peak_mib() -> float:
+    """Sum of the peak RSS (``VmHWM``) of this process's live children (Linux ``/proc``; 0 elsewhere)."""
+    total_kib = 0
+    me = str(os.getpid())
+    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        if fields.get("PPid", "").strip() == me and "VmHWM" in fields:
+            total_kib += int(fields["VmHWM"].split()[0])
+    return total_kib / 1024
+
+
+def finish(
+    out: Path,
+    framework: str,
+    walls: list[float],
+    phases: list[dict[str, float]],
+    tokens: list[float],
+    optimizer_steps: int,
+) -> None:
+    import torch
+
+    record = {
+        "framework": framework,
+        "optimizer_steps": optimizer_steps,
+        "walls": walls,
+        "phases": phases,
+        "completion_tokens": tokens,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "children_peak_rss_mib": children_peak_mib(),
+        "threads": torch.get_num_threads(),
+    }
+    out.write_text(json.dumps(record))
+
+
+# ------------------------------------------------------------------------------------------------ TRL
+def run_trl(files: WorkFiles, beta: float, steps: int, out: Path) -> None:
+    import datasets
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+    from trl.extras import profiling
+
+    current: dict[str, float] = defaultdict(float)
+
+    def record(self: Any, duration: float) -> None:  # replaces the wandb/mlflow/trackio reporting
+        current[self.name.removeprefix("GRPOTrainer.")] += duration
+
+    profiling.ProfilingContext._log_metrics = record
+    walls: list[float] = []
+    phases: list[dict[str, float]] = []
+    tokens: list[float] = []
+
+    class StepClock(TrainerCallback):
+        def __init__(self) -> None:
+            self.last: float | None = None
+            self.begin = self.stepped = 0.0
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.begin = time.perf_counter()
+
+        def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.stepped = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            now = time.perf_counter()
+            if self.last is not None:
+                walls.append(now - self.last)
+            self.last = now
+            # training_step (rollout, forward, backward) plus clipping and the optimizer step
+            phases.append({**current, "until_optimizer_step": self.stepped - self.begin})
+            current.clear()
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any):
+            if logs and "completions/mean_length" in logs:
+                tokens.append(logs["completions/mean_length"] * PROMPTS_PER_STEP * GROUP_SIZE)
+
+    dataset = datasets.load_dataset("json", data_files=str(files.prompts), split="train")
+    config = GRPOConfig(**trl_config_kwargs(beta, steps, out.parent / f"{out.stem}-trl"))
+    trainer = GRPOTrainer(
+        model=str(files.model),
+        reward_funcs=[sum_reward],
+        args=config,
+        train_dataset=dataset,
+        callbacks=[StepClock()],
+    )
+    trainer.train()
+    finish(out, "trl", walls, phases, tokens, trainer.state.global_step)
+
+
+# ------------------------------------------------------------------------------------------- lit-gcpo
+LIT_PHASES = ("time/generate_s", "time/reward_s", "time/score_s", "time/train_s", "time/answer_clusters_s")
+
+
+def run_lit(files: WorkFiles, beta: float, steps: int, out: Path) -> None:
+    import lightning as L
+
+    from lit_gcpo.cli import main as cli_main
+
+    walls: list[float] = []
+    phases: list[dict[str, float]] = []
+    tokens: list[float] = []
+
+    class StepClock(L.Callback):
+        def __init__(self) -> None:
+            self.last: float | None = None
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            now = time.perf_counter()
+            if self.last is not None:
+                walls.append(now - self.last)
+            self.last = now
+            metrics = trainer.callback_metrics
+            phases.append(
+                {k.removeprefix("time/").removesuffix("_s"): float(metrics[k]) for k in LIT_PHASES if k in metrics}
+            )
+            tokens.append(float(batch.completion_mask.sum()))
+
+    cli = cli_main(lit_args(files, beta, steps, out.parent / f"{out.stem}-lit")[1:], run=False)
+    cli.trainer.callbacks.append(StepClock())
+    cli.trainer.fit(cli.model, cli.datamodule)
+    finish(out, "lit", walls, phases, tokens, cli.trainer.global_step)
+
+
+def main(argv: list[str]) -> None:
+    framework, work_dir, beta, steps, out = argv
+    run = {"trl": run_trl, "lit": run_lit}[framework]
+    run(WorkFiles(Path(work_dir)), float(beta), int(steps), Path(out))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,126 @@
+"""The parts of benchmarks/bench_vs_trl.py that can be wrong without TRL: the work (model size, tokenizer,
+reward), the lit-gcpo command line and the TRL arguments it must match, and the step-split arithmetic."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+from bench_vs_trl import WARMUP_STEPS, split_of
+from vs_trl_work import (
+    EXPECTED_PARAMETERS,
+    REWARD_PATH,
+    build_model,
+    build_tokenizer,
+    lit_args,
+    prompt_rows,
+    sum_reward,
+    trl_config_kwargs,
+    write_work,
+)
+
+
+def test_tiny_policy_has_the_stated_parameter_count() -> None:
+    model = build_model()
+    config = model.config
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (128, 2, 4)
+    assert config.intermediate_size == 256 and not config.tie_word_embeddings and config.vocab_size == 99
+    # Per layer: q, k, v, o 4 x 128^2 = 65,536; gate, up, down 3 x 128 x 256 = 98,304; two norms 256
+    # -> 164,096; two layers 328,192; final norm 128; embeddings + separate LM head 2 x 99 x 128 = 25,344.
+    assert EXPECTED_PARAMETERS == 2 * (4 * 128**2 + 3 * 128 * 256 + 2 * 128) + 128 + 2 * 99 * 128 == 353_664
+    assert sum(p.numel() for p in model.parameters()) == EXPECTED_PARAMETERS
+    assert all(not m.training or getattr(m, "p", 0.0) == 0.0 for m in model.modules() if "Dropout" in type(m).__name__)
+
+
+def test_tokenizer_round_trips_every_prompt_one_token_per_character() -> None:
+    tokenizer = build_tokenizer()
+    rows = prompt_rows()
+    assert len(rows) == 400 and rows[0] == {"prompt": "What is 0+0? Answer:", "answer": "0"}
+    assert rows[-1] == {"prompt": "What is 19+19? Answer:", "answer": "38"}
+    for row in rows:
+        ids = tokenizer(row["prompt"])["input_ids"]
+        assert len(ids) == len(row["prompt"])  # no BOS added, no merges
+        assert tokenizer.unk_token_id not in ids
+        assert tokenizer.decode(ids) == row["prompt"]
+    specials = [tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id]
+    assert len(set(specials)) == 3 and max(specials) < 4
+
+
+def test_sum_reward_scores_the_sum_as_a_whole_number() -> None:
+    completions = [" 7", "7.", "the answer is 7 apples", "17", "70", "1 7", "", "3+4=7", " 12", "x112", "12y"]
+    gold = ["7", "7", "7", "7", "7", "7", "7", "7", "12", "12", "12"]
+    # "17", "70" contain 7 only as part of another number, "1 7" contains 7 as a whole number.
+    expected = [1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0]
+    assert sum_reward(["p"] * len(gold), completions, answer=gold, completion_ids=None) == expected
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_lit_command_line_parses_to_the_stated_work_and_matches_trl(tmp_path: Path, beta: float) -> None:
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lit_gcpo.cli import main as cli_main
+    from lit_gcpo.rewards.loading import load_reward
+
+    files, _ = write_work(tmp_path / "work")
+    args = lit_args(files, beta=beta, steps=5, run_dir=tmp_path / "run")
+    assert args[0] == "fit"
+    cli = cli_main(args[1:], run=False)
+    data, hp, trainer = cli.datamodule, cli.model.hparams, cli.trainer
+    assert (data.batch_size, data.group_size) == (8, 8)
+    sampling = data.sampling
+    assert (sampling.max_new_tokens, sampling.temperature, sampling.top_p, sampling.top_k) == (32, 1.0, 1.0, -1)
+    assert (data.engine_name, data.template, data.chat) == ("hf", "{prompt}", "never")
+    assert data.reward_names == [REWARD_PATH] and load_reward(REWARD_PATH) is sum_reward
+    assert (hp.advantage, hp.loss_aggregation, hp.kl_estimator) == ("dr_grpo", "seq_mean_token_sum_norm", "k3")
+    assert hp.beta == beta and hp.num_iterations == 1 and hp.micro_batch_size == 0
+    assert hp.max_grad_norm == 1.0 and hp.max_completion_length == 32 and hp.export_dir is None
+    assert hp.dtype == "float32" and not hp.gradient_checkpointing and hp.disable_dropout
+    assert hp.warmup_steps == 0 and hp.get("scheduler") is None  # the default schedule is then constant
+    assert trainer.max_steps == 5 and trainer.precision == "32-true" and trainer.checkpoint_callback is None
+    assert isinstance(trainer.logger, TensorBoardLogger) and trainer.limit_val_batches == 0
+    optimizer = cli.model.configure_optimizers()
+    optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+    optimizer = optimizer[0][0] if isinstance(optimizer, tuple) else optimizer
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert optimizer.param_groups[0]["lr"] == 1e-5 and optimizer.param_groups[0]["weight_decay"] == 0.0
+
+    # TRL's arguments describe the same work as the parsed lit-gcpo run.
+    trl = trl_config_kwargs(beta, steps=5, output_dir=tmp_path / "trl")
+    assert trl["per_device_train_batch_size"] == data.batch_size * data.group_size
+    assert trl["num_generations"] == data.group_size and trl["steps_per_generation"] == 1
+    assert trl["gradient_accumulation_steps"] == 1 and trl["num_iterations"] == hp.num_iterations
+    assert trl["max_completion_length"] == sampling.max_new_tokens and trl["max_steps"] == trainer.max_steps
+    assert (trl["temperature"], trl["top_p"], trl["top_k"]) == (sampling.temperature, sampling.top_p, 0)
+    assert (trl["loss_type"], trl["scale_rewards"], trl["beta"]) == ("dr_grpo", "none", hp.beta)
+    assert not trl["use_bias_correction_kl"]  # lit-gcpo's k3 term is not multiplied by the ratio
+    assert trl["learning_rate"] == optimizer.param_groups[0]["lr"] and trl["weight_decay"] == 0.0
+    assert (trl["lr_scheduler_type"], trl["warmup_steps"], trl["max_grad_norm"]) == ("constant", 0, hp.max_grad_norm)
+    assert not trl["bf16"] and not trl["fp16"] and not trl["gradient_checkpointing"] and trl["disable_dropout"]
+    assert (trl["save_strategy"], trl["eval_strategy"], trl["logging_steps"]) == ("no", "no", 1)
+
+
+def test_split_leaves_out_the_warmup_steps_and_pairs_walls_with_their_step() -> None:
+    # Six steps: walls[k] is step k + 2. Steps 1-3 are warm-up, so steps 4, 5, 6 count: walls 1.0, 2.0, 4.0.
+    walls = [9.0, 9.0, 1.0, 2.0, 4.0]
+    lit_phases = [{"generate": 5.0, "reward": 0.0, "score": 0.0, "train": 5.0}] * 3 + [
+        {"generate": 0.5, "reward": 0.1, "score": 0.1, "train": 0.2},  # step 4: rest 1.0 - 0.9 = 0.1
+        {"generate": 1.0, "reward": 0.1, "score": 0.1, "train": 0.4},  # step 5: rest 2.0 - 1.6 = 0.4
+        {"generate": 3.0, "reward": 0.1, "score": 0.1, "train": 0.6},  # step 6: rest 4.0 - 3.8 = 0.2
+    ]
+    assert WARMUP_STEPS == 3
+    split = split_of({"framework": "lit", "walls": walls, "phases": lit_phases})
+    assert split["step"] == pytest.approx(2.0) and split["generate"] == pytest.approx(1.0)
+    assert split["train"] == pytest.approx(0.4) and split["rest"] == pytest.approx(0.2)
+    # TRL: the rollout (_prepare_inputs) holds generation and rewards; training is the time from the step's
+    # start to its optimizer step minus the rollout. Step 4 of 1.0 s: generate 0.4, rewards 0.1, rollout 0.6
+    # (so 0.1 other rollout work), optimizer step reached after 0.9 (train 0.3), rest 0.1.
+    trl_phases = [{"transformers.generate": 5.0, "_calculate_rewards": 0.0, "_prepare_inputs": 5.0}] * 3 + [
+        {"transformers.generate": 0.4, "_calculate_rewards": 0.1, "_prepare_inputs": 0.6, "until_optimizer_step": 0.9}
+    ]
+    split = split_of({"framework": "trl", "walls": [9.0, 9.0, 1.0], "phases": trl_phases})
+    expected = {"generate": 0.4, "reward": 0.1, "score": 0.1, "train": 0.3, "rest": 0.1, "step": 1.0}
+    assert split == pytest.approx(expected)
