@@ -1,9 +1,9 @@
-"""The quickstart's settings: it cannot learn to pad (text after the answer's box earns nothing, issue 11), and
-its length limit fits its task mix.
+"""The quickstart's settings: it cannot learn to pad (issue 11), and its length limit fits its task mix.
 
 A 500-step run of the quickstart with ``math_accuracy`` learned completions like ``\\boxed{6}0}000...`` that
-fill the length limit: the reward read the box and ignored the junk. The quickstart now trains and validates
-with ``math_accuracy_final``, which scores such a completion 0.
+fill the length limit: the reward read the box and ignored the junk. Now sampling stops at the box's closing
+brace (``data.sampling.stop``, which validation shares) and the reward, ``math_accuracy_final`` for training
+and validation, scores any text after the box 0.
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lit_gcpo.answers import ends_with_box
 from lit_gcpo.batch import PromptBatch
 from lit_gcpo.data.rollout import RolloutCollector
 from lit_gcpo.engines.base import Generation, SamplingConfig
+from lit_gcpo.engines.hf import HFEngine
 from lit_gcpo.rewards import RewardSet, math_accuracy, math_accuracy_final
 from lit_gcpo.tasks.arithmetic import ArithmeticProblem
 from lit_gcpo.tiny_model import TINY_MODEL_PATH
@@ -103,3 +104,43 @@ def test_quickstart_length_limit_fits_every_worked_solution_of_its_mix() -> None
                 solution = ArithmeticProblem(operands, operators).solution
                 longest = max(longest, len(tokenizer(solution, add_special_tokens=False)["input_ids"]) + 1)
     assert longest <= config["sampling"]["max_new_tokens"]
+
+
+class _PaddingPolicy(torch.nn.Module):
+    """The tiny policy with the padding habit forced on: the ``t``-th sampled token of every row is ``script[t]``
+    (its logit raised by 1e4), whatever the temperature. The real model runs underneath for the KV cache."""
+
+    def __init__(self, inner: torch.nn.Module, script: list[int]) -> None:
+        super().__init__()
+        self.inner, self.script, self.config, self.calls = inner, script, inner.config, 0
+
+    def forward(self, **kwargs):
+        out = self.inner(**kwargs)
+        out.logits[:, -1, self.script[self.calls]] += 1e4
+        self.calls += 1
+        return out
+
+    def get_output_embeddings(self) -> torch.nn.Module:  # the engine sizes its token texts by the output head
+        return self.inner.get_output_embeddings()
+
+
+def test_quickstart_sampling_ends_a_completion_at_the_box() -> None:
+    config = yaml.safe_load(QUICKSTART.read_text())["data"]
+    sampling = SamplingConfig(**config["sampling"])
+    tokenizer = AutoTokenizer.from_pretrained(TINY_MODEL_PATH)
+    junk = "\\boxed{6}0}" + "0" * (sampling.max_new_tokens - 5)
+    script = tokenizer(junk, add_special_tokens=False)["input_ids"]
+    prompt = tokenizer("3+4-1=")["input_ids"]
+
+    def sample(settings: SamplingConfig) -> Generation:
+        policy = _PaddingPolicy(AutoModelForCausalLM.from_pretrained(TINY_MODEL_PATH), script)
+        return HFEngine(policy, tokenizer).generate([prompt], 2, settings, seeds=[0])
+
+    without_stop = sample(SamplingConfig(temperature=sampling.temperature, max_new_tokens=sampling.max_new_tokens))
+    assert tokenizer.decode(without_stop.completion_ids[0]) == junk  # the policy pads when nothing stops it
+    assert without_stop.truncated == [True, True]
+    stopped = sample(sampling)  # the quickstart's settings (validation uses them at temperature 0)
+    assert tokenizer.batch_decode(stopped.completion_ids) == ["\\boxed{6}", "\\boxed{6}"]
+    assert stopped.truncated == [False, False]
+    greedy = sample(SamplingConfig(**{**config["sampling"], "temperature": config["val_temperature"]}))
+    assert tokenizer.batch_decode(greedy.completion_ids) == ["\\boxed{6}", "\\boxed{6}"]
