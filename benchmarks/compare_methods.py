@@ -1,6 +1,7 @@
 """GRPO vs SEED-GRPO vs GCPO (and the rd_only control) on two embedded testbeds: same budget, paired seeds.
 
-Every run is ``lit-gcpo fit`` (``python -m lit_gcpo.cli``, a fresh process each) on the quickstart config, read
+Every run is ``lit-gcpo fit`` (``python -m lit_gcpo.cli``, a fresh process each) on ``configs/compare_arithmetic.yaml``
+(the quickstart as it was before issue 11 retuned it; ``--config`` for another), read
 at run time, with only these overrides:
 
 - the ``UncertaintyCallback``'s weighting (``METHODS`` below); clustering, embedding source and centring stay
@@ -255,7 +256,7 @@ def plot(curves: dict[str, dict[str, list[float]]], baseline: float, path: Path,
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=str(REPO / "configs" / "quickstart.yaml"))
+    parser.add_argument("--config", default=str(REPO / "configs" / "compare_arithmetic.yaml"))
     parser.add_argument("--testbeds", nargs="+", default=list(TESTBEDS), choices=TESTBEDS)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])

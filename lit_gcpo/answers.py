@@ -63,6 +63,23 @@ def extract_boxed(text: str) -> str | None:
     return None
 
 
+def ends_with_box(text: str) -> bool:
+    """Whether ``text`` ends with a complete ``\\boxed{...}`` / ``\\fbox{...}`` (trailing whitespace allowed).
+
+    True for ``3+4=\\boxed{7}`` and ``\\boxed{\\frac{1}{2}}\\n``; False for ``\\boxed{6}0}00`` (the box
+    closes before the end: what follows is junk), ``\\boxed{6`` (left open) and text without a box.
+    """
+    if not isinstance(text, str):
+        return False
+    text = text.rstrip()
+    last_open = max(_BOX_OPEN.finditer(text), key=lambda match: match.start(), default=None)
+    if last_open is None or not text.endswith("}"):
+        return False
+    # The last box must be the one closed by the final brace: its content then is all that lies between,
+    # which is what extract_boxed reads only when the braces in between balance.
+    return extract_boxed(text) == text[last_open.end() : -1].strip()
+
+
 def _strip_dollars(text: str) -> str:
     text = text.strip()
     while len(text) >= 2 and text.startswith("$") and text.endswith("$"):

@@ -60,6 +60,8 @@ def _short_fit_args(model_dir: str, root: Path, steps: int = 3) -> list[str]:
         "4",
         "--data.rewards",
         "[toy_rewards:digit_fraction, math_accuracy]",
+        "--data.accuracy_reward",  # the quickstart's is math_accuracy_final, not in this list
+        "math_accuracy",
         "--data.sampling.max_new_tokens",
         "6",
     ]

@@ -35,6 +35,8 @@ def test_predict_writes_completions_with_rewards_where_gold_exists(tiny_model_di
         "2",
         "--data.rewards",
         "[toy_rewards:digit_fraction, math_accuracy]",
+        "--data.accuracy_reward",  # the quickstart's is math_accuracy_final, not in this list
+        "math_accuracy",
     ]
     cli = main(["predict", *args])
     output = Path(cli.trainer.log_dir) / "predictions.jsonl"

@@ -19,7 +19,13 @@ from lit_gcpo.rewards.combine import (
 )
 from lit_gcpo.rewards.isolated import ProcessReward
 from lit_gcpo.rewards.loading import REWARDS, RewardFn, import_object, load_reward
-from lit_gcpo.rewards.math_reward import GRADING_TIMEOUT_S, completion_text, format_reward, math_accuracy
+from lit_gcpo.rewards.math_reward import (
+    GRADING_TIMEOUT_S,
+    completion_text,
+    format_reward,
+    math_accuracy,
+    math_accuracy_final,
+)
 from lit_gcpo.rewards.qa import extract_qa_answer, normalize_answer, qa_exact_match, qa_f1, token_f1
 
 __all__ = [
@@ -40,6 +46,7 @@ __all__ = [
     "import_object",
     "load_reward",
     "math_accuracy",
+    "math_accuracy_final",
     "normalize_answer",
     "qa_exact_match",
     "qa_f1",

@@ -18,7 +18,8 @@ RewardFn = Callable[..., list[Any]]
 """``fn(prompts: list[str], completions: list[str], **columns: list) -> list[float | None]``."""
 
 REWARDS: Registry[RewardFn] = Registry("reward function")
-"""Built-in reward functions by name (``math_accuracy``, ``format``, ``qa_exact_match``, ``qa_f1``)."""
+"""Built-in reward functions by name (``math_accuracy``, ``math_accuracy_final``, ``format``, ``qa_exact_match``,
+``qa_f1``)."""
 
 
 def import_object(path: str) -> Any:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lit_gcpo.answers import answers_equivalent, extract_boxed, gold_answer
+from lit_gcpo.answers import answers_equivalent, ends_with_box, extract_boxed, gold_answer
 from lit_gcpo.rewards.loading import REWARDS
 
 GRADING_TIMEOUT_S = 1.0
@@ -59,6 +59,22 @@ def math_accuracy(prompts: list[str], completions: list[Any], **columns: list[An
         correct = predicted is not None and answers_equivalent(gold, predicted, timeout_s=GRADING_TIMEOUT_S)
         scores.append(1.0 if correct else 0.0)
     return scores
+
+
+@REWARDS.register("math_accuracy_final")
+def math_accuracy_final(prompts: list[str], completions: list[Any], **columns: list[Any]) -> list[float | None]:
+    """``math_accuracy``, and 0 unless the completion ends with that box (only whitespace after it).
+
+    For tasks whose completions stop at their answer (the arithmetic quickstart): text after the box is
+    junk, and a reward that ignored it let the policy learn to pad every completion to the length limit
+    (``\\boxed{6}0}000...``, issue 11). Real math completions often close with a sentence after the box;
+    keep ``math_accuracy`` for them.
+    """
+    scores = math_accuracy(prompts, completions, **columns)
+    return [
+        score if score is None or ends_with_box(completion_text(completion)) else 0.0
+        for score, completion in zip(scores, completions, strict=True)
+    ]
 
 
 @REWARDS.register("format")
