@@ -86,10 +86,10 @@ class StopStrings:
         self.keep = max(len(stop) for stop in stops) - 1
         self.tails = [""] * rows
 
-    def __call__(self, tokens: torch.Tensor, finished: torch.Tensor) -> torch.Tensor:
-        """``[n]`` bool: the rows not yet ``finished`` whose new ``tokens`` complete a stop string."""
+    def __call__(self, tokens: torch.Tensor, finished: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``[r]`` bool: which of ``rows`` (not yet ``finished``) complete a stop string with their new ``tokens``."""
         ends = []
-        for row, (token, done) in enumerate(zip(tokens.tolist(), finished.tolist(), strict=True)):
+        for row, token, done in zip(rows.tolist(), tokens.tolist(), finished.tolist(), strict=True):
             if done:
                 ends.append(False)
                 continue
@@ -183,15 +183,13 @@ class HFEngine(RolloutEngine):
             self._texts = texts + [""] * max(0, rows - known)
         return self._texts
 
-    def _all_finished(self, finished: torch.Tensor, sharded: bool) -> bool:
-        """Whether every sequence ended, on every rank when the policy is ``sharded`` (FSDP2): each forward pass
-        of a sharded policy gathers weights from all ranks, so the ranks must take the same number of steps."""
-        done = finished.all()
+    def _any_running(self, running: torch.Tensor, sharded: bool) -> bool:
+        """Whether some row still needs a forward pass, on any rank when the policy is ``sharded`` (FSDP2): each
+        forward pass of a sharded policy gathers weights from all ranks, so the ranks must take the same steps."""
+        flag = running.any().to(torch.int32)
         if sharded:
-            flag = done.to(torch.int32)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-            done = flag.bool()
-        return bool(done)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag)
 
     def _uniforms(self, row_seeds: list[tuple[int, int] | None], steps: int, device: torch.device) -> torch.Tensor:
         """``[n, steps]`` uniforms in [0, 1): row ``r`` from the stream of its (prompt seed, sample); a row without
@@ -235,59 +233,71 @@ class HFEngine(RolloutEngine):
         logprobs = torch.zeros((n, steps), dtype=torch.float32, device=device)  # [n, T]
         lengths = torch.full((n,), steps, dtype=torch.long, device=device)  # [n], = T while running
         finished = torch.zeros(n, dtype=torch.bool, device=device)  # [n]
+        pooled = torch.zeros(n, 0, device=device)  # [n, H] once the first hidden state is known
         cache = DynamicCache(config=self.policy.config)
         positions = (attention_mask[:, :width].cumsum(-1) - 1).clamp(min=0)  # [n, P], as generate() computes them
+        # `rows`: the rows in the cache, in its order. A row leaves once it needs no more forward passes (it ended,
+        # and with embeddings its last token was fed), so the rest of the loop does not compute for it. A sharded
+        # policy keeps every row: its forward passes are collectives, which every rank must make alike.
+        rows = torch.arange(n, device=device)
         step_ids, step_positions = input_ids, positions
         captured: list[torch.Tensor] = []  # see _last_hidden_states
-        pooled = None
-
-        def forward(t: int) -> torch.Tensor:
-            nonlocal pooled
-            logits = self.policy(
-                input_ids=step_ids,
-                attention_mask=attention_mask[:, : width + t],
-                position_ids=step_positions,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            ).logits[:, -1]  # [n, V]
-            if with_embeddings and t > 0:  # the hidden state of token t - 1, summed where it is in the completion
-                hidden = captured.pop().float() * (t - 1 < lengths).unsqueeze(-1)  # [n, H]
-                pooled = hidden if pooled is None else pooled + hidden
-            captured.clear()
-            return logits
-
         with _last_hidden_states(self.policy, with_embeddings, captured):
-            t = 0
-            for t in range(steps):
-                logits = forward(t)  # [n, V]
-                scaled = logits.float() / temperature  # [n, V]
-                log_probs = torch.log_softmax(scaled, dim=-1)  # [n, V]
+            # step t feeds token t - 1 (the prompt at t = 0) and samples token t; step T only feeds the last
+            # tokens, for their hidden states
+            for t in range(steps + 1):
+                logits = self.policy(
+                    input_ids=step_ids,
+                    attention_mask=attention_mask[rows, : width + t],
+                    position_ids=step_positions,
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                ).logits[:, -1]  # [r, V]
+                if with_embeddings and t > 0:  # the hidden state of token t - 1, summed where it is in the completion
+                    hidden = captured.pop().float() * (t - 1 < lengths[rows]).unsqueeze(-1)  # [r, H]
+                    if pooled.shape[1] == 0:
+                        pooled = torch.zeros(n, hidden.shape[1], device=device)
+                    pooled.index_add_(0, rows, hidden)
+                captured.clear()
+                if t == steps:
+                    break
+                scaled = logits.float() / temperature  # [r, V]
+                log_probs = torch.log_softmax(scaled, dim=-1)  # [r, V]
                 if greedy:
-                    token = scaled.argmax(-1)  # [n]
+                    token = scaled.argmax(-1)  # [r]
                 else:
                     for warp in warpers:
                         scaled = warp(None, scaled)
-                    cdf = torch.softmax(scaled, dim=-1, dtype=torch.float64).cumsum(-1)  # [n, V]
-                    draw = (uniforms[:, t] * cdf[:, -1]).unsqueeze(-1)  # [n, 1]
-                    token = torch.searchsorted(cdf, draw).squeeze(-1).clamp(max=cdf.shape[-1] - 1)  # [n]
-                token = torch.where(finished, self.pad_token_id, token)
-                tokens[:, t] = token
-                logprobs[:, t] = log_probs.gather(-1, token.unsqueeze(-1)).squeeze(-1)
+                    cdf = torch.softmax(scaled, dim=-1, dtype=torch.float64).cumsum(-1)  # [r, V]
+                    draw = (uniforms[rows, t] * cdf[:, -1]).unsqueeze(-1)  # [r, 1]
+                    token = torch.searchsorted(cdf, draw).squeeze(-1).clamp(max=cdf.shape[-1] - 1)  # [r]
+                done = finished[rows]  # [r] ended before this step (kept for one more feed, or sharded)
+                token = torch.where(done, self.pad_token_id, token)
+                tokens[rows, t] = token
+                logprobs[rows, t] = log_probs.gather(-1, token.unsqueeze(-1)).squeeze(-1)
                 ends = torch.isin(token, eos)
                 if stop is not None:
-                    ends |= stop(token, finished).to(ends.device)
-                newly = ends & ~finished
-                lengths = torch.where(newly, t + 1, lengths)
-                finished |= newly
-                if self._all_finished(finished, sharded):
+                    ends |= stop(token, done, rows).to(ends.device)
+                newly = ends & ~done  # [r]
+                lengths[rows] = torch.where(newly, t + 1, lengths[rows])
+                finished[rows] = done | newly
+                if t == steps - 1 and not with_embeddings:
+                    break  # the last token: nothing left to sample or to feed
+                # who needs the next forward: the rows still sampling, and (embeddings) those whose token t is new
+                keep = ~(done | newly) | (~done if with_embeddings else torch.zeros_like(done))  # [r]
+                if sharded:
+                    if not self._any_running(keep, sharded):
+                        break
+                    keep = torch.ones_like(keep)
+                elif not keep.any():
                     break
-                step_ids = token.unsqueeze(-1)  # [n, 1]
-                step_positions = step_positions[:, -1:] + 1  # [n, 1]
-            if with_embeddings:  # the last sampled tokens were never fed: one more step gives their hidden states
-                step_ids, step_positions = tokens[:, t : t + 1], positions[:, -1:] + t + 1  # [n, 1]
-                forward(t + 1)
-        embeddings = None if pooled is None else pooled / lengths.clamp(min=1).unsqueeze(-1).to(pooled.dtype)  # [n, H]
+                step_ids, step_positions = token.unsqueeze(-1), step_positions[:, -1:] + 1  # [r, 1]
+                if not keep.all():
+                    kept = keep.nonzero().squeeze(-1)  # [r'] positions in the cache
+                    cache.batch_select_indices(kept)
+                    rows, step_ids, step_positions = rows[kept], step_ids[kept], step_positions[kept]
+        embeddings = pooled / lengths.clamp(min=1).unsqueeze(-1).to(pooled.dtype) if with_embeddings else None  # [n, H]
 
         lengths_list, finished_list = lengths.tolist(), finished.tolist()
         tokens_list, logprobs_list = tokens.tolist(), logprobs.tolist()
