@@ -114,6 +114,10 @@ def _last_hidden_states(policy: torch.nn.Module, enabled: bool, captured: list[t
         hook.remove()
 
 
+SMALL_POLICY_PARAMETERS = 10_000_000
+"""Below this many parameters the CPU sampling loop runs on one thread (see ``HFEngine``'s ``decode_threads``)."""
+
+
 class HFEngine(RolloutEngine):
     """Generation with the policy's own forward pass.
 
@@ -121,17 +125,25 @@ class HFEngine(RolloutEngine):
         policy: a transformers causal LM (the trained module itself).
         tokenizer: its tokenizer; ``pad_token_id`` falls back to the first end-of-sequence id.
         max_batch_size: at most this many sequences per forward pass (bounds memory); 0 = all at once.
+        decode_threads: torch threads of the sampling loop on a CPU; 0 = one thread for a policy of fewer than
+            ``SMALL_POLICY_PARAMETERS``, torch's own setting otherwise. A decode step of a small model is a few
+            small matrix products, which threads slow down (measured on 2 cores, 64 rows x 32 tokens: 0.4M
+            parameters 0.06 s on one thread vs 0.11 s on two; 3.4M 0.35 vs 0.43 s; 19M 1.42 vs 1.18 s).
+            Training keeps torch's setting.
     """
 
     samples_from_policy = True
     reports_embeddings = True
 
-    def __init__(self, policy: torch.nn.Module, tokenizer, max_batch_size: int = 0) -> None:
+    def __init__(self, policy: torch.nn.Module, tokenizer, max_batch_size: int = 0, decode_threads: int = 0) -> None:
         if max_batch_size < 0:
             raise ValueError(f"max_batch_size must be >= 0, got {max_batch_size}")
+        if decode_threads < 0:
+            raise ValueError(f"decode_threads must be >= 0 (0: automatic), got {decode_threads}")
         self.policy = policy
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
+        self.decode_threads = decode_threads
         self.eos_token_ids = end_of_sequence_ids(policy, tokenizer)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_ids[0]
         self._texts: list[str] | None = None
@@ -159,6 +171,8 @@ class HFEngine(RolloutEngine):
         self.policy.eval()
         out = Generation(completion_ids=[], logprobs=[], truncated=[])
         embeddings = []
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self._threads(threads))
         try:
             for start in range(0, len(sequences), chunk):
                 rows = slice(start, start + chunk)
@@ -170,8 +184,18 @@ class HFEngine(RolloutEngine):
                     embeddings.append(part.embeddings)
         finally:
             self.policy.train(was_training)
+            torch.set_num_threads(threads)
         out.embeddings = torch.cat(embeddings) if embeddings else None
         return out
+
+    def _threads(self, current: int) -> int:
+        """The threads of the sampling loop (see ``decode_threads``)."""
+        if next(self.policy.parameters()).device.type != "cpu":
+            return current
+        if self.decode_threads:
+            return self.decode_threads
+        small = sum(p.numel() for p in self.policy.parameters()) < SMALL_POLICY_PARAMETERS
+        return 1 if small else current
 
     def _token_texts(self) -> list[str]:
         """The decoded text of every vocabulary entry (special tokens: empty), computed once."""
