@@ -80,9 +80,23 @@ TORCH_VERSION = "2.13.0"
 WARMUP_STEPS = 3  # steps left out of each run's median (allocations, first calls, the reward process start)
 
 
-# ------------------------------------------------------------------------------------------- TRL venv
-def trl_python(venv: Path) -> Path:
+# ------------------------------------------------------------------------------------------------ venvs
+def venv_python(venv: Path) -> Path:
     return venv / "bin" / "python"
+
+
+def make_venv(venv: Path, *installs: list[str]) -> Path:
+    """Create ``venv`` when missing and run ``pip install`` once per entry of ``installs``, in order; returns its
+    python. Raises naming the pip command that failed."""
+    python = venv_python(venv)
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(python), "-m", "pip", "install", "--quiet"]
+    for packages in installs:
+        done = subprocess.run([*pip, *packages], capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(pip + packages)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    return python
 
 
 def installed_versions(python: Path) -> dict[str, str] | None:
@@ -99,20 +113,15 @@ def ensure_trl_venv(venv: Path) -> dict[str, str]:
     """Make the TRL venv when it is missing or incomplete; returns its versions. Raises naming the pip
     command that failed; warns when pip's resolver picked another transformers than the project's."""
     transformers = importlib.metadata.version("transformers")
-    python = trl_python(venv)
+    python = venv_python(venv)
     versions = installed_versions(python) if python.exists() else None
     if versions is None or versions["trl"] != TRL_VERSION:
         print(f"making the TRL venv {venv} (trl {TRL_VERSION}, transformers {transformers}, torch {TORCH_VERSION})")
-        if not python.exists():
-            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        pip = [str(python), "-m", "pip", "install", "--quiet"]
-        for packages in (
+        make_venv(
+            venv,
             [f"torch=={TORCH_VERSION}"],  # first and pinned: an unpinned torch pulls gigabytes of CUDA
             [f"trl=={TRL_VERSION}", f"transformers=={transformers}", f"torch=={TORCH_VERSION}", "tensorboard"],
-        ):
-            done = subprocess.run([*pip, *packages], capture_output=True, text=True, check=False)
-            if done.returncode != 0:
-                raise RuntimeError(f"{' '.join(pip + packages)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+        )
         versions = installed_versions(python)
         if versions is None:
             raise RuntimeError(f"the TRL venv {venv} was made but cannot import trl, transformers and torch")
@@ -124,19 +133,12 @@ def ensure_trl_venv(venv: Path) -> dict[str, str]:
 def ensure_lit_venv(venv: Path) -> Path:
     """Make ``venv`` with lit-gcpo as a user installs it (``pip install -e .``, no extras) when it is missing or
     cannot import lit-gcpo; returns its python."""
-    python = trl_python(venv)
+    python = venv_python(venv)
     check = [str(python), "-c", "import lit_gcpo.cli, tensorboard"]
     if python.exists() and subprocess.run(check, capture_output=True, check=False).returncode == 0:
         return python
     print(f"making the lit-gcpo venv {venv} (pip install -e ., torch {TORCH_VERSION})")
-    if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip = [str(python), "-m", "pip", "install", "--quiet"]
-    for packages in ([f"torch=={TORCH_VERSION}"], ["-e", str(ROOT)]):
-        done = subprocess.run([*pip, *packages], capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(pip + packages)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
-    return python
+    return make_venv(venv, [f"torch=={TORCH_VERSION}"], ["-e", str(ROOT)])
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -302,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         files, args.parameters = write_work(work)
         print(f"policy: {args.parameters:,} parameters; work directory {work}")
-        pythons = {"trl": trl_python(args.trl_venv), "lit": args.lit_python}
+        pythons = {"trl": venv_python(args.trl_venv), "lit": args.lit_python}
         records: dict[float, dict[str, list[dict[str, Any]]]] = {b: {"trl": [], "lit": []} for b in args.betas}
         for repeat in range(args.repeats):
             order = ("trl", "lit") if repeat % 2 == 0 else ("lit", "trl")

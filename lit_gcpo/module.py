@@ -267,11 +267,11 @@ class GRPOModule(L.LightningModule):
             or ("seq_logprobs" in wanted and batch.engine_logprobs is None)
             or (with_reference and self._needs_old_logprobs(batch))
         )
-        with_reference = with_reference and self.hparams.beta > 0
+        with_ref_model = with_reference and self.hparams.beta > 0
         old, ref, embeddings = [], [], []
         length = batch.completion_mask.shape[1]
         with self._precision_context():
-            for rows in self._micro_batches(batch.num_completions) if with_policy or with_reference else []:
+            for rows in self._micro_batches(batch.num_completions) if with_policy or with_ref_model else []:
                 ids, attn, mask = batch.input_ids[rows], batch.attention_mask[rows], batch.completion_mask[rows]
                 if with_policy:
                     logprobs, _, hidden = self.completion_logprobs(ids, attn, length, with_hidden=with_hidden)
@@ -279,7 +279,7 @@ class GRPOModule(L.LightningModule):
                     if hidden is not None:  # mean over completion tokens: one vector per completion
                         pooled = (hidden.float() * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
                         embeddings.append(pooled)  # [n, H]
-                if with_reference:
+                if with_ref_model:
                     ref.append(self.completion_logprobs(ids, attn, length, reference=True)[0])
         batch.old_logprobs = torch.cat(old) if old else None  # [N, L]
         batch.embeddings = torch.cat(embeddings) if embeddings else batch.embeddings
@@ -290,8 +290,11 @@ class GRPOModule(L.LightningModule):
         """Whether the loss needs the generating policy's log-probs before training: several optimizer steps per
         rollout (the policy moves between them), or an engine other than the policy with the importance
         correction on (it compares them with the engine's). Otherwise they are the training pass's own."""
-        tis = self.hparams.tis_cap > 0 and batch.engine_logprobs is not None and self._engine_differs()
-        return self.hparams.num_iterations > 1 or tis
+        return self.hparams.num_iterations > 1 or self._importance_corrected(batch)
+
+    def _importance_corrected(self, batch: RolloutBatch) -> bool:
+        """Whether the loss weighs tokens by the truncated importance ratio of trainer to engine log-probs."""
+        return self.hparams.tis_cap > 0 and batch.engine_logprobs is not None and self._engine_differs()
 
     def _precision_context(self) -> Any:
         if self._trainer is None:
@@ -338,7 +341,7 @@ class GRPOModule(L.LightningModule):
         counts = self._reduce(torch.stack([mask.sum(), torch.tensor(float(mask.shape[0]), device=mask.device)]), "sum")
         num_tokens, num_seqs = counts.clamp(min=1).unbind()  # no tokens (all masked): a zero loss, not 0/0
         is_weights, tis_metrics = None, {}
-        if hp.tis_cap > 0 and batch.engine_logprobs is not None and self._engine_differs():
+        if self._importance_corrected(batch):
             is_weights, tis_metrics = truncated_importance_weights(
                 batch.old_logprobs, batch.engine_logprobs, mask, hp.tis_cap
             )

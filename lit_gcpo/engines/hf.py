@@ -309,7 +309,7 @@ class HFEngine(RolloutEngine):
                 if t == steps - 1 and not with_embeddings:
                     break  # the last token: nothing left to sample or to feed
                 # who needs the next forward: the rows still sampling, and (embeddings) those whose token t is new
-                keep = ~(done | newly) | (~done if with_embeddings else torch.zeros_like(done))  # [r]
+                keep = ~done if with_embeddings else ~(done | newly)  # [r]
                 if sharded:
                     if not self._any_running(keep, sharded):
                         break
