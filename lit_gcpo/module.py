@@ -28,6 +28,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Collection, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,7 +43,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lit_gcpo.advantages import group_advantages
 from lit_gcpo.batch import OPTIONAL_FIELDS, RolloutBatch
 from lit_gcpo.losses import grpo_loss, truncated_importance_weights
-from lit_gcpo.optimizer_step import GuardedOptimizerStep
+from lit_gcpo.optimizer_step import GuardedOptimizerStep, lr_factor
 from lit_gcpo.parallel import gradient_sync, is_sharded, shard_causal_lm, unsupported_option
 from lit_gcpo.policy import LoraOptions, load_policy, load_tokenizer, merged_state_items, save_policy
 from lit_gcpo.reference import ReferencePolicy
@@ -76,8 +77,12 @@ class GRPOModule(L.LightningModule):
         gradient_checkpointing: recompute activations in backward to save memory.
         disable_dropout: set every dropout to 0 (the usual choice for RL of LMs).
         optimizer: the optimizer (default AdamW, lr 1e-6).
-        scheduler: an LR scheduler stepped once per optimizer step (default: linear warm-up then constant).
+        scheduler: an LR scheduler stepped once per optimizer step (default: ``warmup_steps`` of linear warm-up,
+            then ``lr_decay``).
         warmup_steps: optimizer steps of linear warm-up for the default scheduler.
+        lr_decay: what the default scheduler does after the warm-up: ``constant``, or a ``linear`` or ``cosine``
+            decay that reaches ``min_lr_ratio`` x the optimizer's lr at ``trainer.max_steps``.
+        min_lr_ratio: the decay's final lr, as a fraction of the optimizer's lr.
         advantage: ``grpo`` (std-normalised) or ``dr_grpo`` (mean-centred only).
         advantage_scale: ``group`` or ``batch`` std for ``grpo``.
         loss_aggregation: ``token_mean``, ``seq_mean_token_mean`` or ``seq_mean_token_sum_norm``.
@@ -117,6 +122,8 @@ class GRPOModule(L.LightningModule):
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable | None = None,
         warmup_steps: NonNegativeInt = 0,
+        lr_decay: Literal["constant", "linear", "cosine"] = "constant",
+        min_lr_ratio: NonNegativeFloat = 0.0,
         advantage: Literal["grpo", "dr_grpo"] = "grpo",
         advantage_scale: Literal["group", "batch"] = "group",
         loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean",
@@ -150,6 +157,7 @@ class GRPOModule(L.LightningModule):
             "eps_high": eps_high >= 0,
             "max_grad_norm": max_grad_norm >= 0,
             "warmup_steps": warmup_steps >= 0,
+            "min_lr_ratio": 0 <= min_lr_ratio <= 1,
             "tis_cap": tis_cap >= 0,
         }
         for name, ok in checks.items():
@@ -489,11 +497,21 @@ class GRPOModule(L.LightningModule):
         if self.scheduler_factory is not None:
             scheduler = self.scheduler_factory(optimizer)
         else:
-            warmup = self.hparams.warmup_steps
-            scheduler = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
-            )
+            hp = self.hparams
+            total = self._decay_horizon() if hp.lr_decay != "constant" else 0
+            factor = partial(lr_factor, warmup=hp.warmup_steps, total=total, decay=hp.lr_decay, floor=hp.min_lr_ratio)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _decay_horizon(self) -> int:
+        """The optimizer step at which the default schedule's decay ends: ``trainer.max_steps``."""
+        max_steps = self.trainer.max_steps if self._trainer is not None else -1
+        if max_steps is None or max_steps <= 0:
+            raise ValueError(
+                f"model.lr_decay {self.hparams.lr_decay!r} decays to trainer.max_steps, which is not set: set "
+                "trainer.max_steps, or model.lr_decay constant"
+            )
+        return max_steps
 
     # ------------------------------------------------------------------------------ weights export
     def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:

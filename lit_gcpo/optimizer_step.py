@@ -10,6 +10,7 @@ with an error (``max_steps`` would otherwise never be reached).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +29,19 @@ def global_grad_norm(grads: list[torch.Tensor], all_reduce_sum: Callable[[torch.
     if any(sharded):
         squares = all_reduce_sum(squares)
     return squares.sqrt()
+
+
+def lr_factor(step: int, *, warmup: int, total: int, decay: str, floor: float = 0.0) -> float:
+    """The default schedule's multiplier of the optimizer's lr for the step after ``step`` optimizer steps:
+    ``(step + 1) / warmup`` during the warm-up (the first step already learns), then 1 (``decay`` constant), or a
+    ``linear`` / ``cosine`` decay from 1 at the warm-up's end to ``floor`` at step ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if decay == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / (total - warmup))
+    shape = 1.0 - progress if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return floor + (1.0 - floor) * shape
 
 
 class GuardedOptimizerStep:

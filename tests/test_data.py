@@ -120,6 +120,35 @@ def test_eval_prompts_shard_by_rank_without_overlap():
     assert sorted(i for shard in shards for i in shard) == list(range(7))
 
 
+@pytest.mark.parametrize(("rows", "world", "batch_size"), [(5, 2, 2), (7, 3, 2), (164 + 165 * 7, 8, 41), (9, 4, 3)])
+def test_every_rank_runs_the_same_number_of_eval_batches(rows, world, batch_size):
+    # 1319 GSM8K rows over 8 ranks in batches of 41: ranks of 165 rows need 5 batches, the rank of 164 rows 4 as
+    # plain slices; under fsdp2 the other ranks would wait for its fifth forward pass forever
+    table = [{"problem": str(i)} for i in range(rows)]
+    shards = []
+    for rank in range(world):
+        dataset = EvalPrompts(table, [r["problem"] for r in table], batch_size=batch_size)
+        dataset.rank, dataset.world_size = rank, world
+        shards.append([batch.indices for batch in dataset])
+    most = -(-rows // world)
+    assert {len(batches) for batches in shards} == {-(-most // batch_size)}
+    assert all(1 <= len(batch) <= batch_size for batches in shards for batch in batches)
+    for rank, batches in enumerate(shards):  # each rank's rows in order, every row once over all ranks
+        assert [i for batch in batches for i in batch] == list(range(rank, rows, world))
+
+
+def test_a_single_process_keeps_full_batches_and_a_short_last_one():
+    dataset = EvalPrompts(ROWS, [r["problem"] for r in ROWS], batch_size=3)
+    assert dataset.batches() == [[0, 1, 2], [3, 4, 5], [6]]
+
+
+def test_an_even_split_that_cannot_be_made_is_an_error_naming_the_batch_size():
+    dataset = EvalPrompts(ROWS, [r["problem"] for r in ROWS], batch_size=1)
+    dataset.rank, dataset.world_size = 1, 2  # 7 rows: rank 0 has 4 batches of one row, rank 1 only 3 rows
+    with pytest.raises(ValueError, match=r"rank 1 has 3 rows for 4 batches.*val_batch_size"):
+        dataset.batches()
+
+
 def test_rows_missing_a_field_are_skipped_and_counted(tmp_path, caplog):
     rows = [
         {"prompt": "1+1=", "answer": "2"},

@@ -144,13 +144,16 @@ def test_uncertainty_weights_are_computed_over_both_ranks(tiny_model_dir, tmp_pa
 
 def test_readme_fsdp2_command_trains_checkpoints_and_exports(tmp_path):
     """The README's command with the embedded policy, whose completions end (EOS) at different steps on the
-    two ranks: the sharded generation must keep the ranks' collectives in step (it hung before)."""
+    two ranks: the sharded generation must keep the ranks' collectives in step (it hung before). 9 validation
+    rows in batches of 2: 5 rows on rank 0, 4 on rank 1, which as plain slices made 3 batches against 2, and rank
+    0's third batch waited forever for rank 1's forward passes."""
     root = Path(__file__).parents[1]
     command = [
         sys.executable, "-m", "lit_gcpo.cli", "fit", "--config", "configs/quickstart.yaml",
         "--trainer.strategy", "fsdp2", "--trainer.devices", "2", "--trainer.max_steps", "4",
         "--trainer.val_check_interval", "2", "--trainer.num_sanity_val_steps", "0",
-        "--trainer.enable_progress_bar", "false", "--data.batch_size", "4", "--data.val.init_args.num_val", "8",
+        "--trainer.enable_progress_bar", "false", "--data.batch_size", "4", "--data.val.init_args.num_val", "9",
+        "--data.val_batch_size", "2",
         "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
     ]  # fmt: skip
     subprocess.run(command, cwd=root, check=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})

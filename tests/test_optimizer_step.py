@@ -1,11 +1,12 @@
-"""The guarded optimizer step: the skip decision is common to all ranks, clipping uses the global norm."""
+"""The guarded optimizer step: the skip decision is common to all ranks, clipping uses the global norm; the default
+learning-rate schedule."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lit_gcpo.optimizer_step import GuardedOptimizerStep
+from lit_gcpo.optimizer_step import GuardedOptimizerStep, lr_factor
 
 
 def _model_and_optimizer():
@@ -70,3 +71,25 @@ def test_clipping_uses_the_norm_over_all_shards():
     assert float(step.last_grad_norm) == pytest.approx((local_sq + 9.0) ** 0.5, rel=1e-6)
     for p, g in zip(layer.parameters(), grads, strict=True):
         torch.testing.assert_close(p.grad, g * factor, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("decay", "floor", "expected"),
+    [
+        # warm-up 2, decay over steps 2..10: (step + 1) / 2, then 1 - (step - 2) / 8 or (1 + cos(pi (step - 2) / 8)) / 2
+        ("constant", 0.0, [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]),
+        ("linear", 0.0, [0.5, 1.0, 1.0, 0.5, 0.0, 0.0]),
+        ("cosine", 0.0, [0.5, 1.0, 1.0, 0.5, 0.0, 0.0]),
+        ("linear", 0.1, [0.5, 1.0, 1.0, 0.55, 0.1, 0.1]),
+    ],
+)
+def test_lr_factor_by_hand(decay, floor, expected):
+    steps = [0, 1, 2, 6, 10, 12]
+    got = [lr_factor(step, warmup=2, total=10, decay=decay, floor=floor) for step in steps]
+    assert got == pytest.approx(expected, abs=1e-12)
+
+
+def test_cosine_and_linear_differ_between_the_ends():
+    # a quarter of the way: linear 0.75, cosine (1 + cos(pi / 4)) / 2 = 0.8536
+    assert lr_factor(2, warmup=0, total=8, decay="linear") == pytest.approx(0.75)
+    assert lr_factor(2, warmup=0, total=8, decay="cosine") == pytest.approx((1 + 2**-0.5) / 2)

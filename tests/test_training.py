@@ -274,3 +274,28 @@ def test_lora_policy_uses_adapters_for_reference_and_exports_merged_weights(tiny
     assert set(exported) == set(merged)
     for name, value in merged.items():
         torch.testing.assert_close(exported[name], value, atol=1e-6, rtol=0, msg=name)
+
+
+class RecordLearningRates(L.Callback):
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize("decay", ["linear", "cosine"])
+def test_default_schedule_decays_to_the_floor_at_max_steps(tiny_model_dir, tmp_path, decay):
+    module, data = make_pair(tiny_model_dir, lr=0.01, warmup_steps=1, lr_decay=decay, min_lr_ratio=0.2)
+    record = RecordLearningRates()
+    trainer(tmp_path, 5, callbacks=[record]).fit(module, data)
+    # warm-up 1 step, then from 1 at step 1 to the floor 0.2 at step 5: progress 0, 1/4, 2/4, 3/4
+    shape = [1.0, 0.75, 0.5, 0.25] if decay == "linear" else [(1 + math.cos(math.pi * k / 4)) / 2 for k in range(4)]
+    expected = [0.01] + [0.01 * (0.2 + 0.8 * s) for s in shape]
+    assert record.lrs == pytest.approx(expected, rel=1e-9)
+
+
+def test_a_decay_without_max_steps_names_the_option(tiny_model_dir, tmp_path):
+    module, data = make_pair(tiny_model_dir, lr_decay="cosine")
+    with pytest.raises(ValueError, match=r"model.lr_decay 'cosine' decays to trainer.max_steps"):
+        trainer(tmp_path, -1, max_epochs=1).fit(module, data)

@@ -12,6 +12,7 @@ the loss or a callback reads (``lit_gcpo.batch.requested_fields``). Callbacks th
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -86,10 +87,29 @@ class EvalPrompts(IterableDataset):
         self.skip: set[tuple[int, ...]] = set(skip or ())
         self.rank, self.world_size = 0, 1
 
-    def __iter__(self) -> Iterator[PromptBatch]:
+    def batches(self) -> list[list[int]]:
+        """This rank's batches of row indices: rows ``rank, rank + W, ...``, in as many batches as the rank with
+        the most rows needs, so that every rank runs the same number (under ``fsdp2`` each forward pass is a
+        collective, and a rank a batch short would leave the others waiting). The batches hold ``batch_size``
+        rows, except the last (and, on a rank with fewer rows, the last two)."""
         mine = list(range(self.rank, len(self.rows), self.world_size))
-        for start in range(0, len(mine), self.batch_size):
-            indices = mine[start : start + self.batch_size]
+        most = -(-len(self.rows) // self.world_size)
+        count = -(-most // self.batch_size)
+        if len(mine) < count:
+            raise ValueError(
+                f"{len(self.rows)} evaluation rows cannot give each of {self.world_size} ranks the same number of "
+                f"batches of at most {self.batch_size} rows (rank {self.rank} has {len(mine)} rows for {count} "
+                "batches): use at least as many rows as ranks, and a batch size (val_batch_size) of 2 or more"
+            )
+        sizes, left = [], len(mine)
+        for remaining in range(count - 1, -1, -1):  # leave at least one row for each batch still to come
+            sizes.append(min(self.batch_size, left - remaining))
+            left -= sizes[-1]
+        starts = itertools.accumulate(sizes, initial=0)
+        return [mine[start : start + size] for start, size in zip(starts, sizes, strict=False)]
+
+    def __iter__(self) -> Iterator[PromptBatch]:
+        for indices in self.batches():
             if tuple(indices) in self.skip:
                 continue
             yield PromptBatch(
@@ -322,6 +342,8 @@ class RolloutDataModule(L.LightningDataModule):
     def _shard(self, dataset: PromptStream | EvalPrompts) -> DataLoader:
         if self.trainer is not None:
             dataset.rank, dataset.world_size = self.trainer.global_rank, self.trainer.world_size
+        if isinstance(dataset, EvalPrompts):
+            dataset.batches()  # an impossible even split is an error now, not a hang at the first validation
         return DataLoader(dataset, batch_size=1, collate_fn=_identity, num_workers=0)
 
     def train_dataloader(self) -> DataLoader:
