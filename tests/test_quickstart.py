@@ -91,8 +91,8 @@ def test_quickstart_rollout_does_not_reward_a_padded_completion() -> None:
 
 def test_quickstart_length_limit_fits_every_worked_solution_of_its_mix() -> None:
     # max_new_tokens is set from the mix: every worked solution of every level the quickstart trains on, with
-    # its EOS, must fit, or a correct answer would be cut off. Enumerates all 10 + 300 + 3,000 problems of
-    # levels 1-3 (the longest needs 11 tokens; a level-4 problem such as 9*9*9*9= needs 20 and would fail).
+    # its EOS, must fit, or a correct answer would be cut off. Enumerates every problem of those levels (two
+    # operands: 300, the longest 5 tokens; three: 3,000, 11 tokens; a level-4 problem such as 9*9*9*9= needs 20).
     config = yaml.safe_load(QUICKSTART.read_text())["data"]
     mixes = [config[split]["init_args"]["mix"] for split in ("train", "val")]
     assert mixes[0] == mixes[1]  # validation measures the distribution trained on

@@ -164,7 +164,7 @@ DEFAULT_MIX: dict[int, float] = {1: 0.05, 2: 0.65, 3: 0.2, 4: 0.1}
 GRPO gains come mostly from two-operand problems (the ones where sampling 8 completions often finds the
 answer greedy decoding misses); levels 3 and 4 give mostly all-wrong groups at the start, so they are kept
 as a minority of harder, uncertain prompts. The quickstart sets its own mix (``configs/quickstart.yaml``:
-no level 4, whose long completions cost time and which the warm start almost never solves).
+two-operand problems only, the ones RL teaches the tiny policy within minutes).
 """
 
 WARM_START_MIX: dict[int, float] = {1: 0.05, 2: 0.5, 3: 0.3, 4: 0.15}
