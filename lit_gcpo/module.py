@@ -81,7 +81,8 @@ class GRPOModule(L.LightningModule):
             then ``lr_decay``).
         warmup_steps: optimizer steps of linear warm-up for the default scheduler.
         lr_decay: what the default scheduler does after the warm-up: ``constant``, or a ``linear`` or ``cosine``
-            decay that reaches ``min_lr_ratio`` x the optimizer's lr at ``trainer.max_steps``.
+            decay that reaches ``min_lr_ratio`` x the optimizer's lr at ``trainer.max_steps`` (optimizer steps; a
+            run resumed with another ``max_steps`` follows the new schedule from the step it reached: the lr jumps).
         min_lr_ratio: the decay's final lr, as a fraction of the optimizer's lr.
         advantage: ``grpo`` (std-normalised) or ``dr_grpo`` (mean-centred only).
         advantage_scale: ``group`` or ``batch`` std for ``grpo``.
