@@ -7,8 +7,10 @@ import pytest
 from lit_gcpo.cli import main
 
 
-def _parse(*options: str):
-    return main(["--config", "configs/quickstart.yaml", *options], run=False)
+def _parse(tmp_path, *options: str):
+    # the parsed trainer's logger claims a version directory: the test's, not the repository's runs/
+    paths = ["--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    return main(["--config", "configs/quickstart.yaml", *paths, *options], run=False)
 
 
 @pytest.mark.parametrize(
@@ -19,27 +21,29 @@ def _parse(*options: str):
         ("--trainer.precision", "16-mixed", ["trainer.precision 16-mixed", "bf16-mixed"]),
     ],
 )
-def test_unsupported_strategy_or_precision_is_refused_at_parse_time(option, value, names, capsys, monkeypatch):
+def test_unsupported_strategy_or_precision_is_refused_at_parse_time(
+    option, value, names, capsys, monkeypatch, tmp_path
+):
     loaded = []
     monkeypatch.setattr("lit_gcpo.module.load_policy", lambda *a, **k: loaded.append(a))
     with pytest.raises(SystemExit) as exit_info:
-        _parse(option, value)
+        _parse(tmp_path, option, value)
     assert exit_info.value.code != 0
     message = capsys.readouterr().err
     assert all(name in message for name in names), message
     assert loaded == []  # refused before any model was loaded
 
 
-def test_temperature_and_completion_length_come_from_the_sampling(capsys):
-    cli = _parse("--data.sampling.temperature", "0.7", "--data.sampling.max_new_tokens", "17")
+def test_temperature_and_completion_length_come_from_the_sampling(capsys, tmp_path):
+    cli = _parse(tmp_path, "--data.sampling.temperature", "0.7", "--data.sampling.max_new_tokens", "17")
     assert cli.model.hparams.temperature == 0.7 and cli.model.scorer.temperature == 0.7
     assert cli.model.hparams.max_completion_length == 17
     assert cli.datamodule.sampling.temperature == 0.7
 
 
-def test_temperature_cannot_be_set_twice(capsys):
+def test_temperature_cannot_be_set_twice(capsys, tmp_path):
     with pytest.raises(SystemExit):
-        _parse("--model.temperature", "0.5")
+        _parse(tmp_path, "--model.temperature", "0.5")
     assert "data.sampling" in capsys.readouterr().err
 
 
