@@ -18,8 +18,9 @@ import contextlib
 import logging
 import os
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from fsspec.implementations.local import LocalFileSystem
@@ -45,8 +46,9 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_torch_save(obj: Any, target: str | Path) -> None:
-    """``torch.save(obj, target)`` such that ``target`` is either its previous content or the complete new one."""
+def atomic_write(target: str | Path, write: Callable[[BinaryIO], Any]) -> None:
+    """Call ``write`` on a new file that then replaces ``target`` at once: ``target`` is either its previous
+    content or the complete new one, whenever the process dies."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     for stale in target.parent.glob(_temporary_name(target) + "*"):  # left by a process killed mid-write
@@ -54,7 +56,7 @@ def atomic_torch_save(obj: Any, target: str | Path) -> None:
     temporary = target.parent / f"{_temporary_name(target)}{os.getpid()}"
     try:
         with open(temporary, "wb") as handle:
-            torch.save(obj, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, target)
@@ -63,6 +65,11 @@ def atomic_torch_save(obj: Any, target: str | Path) -> None:
             temporary.unlink()
         raise
     _fsync_directory(target.parent)
+
+
+def atomic_torch_save(obj: Any, target: str | Path) -> None:
+    """``torch.save(obj, target)`` such that ``target`` is either its previous content or the complete new one."""
+    atomic_write(target, lambda handle: torch.save(obj, handle))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

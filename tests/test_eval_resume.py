@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from eval_cli import FIXTURES, cli_test_args, source
 
+from lit_gcpo.evaluation.callback import common_counts
 from lit_gcpo.evaluation.progress import EvaluationProgress
 
 RECORD = {"benchmark": "toy", "id": "a", "prompt": "the prompt", "signals": {"se": float("nan")}}
@@ -53,6 +54,23 @@ def test_resuming_with_other_settings_is_refused(tmp_path: Path) -> None:
         progress.check(same, {"toy": ["an edited prompt", "another"]})
     with pytest.raises(ValueError, match=r"prompts of 'toy' at positions \[0\]"):
         progress.check(same, {"toy": []})  # fewer rows now (a smaller limit)
+
+
+def test_ranks_keep_only_the_batches_every_rank_finished(tmp_path: Path) -> None:
+    # a kill left rank 0 three batches into "a" and one into "b", rank 1 one batch into "a"
+    rank0, rank1 = EvaluationProgress(tmp_path / "rank0.jsonl"), EvaluationProgress(tmp_path / "rank1.jsonl")
+    for name, positions in [("a", [0, 2]), ("a", [4, 6]), ("a", [8]), ("b", [0, 2])]:
+        rank0.append(name, positions, {"samples": 1}, [{**RECORD, "id": f"{name}{positions[0]}"}])
+    rank1.append("a", [1, 3], {"samples": 1}, [{**RECORD, "id": "a1"}])
+    common = common_counts([rank0.counts(), rank1.counts()])
+    assert common == {"a": 1, "b": 0}
+    assert rank0.keep_first(common) == 3 and rank1.keep_first(common) == 0
+    for progress in (rank0, rank1):  # what a restarted rank reads back
+        again = EvaluationProgress(progress.path)
+        again.load()
+        assert again.done() == {"a": {(0, 2) if progress is rank0 else (1, 3)}}
+    assert [r["id"] for r in rank0.records()] == ["a0"]
+    assert not list(tmp_path.glob(".*tmp*"))  # the rewrite left no temporary file
 
 
 # --------------------------------------------------------------------------- a real killed run
@@ -113,3 +131,42 @@ def test_killed_run_restarted_skips_what_is_done_and_reports_the_same(tiny_model
         (reference / "test_benchmarks.json").read_text()
     )
     assert (out / "test_paper.md").read_text() == (reference / "test_paper.md").read_text()
+
+
+def _fsdp2_command(model_dir: str, out: Path) -> list[str]:
+    sources = [
+        source("gsm8k", FIXTURES / "gsm8k.sample.jsonl", greedy=True, samples=3),
+        source("hotpotqa", FIXTURES / "hotpotqa_dev_distractor.sample.jsonl", max_context_tokens=40),
+    ]
+    args = cli_test_args(model_dir, out, sources, samples=2, max_new_tokens=12, batch_size=2)
+    # `-m`: Lightning starts rank 1 by running this command line again
+    return [sys.executable, "-m", "lit_gcpo.cli", *args, "--trainer.devices=2", "--trainer.strategy=fsdp2"]
+
+
+def test_fsdp2_ranks_a_kill_left_apart_resume_in_step_and_report_the_same(tiny_model_dir, tmp_path: Path) -> None:
+    """A kill can leave one rank batches ahead of another. Each forward pass of a sharded policy is a collective:
+    had each rank skipped its own batches (4 on rank 0, 1 on rank 1 here), rank 1's extra batches would have no
+    partner (without the agreement gloo aborted the run on mismatched collectives; NCCL would wait). The ranks
+    agree on what they all finished, rank 0 evaluates 3 batches again, and the report equals an uninterrupted
+    run's."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    reference = tmp_path / "uninterrupted"
+    subprocess.run(_fsdp2_command(tiny_model_dir, reference), cwd=tmp_path, check=True, timeout=600, env=env)
+    files = [f"test_progress.rank{rank}.jsonl" for rank in (0, 1)]
+    # batches of 2 rows: gsm8k greedy and sampled 2 each per rank, hotpotqa 1 each
+    assert [len(_lines(reference / name)) for name in files] == [5, 5]
+
+    out = tmp_path / "interrupted"
+    out.mkdir()
+    for name, kept in zip(files, (4, 1), strict=True):  # rank 0 stopped in hotpotqa, rank 1 in gsm8k greedy
+        lines = (reference / name).read_text().splitlines(keepends=True)
+        (out / name).write_text("".join(lines[:kept]))
+    subprocess.run(_fsdp2_command(tiny_model_dir, out), cwd=tmp_path, check=True, timeout=300, env=env)
+    for name in files:  # every batch once, and rank 1's finished batch kept
+        keys = [(line["name"], tuple(line["positions"])) for line in _lines(out / name)]
+        expected = [(line["name"], tuple(line["positions"])) for line in _lines(reference / name)]
+        assert sorted(keys) == sorted(expected)
+    assert _lines(out / files[1])[0] == _lines(reference / files[1])[0]
+    assert json.loads((out / "test_benchmarks.json").read_text()) == json.loads(
+        (reference / "test_benchmarks.json").read_text()
+    )

@@ -104,6 +104,13 @@ class BenchmarkReport(pl.Callback):
         path = self._directory(trainer) / f"test_progress.rank{trainer.global_rank}.jsonl"
         self.progress = EvaluationProgress(path)
         self.progress.load()
+        if trainer.world_size > 1:  # every rank must run the same batches (see lit_gcpo.evaluation.progress)
+            common = common_counts(_gather_objects(trainer, self.progress.counts()))
+            dropped = self.progress.keep_first(common)
+            if dropped:
+                log.warning(
+                    "%s: %d evaluated batches are evaluated again: another rank had not finished them", path, dropped
+                )
         datamodule = getattr(trainer, "datamodule", None)
         if self.progress.batches:
             if not hasattr(datamodule, "skip_test_batches"):
@@ -281,10 +288,22 @@ class BenchmarkReport(pl.Callback):
         return skipped
 
 
+def _gather_objects(trainer: pl.Trainer, value: Any) -> list[Any]:
+    """Every rank's ``value``, in rank order, on every rank (``[value]`` on one process)."""
+    if trainer.world_size <= 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return [value]
+    everyone: list[Any] = [None] * trainer.world_size
+    torch.distributed.all_gather_object(everyone, value)
+    return everyone
+
+
 def _gather(trainer: pl.Trainer, records: list[Record]) -> list[Record]:
     """Every rank's records on every rank (a copy of the local list on one process)."""
-    if trainer.world_size <= 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        return list(records)
-    everyone: list[list[Record] | None] = [None] * trainer.world_size
-    torch.distributed.all_gather_object(everyone, records)
-    return [record for part in everyone for record in (part or [])]
+    return [record for part in _gather_objects(trainer, records) for record in (part or [])]
+
+
+def common_counts(per_rank: list[dict[str, int]]) -> dict[str, int]:
+    """For each test name, the batches done on every rank: the smallest count over the ranks (0 where a rank
+    has none)."""
+    names = {name for counts in per_rank for name in counts}
+    return {name: min(counts.get(name, 0) for counts in per_rank) for name in names}

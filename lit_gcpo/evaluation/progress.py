@@ -15,7 +15,10 @@ in the file, and the same prompts at the positions of every batch found (a chang
 budget, ``limit`` or file): anything else raises (the records would not be the ones this config
 produces).
 
-One file per data-parallel rank (``<stem>_progress.rank<r>.jsonl``): each rank skips its own batches.
+One file per data-parallel rank (``<stem>_progress.rank<r>.jsonl``): each rank skips its own batches. A kill
+can leave the ranks a batch or more apart; the resumed ranks then keep, for each test name, only as many
+batches as every rank finished (``keep_first``), so that they run the same batches again: under ``fsdp2`` each
+forward pass is a collective, and a rank with fewer batches left would leave the others waiting.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from lit_gcpo.checkpointing import atomic_write
 from lit_gcpo.evaluation.results import Record, jsonable
 
 log = logging.getLogger(__name__)
@@ -74,6 +78,30 @@ class EvaluationProgress:
         for entry in self.batches:
             result.setdefault(entry["name"], set()).add(tuple(entry["positions"]))
         return result
+
+    def counts(self) -> dict[str, int]:
+        """``{test name: batches done}``."""
+        result: dict[str, int] = {}
+        for entry in self.batches:
+            result[entry["name"]] = result.get(entry["name"], 0) + 1
+        return result
+
+    def keep_first(self, counts: Mapping[str, int]) -> int:
+        """Keep the first ``counts[name]`` batches of each test name (0 for a name not given), in the order they
+        were written, which is the order this rank evaluates them; the file is rewritten at once (a new file
+        renamed over it) when a batch is dropped. Returns the number dropped, to be evaluated again."""
+        seen: dict[str, int] = {}
+        kept = []
+        for entry in self.batches:
+            seen[entry["name"]] = seen.get(entry["name"], 0) + 1
+            if seen[entry["name"]] <= counts.get(entry["name"], 0):
+                kept.append(entry)
+        dropped = len(self.batches) - len(kept)
+        if dropped:
+            lines = b"".join((json.dumps(entry, ensure_ascii=False, allow_nan=False) + "\n").encode() for entry in kept)
+            atomic_write(self.path, lambda handle: handle.write(lines))
+            self.batches = kept
+        return dropped
 
     def check(
         self, settings: Mapping[str, Mapping[str, Any]], prompts: Mapping[str, Sequence[str]] | None = None
