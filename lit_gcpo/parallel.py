@@ -16,10 +16,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.strategies.model_parallel import _is_full_checkpoint, _load_checkpoint
 from lightning.pytorch.strategies import ModelParallelStrategy, ParallelStrategy, Strategy, StrategyRegistry
 
 # Trainer precisions the module honours: mixed bf16 (fp32 master weights) or one dtype throughout.
@@ -57,6 +59,30 @@ class FSDP2Strategy(ModelParallelStrategy):
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes  # every rank shards the model
         super().setup_environment()
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's loader, except for a single-file checkpoint whose optimizers saved no state (plain SGD, or
+        no step taken yet): Lightning's loader fails on those (``IndexError``: it reads the first state entry
+        to tell how the state is keyed). There is no state to load then: the weights load as usual and each
+        optimizer's hyperparameters (``lr``, ...) come from its saved param groups."""
+        path = Path(self.broadcast(checkpoint_path))
+        if not _is_full_checkpoint(path):
+            return super().load_checkpoint(path, weights_only)
+        saved = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only).get("optimizer_states", [])
+        if any(state["state"] for state in saved):
+            return super().load_checkpoint(path, weights_only)
+        assert self.lightning_module is not None
+        remaining = _load_checkpoint(
+            path=path,
+            state={"state_dict": self.model},
+            strict=self.lightning_module.strict_loading,
+            optimizer_states_from_list=True,
+            weights_only=weights_only,
+        )
+        for optimizer, state in zip(self.optimizers, saved, strict=False):
+            for group, saved_group in zip(optimizer.param_groups, state["param_groups"], strict=True):
+                group.update({key: value for key, value in saved_group.items() if key != "params"})
+        return remaining
 
 
 if "fsdp2" not in StrategyRegistry:

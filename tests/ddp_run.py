@@ -5,11 +5,13 @@
 Options (JSON): devices, strategy (auto / ddp / fsdp2), batch_size (prompts per rank), max_steps (optimizer
 steps), max_grad_norm, poison_rollout (the rollout whose second half of completions gets NaN old log-probs:
 on 2 ranks that is all of rank 1's), save (a checkpoint path written at the end), resume (a checkpoint to
-resume from), tag (the output file's prefix). With 2 devices Lightning re-runs this script for rank 1.
+resume from), momentum (of the SGD optimizer, 0.5; 0 keeps no optimizer state), warmup_steps, tag (the output
+file's prefix). With 2 devices Lightning re-runs this script for rank 1.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -23,10 +25,9 @@ from lit_gcpo.engines.base import SamplingConfig
 from lit_gcpo.module import GRPOModule
 
 
-def sgd(params):
-    # momentum gives the optimizer a state to checkpoint (Lightning's FSDP2 full-checkpoint loader fails on an
-    # empty one, e.g. plain SGD's)
-    return torch.optim.SGD(params, lr=0.1, momentum=0.5)
+def sgd(params, momentum: float = 0.5):
+    # momentum 0 (plain SGD) saves no optimizer state, on which Lightning's own FSDP2 loader fails
+    return torch.optim.SGD(params, lr=0.1, momentum=momentum)
 
 
 class Poison(L.Callback):
@@ -88,8 +89,9 @@ if __name__ == "__main__":
     L.seed_everything(0)
     module = GRPOModule(
         model=model_dir,
-        optimizer=sgd,
+        optimizer=functools.partial(sgd, momentum=options.get("momentum", 0.5)),
         num_iterations=2,
+        warmup_steps=options.get("warmup_steps", 0),
         micro_batch_size=5,
         max_grad_norm=options.get("max_grad_norm", 0.0),
         beta=options.get("beta", 0.0),

@@ -164,3 +164,21 @@ def test_readme_fsdp2_command_trains_checkpoints_and_exports(tmp_path):
     assert exported.config.architectures == ["LlamaForCausalLM"]
     initial = AutoModelForCausalLM.from_pretrained(str(root / "lit_gcpo/assets/tiny-arith")).state_dict()
     assert any(not torch.equal(v, initial[n]) for n, v in exported.state_dict().items())
+
+
+def test_fsdp2_resumes_an_optimizer_without_state(tiny_model_dir, tmp_path):
+    """Plain SGD saves no optimizer state; Lightning's FSDP2 loader failed on it (IndexError): the resumed run
+    must equal the uninterrupted one. The lr warms up over the 4 steps: the resumed optimizer must start from its
+    saved lr (0.075 at step 2), not from the one a new scheduler sets (0.025)."""
+    options = dict(devices=2, strategy="fsdp2", batch_size=3, momentum=0.0, max_steps=4, poison_rollout=None)
+    options["warmup_steps"] = 4
+    straight = run(tiny_model_dir, tmp_path, **options, tag="straight")
+    ckpt = tmp_path / "plain-sgd.ckpt"
+    run(tiny_model_dir, tmp_path, **{**options, "max_steps": 2}, save=str(ckpt), tag="first")
+    state = torch.load(ckpt, weights_only=False)
+    assert [optimizer["state"] for optimizer in state["optimizer_states"]] == [{}]  # the case under test
+    resumed = run(tiny_model_dir, tmp_path, **options, resume=str(ckpt), tag="resumed")
+    assert resumed[0]["global_step"] == straight[0]["global_step"] == 4
+    assert_same_weights(straight[0], resumed[0], atol=1e-6)
+    initial = dict(AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict())
+    assert any(not torch.allclose(v, initial[n]) for n, v in resumed[0]["weights"].items() if n in initial)
