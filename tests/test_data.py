@@ -142,9 +142,11 @@ def test_a_single_process_keeps_full_batches_and_a_short_last_one():
     assert dataset.batches() == [[0, 1, 2], [3, 4, 5], [6]]
 
 
-def test_an_even_split_that_cannot_be_made_is_an_error_naming_the_batch_size():
+def test_an_even_split_that_cannot_be_made_is_an_error_under_fsdp2_only():
     dataset = EvalPrompts(ROWS, [r["problem"] for r in ROWS], batch_size=1)
     dataset.rank, dataset.world_size = 1, 2  # 7 rows: rank 0 has 4 batches of one row, rank 1 only 3 rows
+    assert dataset.batches() == [[1], [3], [5]]  # DDP: no collective in a forward pass, a batch fewer is fine
+    dataset.lockstep = True
     with pytest.raises(ValueError, match=r"rank 1 has 3 rows for 4 batches.*val_batch_size"):
         dataset.batches()
 
@@ -279,3 +281,23 @@ def test_engine_state_travels_with_the_datamodule_state():
     restored.collector = SimpleNamespace(engine=Engine())
     restored.load_state_dict(saved.state_dict())
     assert restored.collector.engine.calls == 5 and restored.consumed_batches == 7
+
+
+@pytest.mark.parametrize(("strategy", "raises"), [("fsdp2", True), ("ddp", False)])
+def test_the_dataloader_checks_the_split_when_the_strategy_needs_lockstep(strategy, raises):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from lit_gcpo.parallel import FSDP2Strategy
+
+    data = RolloutDataModule(train=LocalFiles("unused.jsonl"))
+    data.trainer = SimpleNamespace(
+        global_rank=1, world_size=2, strategy=FSDP2Strategy() if strategy == "fsdp2" else DDPStrategy()
+    )
+    dataset = EvalPrompts(ROWS, [r["problem"] for r in ROWS], batch_size=1)
+    if raises:  # when the dataloader is made, before any rank could wait for another
+        with pytest.raises(ValueError, match="val_batch_size"):
+            data._shard(dataset)
+    else:
+        assert [batch.indices for batch in data._shard(dataset)] == [[1], [3], [5]]

@@ -34,6 +34,7 @@ from lit_gcpo.data.sources import PromptSource
 from lit_gcpo.data.templates import PromptRenderer, context_length, fit_prompts, placeholders
 from lit_gcpo.engines import build_engine
 from lit_gcpo.engines.base import SamplingConfig
+from lit_gcpo.parallel import is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -86,15 +87,20 @@ class EvalPrompts(IterableDataset):
         self.rows, self.prompts, self.batch_size = rows, prompts, batch_size
         self.skip: set[tuple[int, ...]] = set(skip or ())
         self.rank, self.world_size = 0, 1
+        self.lockstep = False  # the ranks' forward passes are collectives (fsdp2): an uneven split is an error
 
     def batches(self) -> list[list[int]]:
         """This rank's batches of row indices: rows ``rank, rank + W, ...``, in as many batches as the rank with
         the most rows needs, so that every rank runs the same number (under ``fsdp2`` each forward pass is a
         collective, and a rank a batch short would leave the others waiting). The batches hold ``batch_size``
-        rows, except the last (and, on a rank with fewer rows, the last two)."""
+        rows, except the last (and, on a rank with fewer rows, the last two). Where no such split exists (fewer
+        rows than ranks, or batches of one row and an uneven count) a rank runs a batch fewer, unless
+        ``lockstep`` (``fsdp2``), where that is an error."""
         mine = list(range(self.rank, len(self.rows), self.world_size))
         most = -(-len(self.rows) // self.world_size)
         count = -(-most // self.batch_size)
+        if len(mine) < count and not self.lockstep:  # DDP: a rank may run a batch fewer
+            return [mine[start : start + self.batch_size] for start in range(0, len(mine), self.batch_size)]
         if len(mine) < count:
             raise ValueError(
                 f"{len(self.rows)} evaluation rows cannot give each of {self.world_size} ranks the same number of "
@@ -343,6 +349,7 @@ class RolloutDataModule(L.LightningDataModule):
         if self.trainer is not None:
             dataset.rank, dataset.world_size = self.trainer.global_rank, self.trainer.world_size
         if isinstance(dataset, EvalPrompts):
+            dataset.lockstep = self.trainer is not None and is_sharded(self.trainer.strategy)
             dataset.batches()  # an impossible even split is an error now, not a hang at the first validation
         return DataLoader(dataset, batch_size=1, collate_fn=_identity, num_workers=0)
 
