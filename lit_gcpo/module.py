@@ -343,7 +343,7 @@ class GRPOModule(L.LightningModule):
                 "engine): call score_rollout on it first (the RolloutDataModule does)"
             )
         # Entropy is only logged (unless it is in the loss): computed on the steps that write logs.
-        with_entropy = hp.entropy_coef != 0 or self._logs_this_step()
+        with_entropy = hp.entropy_coef != 0 or logs_this_step(self._trainer)
         # Global counts, so that micro-batches and ranks add up to the whole batch's loss; DDP and FSDP average
         # gradients over ranks, hence the world-size factor on each rank's share.
         world = self.trainer.world_size
@@ -432,9 +432,6 @@ class GRPOModule(L.LightningModule):
         every = self.hparams.log_samples_every_n_steps
         if every and batch_idx % every == 0:
             self._log_samples(batch)
-
-    def _logs_this_step(self) -> bool:
-        return logs_this_step(self._trainer)
 
     def _accuracy(self, batch: RolloutBatch) -> torch.Tensor | None:
         datamodule = self.trainer.datamodule if self._trainer is not None else None

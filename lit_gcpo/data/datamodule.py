@@ -99,9 +99,9 @@ class EvalPrompts(IterableDataset):
         mine = list(range(self.rank, len(self.rows), self.world_size))
         most = -(-len(self.rows) // self.world_size)
         count = -(-most // self.batch_size)
-        if len(mine) < count and not self.lockstep:  # DDP: a rank may run a batch fewer
-            return [mine[start : start + self.batch_size] for start in range(0, len(mine), self.batch_size)]
         if len(mine) < count:
+            if not self.lockstep:  # DDP: a rank may run a batch fewer
+                return [mine[start : start + self.batch_size] for start in range(0, len(mine), self.batch_size)]
             raise ValueError(
                 f"{len(self.rows)} evaluation rows cannot give each of {self.world_size} ranks the same number of "
                 f"batches of at most {self.batch_size} rows (rank {self.rank} has {len(mine)} rows for {count} "

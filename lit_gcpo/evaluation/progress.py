@@ -98,7 +98,7 @@ class EvaluationProgress:
                 kept.append(entry)
         dropped = len(self.batches) - len(kept)
         if dropped:
-            lines = b"".join((json.dumps(entry, ensure_ascii=False, allow_nan=False) + "\n").encode() for entry in kept)
+            lines = "".join(_line(entry) for entry in kept).encode()
             atomic_write(self.path, lambda handle: handle.write(lines))
             self.batches = kept
         return dropped
@@ -146,10 +146,15 @@ class EvaluationProgress:
         """Write one batch's records as one line, on disk before returning."""
         entry = {"name": name, "positions": list(positions), "settings": jsonable(dict(settings))}
         entry["records"] = jsonable(records)
-        line = json.dumps(entry, ensure_ascii=False, allow_nan=False) + "\n"
+        line = _line(entry)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(line)
             handle.flush()
             os.fsync(handle.fileno())
         self.batches.append(json.loads(line))
+
+
+def _line(entry: dict[str, Any]) -> str:
+    """One batch's entry as a line of the progress file (strict JSON: NaN was stored as null by ``jsonable``)."""
+    return json.dumps(entry, ensure_ascii=False, allow_nan=False) + "\n"
