@@ -28,6 +28,8 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from lit_gcpo.sharded_checkpoint import META_FILE, read_sharded_checkpoint
+
 log = logging.getLogger(__name__)
 
 KEYWORDS = ("last", "best", "hpc", "registry")
@@ -87,8 +89,9 @@ def check_checkpoint(path: str) -> None:
     if path in KEYWORDS or path.startswith("registry:"):
         return
     file = Path(path)
-    if file.is_dir() and (file / "meta.pt").is_file():
-        return  # a sharded (distributed) checkpoint: one file per rank, read by the strategy
+    if file.is_dir() and (file / META_FILE).is_file():  # a sharded checkpoint: a directory of one file per rank
+        read_sharded_checkpoint(file)  # refuses one crafted to run code when loaded
+        return
     if not file.is_file():
         raise FileNotFoundError(f"ckpt_path: no checkpoint file at {path}")
     if not zipfile.is_zipfile(file):

@@ -21,8 +21,11 @@ from typing import Any
 
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.strategies.fsdp import _is_sharded_checkpoint
 from lightning.fabric.strategies.model_parallel import _is_full_checkpoint, _load_checkpoint
 from lightning.pytorch.strategies import ModelParallelStrategy, ParallelStrategy, Strategy, StrategyRegistry
+
+from lit_gcpo.sharded_checkpoint import load_sharded, read_meta
 
 # Trainer precisions the module honours: mixed bf16 (fp32 master weights) or one dtype throughout.
 SUPPORTED_PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "64-true", "64")
@@ -66,6 +69,8 @@ class FSDP2Strategy(ModelParallelStrategy):
         to tell how the state is keyed). There is no state to load then: the weights load as usual and each
         optimizer's hyperparameters (``lr``, ...) come from its saved param groups."""
         path = Path(self.broadcast(checkpoint_path))
+        if _is_sharded_checkpoint(path):
+            return self._load_sharded_checkpoint(path)
         if not _is_full_checkpoint(path):
             return super().load_checkpoint(path, weights_only)
         saved = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only).get("optimizer_states", [])
@@ -83,6 +88,30 @@ class FSDP2Strategy(ModelParallelStrategy):
             for group, saved_group in zip(optimizer.param_groups, state["param_groups"], strict=True):
                 group.update({key: value for key, value in saved_group.items() if key != "params"})
         return remaining
+
+    def _load_sharded_checkpoint(self, path: Path) -> dict[str, Any]:
+        """Lightning's loading of a sharded checkpoint (weights, then each optimizer, then ``meta.pt``), read
+        through ``lit_gcpo.sharded_checkpoint``: Lightning's own reads the shards' index with plain pickle and
+        their non-tensor items with ``weights_only=False``, which runs code a crafted checkpoint holds."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        assert self.lightning_module is not None
+        module = self.model
+        weights = {"state_dict": get_model_state_dict(module)}
+        load_sharded(weights, path)
+        module.load_state_dict(weights["state_dict"], strict=self.lightning_module.strict_loading)
+        for index, optimizer in enumerate(self.optimizers):
+            key = f"optimizer_{index}"
+            state = {key: get_optimizer_state_dict(module, optimizer)}
+            load_sharded(state, path)
+            options = StateDictOptions(cpu_offload=True)
+            set_optimizer_state_dict(module, optimizer, optim_state_dict=state[key], options=options)
+        return read_meta(path)
 
 
 if "fsdp2" not in StrategyRegistry:
