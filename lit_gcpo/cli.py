@@ -8,7 +8,9 @@ The uncertainty callback and the checkpoints are ordinary Trainer callbacks in t
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.strategies import StrategyRegistry
 
 from lit_gcpo.checkpointing import AtomicCheckpointIO, check_checkpoint, newest_complete_checkpoint
 from lit_gcpo.data.datamodule import RolloutDataModule
@@ -63,6 +66,34 @@ def missing_model_path(value: str | None) -> str | None:
     return None
 
 
+def strategy_names_as_classes(args: list[str]) -> list[str]:
+    """``--trainer.strategy NAME`` followed by ``--trainer.strategy.OPTION``: NAME (a registered strategy, e.g.
+    ``fsdp2``) becomes its class path, with the registry's own options as nested arguments. jsonargparse applies
+    nested options only to a class, and refused the README's ``--trainer.strategy fsdp2
+    --trainer.strategy.save_distributed_checkpoint true`` (exit 2, "Expected a dot import path string: fsdp2")."""
+    if not any(arg.startswith("--trainer.strategy.") for arg in args):
+        return args
+    result: list[str] = []
+    index = 0
+    while index < len(args):
+        arg, index = args[index], index + 1
+        if arg == "--trainer.strategy" and index < len(args):
+            name, index = args[index], index + 1
+        elif arg.startswith("--trainer.strategy="):
+            name = arg.partition("=")[2]
+        else:
+            result.append(arg)
+            continue
+        if name not in StrategyRegistry:
+            result += ["--trainer.strategy", name]
+            continue
+        strategy = StrategyRegistry[name]["strategy"]
+        result += ["--trainer.strategy", f"{strategy.__module__}.{strategy.__qualname__}"]
+        for option, value in StrategyRegistry[name]["init_params"].items():
+            result += [f"--trainer.strategy.{option}", value if isinstance(value, str) else json.dumps(value)]
+    return result
+
+
 class GCPOCLI(LightningCLI):
     """LightningCLI for lit-gcpo runs, made safe against lost or silently changed work:
 
@@ -80,6 +111,8 @@ class GCPOCLI(LightningCLI):
         parser.link_arguments("data.sampling", "model.max_completion_length", compute_fn=_sampling_max_new_tokens)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        if args is None or isinstance(args, (list, tuple)):
+            args = strategy_names_as_classes(list(sys.argv[1:] if args is None else args))
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         if subcommand and self.config[subcommand].trainer.get("gradient_clip_val"):

@@ -55,3 +55,18 @@ def test_7b_config_uses_fsdp2_on_several_nodes(config, capsys):
     printed = capsys.readouterr().out
     assert "lit_gcpo.parallel.FSDP2Strategy" in printed and "num_nodes: 2" in printed
     assert "Qwen/Qwen2.5-Math-7B" in printed and "precision: bf16-mixed" in printed
+
+
+def test_readme_sharded_checkpoint_option_parses_after_the_strategy_name(tmp_path):
+    """The README's table: ``--trainer.strategy fsdp2`` then ``--trainer.strategy.save_distributed_checkpoint
+    true``; jsonargparse took the name for a string and exited 2 on the nested option."""
+    strategy = ["--trainer.strategy", "fsdp2", "--trainer.strategy.save_distributed_checkpoint", "true"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", "configs/quickstart.yaml", *strategy, "--print_config"])
+    assert exit_info.value.code == 0
+    from lit_gcpo.parallel import FSDP2Strategy
+
+    for given in (strategy, ["--trainer.strategy=fsdp2", *strategy[2:]]):
+        trainer = _parse(tmp_path, *given).trainer
+        assert isinstance(trainer.strategy, FSDP2Strategy) and trainer.strategy._save_distributed_checkpoint
+    assert not _parse(tmp_path, "--trainer.strategy", "fsdp2").trainer.strategy._save_distributed_checkpoint
