@@ -2,8 +2,10 @@
 `--ckpt_path last`, and compare the final weights and optimizer state with an uninterrupted run.
 
 Set-up: the quickstart config on a small random Llama (built here, offline), a checkpoint after every optimizer
-step (``stepN.ckpt`` and ``last.ckpt``), the system temp folder on another filesystem (``TMPDIR=/dev/shm``,
-the condition under which Lightning's own writer left a 0-byte ``last.ckpt``). Each trial:
+step (``stepN.ckpt`` and ``last.ckpt``; ``--checkpoints quickstart``: the quickstart's own checkpoint callback,
+best ``val/accuracy`` plus ``last.ckpt``, with a validation every 2 steps), the system temp folder on another
+filesystem (``TMPDIR=/dev/shm``, the condition under which Lightning's own writer left a 0-byte ``last.ckpt``).
+Each trial:
 
 1. starts the fit in a fresh root directory and SIGKILLs it either at a uniformly random moment of its
    training, between its first and its last checkpoint (``random``), or as soon as a checkpoint's
@@ -13,7 +15,7 @@ the condition under which Lightning's own writer left a 0-byte ``last.ckpt``). E
 3. compares the newest checkpoint's policy weights and Adam moments with the reference run's (max |diff|)
    and checks that every ``*.ckpt`` left in the root directory loads.
 
-    python benchmarks/fault_kill_resume.py --trials 6 --steps 10
+    python benchmarks/fault_kill_resume.py --trials 6 --steps 10 [--checkpoints quickstart]
 """
 
 from __future__ import annotations
@@ -49,17 +51,20 @@ def build_model(path: Path) -> None:
     build_char_tokenizer().save_pretrained(path)
 
 
-def fit_config(model: Path, root: Path, steps: int) -> dict[str, Any]:
+def fit_config(model: Path, root: Path, steps: int, checkpoints: str = "every-step") -> dict[str, Any]:
     config = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
     trainer = config["trainer"]
-    trainer.update(
-        max_steps=steps,
-        default_root_dir=str(root),
-        enable_progress_bar=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
+    trainer.update(max_steps=steps, default_root_dir=str(root), enable_progress_bar=False, num_sanity_val_steps=0)
     trainer["logger"]["init_args"]["save_dir"] = str(root)
+    config["model"].update(model=str(model), log_samples_every_n_steps=0, export_dir=None)
+    config["data"].update(batch_size=4, group_size=4, val_batch_size=16)
+    config["data"]["sampling"]["max_new_tokens"] = 8
+    for split in ("train", "val"):
+        config["data"][split]["init_args"].update(num_train=256, num_val=16)
+    if checkpoints == "quickstart":  # its callbacks as shipped; validations often enough to checkpoint
+        trainer.update(val_check_interval=2)
+        return config
+    trainer.update(limit_val_batches=0)
     trainer["callbacks"] = [
         trainer["callbacks"][0],  # the uncertainty callback of the quickstart
         {
@@ -73,11 +78,6 @@ def fit_config(model: Path, root: Path, steps: int) -> dict[str, Any]:
             },
         },
     ]
-    config["model"].update(model=str(model), log_samples_every_n_steps=0, export_dir=None)
-    config["data"].update(batch_size=4, group_size=4)
-    config["data"]["sampling"]["max_new_tokens"] = 8
-    for split in ("train", "val"):
-        config["data"][split]["init_args"].update(num_train=256, num_val=16)
     return config
 
 
@@ -96,10 +96,12 @@ def run(config_path: Path, log: Path, *extra: str) -> None:
         raise RuntimeError(f"run failed ({done.returncode}), see {log}")
 
 
-def run_and_kill(config_path: Path, root: Path, log: Path, mode: str, at_s: float, after: int) -> dict[str, Any]:
+def run_and_kill(
+    config_path: Path, root: Path, log: Path, mode: str, at_s: float, after: int, complete: str = "step*.ckpt"
+) -> dict[str, Any]:
     """Start a fit and SIGKILL it ``at_s`` seconds after its first checkpoint appeared (``random``: a moment of
-    training) or at the first temporary checkpoint file seen once ``after`` step checkpoints are complete
-    (``write``)."""
+    training) or at the first temporary checkpoint file seen once ``after`` checkpoints matching ``complete``
+    exist (``write``)."""
     with open(log, "a") as handle:
         process = subprocess.Popen(command(config_path), env=environment(), stdout=handle, stderr=subprocess.STDOUT)
     start = time.monotonic()
@@ -108,7 +110,7 @@ def run_and_kill(config_path: Path, root: Path, log: Path, mode: str, at_s: floa
         elapsed = time.monotonic() - start
         if training_since is None and any(root.rglob("*.ckpt")):
             training_since = elapsed
-        writing = mode == "write" and any(root.rglob(".*.ckpt.tmp-*")) and len(list(root.rglob("step*.ckpt"))) >= after
+        writing = mode == "write" and any(root.rglob(".*.ckpt.tmp-*")) and len(list(root.rglob(complete))) >= after
         if (mode == "random" and training_since is not None and elapsed - training_since >= at_s) or writing:
             process.send_signal(signal.SIGKILL)
             killed_at = elapsed
@@ -142,6 +144,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "fault_kill_resume")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--checkpoints",
+        choices=("every-step", "quickstart"),
+        default="every-step",
+        help="a checkpoint after every step, or the quickstart config's own checkpoint callback",
+    )
     args = parser.parse_args()
     rng = random.Random(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -150,7 +158,7 @@ def main() -> None:
 
     reference_root = args.out / "reference"
     reference_config = args.out / "reference.yaml"
-    reference_config.write_text(yaml.safe_dump(fit_config(model, reference_root, args.steps)))
+    reference_config.write_text(yaml.safe_dump(fit_config(model, reference_root, args.steps, args.checkpoints)))
     start = time.monotonic()
     run(reference_config, args.out / "reference.log")
     reference_s = time.monotonic() - start
@@ -164,10 +172,13 @@ def main() -> None:
         mode = "random" if trial % 2 == 0 else "write"
         root = args.out / f"trial{trial}"
         config_path = args.out / f"trial{trial}.yaml"
-        config_path.write_text(yaml.safe_dump(fit_config(model, root, args.steps)))
+        config_path.write_text(yaml.safe_dump(fit_config(model, root, args.steps, args.checkpoints)))
         log = args.out / f"trial{trial}.log"
         at_s = rng.uniform(0.0, 1.0) * training_s
-        kill = run_and_kill(config_path, root, log, mode, at_s, after=rng.randint(1, args.steps - 2))
+        if args.checkpoints == "quickstart":  # no step files: any write once last.ckpt exists
+            kill = run_and_kill(config_path, root, log, mode, at_s, after=1, complete="last.ckpt")
+        else:
+            kill = run_and_kill(config_path, root, log, mode, at_s, after=rng.randint(1, args.steps - 2))
         try:
             resume_from = newest_complete_checkpoint(str(root))
             step_before = int(torch.load(resume_from, map_location="cpu", weights_only=True)["global_step"])
@@ -181,12 +192,18 @@ def main() -> None:
         rows.append((trial, mode, kill, step_before, weights, moments))
         print(trial, mode, kill, step_before, weights, moments, flush=True)
 
+    setting = (
+        "the quickstart's own checkpoint callback (best val/accuracy and last.ckpt), a validation every 2 steps"
+        if args.checkpoints == "quickstart"
+        else "a checkpoint after every step"
+    )
     lines = [
-        "## Fault injection: kill -9 during fit and checkpoint writes, then resume (fault_kill_resume.py)",
+        "## Fault injection: kill -9 during fit and checkpoint writes, then resume (fault_kill_resume.py"
+        + (", --checkpoints quickstart)" if args.checkpoints == "quickstart" else ")"),
         "",
         run_header(threads=1),
-        f"{args.steps} optimizer steps of the quickstart config on a random 2-layer, 128-wide Llama; a checkpoint "
-        "after every step; TMPDIR=/dev/shm (the temp folder on another filesystem). Reference run "
+        f"{args.steps} optimizer steps of the quickstart config on a random 2-layer, 128-wide Llama; {setting}; "
+        "TMPDIR=/dev/shm (the temp folder on another filesystem). Reference run "
         f"{reference_s:.0f} s ({training_s:.0f} s from its first checkpoint to its last). Each trial: SIGKILL, "
         "then `--ckpt_path last` up to the same step; every `*.ckpt` left in the run's root loads (torn files "
         "would fail `check_checkpoint`).",
@@ -206,7 +223,7 @@ def main() -> None:
         f"{exact} of {len(rows)} trials resumed bit-exactly (0.0 difference); {inside} kills landed inside a "
         "checkpoint write (a temporary file was left, and the previous checkpoint was used).",
     ]
-    write_results_section("fault_kill_resume", lines)
+    write_results_section("fault_kill_resume" + ("_quickstart" if args.checkpoints == "quickstart" else ""), lines)
     print("\n".join(lines))
 
 

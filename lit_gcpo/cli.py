@@ -23,10 +23,12 @@ from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.strategies import StrategyRegistry
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_gcpo.checkpointing import AtomicCheckpointIO, check_checkpoint, newest_complete_checkpoint
 from lit_gcpo.data.datamodule import RolloutDataModule
 from lit_gcpo.engines.base import SamplingConfig
+from lit_gcpo.last_checkpoint import SIGTERM_EXIT_CODE, take_over_save_last
 from lit_gcpo.module import GRPOModule
 from lit_gcpo.parallel import unsupported_option
 from lit_gcpo.prediction import PredictionWriter
@@ -170,6 +172,8 @@ class GCPOCLI(LightningCLI):
         enabled = config.get("enable_progress_bar") is not False
         if enabled and _has_rich() and not any(isinstance(callback, ProgressBar) for callback in callbacks):
             callbacks.append(StepProgressBar())
+        if self.subcommand in (None, "fit"):  # last.ckpt is the newest checkpoint; SIGTERM stops with one
+            callbacks = take_over_save_last(callbacks, enabled=config.get("enable_checkpointing") is not False)
         if self.subcommand == "predict" and not any(isinstance(c, BasePredictionWriter) for c in callbacks):
             callbacks.append(PredictionWriter())
         return super().instantiate_trainer(plugins=plugins, callbacks=callbacks, **kwargs)
@@ -193,6 +197,12 @@ class GCPOCLI(LightningCLI):
                 )
         if directory is not None:
             print(f"run directory: {directory}")
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except SIGTERMException as stop:  # Lightning's exit without a code reported a preempted run as a success
+            raise SystemExit(SIGTERM_EXIT_CODE) from stop
 
     def after_fit(self) -> None:
         # A short run (fewer batches than RewardSet.max_unusable_batches) whose rewards never scored anything

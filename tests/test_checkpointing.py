@@ -94,3 +94,17 @@ def test_ckpt_path_last_takes_the_newest_complete_checkpoint(tmp_path):
     assert newest_complete_checkpoint(str(tmp_path)) == str(paths["step5.ckpt"])
     torch.save({"global_step": 7}, run / "step7.ckpt" / "meta.pt")  # complete: its rank files and metadata
     assert newest_complete_checkpoint(str(tmp_path)) == str(run / "step7.ckpt")
+
+
+def test_last_ckpt_is_the_newest_checkpoint_beside_the_quickstarts_monitored_one(tiny_model_dir, tmp_path, monkeypatch):
+    """The quickstart pairs save_last with a ModelCheckpoint on val/accuracy; Lightning 2.6 rewrote last.ckpt only
+    when the accuracy improved, and not at the end of a fit whose last step is no validation step."""
+    monkeypatch.chdir(REPO)
+    cli = main(["fit", *_short_fit_args(tiny_model_dir, tmp_path, steps=5)])  # validations at steps 2 and 4
+    assert [step for step, _ in cli.model.validation_history] == [2, 4]
+    directory = next(tmp_path.rglob("checkpoints"))
+    last = torch.load(directory / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 5 and last["RolloutDataModule"]["consumed_batches"] == 5
+    monitored = [p.name for p in directory.glob("step*.ckpt")]
+    assert len(monitored) == 1  # the ModelCheckpoint still keeps its best, by val/accuracy
+    assert sorted(p.name for p in directory.iterdir()) == sorted(["last.ckpt", *monitored])

@@ -1,0 +1,90 @@
+"""``last.ckpt`` that is the newest checkpoint of a fit, also when SIGTERM stops it.
+
+Lightning 2.6's ``ModelCheckpoint(monitor=..., save_last=True)`` rewrites ``last.ckpt`` only when it also saves a
+top-k checkpoint, i.e. when the monitored metric improves: the quickstart's settings left ``last.ckpt`` at step 8
+of 20, and a resume lost every step since. And Lightning stops a fit on SIGTERM (what SLURM sends before a
+preemption) by raising ``SystemExit`` without a code: the job exited 0, as if finished, with no checkpoint of the
+steps since the last one.
+
+:class:`LastCheckpoint` writes ``last.ckpt`` after every validation of a fit, at its end and, on SIGTERM, at the
+next step boundary (Lightning stops there, on every rank), then says how to resume; the CLI turns the stop
+into exit status 143 (128 + SIGTERM). ``lit-gcpo`` adds it to every fit with checkpointing enabled and takes
+``last.ckpt`` over from any ``ModelCheckpoint(save_last=...)`` (see :func:`take_over_save_last`).
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
+"""The exit status of a fit stopped by SIGTERM (as a shell reports a process killed by it): not a success."""
+
+
+class LastCheckpoint(Checkpoint):
+    """Writes ``<dirpath>/last.ckpt`` after every validation of a fit, at its end, and when SIGTERM stops it.
+
+    Args:
+        dirpath: where; None: the directory of the trainer's ``ModelCheckpoint`` (``<log dir>/checkpoints``
+            unless it sets its own), or ``<log dir>/checkpoints`` without one.
+    """
+
+    def __init__(self, dirpath: str | None = None) -> None:
+        self.dirpath = dirpath
+        self._saved_step: int | None = None
+        self.stopped_by_sigterm: str | None = None  # the checkpoint written at a SIGTERM stop
+
+    def path(self, trainer: Trainer) -> Path:
+        if self.dirpath is not None:
+            return Path(self.dirpath) / "last.ckpt"
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath is not None:
+                return Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+        return Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+
+    def save(self, trainer: Trainer) -> Path:
+        """Write ``last.ckpt`` unless this step's is written already (a collective: every rank calls it)."""
+        path = self.path(trainer)
+        if self._saved_step != trainer.global_step or not path.exists():
+            trainer.save_checkpoint(path)
+            self._saved_step = trainer.global_step
+        return path
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self.save(trainer)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.save(trainer)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
+            return
+        path = self.save(trainer)
+        self.stopped_by_sigterm = str(path)
+        rank_zero_info(
+            f"stopped by SIGTERM after step {trainer.global_step}: checkpoint {path}; resume with the same command "
+            f"and --ckpt_path {path} (exit status {SIGTERM_EXIT_CODE})"
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+
+def take_over_save_last(callbacks: list[Any], enabled: bool) -> list[Any]:
+    """``callbacks`` with a :class:`LastCheckpoint` (unless given, or checkpointing disabled) and every
+    ``ModelCheckpoint``'s ``save_last`` turned off: ``last.ckpt`` is then always the newest checkpoint."""
+    if not enabled:
+        return callbacks
+    for callback in callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.save_last:
+            callback.save_last = False
+    if not any(isinstance(callback, LastCheckpoint) for callback in callbacks):
+        callbacks = [*callbacks, LastCheckpoint()]
+    return callbacks
