@@ -36,6 +36,7 @@ from lit_gcpo.progress import StepProgressBar
 from lit_gcpo.resume import check_resume
 from lit_gcpo.rewards.combine import RewardError
 from lit_gcpo.run_dir import RunDirectoryTakenError, claim_directory, claim_logger_directory
+from lit_gcpo.sharded_checkpoint import META_FILE
 
 DESCRIPTION = (
     "lit-gcpo: uncertainty-aware reinforcement learning of language models (GRPO, Dr. GRPO, SEED-GRPO, GCPO) on "
@@ -96,6 +97,27 @@ def strategy_names_as_classes(args: list[str]) -> list[str]:
     return result
 
 
+def runs_directory(trainer: Any) -> Path:
+    """Where the runs of this configuration keep their checkpoints: the first logger's ``save_dir/name`` (its
+    versions), or ``default_root_dir`` without a logger. ``--ckpt_path last`` searches only there: below the
+    whole ``default_root_dir`` it resumed another configuration's run (other group size and reward) silently."""
+    root = Path(trainer.get("default_root_dir") or ".")
+    logger = trainer.get("logger")
+    logger = logger[0] if isinstance(logger, list) and logger else logger
+    if logger is False or (isinstance(logger, list) and not logger):
+        return root
+    if logger is None or logger is True:  # Lightning's default logger
+        return root / "lightning_logs"
+    init_args = _plain_namespace(getattr(logger, "init_args", None) or {})
+    save_dir = Path(init_args.get("save_dir") or root)
+    name = init_args.get("name", "lightning_logs")
+    return save_dir / name if name else save_dir
+
+
+def _plain_namespace(value: Any) -> dict[str, Any]:
+    return value.as_dict() if hasattr(value, "as_dict") else dict(value)
+
+
 class GCPOCLI(LightningCLI):
     """LightningCLI for lit-gcpo runs, made safe against lost or silently changed work:
 
@@ -135,7 +157,12 @@ class GCPOCLI(LightningCLI):
             return
         config = self.config[subcommand]
         if config.ckpt_path == "last":
-            config.ckpt_path = newest_complete_checkpoint(config.trainer.default_root_dir or ".")
+            runs = runs_directory(config.trainer)
+            config.ckpt_path = newest_complete_checkpoint(str(runs))
+            print(
+                f"--ckpt_path last: {config.ckpt_path}, the newest complete checkpoint below {runs} (the runs of this "
+                "configuration's logger; other runs under trainer.default_root_dir are not considered)"
+            )
         check_checkpoint(str(config.ckpt_path))
 
     def _parse_ckpt_path(self) -> None:
@@ -144,7 +171,7 @@ class GCPOCLI(LightningCLI):
         from the checkpoint, contradictions refused, and what came from where printed."""
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if path and Path(path).is_file():
+        if path and (Path(path).is_file() or (Path(path) / META_FILE).is_file()):
             print(check_resume(str(path), self.config[subcommand], training=subcommand == "fit"))
 
     def before_instantiate_classes(self) -> None:

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from jsonargparse.typing import PositiveFloat, PositiveInt
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset
 
 from lit_gcpo.batch import PromptBatch, RolloutBatch, requested_fields
@@ -35,6 +36,7 @@ from lit_gcpo.data.templates import PromptRenderer, context_length, fit_prompts,
 from lit_gcpo.engines import build_engine
 from lit_gcpo.engines.base import SamplingConfig
 from lit_gcpo.parallel import is_sharded
+from lit_gcpo.resume import convert_data_position
 
 log = logging.getLogger(__name__)
 
@@ -482,11 +484,20 @@ class RolloutDataModule(L.LightningDataModule):
     # ---------------------------------------------------------------------------------------- resume
     def state_dict(self) -> dict[str, Any]:
         engine = self.collector.engine.state_dict() if self.collector is not None else {}
-        return {"consumed_batches": self.consumed_batches, "seed": self.seed, "engine": engine}
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        # the position is in batches: their size and the ranks let a run with other ones convert it
+        # (plain types: weights-only loading refuses jsonargparse's PositiveInt)
+        settings = {"batch_size": int(self.batch_size), "world_size": world_size, "group_size": int(self.group_size)}
+        weights = None if self.reward_weights is None else [float(weight) for weight in self.reward_weights]
+        rewards = {"rewards": [str(name) for name in self.reward_names], "reward_weights": weights}
+        return {"consumed_batches": self.consumed_batches, "seed": self.seed, "engine": engine, **settings, **rewards}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "consumed_batches" not in state_dict:
             raise KeyError("RolloutDataModule state lacks 'consumed_batches': not a lit-gcpo checkpoint?")
-        self.consumed_batches = int(state_dict["consumed_batches"])
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        self.consumed_batches, change = convert_data_position(state_dict, self.batch_size, world_size)
+        if change:
+            rank_zero_warn(change)
         if self.collector is not None:  # built in setup, which Lightning runs before restoring
             self.collector.engine.load_state_dict(state_dict.get("engine", {}))
