@@ -7,7 +7,8 @@ torn ``stepN.ckpt``. ``AtomicCheckpointIO`` writes next to the target and rename
 
 1. ``torch.save`` into ``.<name>.tmp-<pid>`` in the target's directory, ``fsync`` it;
 2. ``os.replace`` it onto the target (atomic within a directory), ``fsync`` the directory;
-3. on any failure, remove the temporary file and re-raise: the previous checkpoint is untouched.
+3. on any failure, remove the temporary file and re-raise: the previous checkpoint is untouched. A full disk
+   is said as such, naming the checkpoint (torch reported it as ``RuntimeError: ... unexpected pos``).
 
 Remote paths (``s3://``...) keep Lightning's own writer.
 """
@@ -15,8 +16,10 @@ Remote paths (``s3://``...) keep Lightning's own writer.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import shutil
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -62,11 +65,34 @@ def atomic_write(target: str | Path, write: Callable[[BinaryIO], Any]) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, target)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(OSError):
             temporary.unlink()
+        if _out_of_space(error, target.parent):
+            kept = "the previous one is intact" if target.exists() else "no file was written"
+            raise NoSpaceLeftError(
+                errno.ENOSPC, f"no space left on the device writing checkpoint {target} ({kept}); free space"
+            ) from error
         raise
     _fsync_directory(target.parent)
+
+
+class NoSpaceLeftError(OSError):
+    """A checkpoint did not fit on its disk (``errno.ENOSPC``); the message names the checkpoint."""
+
+
+def _out_of_space(error: BaseException, directory: Path) -> bool:
+    """Whether ``error`` comes from a full disk. torch.save reports a failed write as ``RuntimeError: [enforce fail
+    at inline_container.cc:672] unexpected pos``, with the ``OSError(ENOSPC)`` only in its context."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    if isinstance(error, RuntimeError) and "unexpected pos" in str(error):
+        with contextlib.suppress(OSError):
+            return shutil.disk_usage(directory).free < 1 << 20
+    return False
 
 
 def atomic_torch_save(obj: Any, target: str | Path) -> None:

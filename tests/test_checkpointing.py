@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import time
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint
 from test_cli import _short_fit_args
 
 import lit_gcpo.checkpointing as checkpointing
@@ -69,7 +71,7 @@ def test_a_failed_write_keeps_the_previous_checkpoint_and_removes_the_partial_fi
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(checkpointing.torch, "save", full_disk)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match=r"no space left on the device writing checkpoint .*step3\.ckpt"):
         atomic_torch_save({"weights": torch.zeros(1000)}, target)
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["step3.ckpt"]
@@ -92,7 +94,9 @@ def test_ckpt_path_last_takes_the_newest_complete_checkpoint(tmp_path):
     (run / ".last.ckpt.tmp-123").write_bytes(b"partial")  # a killed writer's temporary file
     (run / "step7.ckpt").mkdir()  # a sharded checkpoint whose metadata file was never written
     assert newest_complete_checkpoint(str(tmp_path)) == str(paths["step5.ckpt"])
-    torch.save({"global_step": 7}, run / "step7.ckpt" / "meta.pt")  # complete: its rank files and metadata
+    torch.save({"global_step": 7}, run / "step7.ckpt" / "meta.pt")  # its shards' index is still missing
+    assert newest_complete_checkpoint(str(tmp_path)) == str(paths["step5.ckpt"])
+    torch.distributed.checkpoint.save({"w": torch.ones(2)}, checkpoint_id=run / "step7.ckpt", no_dist=True)
     assert newest_complete_checkpoint(str(tmp_path)) == str(run / "step7.ckpt")
 
 
@@ -108,3 +112,42 @@ def test_last_ckpt_is_the_newest_checkpoint_beside_the_quickstarts_monitored_one
     monitored = [p.name for p in directory.glob("step*.ckpt")]
     assert len(monitored) == 1  # the ModelCheckpoint still keeps its best, by val/accuracy
     assert sorted(p.name for p in directory.iterdir()) == sorted(["last.ckpt", *monitored])
+
+
+class _FillsAfter:
+    """A file handle on a disk that fills after ``room`` bytes: the write then fails with ENOSPC, as the OS does."""
+
+    def __init__(self, handle, room: int) -> None:
+        self.handle, self.room = handle, room
+
+    def write(self, data) -> int:
+        if self.room < len(data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self.handle.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+
+def test_a_full_disk_says_no_space_left_naming_the_checkpoint_and_keeps_the_previous(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """torch.save's own report of it was ``RuntimeError: [enforce fail at inline_container.cc:672] unexpected pos``."""
+    monkeypatch.chdir(REPO)
+    io = main([*_short_fit_args(tiny_model_dir, tmp_path, steps=1)], run=False).trainer.strategy.checkpoint_io
+    target = tmp_path / "last.ckpt"
+    io.save_checkpoint({"weights": torch.arange(1000.0)}, target)
+    before = target.read_bytes()
+    real_save = torch.save
+    monkeypatch.setattr(checkpointing.torch, "save", lambda obj, handle: real_save(obj, _FillsAfter(handle, 1000)))
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # what torch itself raises on a full disk
+        real_save({"weights": torch.zeros(1000)}, _FillsAfter(open(tmp_path / "probe", "wb"), 1000))  # noqa: SIM115
+    (tmp_path / "probe").unlink()
+    full = rf"no space left on the device writing checkpoint {re.escape(str(target))} \(the previous one is intact"
+    with pytest.raises(OSError, match=full):
+        io.save_checkpoint({"weights": torch.zeros(1000)}, target)
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["last.ckpt"]
+    with pytest.raises(OSError, match=r"writing checkpoint .*step9\.ckpt \(no file was written\)"):
+        io.save_checkpoint({"weights": torch.zeros(1000)}, tmp_path / "step9.ckpt")
