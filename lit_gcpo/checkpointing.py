@@ -19,9 +19,11 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import shutil
+import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -93,6 +95,63 @@ def _out_of_space(error: BaseException, directory: Path) -> bool:
         with contextlib.suppress(OSError):
             return shutil.disk_usage(directory).free < 1 << 20
     return False
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | Path) -> Iterator[Path]:
+    """A new directory to fill that then takes the place of ``target``: a kill while it is filled leaves ``target``
+    as it was (absent, or the previous complete one), never half written. Temporary directories left by killed
+    writers are removed first."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(_temporary_name(target) + "*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    temporary = target.parent / f"{_temporary_name(target)}{os.getpid()}"
+    temporary.mkdir()
+    try:
+        yield temporary
+        if target.exists():  # a directory cannot be replaced by a rename: the old one is moved aside first
+            previous = target.parent / f"{_temporary_name(target)}old-{os.getpid()}"
+            os.replace(target, previous)
+            os.replace(temporary, target)
+            shutil.rmtree(previous, ignore_errors=True)
+        else:
+            os.replace(temporary, target)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    _fsync_directory(target.parent)
+
+
+TEMPORARY_FILE = re.compile(r"^\..+\.tmp-(\d+)$")
+"""``.<name>.tmp-<pid>``: a checkpoint being written by process ``pid`` (:func:`atomic_write`)."""
+
+
+def remove_stale_temporary_files(root: str | Path, min_age_s: float = 60.0) -> list[Path]:
+    """Remove the temporary checkpoint files below ``root`` that killed writers left: their process is gone and
+    they have not changed for ``min_age_s`` (a writer on another host of a shared filesystem keeps its file
+    changing). Returns the removed files. A resumed run writes into a new version directory, so the old one's
+    temporary files were never cleaned by the next write of the same checkpoint."""
+    removed = []
+    for file in Path(root).rglob(".*.tmp-*"):
+        match = TEMPORARY_FILE.match(file.name)
+        if match is None or not file.is_file() or _process_alive(int(match.group(1))):
+            continue
+        with contextlib.suppress(OSError):
+            if time.time() - file.stat().st_mtime >= min_age_s:
+                file.unlink()
+                removed.append(file)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
 
 
 def atomic_torch_save(obj: Any, target: str | Path) -> None:

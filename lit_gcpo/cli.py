@@ -25,7 +25,12 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lit_gcpo.checkpointing import AtomicCheckpointIO, check_checkpoint, newest_complete_checkpoint
+from lit_gcpo.checkpointing import (
+    AtomicCheckpointIO,
+    check_checkpoint,
+    newest_complete_checkpoint,
+    remove_stale_temporary_files,
+)
 from lit_gcpo.data.datamodule import RolloutDataModule
 from lit_gcpo.engines.base import SamplingConfig
 from lit_gcpo.last_checkpoint import SIGTERM_EXIT_CODE, take_over_save_last
@@ -35,7 +40,7 @@ from lit_gcpo.prediction import PredictionWriter
 from lit_gcpo.progress import StepProgressBar
 from lit_gcpo.resume import check_resume
 from lit_gcpo.rewards.combine import RewardError
-from lit_gcpo.run_dir import RunDirectoryTakenError, claim_directory, claim_logger_directory
+from lit_gcpo.run_dir import RunDirectoryTakenError, claim_directory, claim_logger_directory, release_directory
 from lit_gcpo.sharded_checkpoint import META_FILE
 
 DESCRIPTION = (
@@ -208,15 +213,18 @@ class GCPOCLI(LightningCLI):
     def after_instantiate_classes(self) -> None:
         # Claim the log directory before anything (config, checkpoints, events, the exported policy) is written
         # there. Only rank 0 writes into it; other ranks get its path from rank 0 through ``trainer.log_dir``.
+        self._claimed: Path | None = None
         if self.trainer.global_rank != 0:
             return
         if self.trainer.loggers:
-            directory = claim_logger_directory(self.trainer.loggers[0])
+            directory = self._claimed = claim_logger_directory(self.trainer.loggers[0])
         else:  # without a logger the run writes its config and checkpoints into default_root_dir itself
             directory = Path(self.trainer.default_root_dir)
             # evaluation without a logger writes only its report files, and re-running it into the same
             # directory is how an interrupted evaluation resumes
-            if not claim_directory(directory) and self.subcommand not in ("test", "validate", "predict"):
+            if claim_directory(directory):
+                self._claimed = directory
+            elif self.subcommand not in ("test", "validate", "predict"):
                 raise RunDirectoryTakenError(
                     f"trainer.default_root_dir {directory} already holds a run, and without a logger this run would "
                     "write its config and checkpoints there too; choose another directory, or use a logger (each "
@@ -224,12 +232,26 @@ class GCPOCLI(LightningCLI):
                 )
         if directory is not None:
             print(f"run directory: {directory}")
+        if self.subcommand in (None, "fit"):  # left by runs killed inside a checkpoint write
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            removed = remove_stale_temporary_files(runs_directory(config.trainer))
+            if removed:
+                print(f"removed the temporary checkpoint files of killed runs: {', '.join(map(str, removed))}")
 
     def _run_subcommand(self, subcommand: str) -> None:
         try:
             super()._run_subcommand(subcommand)
         except SIGTERMException as stop:  # Lightning's exit without a code reported a preempted run as a success
+            self._release_unused_directory()
             raise SystemExit(SIGTERM_EXIT_CODE) from stop
+        except BaseException:
+            self._release_unused_directory()
+            raise
+
+    def _release_unused_directory(self) -> None:
+        """A run that failed before writing anything gives its claimed directory back (it held only the claim)."""
+        if getattr(self, "_claimed", None) is not None and release_directory(self._claimed):
+            print(f"released the run directory {self._claimed}: the run failed before writing anything there")
 
     def after_fit(self) -> None:
         # A short run (fewer batches than RewardSet.max_unusable_batches) whose rewards never scored anything

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from lit_gcpo.checkpointing import atomic_directory
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -108,18 +110,20 @@ def save_policy(
 ) -> None:
     """``save_pretrained`` of the policy (LoRA merged, FSDP2 shards gathered) and its tokenizer to ``target``.
 
-    Every rank must call it (gathering is a collective); only the one with ``write`` writes.
+    Every rank must call it (gathering is a collective); only the one with ``write`` writes, into a temporary
+    directory that then replaces ``target``: a kill during the export leaves no empty or partial ``target``.
     """
     state = {name: tensor.contiguous() for name, tensor in merged_state_items(policy, uses_lora)}
     if not write:
         return
     model = policy.get_base_model() if uses_lora else policy
-    model.save_pretrained(target, state_dict=state)
-    tokenizer.save_pretrained(target)
-    if type(model).__name__ != architecture_name(model):  # save_pretrained recorded the FSDP class name
-        config = type(model.config).from_pretrained(target)
-        config.architectures = [architecture_name(model)]
-        config.save_pretrained(target)
+    with atomic_directory(target) as directory:
+        model.save_pretrained(directory, state_dict=state)
+        tokenizer.save_pretrained(directory)
+        if type(model).__name__ != architecture_name(model):  # save_pretrained recorded the FSDP class name
+            config = type(model.config).from_pretrained(directory)
+            config.architectures = [architecture_name(model)]
+            config.save_pretrained(directory)
 
 
 def architecture_name(model: torch.nn.Module) -> str:

@@ -52,6 +52,30 @@ def claim_directory(directory: Path) -> bool:
     return True
 
 
+EMPTY_EVENT_FILE_BYTES = 128
+"""TensorBoard opens its event file before the data is set up, writing only its version record (88 bytes)."""
+
+
+def release_directory(directory: Path) -> bool:
+    """Give back ``directory`` if this process claimed it and it holds nothing but the claim and an empty event
+    file (a run that failed at setup): remove them and the directory. Returns whether it was released."""
+    claim = directory / CLAIM_FILE
+    try:
+        files = [path for path in directory.iterdir() if path.name != CLAIM_FILE]
+        empty = all(
+            path.name.startswith("events.out.tfevents.") and path.stat().st_size <= EMPTY_EVENT_FILE_BYTES
+            for path in files
+        )
+        if not empty or json.loads(claim.read_text())["pid"] != os.getpid():
+            return False
+        for path in [*files, claim]:
+            path.unlink()
+        directory.rmdir()
+    except (OSError, ValueError, KeyError):
+        return False
+    return True
+
+
 def claim_logger_directory(logger: Any) -> Path | None:
     """Claim the log directory of a TensorBoard or CSV logger, fixing its version to the claimed one.
 

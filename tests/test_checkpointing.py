@@ -151,3 +151,55 @@ def test_a_full_disk_says_no_space_left_naming_the_checkpoint_and_keeps_the_prev
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["last.ckpt"]
     with pytest.raises(OSError, match=r"writing checkpoint .*step9\.ckpt \(no file was written\)"):
         io.save_checkpoint({"weights": torch.zeros(1000)}, tmp_path / "step9.ckpt")
+
+
+def test_an_interrupted_export_leaves_no_partial_policy_and_the_next_one_cleans_up(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lit_gcpo.policy import save_policy
+
+    model, tokenizer = (
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        AutoTokenizer.from_pretrained(tiny_model_dir),
+    )
+    target = tmp_path / "policy"
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # the weights are written, the tokenizer is not
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tokenizer, "save_pretrained", killed)
+        with pytest.raises(KeyboardInterrupt):
+            save_policy(model, tokenizer, str(target), uses_lora=False, write=True)
+    assert list(tmp_path.iterdir()) == []  # no empty or half-written policy/
+    leftover = tmp_path / ".policy.tmp-999999"  # what a SIGKILL (no clean-up possible) leaves
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"partial")
+    for _ in range(2):  # a first export, then one over it
+        save_policy(model, tokenizer, str(target), uses_lora=False, write=True)
+        assert [p.name for p in tmp_path.iterdir()] == ["policy"]
+        exported = AutoModelForCausalLM.from_pretrained(target).state_dict()
+        assert all(torch.equal(exported[name], value) for name, value in model.state_dict().items())
+        assert (target / "tokenizer_config.json").is_file()
+
+
+def test_temporary_files_of_killed_writers_are_removed_at_the_next_fit(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    old_run = tmp_path / "gcpo" / "version_0" / "checkpoints"
+    old_run.mkdir(parents=True)
+    stale = old_run / f".last.ckpt.tmp-{int(dead.stdout)}"  # its writer was killed
+    live = old_run / f".step3.ckpt.tmp-{os.getpid()}"  # its writer is still running
+    fresh = old_run / f".step4.ckpt.tmp-{int(dead.stdout)}"  # changed a second ago: maybe a writer on another host
+    for file in (stale, live, fresh):
+        file.write_bytes(b"partial")
+    for file in (stale, live):
+        os.utime(file, (time.time() - 3600, time.time() - 3600))
+    monkeypatch.chdir(REPO)
+    main(_short_fit_args(tiny_model_dir, tmp_path, steps=1), run=False)
+    assert sorted(p.name for p in old_run.iterdir()) == sorted([live.name, fresh.name])
+    assert f"removed the temporary checkpoint files of killed runs: {stale}" in capsys.readouterr().out

@@ -64,3 +64,10 @@ def test_eval_samples_config_covers_every_benchmark_with_its_sample_file(capsys)
     for settings in benchmarks.values():
         assert (root / settings["path"]).is_file() and settings["greedy"] is True
     assert set(_report(config)["averages"]["math"]) | set(_report(config)["averages"]["qa"]) == set(benchmarks)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("eval_*.yaml")))
+def test_every_eval_config_writes_to_a_fixed_output_dir_so_a_restart_resumes(name, capsys) -> None:
+    """Without one the reports went into each run's new version_N: a killed evaluation restarted from scratch."""
+    config = _parsed(name, capsys)
+    assert _report(config)["output_dir"] == config["trainer"]["default_root_dir"]

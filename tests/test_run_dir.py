@@ -88,3 +88,20 @@ def test_two_fit_processes_started_0_2_s_apart_keep_their_own_directories(tiny_m
         assert {p.name for p in (log_dir / "checkpoints").iterdir()} >= {"last.ckpt"}
     claims = {json.loads((tmp_path / "gcpo" / v / CLAIM_FILE).read_text())["pid"] for v in versions}
     assert len(claims) == 2  # one run per directory
+
+
+def test_a_run_that_fails_at_setup_gives_its_directory_back(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from lit_gcpo.data.datamodule import RolloutDataModule
+
+    monkeypatch.chdir(Path(__file__).parents[1])
+    main(["fit", *_short_fit_args(tiny_model_dir, tmp_path, steps=1)])  # version_0: a run that wrote its files
+
+    def unreadable(self, stage):
+        raise RuntimeError("the data cannot be read")
+
+    monkeypatch.setattr(RolloutDataModule, "setup", unreadable)
+    with pytest.raises(RuntimeError, match="the data cannot be read"):
+        main(["fit", *_short_fit_args(tiny_model_dir, tmp_path, steps=1)])
+    assert sorted(p.name for p in (tmp_path / "gcpo").iterdir()) == ["version_0"]  # version_1 was given back
+    assert f"released the run directory {tmp_path / 'gcpo' / 'version_1'}" in capsys.readouterr().out
+    assert (tmp_path / "gcpo" / "version_0" / CLAIM_FILE).is_file()  # another run's directory is never released
