@@ -6,15 +6,21 @@ of 20, and a resume lost every step since. And Lightning stops a fit on SIGTERM 
 preemption) by raising ``SystemExit`` without a code: the job exited 0, as if finished, with no checkpoint of the
 steps since the last one.
 
-:class:`LastCheckpoint` writes ``last.ckpt`` after every validation of a fit, at its end and, on SIGTERM, at the
-next step boundary (Lightning stops there, on every rank), then says how to resume; the CLI turns the stop
-into exit status 143 (128 + SIGTERM). ``lit-gcpo`` adds it to every fit with checkpointing enabled and takes
-``last.ckpt`` over from any ``ModelCheckpoint(save_last=...)`` (see :func:`take_over_save_last`).
+:class:`LastCheckpoint` writes ``last.ckpt`` after every validation of a fit and at its end. It also takes SIGTERM
+over from Lightning: Lightning's handler ran a broadcast inside the signal handler and each rank stopped on its
+own flag, which under ``fsdp2`` (a collective in every forward pass) paired unrelated collectives and hung both
+ranks (measured: a 2-rank fit still waiting 5 minutes after SIGTERM). Here the handler only notes the signal
+(and passes it on to the other ranks Lightning's launcher started); at the end of every training step the ranks
+agree (one all-reduce) whether any received it, and then all of them write ``last.ckpt``, say how to resume and
+stop, skipping the validation and the export; the CLI turns the stop into exit status 143 (128 + SIGTERM).
+``lit-gcpo`` adds it to every fit with checkpointing enabled and takes ``last.ckpt`` over from any
+``ModelCheckpoint(save_last=...)`` (see :func:`take_over_save_last`).
 """
 
 from __future__ import annotations
 
 import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +45,7 @@ class LastCheckpoint(Checkpoint):
         self.dirpath = dirpath
         self._saved_step: int | None = None
         self.stopped_by_sigterm: str | None = None  # the checkpoint written at a SIGTERM stop
+        self._sigterm = False  # this rank received SIGTERM
 
     def path(self, trainer: Trainer) -> Path:
         if self.dirpath is not None:
@@ -63,15 +70,30 @@ class LastCheckpoint(Checkpoint):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.save(trainer)
 
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # after Lightning registered its own handler (Trainer._run), which it restores at the end of the fit
+        self._sigterm = False
+        launcher = trainer.strategy.launcher
+
+        def note(signum: int, frame: Any) -> None:
+            if not self._sigterm and launcher is not None:
+                launcher.kill(signum)  # Lightning's subprocess launcher: the other ranks are its children
+            self._sigterm = True
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, note)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        # every rank reaches this point once per step: the one place where they can agree to stop
+        if not trainer.strategy.reduce_boolean_decision(getattr(self, "_sigterm", False), all=False):
             return
         path = self.save(trainer)
         self.stopped_by_sigterm = str(path)
         rank_zero_info(
             f"stopped by SIGTERM after step {trainer.global_step}: checkpoint {path}; resume with the same command "
-            f"and --ckpt_path {path} (exit status {SIGTERM_EXIT_CODE})"
+            f"and --ckpt_path {path} (exit status {SIGTERM_EXIT_CODE}; no validation or export at the stop)"
         )
+        raise SIGTERMException
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -1,4 +1,5 @@
-"""SIGTERM (a preemption) stops a fit at a step boundary with a resumable checkpoint and exit status 143."""
+"""SIGTERM (a preemption) stops a fit at a step boundary, on every rank, with a resumable checkpoint and exit
+status 143 (it exited 0, with no checkpoint of the steps since the last one; under fsdp2 both ranks hung)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_cli import _short_fit_args
@@ -19,26 +21,41 @@ from lit_gcpo.cli import main
 REPO = Path(__file__).parents[1]
 
 
-def test_sigterm_saves_a_checkpoint_exits_143_and_the_resume_continues_at_its_step(tiny_model_dir, tmp_path):
-    args = _short_fit_args(tiny_model_dir, tmp_path, steps=200)
+def _processes_of(root: Path) -> list[int]:
+    """The processes (any rank) whose command line names ``root``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and str(root) in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def _fit_until_sigterm(args: list[str], root: Path) -> tuple[int, int, str, str]:
+    """Start ``lit-gcpo fit``, send SIGTERM once training is under way; ``(exit status, step, checkpoint, output)``."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "lit_gcpo.cli", "fit", *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    command = [sys.executable, "-m", "lit_gcpo.cli", "fit", *args]
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
-    while not list(tmp_path.rglob("last.ckpt")) and process.poll() is None and time.monotonic() < deadline:
+    while not list(root.rglob("last.ckpt")) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)  # last.ckpt appears at the first validation (step 2): training is under way
     process.send_signal(signal.SIGTERM)
-    output = process.communicate(timeout=300)[0]
-    assert process.returncode == 143, output[-3000:]
+    try:
+        output = process.communicate(timeout=240)[0]
+    finally:
+        for pid in [process.pid, *_processes_of(root)]:  # a hung rank must not outlive the test
+            if process.poll() is None or pid != process.pid:
+                os.kill(pid, signal.SIGKILL)
     stop = re.search(r"stopped by SIGTERM after step (\d+): checkpoint (\S+); resume with the same command", output)
     assert stop, output[-3000:]
-    step, path = int(stop.group(1)), stop.group(2)
+    return process.returncode, int(stop.group(1)), stop.group(2), output
+
+
+def test_sigterm_saves_a_checkpoint_exits_143_and_the_resume_continues_at_its_step(tiny_model_dir, tmp_path):
+    status, step, path, output = _fit_until_sigterm(_short_fit_args(tiny_model_dir, tmp_path, steps=200), tmp_path)
+    assert status == 143, output[-3000:]
     checkpoint = torch.load(path, weights_only=True)
     assert 2 <= checkpoint["global_step"] == step < 200
     assert checkpoint["RolloutDataModule"]["consumed_batches"] == step  # a step boundary: no batch half done
@@ -47,3 +64,16 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_the_resume_continues_at_its_st
     events = EventAccumulator(resumed.trainer.log_dir, size_guidance={"scalars": 0})
     events.Reload()
     assert [event.step for event in events.Scalars("train/loss")] == [step, step + 1]  # nothing run twice
+
+
+@pytest.mark.parametrize("strategy", ["fsdp2", "ddp"])
+def test_sigterm_stops_both_ranks_at_the_same_step(tiny_model_dir, tmp_path, strategy):
+    """Lightning's handler broadcast inside the signal handler; under fsdp2 both ranks then waited forever."""
+    args = [*_short_fit_args(tiny_model_dir, tmp_path, steps=200), "--trainer.strategy", strategy]
+    started = time.monotonic()
+    status, step, path, output = _fit_until_sigterm([*args, "--trainer.devices", "2"], tmp_path)
+    assert status == 143, output[-3000:]
+    assert time.monotonic() - started < 240 and not _processes_of(tmp_path)  # no rank left behind
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["global_step"] == step and checkpoint["RolloutDataModule"]["consumed_batches"] == step
+    assert checkpoint["RolloutDataModule"]["world_size"] == 2
