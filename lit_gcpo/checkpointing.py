@@ -209,6 +209,6 @@ def newest_complete_checkpoint(root: str) -> str:
             continue
         return str(candidate)
     raise FileNotFoundError(
-        f"ckpt_path last: no complete checkpoint (*.ckpt) below trainer.default_root_dir={root}"
+        f"ckpt_path last: no complete checkpoint (*.ckpt) below {root}"
         + (f" ({len(candidates)} incomplete)" if candidates else "")
     )

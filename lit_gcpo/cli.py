@@ -129,7 +129,10 @@ class GCPOCLI(LightningCLI):
     - ``seed_everything`` is the one seed: ``data.seed`` follows it unless set (the saved config shows it);
     - the run claims its log directory before writing (``lit_gcpo.run_dir``): never another run's;
     - checkpoints are written atomically (``lit_gcpo.checkpointing``), ``--ckpt_path last`` is the newest
-      complete checkpoint below ``trainer.default_root_dir`` and a checkpoint file is checked before use;
+      complete checkpoint of this configuration's runs (:func:`runs_directory`) and a checkpoint is checked
+      before use (a sharded one without running code, ``lit_gcpo.sharded_checkpoint``);
+    - ``last.ckpt`` is always the newest checkpoint, and SIGTERM stops a fit with one and exit status 143
+      (``lit_gcpo.last_checkpoint``); a run that fails before writing anything gives its directory back;
     - with ``--ckpt_path`` the settings come from the configuration and contradictions with the checkpoint are
       refused (``lit_gcpo.resume``).
     """

@@ -85,7 +85,9 @@ class LastCheckpoint(Checkpoint):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         # every rank reaches this point once per step: the one place where they can agree to stop
-        if not trainer.strategy.reduce_boolean_decision(getattr(self, "_sigterm", False), all=False):
+        # (a SIGTERM before training started reached Lightning's handler, which set trainer.received_sigterm)
+        received = self._sigterm or trainer.received_sigterm
+        if not trainer.strategy.reduce_boolean_decision(received, all=False):
             return
         path = self.save(trainer)
         self.stopped_by_sigterm = str(path)
