@@ -43,6 +43,7 @@ from lit_gcpo.faithfulness import (
     LENGTH,
     Difference,
     Faithfulness,
+    WeightRatio,
     completion_gradients,
     correct_counts,
     correlation_differences,
@@ -122,11 +123,13 @@ WEIGHTINGS = {
 }
 
 
-def weights_by_noise(per_batch: list[tuple[dict[str, torch.Tensor], list[dict], np.ndarray | None]]) -> list[str]:
-    """Each weighting's weights on the noisy and on the clean prompts with RD > 0 (noisy testbed): does it damp the
-    prompts whose rewards are coin flips beyond what their number of correct completions k does? Each chunk of
-    prompts is one step's weighting; the ratio within equal-k strata is ``weight_ratio_by_k``'s (the clean prompts'
-    mean weight standardised to the noisy prompts' mix of k)."""
+def weights_by_noise(
+    per_batch: list[tuple[dict[str, torch.Tensor], list[dict], np.ndarray | None]],
+) -> tuple[list[str], dict[str, WeightRatio]]:
+    """The table of each weighting's weights on the noisy and on the clean prompts with RD > 0 (noisy testbed), and
+    the ratios by weighting: does a weighting damp the prompts whose rewards are coin flips beyond what their number
+    of correct completions k does? Each chunk of prompts is one step's weighting; the ratio within equal-k strata is
+    ``weight_ratio_by_k``'s (the clean prompts' mean weight standardised to the noisy prompts' mix of k)."""
     if any(counts is None for *_, counts in per_batch):
         raise ValueError("the noisy testbed's rewards should be 0/1 (k is undefined otherwise)")
     noisy = np.concatenate([[float(row.get("noise_rate") or 0.0) > 0 for row in rows] for _, rows, _ in per_batch])
@@ -139,11 +142,12 @@ def weights_by_noise(per_batch: list[tuple[dict[str, torch.Tensor], list[dict], 
         "| per k: noisy / clean |",
         "|---|---|---|---|---|---|",
     ]
+    ratios = {}
     for name, options in WEIGHTINGS.items():
         weights = np.concatenate(
             [advantage_weights(signals=signals, **options)[0].double().numpy() for signals, _, _ in per_batch]
         )[spread]
-        ratio = weight_ratio_by_k(weights, noisy, k)
+        ratio = ratios[name] = weight_ratio_by_k(weights, noisy, k)
         per_k = ", ".join(f"{value}: {wn / wc:.2f}" for value, _, _, wn, wc in ratio.strata)
         lines.append(
             f"| {name} | {weights[noisy].mean():.3f} | {weights[~noisy].mean():.3f} | {ratio.raw_ratio:.3f} "
@@ -151,7 +155,7 @@ def weights_by_noise(per_batch: list[tuple[dict[str, torch.Tensor], list[dict], 
         )
     # the strata depend on the prompts only, the same for every weighting
     counts = ", ".join(f"k = {value}: {n_noisy} / {n_clean}" for value, n_noisy, n_clean, _, _ in ratio.strata)
-    return [*lines, "", f"Prompts per stratum holding both (noisy / clean): {counts or 'none'}."]
+    return [*lines, "", f"Prompts per stratum holding both (noisy / clean): {counts or 'none'}."], ratios
 
 
 def batch_variance(module: GRPOModule, batch: RolloutBatch, params: list[torch.nn.Parameter]) -> torch.Tensor:
@@ -186,6 +190,7 @@ class Diagnosis:
     strata: str
     description: str
     noise_lines: list[str]
+    noise_ratios: dict[str, WeightRatio]
 
 
 def diagnose(model: str, args: argparse.Namespace, testbed: str) -> Diagnosis:
@@ -224,8 +229,8 @@ def diagnose(model: str, args: argparse.Namespace, testbed: str) -> Diagnosis:
         f"temperature {args.temperature}, up to {args.max_new_tokens} tokens; {spread} prompts have RD > 0; V over "
         f"{sum(p.numel() for p in params):,} parameters; {time.perf_counter() - start:.0f} s"
     )
-    noise_lines = weights_by_noise(per_batch) if testbed == "noisy" else []
-    return Diagnosis(results, differences, "k" if binary else "RD", description, noise_lines)
+    noise_lines, noise_ratios = weights_by_noise(per_batch) if testbed == "noisy" else ([], {})
+    return Diagnosis(results, differences, "k" if binary else "RD", description, noise_lines, noise_ratios)
 
 
 def _correct_counts(batch: RolloutBatch) -> np.ndarray | None:
@@ -284,8 +289,8 @@ def compare_rows(args: argparse.Namespace) -> list[str]:
     root = Path(args.compare_dir)
     lines = [
         "| testbed | method | prompts with RD > 0 | SE | CD | BoT | U_c (BoT) | length (control) | BoT - SE (paired) "
-        "| BoT partial for length | BoT within k strata |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| BoT partial for length | BoT within k strata | own weights, noisy / clean within equal k |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for policy in sorted(root.glob(f"*/*/seed{args.policy_seed}/policy")):
         testbed, method = policy.parts[-4], policy.parts[-3]
@@ -294,7 +299,10 @@ def compare_rows(args: argparse.Namespace) -> list[str]:
         spread = re.search(r"(\d+) prompts have RD > 0", diagnosis.description).group(1)
         cells = [str(results[n].spread_prompts) for n in ("se", "cd", "bot", "u_c", LENGTH)]
         cells += [str(diagnosis.differences["bot - se"].spread_prompts), str(results["bot"].partial_length)]
-        lines.append(f"| {testbed} | {method} | {spread} | {' | '.join(cells)} | {results['bot'].within_strata} |")
+        cells.append(str(results["bot"].within_strata))
+        own = diagnosis.noise_ratios.get(method)
+        cells.append(f"{own.ratio:.3f}" if own is not None else "—")
+        lines.append(f"| {testbed} | {method} | {spread} | {' | '.join(cells)} |")
         print(lines[-1], flush=True)
     return lines
 
