@@ -139,8 +139,23 @@ def report_lines(
         group = [r for r in rows if (r.testbed, r.config_sha) == (testbed, config_sha)]
         passed = [f"{r.name} ({OUTCOME_LABELS[r.outcome]})" for r in group if r.family == "primary" and r.p_holm < 0.05]
         lines += ["", group_title(members), "", *method_table(members), "", *contrast_lines(group), ""]
-        lines.append(f"Primary contrasts with Holm p < 0.05: {', '.join(passed) or 'none'}.")
+        lines.append(f"Primary contrasts with Holm p < 0.05: {', '.join(passed) or 'none'}. {_power(group)}")
     return [*lines, "", *figures]
+
+
+def _power(rows: Sequence[ContrastRow]) -> str:
+    """One sentence: the range of the primary contrasts' detectable effects at 80% power, per outcome."""
+    parts = []
+    for outcome, label in OUTCOME_LABELS.items():
+        computed = [r for r in rows if r.family == "primary" and r.outcome == outcome and r.n >= 2]
+        if computed:
+            mde = [r.mde for r in computed]
+            seeds = sorted({r.n for r in computed})
+            parts.append(f"{label} {min(mde):.3f} – {max(mde):.3f} ({'/'.join(map(str, seeds))} seeds)")
+    return (
+        "Design power: the primary contrasts detect paired effects at 80% power (two-sided 0.05) of "
+        f"{'; '.join(parts) or 'n/a (no primary contrast pairs 2 seeds)'}, from the observed spread of the differences."
+    )
 
 
 def _plt() -> Any:

@@ -115,12 +115,14 @@ def test_report_numbers_readme_markers_and_figures(tmp_path: Path) -> None:
 
     # primary contrasts, final accuracy and AUC: mean, exact sign-flip p, Holm over the 4, MDE, bootstrap bracket
     primary = [("gcpo_bot", "rd_only"), ("gcpo_cd", "rd_only"), ("seed_grpo_sf", "grpo"), ("gcpo_bot", "seed_grpo_sf")]
+    detectable = {}
     for outcome, value in (("final accuracy", final), ("AUC", auc)):
         paired = [differences("arithmetic", a, b, value) for a, b in primary]
+        mdes = [(stats.t.ppf(0.975, 3) + stats.t.ppf(0.8, 3)) * statistics.stdev(d) / 2 for d in paired]  # sqrt(4)
+        detectable[outcome] = f"{outcome} {min(mdes):.3f} – {max(mdes):.3f} (4 seeds)"
         p = [_sign_flip_loop(d) for d in paired]
-        for (a, b), d, p_raw, p_holm in zip(primary, paired, p, _holm_loop(p), strict=True):
+        for (a, b), d, p_raw, p_holm, mde in zip(primary, paired, p, _holm_loop(p), mdes, strict=True):
             cells = _cells(arithmetic, "primary", outcome, f"{a} - {b}")
-            mde = (stats.t.ppf(0.975, 3) + stats.t.ppf(0.8, 3)) * statistics.stdev(d) / 2  # sqrt(4) = 2
             assert cells[3:5] == ["4", f"{statistics.mean(d):+.3f}"]
             assert cells[6:] == [f"{p_raw:.4f}", f"{p_holm:.4f}", f"{mde:.3f}"]
             # all 4^4 resamples of the 4 seeds: the reported ends lie between the 2nd-3rd and 97th-98th percentiles
@@ -128,6 +130,8 @@ def test_report_numbers_readme_markers_and_figures(tmp_path: Path) -> None:
             low, high = (float(x) for x in cells[5].strip("[]").split(","))
             assert np.quantile(exact, 0.02) - 5e-4 <= low <= np.quantile(exact, 0.03) + 5e-4
             assert np.quantile(exact, 0.97) - 5e-4 <= high <= np.quantile(exact, 0.98) + 5e-4
+    assert f"of {detectable['final accuracy']}; {detectable['AUC']}, from" in arithmetic
+    assert "no primary contrast pairs 2 seeds" in noisy
     # secondary: every method - grpo, Holm over the 5
     p = [_sign_flip_loop(differences("arithmetic", m, "grpo", final)) for m in METHODS[1:]]
     for method, p_raw, p_holm in zip(METHODS[1:], p, _holm_loop(p), strict=True):
