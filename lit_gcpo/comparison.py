@@ -4,7 +4,8 @@ A run is one (testbed, method, seed) of ``benchmarks/compare_methods.py``, one r
 ``benchmarks/results/compare_methods.jsonl``. For a given seed every method of a testbed sees the same prompt
 order and the same validation prompts, so the unit of analysis is the seed: for a contrast ``a - b`` and an
 outcome y, the paired differences are ``d_s = y_a,s - y_b,s`` over the seeds run by both arms. Records are
-grouped by (testbed, config_sha); records of different groups are never pooled or paired.
+grouped by (testbed, design) (``design_of``), and within a group every method must have one ``config_sha``: runs
+of different configs of one testbed and method are never pooled, runs of different designs never paired.
 
 Outcomes: ``final_accuracy`` (the final greedy validation accuracy) and ``auc`` (the area under the
 validation curve divided by its step span, i.e. the mean accuracy over the run, ``curve_areas``).
@@ -162,11 +163,40 @@ def minimum_detectable_effect(std: float, n: int, power: float = 0.8, alpha: flo
     return float(quantiles * std / math.sqrt(n))
 
 
+def design_of(record: Mapping[str, Any]) -> str:
+    """The design a run belongs to, shared by the runs of every method that may be paired with it.
+
+    ``config_sha`` cannot be it: it hashes the resolved config with the method's weighting, so it differs between
+    methods. A record's ``design_sha`` (a hash of the resolved config without seed, output paths and weighting) is
+    the design when the runner writes one; otherwise the design is the config file and budget,
+    ``"{config}, {steps} steps x {batch_size} prompts x G = {group_size}, val {val_size}"``, and ``group_records``
+    refuses a method with two ``config_sha`` in one design (a config change the budget does not show).
+    """
+    if record.get("design_sha"):
+        return str(record["design_sha"])
+    return (
+        f"{record['config']}, {record['steps']} steps x {record['batch_size']} prompts x G = {record['group_size']}, "
+        f"val {record['val_size']}"
+    )
+
+
 def group_records(records: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], list[Mapping[str, Any]]]:
-    """The records by (testbed, config_sha), in order of first appearance."""
+    """The records by (testbed, ``design_of``), in order of first appearance; a method with runs of two
+    ``config_sha`` in one group is an error (they would be pooled)."""
     groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
     for record in records:
-        groups.setdefault((record["testbed"], record["config_sha"]), []).append(record)
+        groups.setdefault((record["testbed"], design_of(record)), []).append(record)
+    for (testbed, design), members in groups.items():
+        shas: dict[str, set[str]] = {}
+        for record in members:
+            shas.setdefault(record["method"], set()).add(record["config_sha"])
+        for method, found in shas.items():
+            if len(found) > 1:
+                raise ValueError(
+                    f"testbed {testbed!r}, design {design!r}: method {method!r} has runs of {len(found)} config_sha "
+                    f"({', '.join(sorted(found))}); record a design_sha per run (a hash without the weighting) to "
+                    "tell the designs apart, or keep one config per method and design in the file"
+                )
     return groups
 
 
@@ -178,7 +208,7 @@ def method_outcomes(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str,
         areas = curve_areas([record["val_curve"] for record in records])
     except ValueError as error:
         first = records[0]
-        raise ValueError(f"testbed {first['testbed']!r}, config_sha {first['config_sha']!r}: {error}") from error
+        raise ValueError(f"testbed {first['testbed']!r}, design {design_of(first)!r}: {error}") from error
     by_method: dict[str, list[tuple[int, float, float, float]]] = {}
     for record, area in zip(records, areas, strict=True):
         entry = (int(record["seed"]), float(record["start_val_accuracy"]), float(record["final_val_accuracy"]), area)
@@ -209,7 +239,7 @@ class ContrastRow:
     """
 
     testbed: str
-    config_sha: str
+    design: str
     family: str
     outcome: str
     treatment: str
@@ -232,7 +262,7 @@ class ContrastRow:
 def contrast_table(
     records: Sequence[Mapping[str, Any]], resamples: int = 10_000, permutations: int = 100_000, seed: int = 0
 ) -> list[ContrastRow]:
-    """The contrast rows of every (testbed, config_sha) group: per outcome the PRIMARY family, then the SECONDARY.
+    """The contrast rows of every (testbed, design) group: per outcome the PRIMARY family, then the SECONDARY.
 
     Every pre-registered primary contrast gets a row even when an arm is missing; a contrast with fewer than 2
     paired seeds has NaN statistics and enters Holm's family as p = 1, so the correction stays that of the whole
@@ -240,7 +270,7 @@ def contrast_table(
     the same seeds.
     """
     rows = []
-    for (testbed, config_sha), members in group_records(records).items():
+    for (testbed, design), members in group_records(records).items():
         outcomes = method_outcomes(members)
         secondary = tuple((m, BASELINE) for m in outcomes if m != BASELINE)
         for outcome in OUTCOMES:
@@ -249,7 +279,7 @@ def contrast_table(
                 adjusted = holm([1.0 if math.isnan(c["p"]) else c["p"] for c in computed]) if computed else []
                 for (a, b), values, p_holm in zip(contrasts, computed, adjusted, strict=True):
                     p_holm = math.nan if math.isnan(values["p"]) else float(p_holm)
-                    rows.append(ContrastRow(testbed, config_sha, family, outcome, a, b, p_holm=p_holm, **values))
+                    rows.append(ContrastRow(testbed, design, family, outcome, a, b, p_holm=p_holm, **values))
     return rows
 
 

@@ -22,22 +22,28 @@ LIFT = {"grpo": 0.0, "seed_grpo": 0.0, "seed_grpo_sf": 0.01, "gcpo_bot": 0.03, "
 
 
 def _synthetic_records() -> list[dict]:
-    """arithmetic (config_sha s1): 6 methods x 4 seeds; noisy_hard (s2): grpo and gcpo_bot x 3 seeds."""
+    """arithmetic: 6 methods x 4 seeds of 20 steps and grpo x 2 seeds of 40 steps (a second design); noisy_hard:
+    grpo and gcpo_bot x 3 seeds. The config_sha differs per testbed, method and steps, as the runner's does."""
     rng = np.random.default_rng(5)
     records = []
-    plan = [("arithmetic", "s1", METHODS, 4), ("noisy_hard", "s2", ("grpo", "gcpo_bot"), 3)]
-    for testbed, sha, methods, seeds in plan:
+    plan = [
+        ("arithmetic", 20, METHODS, 4),
+        ("noisy_hard", 20, ("grpo", "gcpo_bot"), 3),
+        ("arithmetic", 40, ("grpo",), 2),
+    ]
+    for testbed, steps, methods, seeds in plan:
         for method in methods:
             for seed in range(seeds):
                 start = 0.2
                 noise = rng.normal(0, 0.02, 2)
                 middle, final = (round(float(start + x + LIFT[method]), 3) for x in (0.05 + noise[0], 0.12 + noise[1]))
                 records.append({
-                    "testbed": testbed, "method": method, "seed": seed, "steps": 20, "batch_size": 16,
+                    "testbed": testbed, "method": method, "seed": seed, "steps": steps, "batch_size": 16,
                     "group_size": 8, "start_val_accuracy": start, "final_val_accuracy": final,
-                    "val_curve": [[0, start], [10, middle], [20, final]], "val_size": 1000,
+                    "val_curve": [[0, start], [steps // 2, middle], [steps, final]], "val_size": 1000,
                     "weight_std_mean": None if method == "grpo" else 0.2, "weight_min": 0.5, "weight_max": 1.5,
-                    "truncated_frac_final": 0.0, "wall_s": 1.0, "commit": "abcdef1234567", "config_sha": sha,
+                    "truncated_frac_final": 0.0, "wall_s": 1.0, "commit": "abcdef1234567",
+                    "config_sha": f"{testbed}-{method}-{steps}",
                     "config": "compare_arithmetic.yaml", "threads": 1, "finished_at": f"2026-12-06T10:0{seed}:00",
                 })  # fmt: skip
     return records
@@ -85,11 +91,13 @@ def test_report_numbers_readme_markers_and_figures(tmp_path: Path) -> None:
 
     text = results_md.read_text()
     assert "<!-- begin other -->\nkept\n<!-- end other -->" in text
-    arithmetic = text.split("**arithmetic**")[1].split("**noisy_hard**")[0]
-    noisy = text.split("**noisy_hard**")[1]
+    arithmetic = text.split("**arithmetic #1**")[1].split("**noisy_hard**")[0]
+    noisy = text.split("**noisy_hard**")[1].split("**arithmetic #2**")[0]
+    assert _cells(text.split("**arithmetic #2**")[1], "grpo")[1] == "2"  # the 40-step runs: not pooled, not paired
 
     def arm(testbed: str, method: str) -> list[dict]:
-        return sorted((r for r in records if (r["testbed"], r["method"]) == (testbed, method)), key=lambda r: r["seed"])
+        runs = (r for r in records if (r["testbed"], r["method"], r["steps"]) == (testbed, method, 20))
+        return sorted(runs, key=lambda r: r["seed"])
 
     def differences(testbed: str, a: str, b: str, value: Callable[[dict], float]) -> list[float]:
         return [value(x) - value(y) for x, y in zip(arm(testbed, a), arm(testbed, b), strict=True)]
@@ -148,6 +156,7 @@ def test_report_numbers_readme_markers_and_figures(tmp_path: Path) -> None:
     assert written.startswith("# Title\n\nPre-registration.\n\n<!-- begin compare_report -->\n")
     assert written.endswith("<!-- end compare_report -->\nTail\n") and "\nold\n" not in written
     assert _cells(written.split("**noisy_hard**")[0], "gcpo_bot")[3] == _cells(arithmetic, "gcpo_bot")[3]
+    assert _cells(arithmetic, "gcpo_bot")[9] == "`arithmetic-gcpo_bot-20`"
     assert "](figures/compare_curves.png)" in written and "](figures/compare_forest.png)" in text
     for name in ("compare_curves.png", "compare_forest.png"):
         data = (figures / name).read_bytes()

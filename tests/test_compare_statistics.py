@@ -16,6 +16,8 @@ from lit_gcpo.comparison import (
     bootstrap_interval,
     contrast_table,
     curve_areas,
+    design_of,
+    group_records,
     holm,
     method_outcomes,
     minimum_detectable_effect,
@@ -151,15 +153,32 @@ FINALS = {  # seeds 0..4 (gcpo_cd: 0..2)
 }
 
 
-def _records(config_sha: str = "aaa") -> list[dict]:
+DESIGN = "c.yaml, 20 steps x 16 prompts x G = 8, val 300"
+
+
+def _records() -> list[dict]:
     # curve (0, 0.2), (10, f), (20, f): AUC = (10 (0.2 + f) / 2 + 10 f) / 20 = (0.2 + 3 f) / 4, so every AUC
-    # difference is 0.75 times the final-accuracy difference and has the same sign-flip p
+    # difference is 0.75 times the final-accuracy difference and has the same sign-flip p. As the runner does, the
+    # config_sha differs between methods (it hashes the weighting); the design is the config and budget.
     return [
-        {"testbed": "arithmetic", "config_sha": config_sha, "method": method, "seed": seed,
+        {"testbed": "arithmetic", "config_sha": f"{method}-sha", "method": method, "seed": seed,
+         "config": "c.yaml", "steps": 20, "batch_size": 16, "group_size": 8, "val_size": 300,
          "start_val_accuracy": 0.2, "final_val_accuracy": final, "val_curve": [[0, 0.2], [10, final], [20, final]]}
         for method, finals in FINALS.items()
         for seed, final in enumerate(finals)
     ]  # fmt: skip
+
+
+def test_group_records_by_design_never_pooling_two_configs_of_a_method() -> None:
+    records = _records()
+    assert design_of(records[0]) == DESIGN
+    assert list(group_records(records)) == [("arithmetic", DESIGN)]  # 5 methods, 5 config_sha, one design
+    # a design_sha recorded by the runner separates designs that share a budget
+    tagged = [{**r, "design_sha": "d1" if r["seed"] < 2 else "d2"} for r in records]
+    assert [len(m) for m in group_records(tagged).values()] == [10, 13]
+    changed = [*records, {**records[0], "seed": 9, "config_sha": "grpo-new-default"}]
+    with pytest.raises(ValueError, match="method 'grpo' has runs of 2 config_sha"):
+        group_records(changed)
 
 
 def test_method_outcomes_orders_methods_and_computes_gain_and_auc() -> None:
@@ -171,16 +190,16 @@ def test_method_outcomes_orders_methods_and_computes_gain_and_auc() -> None:
     with pytest.raises(ValueError, match="'grpo': a seed is recorded more than once"):
         method_outcomes(duplicated)
     shifted = [*_records()[:-1], {**_records()[-1], "val_curve": [[0, 0.2], [10, 0.3], [25, 0.3]]}]
-    with pytest.raises(ValueError, match="testbed 'arithmetic', config_sha 'aaa'"):
+    with pytest.raises(ValueError, match=r"testbed 'arithmetic', design 'c\.yaml, 20 steps"):
         method_outcomes(shifted)
 
 
 def test_contrast_table_families_hand_values() -> None:
-    # A second design (config_sha bbb) with a gcpo_bot run of seed 0: never pooled with aaa (no duplicate error).
-    extra = {**_records()[0], "config_sha": "bbb", "method": "gcpo_bot"}
+    # A second design (40 steps) with a gcpo_bot run of seed 0: never pooled with the first (no duplicate error).
+    extra = {**_records()[0], "config_sha": "x", "method": "gcpo_bot", "steps": 40}
     rows = contrast_table([*_records(), extra], resamples=2000)
-    table = {(r.config_sha, r.family, r.outcome, r.name): r for r in rows}
-    final = {r.name: r for r in rows if (r.config_sha, r.family, r.outcome) == ("aaa", "primary", "final_accuracy")}
+    table = {(r.design, r.family, r.outcome, r.name): r for r in rows}
+    final = {r.name: r for r in rows if (r.design, r.family, r.outcome) == (DESIGN, "primary", "final_accuracy")}
     assert list(final) == ["gcpo_bot - rd_only", "gcpo_cd - rd_only", "seed_grpo_sf - grpo", "gcpo_bot - seed_grpo_sf"]
     # gcpo_bot - rd_only = 0.03 on all 5 seeds: p = 2/32, interval [0.03, 0.03], std 0 so MDE 0
     row = final["gcpo_bot - rd_only"]
@@ -204,16 +223,16 @@ def test_contrast_table_families_hand_values() -> None:
     # secondary: every method - grpo. gcpo_bot - grpo (4, 1, 4, 5, 2) x 0.01 all positive: 0.0625; gcpo_cd - grpo
     # (0, -1, -1): 2 of the 4 patterns of (1, 1) reach 2, p = 0.5; rd_only - grpo (1, -2, 1, 2, -1): odd total 7,
     # every pattern reaches 1, p = 1. Holm over (0.0625, 0.0625, 0.5, 1): 0.25, 0.25, 1, 1.
-    secondary = [r for r in rows if (r.config_sha, r.family, r.outcome) == ("aaa", "secondary", "final_accuracy")]
+    secondary = [r for r in rows if (r.design, r.family, r.outcome) == (DESIGN, "secondary", "final_accuracy")]
     assert [r.name for r in secondary] == ["seed_grpo_sf - grpo", "gcpo_bot - grpo", "gcpo_cd - grpo", "rd_only - grpo"]
     np.testing.assert_allclose([r.p for r in secondary], [0.0625, 0.0625, 0.5, 1.0], rtol=1e-12)
     np.testing.assert_allclose([r.p_holm for r in secondary], [0.25, 0.25, 1.0, 1.0], rtol=1e-12)
     # AUC: 0.75 x every final difference, same p
-    for (sha, family, outcome, name), row in table.items():
-        if sha == "aaa" and outcome == "auc":
-            twin = table[(sha, family, "final_accuracy", name)]
+    for (design, family, outcome, name), row in table.items():
+        if design == DESIGN and outcome == "auc":
+            twin = table[(design, family, "final_accuracy", name)]
             assert (row.mean, row.p, row.p_holm) == (pytest.approx(0.75 * twin.mean), twin.p, twin.p_holm)
-    # the bbb design: only one run, every primary contrast is empty (NaN, no Holm p)
-    alone = [r for r in rows if r.config_sha == "bbb"]
+    # the 40-step design: only one run, every primary contrast is empty (NaN, no Holm p)
+    alone = [r for r in rows if r.design != DESIGN]
     assert {r.family for r in alone} == {"primary", "secondary"} and all(r.n == 0 for r in alone)
     assert all(math.isnan(r.p) and math.isnan(r.p_holm) for r in alone)
