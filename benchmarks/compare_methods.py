@@ -19,7 +19,8 @@ A finished run appends one line to ``--results`` (``benchmarks/results/compare_m
 seeds accumulate across machines and days) as soon as it ends: testbed, method, seed, the budget, the
 validation curve (step 0 = the starting policy), the weight spread, the truncated share, wall time, the commit
 and ``config_sha``, a hash of the run's fully resolved config (``lit-gcpo fit --print_config``) without its seed
-and output paths. A rerun skips every planned run whose record exists with the same ``config_sha``, so a kill
+and output paths (``design_sha``: the same without the weighting, shared by the methods that the analysis pairs).
+A rerun skips every planned run whose record exists with the same ``config_sha``, so a kill
 loses only the runs in flight and a changed config (or a changed default) starts new records instead of mixing
 with old ones. ``--shard i/n`` runs every n-th planned run from the i-th, for several machines. The analysis
 (``benchmarks/compare_report.py``) reads only the results file.
@@ -47,7 +48,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -122,11 +122,18 @@ def _drop(config: dict[str, Any], path: tuple[str, ...]) -> None:
         node.pop(path[-1], None)
 
 
-def config_sha(resolved: dict[str, Any]) -> str:
-    """Hash of a resolved config without its seed and output paths (``_UNHASHED``): runs of one design share it."""
+def config_sha(resolved: dict[str, Any], weighting: bool = True) -> str:
+    """Hash of a resolved config without its seed and output paths (``_UNHASHED``): the runs of one method on one
+    design share it. ``weighting=False`` also leaves out the uncertainty callback's weighting (``WEIGHTING_KEYS``):
+    the ``design_sha`` that every method of one comparison shares, by which the analysis pairs them."""
     config = copy.deepcopy(resolved)
     for path in _UNHASHED:
         _drop(config, path)
+    if not weighting:
+        for callback in (config.get("trainer") or {}).get("callbacks") or []:
+            if isinstance(callback, dict) and callback.get("class_path") == CALLBACK:
+                for key in WEIGHTING_KEYS:
+                    callback.get("init_args", {}).pop(key, None)
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -304,9 +311,11 @@ def main(argv: list[str] | None = None) -> None:
     jobs = list(plan(args.testbeds, args.methods, seeds, args.official_seeds))[shard_index::shard_count]
     commit = git_commit()
     shas: dict[tuple[str, str], str] = {}  # per (testbed, method): the seed is not hashed
+    designs: dict[tuple[str, str], str] = {}  # the same without the weighting: shared by the methods
     for testbed, method in dict.fromkeys((t, m) for t, m, _ in jobs):
         scratch = out / "resolved" / testbed / method
-        shas[testbed, method] = config_sha(resolve(run_config(base, testbed, method, 0, scratch), scratch))
+        resolved = resolve(run_config(base, testbed, method, 0, scratch), scratch)
+        shas[testbed, method], designs[testbed, method] = config_sha(resolved), config_sha(resolved, weighting=False)
     done = {(r["testbed"], r["method"], r["seed"], r["config_sha"]) for r in read_records(results)}
     todo = [(t, m, s) for t, m, s in jobs if (t, m, s, shas[t, m]) not in done]
     print(
@@ -336,6 +345,7 @@ def main(argv: list[str] | None = None) -> None:
             "threads": args.threads,
             "commit": commit,
             "config_sha": sha,
+            "design_sha": designs[testbed, method],
             "config": Path(args.config).name,
             "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
@@ -352,26 +362,6 @@ def val_size(config: dict[str, Any]) -> int:
     module, _, name = config["data"]["val"]["class_path"].rpartition(".")
     source = getattr(importlib.import_module(module), name)(**config["data"]["val"].get("init_args", {}))
     return len(source.load())
-
-
-# Kept until the analysis moves to lit_gcpo.comparison (tests/test_compare_statistics.py still imports them).
-def paired_bootstrap(differences: np.ndarray, resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
-    """Percentile-bootstrap 95% interval of the mean of paired differences, resampling seeds."""
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(differences), size=(resamples, len(differences)))
-    means = differences[picks].mean(1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return float(low), float(high)
-
-
-def sign_flip_p(differences: np.ndarray) -> float:
-    """Exact two-sided p-value of the paired sign-flip (randomisation) test of a zero mean difference: the share
-    of the 2^n sign patterns whose |mean| is at least the observed one. With n = 5 seeds it cannot go below
-    2/32 = 0.0625, which is the honest resolution of 5 paired runs."""
-    n = len(differences)
-    signs = np.array(np.meshgrid(*[[-1.0, 1.0]] * n)).reshape(n, -1).T  # [2^n, n]
-    means = np.abs((signs * np.abs(differences)).mean(1))
-    return float((means >= abs(differences.mean()) - 1e-12).mean())
 
 
 if __name__ == "__main__":

@@ -53,6 +53,15 @@ def test_config_sha_ignores_seed_and_paths_only(tmp_path: Path) -> None:
         else:
             changed["trainer"]["callbacks"][0]["init_args"]["method"] = "rd_only"
         assert runner.config_sha(changed) != runner.config_sha(one), change
+    # the design hash leaves the weighting out too: every method of a testbed shares it, the testbeds do not
+    designs = {
+        (testbed, method): runner.config_sha(runner.run_config(BASE, testbed, method, 0, tmp_path), weighting=False)
+        for testbed in runner.TESTBEDS
+        for method in runner.METHODS
+    }
+    for testbed in runner.TESTBEDS:
+        assert len({designs[testbed, method] for method in runner.METHODS}) == 1
+    assert len(set(designs.values())) == len(runner.TESTBEDS)
 
 
 def test_plan_seeds_shards_and_records(tmp_path: Path) -> None:
@@ -100,7 +109,8 @@ def test_runner_records_a_real_run_and_skips_it_on_rerun(tmp_path: Path, capsys:
     # accuracies on 300 problems are multiples of 1/300
     assert all(abs(value * 300 - round(value * 300)) < 1e-3 for _, value in record["val_curve"])
     assert record["weight_std_mean"] > 0 and record["weight_min"] < 1 < record["weight_max"]  # gcpo weights move
-    assert len(record["config_sha"]) == 16 and record["commit"]
+    assert len(record["config_sha"]) == len(record["design_sha"]) == 16 and record["commit"]
+    assert record["design_sha"] != record["config_sha"]  # the weighting is hashed in one of them only
     runner.main(argv)  # the record exists: nothing runs, nothing is appended
     assert len(runner.read_records(results)) == 1
     assert "1 recorded, 0 to run" in capsys.readouterr().out
