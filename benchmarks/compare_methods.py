@@ -11,7 +11,9 @@ quickstart's setting, no padding) with only these overrides:
 - the testbed (``TESTBEDS``): ``arithmetic`` is the base config; ``noisy_hard`` / ``noisy_easy`` swap the train
   source for ``NoisyArithmeticTask`` with coin-flip rewards on half of the hard (two-digit or negative answer)
   or of the easy (one-digit answer) prompts, at the noise rate whose coin-flip groups have the clean spread
-  groups' distribution of k correct (``benchmarks/match_noise_rate.py``); validation stays clean;
+  groups' distribution of k correct (``benchmarks/match_noise_rate.py``); validation stays clean; ``qa`` is
+  ``configs/compare_qa.yaml`` (``--qa-config``): the embedded QA task with near-synonym answers, embedding
+  clustering over all-MiniLM-L6-v2, its own warm-started policy (``benchmarks/data/tiny-qa``);
 - the seed: ``seed_everything`` and ``data.seed`` (prompt order and sampling); the prompts themselves (the
   sources' seeds) stay the config's, so a seed gives every method the same prompt order: runs pair by seed.
 
@@ -73,7 +75,9 @@ TESTBEDS: dict[str, dict[str, Any]] = {
     "arithmetic": {},
     "noisy_hard": {"noisy_answers": "long"},  # premise plausible: the noise is where the policy disagrees
     "noisy_easy": {"noisy_answers": "short"},  # premise false: the noise is where the policy agrees
+    "qa": {},  # its own base config (--qa-config): free-text answers, embedding clustering
 }
+NOISY_TESTBEDS = ("noisy_hard", "noisy_easy")
 # Settings that name where a run writes, or its seed: left out of config_sha.
 _UNHASHED = (
     ("seed_everything",),
@@ -104,7 +108,7 @@ def run_config(base: dict[str, Any], testbed: str, method: str, seed: int, run_d
     config.setdefault("model", {})["export_dir"] = str(run_dir / "policy")
     data = config.setdefault("data", {})
     data["seed"] = seed
-    if testbed != "arithmetic":
+    if testbed in NOISY_TESTBEDS:
         noisy = {"noisy_levels": [2], "noisy_share": NOISY_SHARE, "noise_rate": NOISE_RATE, **TESTBEDS[testbed]}
         data["train"] = {"class_path": NOISY_SOURCE, "init_args": {**data["train"]["init_args"], **noisy}}
         accuracy = data.get("accuracy_reward", "math_accuracy_final")
@@ -287,6 +291,7 @@ def launch(config: dict[str, Any], run_dir: Path, threads: int, timeout: float) 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(REPO / "configs" / "compare_arithmetic.yaml"))
+    parser.add_argument("--qa-config", default=str(REPO / "configs" / "compare_qa.yaml"), help="the qa testbed's")
     parser.add_argument("--testbeds", nargs="+", default=list(TESTBEDS), choices=list(TESTBEDS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--seeds", nargs="+", default=["0-11"], help="seeds or ranges, e.g. 0-11 15")
@@ -300,11 +305,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the plan and what is done; train nothing")
     args = parser.parse_args(argv)
 
-    base = yaml.safe_load(Path(args.config).read_text())
-    if args.steps is not None:
-        base["trainer"]["max_steps"] = args.steps
-        base["trainer"]["val_check_interval"] = min(base["trainer"].get("val_check_interval", args.steps), args.steps)
-    steps = int(base["trainer"]["max_steps"])
+    config_files = {t: Path(args.qa_config if t == "qa" else args.config) for t in args.testbeds}
+    bases = {t: yaml.safe_load(path.read_text()) for t, path in config_files.items()}
+    for base in bases.values():
+        if args.steps is not None:
+            base["trainer"]["max_steps"] = args.steps
+            interval = base["trainer"].get("val_check_interval", args.steps)
+            base["trainer"]["val_check_interval"] = min(interval, args.steps)
     results, out = Path(args.results).resolve(), Path(args.out).resolve()
     shard_index, shard_count = parse_shard(args.shard)
     seeds = parse_seeds(args.seeds)
@@ -314,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
     designs: dict[tuple[str, str], str] = {}  # the same without the weighting: shared by the methods
     for testbed, method in dict.fromkeys((t, m) for t, m, _ in jobs):
         scratch = out / "resolved" / testbed / method
-        resolved = resolve(run_config(base, testbed, method, 0, scratch), scratch)
+        resolved = resolve(run_config(bases[testbed], testbed, method, 0, scratch), scratch)
         shas[testbed, method], designs[testbed, method] = config_sha(resolved), config_sha(resolved, weighting=False)
     done = {(r["testbed"], r["method"], r["seed"], r["config_sha"]) for r in read_records(results)}
     todo = [(t, m, s) for t, m, s in jobs if (t, m, s, shas[t, m]) not in done]
@@ -330,7 +337,8 @@ def main(argv: list[str] | None = None) -> None:
     for testbed, method, seed in todo:
         sha = shas[testbed, method]
         run_dir = out / sha / testbed / method / f"seed{seed}"
-        config = run_config(base, testbed, method, seed, run_dir)
+        config = run_config(bases[testbed], testbed, method, seed, run_dir)
+        steps = int(config["trainer"]["max_steps"])
         wall = launch(config, run_dir, args.threads, args.timeout)
         record = {
             "testbed": testbed,
@@ -346,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
             "commit": commit,
             "config_sha": sha,
             "design_sha": designs[testbed, method],
-            "config": Path(args.config).name,
+            "config": config_files[testbed].name,
             "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
         append_record(results, record)

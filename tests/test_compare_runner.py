@@ -15,6 +15,11 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import compare_methods as runner  # noqa: E402
 
 BASE = yaml.safe_load((REPO / "configs" / "compare_arithmetic.yaml").read_text())
+QA_BASE = yaml.safe_load((REPO / "configs" / "compare_qa.yaml").read_text())
+
+
+def base_of(testbed: str) -> dict:
+    return QA_BASE if testbed == "qa" else BASE
 
 
 def test_two_operand_validation_file_is_every_two_operand_problem() -> None:
@@ -40,6 +45,10 @@ def test_run_config_changes_only_the_weighting_testbed_seed_and_paths(tmp_path: 
     assert train["mix"] == BASE["data"]["train"]["init_args"]["mix"]  # the same problems
     assert noisy["data"]["val"] == BASE["data"]["val"]  # validation stays clean
     assert noisy["data"]["reward_weights"] == [1.0, 0.0]
+    qa = runner.run_config(QA_BASE, "qa", "gcpo_bot", 3, tmp_path / "a")
+    weighting = {c["class_path"]: c["init_args"] for c in qa["trainer"]["callbacks"]}[runner.CALLBACK]
+    assert weighting["clustering"] == "embedding" and weighting["geometric"] == "bot"  # the QA config's clustering
+    assert qa["data"]["train"] == QA_BASE["data"]["train"] and qa["data"]["rewards"] == ["qa_f1"]
 
 
 def test_config_sha_ignores_seed_and_paths_only(tmp_path: Path) -> None:
@@ -55,7 +64,9 @@ def test_config_sha_ignores_seed_and_paths_only(tmp_path: Path) -> None:
         assert runner.config_sha(changed) != runner.config_sha(one), change
     # the design hash leaves the weighting out too: every method of a testbed shares it, the testbeds do not
     designs = {
-        (testbed, method): runner.config_sha(runner.run_config(BASE, testbed, method, 0, tmp_path), weighting=False)
+        (testbed, method): runner.config_sha(
+            runner.run_config(base_of(testbed), testbed, method, 0, tmp_path), weighting=False
+        )
         for testbed in runner.TESTBEDS
         for method in runner.METHODS
     }
