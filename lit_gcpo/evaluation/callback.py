@@ -23,11 +23,12 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 
+from lit_gcpo.answers import FALLBACKS
 from lit_gcpo.batch import RolloutBatch
 from lit_gcpo.evaluation.paper import format_paper_table
 from lit_gcpo.evaluation.progress import EvaluationProgress
@@ -60,6 +61,10 @@ class BenchmarkReport(pl.Callback):
             ``average`` over every benchmark.
         context_length: the model's context in tokens, for the count of prompts longer than it; None =
             the policy's ``config.max_position_embeddings`` (when it has one).
+        answer_fallback: how a math completion without a ``\\boxed{}`` is read: ``none`` (the default: no
+            answer, graded wrong), ``last_number`` (the last number in the text: the Qwen2.5-Math
+            evaluation's ``use_last_number``) or ``math_verify`` (Math-Verify's LaTeX extraction of the
+            whole completion). Part of the settings a resumed evaluation must share.
     """
 
     def __init__(
@@ -73,6 +78,7 @@ class BenchmarkReport(pl.Callback):
         label: str | None = None,
         averages: dict[str, list[str]] | None = None,
         context_length: int | None = None,
+        answer_fallback: Literal["none", "last_number", "math_verify"] = "none",
     ) -> None:
         if pass_ks is not None and any(k < 1 for k in pass_ks):
             raise ValueError(f"BenchmarkReport pass_ks must be >= 1, got {pass_ks}")
@@ -83,6 +89,9 @@ class BenchmarkReport(pl.Callback):
         self.geometric = geometric
         self.reward_range = (float(reward_range[0]), float(reward_range[1]))
         self.validation = validation
+        if answer_fallback not in FALLBACKS:
+            raise ValueError(f"BenchmarkReport answer_fallback={answer_fallback!r}; valid: {', '.join(FALLBACKS)}")
+        self.answer_fallback = answer_fallback
         self.resume, self.label, self.averages, self.context_length = resume, label, averages, context_length
         self.progress: EvaluationProgress | None = None
         self.records: list[Record] = []
@@ -171,6 +180,7 @@ class BenchmarkReport(pl.Callback):
             geometric=self.geometric,
             reward_range=self.reward_range,
             first_index=len(self.records),
+            fallback=self.answer_fallback,
         )
 
     # -------------------------------------------------------------------------------------- reporting
@@ -218,6 +228,7 @@ class BenchmarkReport(pl.Callback):
             "world_size": trainer.world_size,
             "seed": getattr(datamodule, "seed", None),
             "label": self._label(trainer, pl_module),
+            "answer_fallback": self.answer_fallback,
         }
         names = datamodule.test_names() if hasattr(datamodule, "test_names") else []
         settings = {}

@@ -72,12 +72,14 @@ def rollout_records(
     geometric: str = "bot",
     reward_range: tuple[float, float] = (0.0, 1.0),
     first_index: int = 0,
+    fallback: str = "none",
 ) -> list[Record]:
     """One record per prompt of a rollout batch: its completions graded, majority answer, signals.
 
     Rows are read for ``kind`` (default ``math``), ``gold`` (else ``answer``), ``benchmark`` (default
     ``default_benchmark``), ``id`` and ``index`` (default: ``first_index`` + position in the batch). Math
-    answers are the batch's ``answers`` (the rollout's last-box extraction) when present.
+    answers are the batch's ``answers`` (the rollout's ``final_answer``) when present; a math completion
+    without a box is read by ``fallback`` (``lit_gcpo.evaluation.grading.extract_answer``).
     """
     group_ids = batch.group_ids.detach().cpu().long()  # [N]
     kinds = [str(row.get("kind") or "math") for row in batch.rows]  # [B]
@@ -90,8 +92,9 @@ def rollout_records(
     truncated = None if batch.truncated is None else batch.truncated.detach().cpu().bool().tolist()  # [N]
     grades = []
     for n, g in enumerate(group_ids.tolist()):
-        from_rollout = kinds[g] == "math" and batch.answers is not None
-        answer = no_blank(batch.answers[n]) if from_rollout else extract_answer(kinds[g], batch.completions[n])
+        from_rollout = kinds[g] == "math" and batch.answers is not None and batch.answers[n] is not None
+        completion = batch.completions[n]
+        answer = no_blank(batch.answers[n]) if from_rollout else extract_answer(kinds[g], completion, fallback)
         grades.append(grade_answer(kinds[g], answer, golds[g]))  # [N]
     signals = prompt_signals(
         group_ids,

@@ -191,6 +191,13 @@ class GraderProcess(ChildProcess):
         reply = json.loads(line)
         return GradeResult(equal=bool(reply["equal"]), timed_out=bool(reply["timed_out"]))
 
+    def extract(self, text: str, timeout_s: float) -> str | None:
+        """The answer Math-Verify's LaTeX extraction finds in a whole completion (its "final answer is",
+        ``\\boxed{}`` and last-LaTeX rules), or None (none found, or no result within ``timeout_s``)."""
+        request = json.dumps({"extract": text, "timeout": timeout_s}).encode()
+        line = self.request(request, timeout_s * 1.25 + 0.2)
+        return None if line is None else json.loads(line)["answer"]
+
 
 class GraderPool:
     """``num_workers`` grading processes shared by every thread of this process.
@@ -212,6 +219,14 @@ class GraderPool:
         try:
             with worker.lock:
                 return worker.grade(gold, pred, timeout_s)
+        finally:
+            self._free.put(worker)
+
+    def extract(self, text: str, timeout_s: float) -> str | None:
+        worker = self._free.get()
+        try:
+            with worker.lock:
+                return worker.extract(text, timeout_s)
         finally:
             self._free.put(worker)
 
@@ -278,6 +293,18 @@ def _child_main() -> None:  # pragma: no cover - runs in the child interpreter
     def _on_alarm(signum: int, frame: object) -> None:
         raise _Alarm
 
+    def _extract(text: str, timeout: float) -> str | None:
+        """The string Math-Verify extracted from a whole text (``parse`` gives ``[expression, string]``)."""
+        try:
+            signal.setitimer(signal.ITIMER_REAL, timeout)
+            try:
+                found = parse(text, extraction_config=config, parsing_timeout=None)
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+        except (_Alarm, Exception):
+            return None
+        return str(found[-1]) if len(found) >= 2 else None
+
     signal.signal(signal.SIGALRM, _on_alarm)
     # Math-Verify builds its parser and regexes lazily: pay that before "ready", not in the first request.
     verify(parse("$\\frac{1}{2}$", extraction_config=config), parse("$0.5$", extraction_config=config))
@@ -285,6 +312,10 @@ def _child_main() -> None:  # pragma: no cover - runs in the child interpreter
     out.flush()
     for line in sys.stdin:
         request = json.loads(line)
+        if "extract" in request:
+            out.write(json.dumps({"answer": _extract(request["extract"], float(request["timeout"]))}) + "\n")
+            out.flush()
+            continue
         equal, timed_out = False, False
         try:
             signal.setitimer(signal.ITIMER_REAL, float(request["timeout"]))
