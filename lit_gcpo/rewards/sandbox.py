@@ -35,11 +35,15 @@ import json
 import os
 import queue
 import select
+import signal
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass
+
+EXIT_WAIT_S = 1.0
+"""Seconds to wait, once a child closed its stdout mid-request, for its exit status (it is dying)."""
 
 STARTUP_TIMEOUT_S = 60.0
 """Seconds a fresh child may take to import Math-Verify (a loaded 2-core machine needs ~1-3 s)."""
@@ -73,7 +77,9 @@ class ChildProcess:
     """A child interpreter that prints a ready line, then answers each request line with one reply line.
 
     A request that gets no reply within its bound (a hang, or a crash on that input) kills the child, starts a
-    replacement at once in the background and returns None. One request at a time: callers hold ``lock``.
+    replacement at once in the background and returns None; ``last_exit`` then says which: the child's exit
+    status when it ended by itself (``os._exit(3)``: 3; killed by signal 9: -9), None when it was still running
+    at the bound. One request at a time: callers hold ``lock``.
 
     Args:
         command: the child's command line.
@@ -96,6 +102,8 @@ class ChildProcess:
         self._proc: subprocess.Popen[bytes] | None = None
         self._buffer = b""
         self._ready = False
+        self._stdout_closed = False
+        self.last_exit: int | None = None
 
     def start(self) -> None:
         """Launch the child without waiting for it to be ready."""
@@ -109,6 +117,7 @@ class ChildProcess:
         )
         self._buffer = b""
         self._ready = False
+        self._stdout_closed = False
 
     @property
     def pid(self) -> int | None:
@@ -134,6 +143,7 @@ class ChildProcess:
                 return None
             chunk = os.read(fd, 65536)
             if not chunk:
+                self._stdout_closed = True
                 return None
             self._buffer += chunk
         line, self._buffer = self._buffer.split(b"\n", 1)
@@ -163,13 +173,34 @@ class ChildProcess:
         except (BrokenPipeError, OSError) as error:
             self.close()
             raise self.error(f"{self.name} died") from error
+        self.last_exit = None
         reply = self._read_line(time.monotonic() + timeout_s)
         if reply is None:
-            # A hang, or a crash on this input (the likely cause either way): no answer for it. Kill and
-            # pre-start a replacement so that the next call finds it warm.
+            # A hang, or a crash on this input: no answer for it. Keep the exit status of a crash (the child
+            # closed its stdout: it is ending), then kill and pre-start a replacement so that the next call
+            # finds it warm.
+            if self._stdout_closed:
+                try:
+                    self.last_exit = self._proc.wait(EXIT_WAIT_S)
+                except subprocess.TimeoutExpired:
+                    self.last_exit = None
             self.close()
             self.start()
         return reply
+
+
+def describe_exit(status: int) -> str:
+    """How a child ended, from its exit status: ``exited with code 3``, or ``was killed by signal 9 (SIGKILL:
+    what the kernel's out-of-memory killer sends)``."""
+    if status >= 0:
+        return f"exited with code {status}"
+    number = -status
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        name = "unknown signal"
+    cause = ": what the kernel's out-of-memory killer sends" if number == signal.SIGKILL else ""
+    return f"was killed by signal {number} ({name}{cause})"
 
 
 class GraderProcess(ChildProcess):
@@ -263,7 +294,6 @@ def default_pool() -> GraderPool:
 def _child_main() -> None:  # pragma: no cover - runs in the child interpreter
     import logging
     import resource
-    import signal
 
     # An expression that expands without bound hits MemoryError (caught below) instead of the machine's RAM.
     resource.setrlimit(resource.RLIMIT_AS, (CHILD_MEMORY_LIMIT_BYTES, CHILD_MEMORY_LIMIT_BYTES))
