@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from lit_gcpo.batch import PromptBatch, RolloutBatch, requested_fields
 from lit_gcpo.clustering import answer_clusters
 from lit_gcpo.data.rollout import RolloutCollector
-from lit_gcpo.data.sources import PromptSource
+from lit_gcpo.data.sources import PromptSource, check_field_types
 from lit_gcpo.data.templates import PromptRenderer, context_length, fit_prompts, placeholders
 from lit_gcpo.engines import build_engine
 from lit_gcpo.engines.base import SamplingConfig
@@ -307,6 +307,7 @@ class RolloutDataModule(L.LightningDataModule):
                     f"{split}: field {name!r} is missing from every row of {source.describe()}; "
                     f"columns are {sorted(rows[0])} (map one with `fields: {{column: {name}}}`)"
                 )
+        check_field_types(source, rows, placeholders(renderer.template), required)
         kept_rows, prompts, skipped = [], [], []
         for index, row in enumerate(rows):
             missing = [name for name in needed if row.get(name) is None or row.get(name) == ""]
