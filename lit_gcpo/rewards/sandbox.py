@@ -15,7 +15,10 @@ alarm. So the grading runs in a child interpreter started with ``python -I <this
   the child dies on an input, it kills the child, starts a replacement at once in the background and
   reports a timeout for that comparison;
 * the child's address space is limited (``CHILD_MEMORY_LIMIT_BYTES``) so a runaway expansion raises
-  ``MemoryError`` instead of eating the machine's memory.
+  ``MemoryError`` instead of eating the machine's memory;
+* besides comparisons, the child answers extraction requests: the answer Math-Verify's LaTeX extraction
+  finds in a whole completion (``GraderProcess.extract``, the ``math_verify`` fallback of
+  ``lit_gcpo.answers.unboxed_answer``), under the same bounds.
 
 Numbers far below 1: Math-Verify compares two numbers after rounding them to 6 decimals, so
 ``2.88 \\times 10^{-19}`` "equals" ``1.325 \\times 10^{-27}`` and ``-5 \\times 10^{-19}``. When both sides parse
@@ -40,7 +43,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
+
+_T = TypeVar("_T")
 
 EXIT_WAIT_S = 1.0
 """Seconds to wait, once a child closed its stdout mid-request, for its exit status (it is dying)."""
@@ -245,21 +252,20 @@ class GraderPool:
         for worker in self._all:
             self._free.put(worker)
 
-    def grade(self, gold: str, pred: str, timeout_s: float) -> GradeResult:
+    def _on_free_worker(self, call: Callable[[GraderProcess], _T]) -> _T:
         worker = self._free.get()
         try:
             with worker.lock:
-                return worker.grade(gold, pred, timeout_s)
+                return call(worker)
         finally:
             self._free.put(worker)
 
+    def grade(self, gold: str, pred: str, timeout_s: float) -> GradeResult:
+        return self._on_free_worker(lambda worker: worker.grade(gold, pred, timeout_s))
+
     def extract(self, text: str, timeout_s: float) -> str | None:
-        worker = self._free.get()
-        try:
-            with worker.lock:
-                return worker.extract(text, timeout_s)
-        finally:
-            self._free.put(worker)
+        """``GraderProcess.extract`` on a free grading process."""
+        return self._on_free_worker(lambda worker: worker.extract(text, timeout_s))
 
     @property
     def pids(self) -> list[int | None]:
