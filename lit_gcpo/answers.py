@@ -20,7 +20,8 @@ from functools import lru_cache
 from typing import Any
 
 _BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
-_BOX_GLUE = re.compile(r"(?:\s|\$|\\[()\[\]]|,|;|\band\b|\bor\b)*")
+_MATH_SPACE = r"(?:\s|\$|\\[()\[\]])*"  # whitespace and math delimiters
+_BOX_GLUE = re.compile(rf"{_MATH_SPACE}(?:,{_MATH_SPACE}(?:and|or)\b|,|\band\b|\bor\b){_MATH_SPACE}")
 _ANY_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?|-?\.\d+")
 _PLAIN_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
 _THOUSANDS = re.compile(r"[-+]?\d{1,3}(?:(?:,|\s|\\,|\\ |\{,\})\d{3})+(?:\.\d+)?")
@@ -78,11 +79,12 @@ def extract_boxed(text: str) -> str | None:
 def final_answer(text: str) -> str | None:
     """The final answer of a math completion: its last complete box, with the boxes listed right before it.
 
-    Boxes separated only by commas, semicolons, "and", "or", whitespace and math delimiters form one
-    answer, their contents joined by ``", "`` (Math-Verify's reading of ``\\boxed{3}, \\boxed{5}``: the set
-    {3, 5}). So a multi-part answer boxed part by part matches a multi-part gold, and a hedge
-    (``\\boxed{3} or \\boxed{5}``) matches neither 3 nor 5. Boxes apart in the text (an intermediate result
-    boxed earlier) are not part of it. None when there is no complete box.
+    Boxes separated by one comma, "and" or "or" (", and", ", or"), with whitespace and math delimiters around
+    it, form one answer, their contents joined by ``", "`` (Math-Verify's reading of ``\\boxed{3}, \\boxed{5}``:
+    the set {3, 5}); boxes with nothing between them (``\\boxed{6}\\boxed{6}``) are a repetition, not a list.
+    So a multi-part answer boxed part by part matches a multi-part gold, and a hedge (``\\boxed{3} or
+    \\boxed{5}``) matches neither 3 nor 5. Boxes apart in the text (an intermediate result boxed earlier) are
+    not part of it. None when there is no complete box.
     """
     boxes = _complete_boxes(text)
     if not boxes:

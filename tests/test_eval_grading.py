@@ -168,6 +168,9 @@ def test_the_rollouts_answers_list_the_boxes_together() -> None:
     assert final_answer("\\boxed{2} and \\boxed{7}") == "2, 7"
     assert final_answer("\\boxed{2} and then \\boxed{7}") == "7"  # "then": text between them
     assert final_answer("\\boxed{2}; therefore \\boxed{7}") == "7"
+    assert final_answer("\\boxed{2}, or \\(\\boxed{7}\\)") == "2, 7"
+    assert final_answer("\\boxed{6}\\boxed{6}") == "6"  # no separator: a repeated box, as Math-Verify reads it
+    assert final_answer("\\boxed{6}\n\\boxed{7}") == "7"
     assert final_answer("no box") is None
 
 
