@@ -64,3 +64,10 @@ def test_eval_samples_config_covers_every_benchmark_with_its_sample_file(capsys)
     for settings in benchmarks.values():
         assert (root / settings["path"]).is_file() and settings["greedy"] is True
     assert set(_report(config)["averages"]["math"]) | set(_report(config)["averages"]["qa"]) == set(benchmarks)
+
+
+@pytest.mark.parametrize("name", ["eval_math.yaml", "eval_samples.yaml"])
+def test_math_eval_configs_state_the_answer_fallback_and_the_harness_setting(name: str, capsys) -> None:
+    assert _report(_parsed(name, capsys))["answer_fallback"] == "none"  # the default, stated
+    text = (CONFIGS / name).read_text()
+    assert "last_number = the Qwen2.5-Math evaluation harness's setting" in text
