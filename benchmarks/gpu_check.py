@@ -37,6 +37,7 @@ import contextlib
 import datetime as dt
 import gc
 import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -591,6 +592,11 @@ def environment() -> dict[str, Any]:
                 "vllm",
             )
         },
+        # what this process can import (a distribution may be installed yet hidden, or broken)
+        "importable": {
+            module: importlib.util.find_spec(module) is not None
+            for module in ("jsonargparse", "math_verify", "faiss", "scipy", "peft", "datasets", "vllm")
+        },
         "cuda": torch.version.cuda,
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "torch_threads": torch.get_num_threads(),
@@ -683,8 +689,8 @@ def finish(
     """Adds the skipped checks, the time budget, the summary and the environment to ``report``."""
     checks["vllm_engine"] = {
         "status": "skipped",
-        "reason": "needs vllm, which scripts/gpu_wheels.sh leaves out (about 0.5 GB of wheels with its CUDA "
-        f"kernels; installed here: {_version('vllm') or 'no'}); its GPU run is a step of its own (README)",
+        "reason": "needs vllm, which scripts/gpu_wheels.sh leaves out (a GPU build of several hundred MiB that pins "
+        f"its own torch; installed here: {_version('vllm') or 'no'}); its GPU run is a step of its own (README)",
     }
     elapsed = time.perf_counter() - started
     checks["time_budget"] = {
