@@ -1,6 +1,6 @@
 """GPU acceptance run: the paper-scale path measured on the first machine with a GPU, in one command.
 
-    python gpu_check.py --out gpu_check.json          # one CUDA GPU (H100: about 5 minutes, budget 8)
+    python gpu_check.py --out gpu_check.json          # one CUDA GPU (budget: 8 minutes on one H100)
     python gpu_check.py --cpu-smoke --out smoke.json  # the same code on the CPU with the embedded tiny policy
 
 What it runs, with lit-gcpo's own components (``GRPOModule``, ``RolloutDataModule`` with the ``hf`` engine, a
@@ -9,7 +9,8 @@ Lightning ``Trainer`` with the project's strategy names, ``bf16-mixed``):
 1. a policy with Qwen2.5-Math-1.5B's architecture (``lit_gcpo/assets/qwen2.5-math-1.5b-config.json``) and random
    weights, written to a work directory with a character tokenizer padded to the model's 151,936 ids (built in
    code, saved in a folder of its own: next to a Qwen2 ``config.json``, ``AutoTokenizer`` would swap in Qwen2's
-   pre-tokenizer). Nothing is downloaded. ``--cpu-smoke`` uses ``lit-gcpo/tiny-arith`` instead;
+   pre-tokenizer); the ``model`` check compares its parameter count with the architecture's 1,543,714,304. Nothing is
+   downloaded. ``--cpu-smoke`` uses ``lit-gcpo/tiny-arith`` instead, with 16 and 48 new tokens;
 2. ``rollout_short``: 2 training steps of 8 prompts x 8 completions of up to 512 new tokens; ``rollout_long``: 1
    step of 4 x 8 completions of up to 2,048 tokens. Each gives generation tokens/s (sampled tokens over the
    engine's ``time/generate_s``) and training tokens/s (prompt and completion tokens of the batch through the
@@ -22,7 +23,11 @@ Lightning ``Trainer`` with the project's strategy names, ``bf16-mixed``):
    weights and optimizer state must equal the saved ones exactly, then one more step runs;
 6. ``fsdp2_step``: one optimizer step under ``--trainer.strategy fsdp2`` with one rank;
 7. what needs a package the acceptance machine does not get from ``scripts/gpu_wheels.sh`` (vLLM) is reported as
-   ``skipped``, with the reason.
+   ``skipped``, with the reason; ``time_budget``: the run (after the imports) within 480 s (smoke: 240 s).
+
+Room it needs on the GPU machine: about 22 GB in ``--work-dir`` (the bf16 model and a 17 GiB checkpoint of fp32
+weights and Adam moments) and about 45 GB of host memory while resuming (the copy of the saved state it compares with,
+and Lightning's load of the checkpoint).
 
 The JSON file holds every measurement and a status (``pass``, ``fail``, ``skipped``) per check; the exit status is 1
 when a check failed. Rewards: the share of digits among a completion's characters (registered as
