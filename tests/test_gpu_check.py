@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -181,17 +182,23 @@ def test_architecture_config_is_qwen25_math_15b():
     assert sum(p.numel() for p in model.parameters()) == gpu_check.EXPECTED_PARAMETERS
 
 
-def test_random_policy_and_padded_tokenizer_sample_through_the_module(tmp_path):
-    """The GPU run's policy at a small width: the module loads it and its tokenizer from their folders, every id the
-    random policy samples decodes to text, and the digit-share reward differs within a group."""
+@pytest.fixture(scope="module")
+def small_qwen(tmp_path_factory) -> dict:
+    """The GPU run's policy at a small width (2 layers of 32, one KV head), its vocabulary and tokenizer full size."""
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    config = gpu_check.architecture_config(**small, num_key_value_heads=1)
+    return gpu_check.write_random_policy(config, tmp_path_factory.mktemp("small-qwen"), torch.device("cpu"))
+
+
+def test_random_policy_and_padded_tokenizer_sample_through_the_module(small_qwen):
+    """The module loads the policy and its tokenizer from their folders, every id the random policy samples decodes
+    to text, and the digit-share reward differs within a group."""
     from lit_gcpo.engines import build_engine
     from lit_gcpo.engines.base import SamplingConfig
     from lit_gcpo.module import GRPOModule
     from lit_gcpo.tiny_model import build_char_tokenizer
 
-    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
-    config = gpu_check.architecture_config(**small, num_key_value_heads=1)
-    built = gpu_check.write_random_policy(config, tmp_path, torch.device("cpu"))
+    built = small_qwen
     # tied embeddings; per layer q (with bias), k and v (one KV head of 16, with bias), o, the MLP, two norms
     layer = (32 * 32 + 32) + 2 * (32 * 16 + 16) + 32 * 32 + 3 * 32 * 64 + 2 * 32
     assert built["parameters"] == 151936 * 32 + 2 * layer + 32
@@ -206,3 +213,26 @@ def test_random_policy_and_padded_tokenizer_sample_through_the_module(tmp_path):
     texts = tokenizer.batch_decode(generation.completion_ids, skip_special_tokens=True)
     assert all(len(text) >= len(ids) for text, ids in zip(texts, generation.completion_ids, strict=True))
     assert len(set(gpu_check.digit_share([""] * 4, texts))) > 1
+
+
+def test_gpu_plan_parts_pass_on_the_small_qwen_policy(small_qwen, tmp_path):
+    """Each part of the GPU run, on the random Qwen2 policy with the padded tokenizer (the smoke uses the tiny Llama):
+    random completions run to the limit, the digit-share reward gives every step a gradient, the resume is exact and
+    the fsdp2 step shards this architecture too."""
+    size = gpu_check.Size(max_new_tokens=12, prompts=2, group_size=4, micro_batch_size=4, steps=2)
+    one = replace(size, steps=1)
+    plan = gpu_check.Plan(
+        "small-qwen", "cpu", "bf16-mixed", short=size, long=size, fsdp2=one, resume=one, time_budget_s=0
+    )
+    check = gpu_check.Check(plan, tmp_path, gpu_check.Policy(small_qwen["model"], small_qwen["tokenizer"]))
+    record, saved = check.rollout("rollout_short", size, tmp_path / "short.ckpt")
+    steps = record["steps"]
+    assert [s["completion_tokens"] for s in steps] == [8 * 12, 8 * 12] and steps[0]["truncated_frac"] == 1.0
+    assert all(s["grad_norm"] > 0 for s in steps)
+    assert gpu_check.verdict_rollout(record)["status"] == "pass"
+    assert gpu_check.verdict_ratio(record)["status"] == "pass"
+    assert gpu_check.verdict_training([record])["status"] == "pass"
+    resume = gpu_check.verdict_resume(check.resume(tmp_path / "short.ckpt", saved))
+    assert resume["status"] == "pass" and resume["weights_equal"] == resume["weights_saved"] > 0
+    fsdp2 = gpu_check.verdict_fsdp2(check.fsdp2())
+    assert fsdp2["status"] == "pass" and fsdp2["policy_sharded"] and fsdp2["weights_changed"]
