@@ -42,7 +42,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lit_gcpo.advantages import group_advantages
 from lit_gcpo.batch import OPTIONAL_FIELDS, RolloutBatch
-from lit_gcpo.losses import grpo_loss, truncated_importance_weights
+from lit_gcpo.losses import grpo_loss, rollout_correction_weights
 from lit_gcpo.optimizer_step import GuardedOptimizerStep, lr_factor
 from lit_gcpo.parallel import gradient_sync, is_sharded, shard_causal_lm, unsupported_option
 from lit_gcpo.policy import LoraOptions, load_policy, load_tokenizer, merged_state_items, save_policy
@@ -351,8 +351,8 @@ class GRPOModule(L.LightningModule):
         num_tokens, num_seqs = counts.clamp(min=1).unbind()  # no tokens (all masked): a zero loss, not 0/0
         is_weights, tis_metrics = None, {}
         if self._importance_corrected(batch):
-            is_weights, tis_metrics = truncated_importance_weights(
-                batch.old_logprobs, batch.engine_logprobs, mask, hp.tis_cap
+            is_weights, tis_metrics = rollout_correction_weights(
+                batch.old_logprobs, batch.engine_logprobs, mask, "token_truncate", None, hp.tis_cap
             )
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         micro = self._micro_batches(batch.num_completions)
