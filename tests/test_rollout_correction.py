@@ -7,9 +7,13 @@ from __future__ import annotations
 import math
 import random
 
+import lightning as L
 import pytest
 import torch
+from test_training import CaptureBatches, make_pair, trainer
 
+from lit_gcpo.advantages import group_advantages
+from lit_gcpo.cli import main
 from lit_gcpo.losses import (
     ROLLOUT_CORRECTIONS,
     grpo_loss,
@@ -17,6 +21,7 @@ from lit_gcpo.losses import (
     rollout_correction_problem,
     rollout_correction_weights,
 )
+from lit_gcpo.module import GRPOModule
 
 NAN = float("nan")
 MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
@@ -394,3 +399,132 @@ def test_shapes_are_checked():
         rollout_correction_weights(TRAINER, ENGINE[:, :3], MASK)
     with pytest.raises(ValueError, match=r"advantages must be \[N\] = \[5\], got \(4,\)"):
         off_policy_sequence_mask(OFF_LOGP, OFF_LOGP, OFF_ADV[:4], OFF_MASK, 0.5)
+
+
+# ------------------------------------------------------------------------------------ through the module
+# Per-row gap d_i = old_trainer - old_engine on every token of row i (12 rows: 3 prompts x 4 completions).
+GAPS = [0.0, 0.3, -0.4, 0.8, -0.02, 0.25, -0.3, 0.15, 0.1, -0.25, 0.02, -0.05]
+
+
+class EngineCopy(L.Callback):
+    """Makes the hf engine count as a separate copy of the policy (as vLLM is) and sets the log-probs it reported
+    to the trainer's old log-probs minus ``GAPS`` (row i: old - d_i on every token), before the training step."""
+
+    def __init__(self) -> None:
+        self.batches: list = []
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        trainer.datamodule.collector.engine.samples_from_policy = False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        gaps = torch.tensor(GAPS).unsqueeze(-1)  # [N, 1]
+        batch.engine_logprobs = torch.where(batch.completion_mask > 0, batch.old_logprobs - gaps, NAN)
+        self.batches.append(batch)
+
+
+@pytest.mark.parametrize(
+    ("options", "weight"),
+    [
+        # sequence ratio exp(d_i L_i), zeroed outside [0.5, 3]; micro-batches of 5 rows (the shares add up)
+        (
+            {
+                "rollout_correction": "sequence_mask",
+                "rollout_correction_min": 0.5,
+                "rollout_correction_max": 3.0,
+                "micro_batch_size": 5,
+            },
+            lambda d, n: math.exp(d * n) if 0.5 <= math.exp(d * n) <= 3.0 else 0.0,
+        ),
+        # the default: token ratio exp(d_i), clamped at 2 (no lower bound)
+        ({}, lambda d, n: min(math.exp(d), 2.0)),
+    ],
+    ids=["sequence_mask", "default_token_truncate"],
+)
+def test_module_loss_applies_the_correction_and_the_off_policy_mask(tiny_model_dir, tmp_path, options, weight):
+    """lr 0, one step: the PPO ratio is 1, so token_mean's loss is -sum_i A_i w_i k_i L_i / sum_i L_i, with
+    w_i the correction's weight of row i (L_i tokens) and k_i = 0 when A_i < 0 and KL_i = mean(engine - current)
+    = -d_i > delta = 0.1 (the sampler is the engine here), from a plain loop over the captured rollout."""
+    module, data = make_pair(tiny_model_dir, lr=0.0, off_policy_mask_threshold=0.1, **options)
+    engine = EngineCopy()
+    run = trainer(tmp_path, 1, callbacks=[engine])
+    run.fit(module, data)
+    batch = engine.batches[0]
+    advantages, _ = group_advantages(batch.rewards, batch.group_ids, batch.num_groups)
+    lengths = batch.completion_mask.sum(-1).tolist()
+    total = outside = outside_tokens = dropped = dropped_tokens = 0.0
+    for a, d, n in zip(advantages.tolist(), GAPS, lengths, strict=True):
+        w = weight(d, n)
+        keep = a >= 0 or -d <= 0.1
+        total += -a * w * keep * n
+        outside += w != (math.exp(d * n) if options else math.exp(d))
+        outside_tokens += n * (w != (math.exp(d * n) if options else math.exp(d)))
+        dropped += not keep
+        dropped_tokens += n * (not keep)
+    logged = run.logged_metrics
+    assert float(logged["train/loss"]) == pytest.approx(total / sum(lengths), rel=1e-5, abs=1e-7)
+    kind = "masked" if options else "truncated"
+    assert float(logged[f"train/correction_{kind}_seq_frac"]) == pytest.approx(outside / 12)
+    assert float(logged[f"train/correction_{kind}_token_frac"]) == pytest.approx(outside_tokens / sum(lengths))
+    assert float(logged["train/off_policy_masked_seq_frac"]) == pytest.approx(dropped / 12)
+    assert float(logged["train/off_policy_masked_token_frac"]) == pytest.approx(dropped_tokens / sum(lengths))
+    assert float(logged["train/mismatch_abs_max"]) == pytest.approx(0.8, rel=1e-5)  # row 3
+    assert 0 < dropped < 12 and outside > 0  # the example exercises both
+    assert float(total) != 0.0
+
+
+def test_module_with_the_policy_as_engine_corrects_nothing(tiny_model_dir, tmp_path):
+    # The hf engine samples from the policy: no correction, and the off-policy mask compares the current
+    # log-probs with themselves (on-policy, one step: KL 0), so nothing is dropped.
+    module, data = make_pair(tiny_model_dir, lr=0.0, off_policy_mask_threshold=0.1)
+    capture = CaptureBatches()
+    run = trainer(tmp_path, 1, callbacks=[capture])
+    run.fit(module, data)
+    logged = run.logged_metrics
+    assert not any(key.startswith("train/correction_") or key.startswith("train/mismatch") for key in logged)
+    assert float(logged["train/off_policy_masked_seq_frac"]) == 0.0
+
+
+def test_deprecated_tis_cap_is_the_max_of_token_truncate(tiny_model_dir):
+    with pytest.warns(FutureWarning, match="tis_cap is deprecated"):
+        module = GRPOModule(model=tiny_model_dir, tis_cap=1.5, export_dir=None)
+    hp = module.hparams
+    assert (hp.rollout_correction, hp.rollout_correction_max, hp.tis_cap) == ("token_truncate", 1.5, None)
+    with pytest.warns(FutureWarning):
+        module = GRPOModule(model=tiny_model_dir, tis_cap=0.0, export_dir=None)
+    assert module.hparams.rollout_correction is None
+    with pytest.warns(FutureWarning), pytest.raises(ValueError, match="drop tis_cap"):
+        GRPOModule(model=tiny_model_dir, tis_cap=1.5, rollout_correction="sequence_mask", export_dir=None)
+    with pytest.raises(ValueError, match=r"rollout_correction_min \(2.0\) must be less"):
+        GRPOModule(model=tiny_model_dir, rollout_correction_min=2.0, export_dir=None)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--model.rollout_correction_min", "3", "--model.rollout_correction_max", "2"],
+            "model.rollout_correction_min",
+        ),
+        (["--model.rollout_correction", "token_clip"], 'Parser key "model.rollout_correction"'),
+        (["--model.off_policy_mask_threshold", "0"], 'Parser key "model.off_policy_mask_threshold"'),
+        (["--model.rollout_correction_max", "null"], "model.rollout_correction_max: the mode 'token_truncate'"),
+    ],
+)
+def test_invalid_options_are_refused_at_parse_time(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *args])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_help_lists_the_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    out = capsys.readouterr().out
+    for option in (
+        "rollout_correction",
+        "rollout_correction_min",
+        "rollout_correction_max",
+        "off_policy_mask_threshold",
+    ):
+        assert f"--model.{option} " in out
