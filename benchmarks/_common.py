@@ -28,17 +28,19 @@ CACHE = BENCHMARKS / ".cache"
 MACHINE = "2-core CPU, no GPU"
 
 
-def write_results_section(name: str, lines: list[str]) -> None:
-    """Replace (or append) the section ``name`` of ``benchmarks/RESULTS.md``, leaving the others alone."""
+def write_results_section(name: str, lines: list[str], path: Path | None = None) -> None:
+    """Replace (or append) the section ``name`` of ``path`` (default ``benchmarks/RESULTS.md``), leaving the
+    others alone."""
+    path = RESULTS if path is None else path
     begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
     block = "\n".join([begin, *lines, end])
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
     if begin in text and end in text:
         head, rest = text.split(begin, 1)
         text = head + block + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
-    RESULTS.write_text(text)
+    path.write_text(text)
 
 
 def run_header(threads: int | None = None) -> str:

@@ -6,7 +6,10 @@ the policy (``HFEngine`` + ``RolloutCollector``), rewarded, and scored by ``GRPO
 (generating-policy log-probs and mean-pooled last hidden states, as in training); the signals come from
 ``uncertainty_signals`` with the training defaults (answer clusters, Rao SE, embeddings centred over each chunk
 of prompts, METHODS.md §5.1); V from ``completion_gradients`` + ``gradient_variance`` with GRPO advantages;
-the correlations, bootstrap intervals, RD strata and the length control from ``faithfulness``.
+the correlations (all prompts, RD > 0, within strata of k correct completions, partial for length), the
+paired differences between signals and the bootstrap intervals from ``faithfulness`` and
+``correlation_differences``; on the noisy testbed, each weighting's weights on noisy versus clean prompts of equal
+k from ``weight_ratio_by_k``.
 
     python benchmarks/uncertainty_faithfulness.py                          # starting tiny policy, 1024 x 8
     python benchmarks/uncertainty_faithfulness.py --compare-dir runs/compare_methods --steps 40
@@ -21,6 +24,7 @@ import argparse
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +39,18 @@ from lit_gcpo.clustering import answer_clusters
 from lit_gcpo.data.rollout import RolloutCollector
 from lit_gcpo.engines.base import SamplingConfig
 from lit_gcpo.engines.hf import HFEngine
-from lit_gcpo.faithfulness import LENGTH, Faithfulness, completion_gradients, faithfulness, gradient_variance
+from lit_gcpo.faithfulness import (
+    LENGTH,
+    Difference,
+    Faithfulness,
+    WeightRatio,
+    completion_gradients,
+    correct_counts,
+    correlation_differences,
+    faithfulness,
+    gradient_variance,
+    weight_ratio_by_k,
+)
 from lit_gcpo.module import GRPOModule
 from lit_gcpo.rewards import RewardSet
 from lit_gcpo.uncertainty import advantage_weights, calibrated_uncertainty, uncertainty_signals
@@ -51,6 +66,7 @@ SIGNAL_LABELS = {
     LENGTH: "mean completion length (control)",
 }
 NOISY_REWARD = "lit_gcpo.tasks.noisy_arithmetic:noisy_math_accuracy"
+DIFFERENCES = (("bot", "se"), ("cd", "se"), ("u_c", "se"), ("u_c", "rd"), ("bot", LENGTH), ("se", LENGTH))
 
 
 def load_rows(testbed: str, prompts: str | None, num_prompts: int, seed: int) -> tuple[list[dict], str]:
@@ -107,30 +123,39 @@ WEIGHTINGS = {
 }
 
 
-def weights_by_noise(per_batch: list[tuple[dict[str, torch.Tensor], list[dict]]]) -> list[str]:
-    """Mean weight of each weighting on the noisy and on the clean prompts with RD > 0 (noisy testbed): does it
-    damp the prompts whose rewards are coin flips? Each chunk of prompts is one step's weighting."""
-    sums = {name: {"noisy": 0.0, "clean": 0.0} for name in WEIGHTINGS}
-    counts = {"noisy": 0, "clean": 0}
-    for signals, rows in per_batch:
-        noisy = torch.tensor([float(row.get("noise_rate") or 0.0) > 0 for row in rows])
-        spread = signals["rd"] > 0
-        counts["noisy"] += int((spread & noisy).sum())
-        counts["clean"] += int((spread & ~noisy).sum())
-        for name, options in WEIGHTINGS.items():
-            weights, _ = advantage_weights(signals=signals, **options)
-            sums[name]["noisy"] += float(weights.double()[spread & noisy].sum())
-            sums[name]["clean"] += float(weights.double()[spread & ~noisy].sum())
+def weights_by_noise(
+    per_batch: list[tuple[dict[str, torch.Tensor], list[dict], np.ndarray | None]],
+) -> tuple[list[str], dict[str, WeightRatio]]:
+    """The table of each weighting's weights on the noisy and on the clean prompts with RD > 0 (noisy testbed), and
+    the ratios by weighting: does a weighting damp the prompts whose rewards are coin flips beyond what their number
+    of correct completions k does? Each chunk of prompts is one step's weighting; the ratio within equal-k strata is
+    ``weight_ratio_by_k``'s (the clean prompts' mean weight standardised to the noisy prompts' mix of k)."""
+    if any(counts is None for *_, counts in per_batch):
+        raise ValueError("the noisy testbed's rewards should be 0/1 (k is undefined otherwise)")
+    noisy = np.concatenate([[float(row.get("noise_rate") or 0.0) > 0 for row in rows] for _, rows, _ in per_batch])
+    spread = np.concatenate([signals["rd"].numpy() > 0 for signals, _, _ in per_batch])
+    k = np.concatenate([counts for *_, counts in per_batch])[spread]
+    noisy = noisy[spread]
     lines = [
-        f"| weighting | mean weight, noisy prompts with RD > 0 (n = {counts['noisy']}) "
-        f"| mean weight, clean prompts with RD > 0 (n = {counts['clean']}) | noisy / clean |",
-        "|---|---|---|---|",
+        f"| weighting | mean weight, noisy prompts with RD > 0 (n = {int(noisy.sum())}) | mean weight, clean prompts "
+        f"with RD > 0 (n = {int((~noisy).sum())}) | noisy / clean | noisy / clean within equal-k strata "
+        "| per k: noisy / clean |",
+        "|---|---|---|---|---|---|",
     ]
-    for name, total in sums.items():
-        noisy_mean = total["noisy"] / max(counts["noisy"], 1)
-        clean_mean = total["clean"] / max(counts["clean"], 1)
-        lines.append(f"| {name} | {noisy_mean:.3f} | {clean_mean:.3f} | {noisy_mean / max(clean_mean, 1e-12):.3f} |")
-    return lines
+    ratios = {}
+    for name, options in WEIGHTINGS.items():
+        weights = np.concatenate(
+            [advantage_weights(signals=signals, **options)[0].double().numpy() for signals, _, _ in per_batch]
+        )[spread]
+        ratio = ratios[name] = weight_ratio_by_k(weights, noisy, k)
+        per_k = ", ".join(f"{value}: {wn / wc:.2f}" for value, _, _, wn, wc in ratio.strata)
+        lines.append(
+            f"| {name} | {weights[noisy].mean():.3f} | {weights[~noisy].mean():.3f} | {ratio.raw_ratio:.3f} "
+            f"| {ratio.ratio:.3f} | {per_k or 'n/a'} |"
+        )
+    # the strata depend on the prompts only, the same for every weighting
+    counts = ", ".join(f"k = {value}: {n_noisy} / {n_clean}" for value, n_noisy, n_clean, _, _ in ratio.strata)
+    return [*lines, "", f"Prompts per stratum holding both (noisy / clean): {counts or 'none'}."], ratios
 
 
 def batch_variance(module: GRPOModule, batch: RolloutBatch, params: list[torch.nn.Parameter]) -> torch.Tensor:
@@ -155,9 +180,21 @@ def batch_variance(module: GRPOModule, batch: RolloutBatch, params: list[torch.n
     return variance
 
 
-def diagnose(model: str, args: argparse.Namespace, testbed: str) -> tuple[dict[str, Faithfulness], str, list[str]]:
-    """The faithfulness table of one policy, a one-line description of what was measured, and (noisy testbed)
+@dataclass(frozen=True)
+class Diagnosis:
+    """The faithfulness of one policy: correlations, paired differences, what was measured, and (noisy testbed)
     the weights on noisy versus clean prompts."""
+
+    results: dict[str, Faithfulness]
+    differences: dict[str, Difference]
+    strata: str
+    description: str
+    noise_lines: list[str]
+    noise_ratios: dict[str, WeightRatio]
+
+
+def diagnose(model: str, args: argparse.Namespace, testbed: str) -> Diagnosis:
+    """Sample, score and correlate one policy (module docstring)."""
     start = time.perf_counter()
     device = torch.device(args.device)
     module = GRPOModule(model=model, temperature=args.temperature, policy_embeddings=True).to(device)
@@ -172,7 +209,7 @@ def diagnose(model: str, args: argparse.Namespace, testbed: str) -> tuple[dict[s
     for batch in batches:
         variances.append(batch_variance(module, batch, params))
         chunk_signals = batch_signals(batch)
-        per_batch.append((chunk_signals, batch.rows))
+        per_batch.append((chunk_signals, batch.rows, _correct_counts(batch)))
         for name, value in chunk_signals.items():
             per_signal.setdefault(name, []).append(value)
         counts = torch.bincount(batch.group_ids, minlength=batch.num_groups).clamp(min=1)
@@ -180,47 +217,70 @@ def diagnose(model: str, args: argparse.Namespace, testbed: str) -> tuple[dict[s
             torch.zeros(batch.num_groups).index_add_(0, batch.group_ids, batch.completion_mask.sum(-1).cpu()) / counts
         )
     signals = {name: torch.cat(parts) for name, parts in per_signal.items()}
-    results = faithfulness(
-        signals, torch.cat(variances), signals["rd"], torch.cat(lengths), resamples=args.resamples, seed=args.seed
-    )
+    binary = all(k is not None for *_, k in per_batch)
+    strata = np.concatenate([k for *_, k in per_batch]) if binary else None
+    common = (signals, torch.cat(variances), signals["rd"], torch.cat(lengths))
+    options = {"strata": strata, "resamples": args.resamples, "seed": args.seed}
+    results = faithfulness(*common, **options)
+    differences = correlation_differences(*common, DIFFERENCES, **options)
     spread = int((signals["rd"] > 0).sum())
     description = (
         f"{len(rows)} prompts ({testbed if args.prompts is None else args.prompts}) x G = {args.group_size} at "
         f"temperature {args.temperature}, up to {args.max_new_tokens} tokens; {spread} prompts have RD > 0; V over "
         f"{sum(p.numel() for p in params):,} parameters; {time.perf_counter() - start:.0f} s"
     )
-    return results, description, weights_by_noise(per_batch) if testbed == "noisy" else []
+    noise_lines, noise_ratios = weights_by_noise(per_batch) if testbed == "noisy" else ([], {})
+    return Diagnosis(results, differences, "k" if binary else "RD", description, noise_lines, noise_ratios)
 
 
-def table(results: dict[str, Faithfulness]) -> list[str]:
+def _correct_counts(batch: RolloutBatch) -> np.ndarray | None:
+    """``[B]`` k correct completions per group for 0/1 rewards; None for other rewards (strata fall back to RD)."""
+    try:
+        return correct_counts(batch.rewards.cpu(), batch.group_ids.cpu(), batch.num_groups)
+    except ValueError:
+        return None
+
+
+def table(diagnosis: Diagnosis) -> list[str]:
+    """The correlation table, then the paired differences between signals."""
+    strata = diagnosis.strata
     lines = [
-        "| signal | Spearman with V, all prompts | prompts with RD > 0 | same, within equal-RD strata |",
-        "|---|---|---|---|",
+        f"| signal | Spearman with V, all prompts | prompts with RD > 0 | same, within equal-{strata} strata "
+        "| same as RD > 0, partial for completion length |",
+        "|---|---|---|---|---|",
     ]
     for name, label in SIGNAL_LABELS.items():
-        row = results[name]
-        lines.append(f"| {label} | {row.all_prompts} | {row.spread_prompts} | {row.within_rd} |")
+        row = diagnosis.results[name]
+        cells = (row.all_prompts, row.spread_prompts, row.within_strata, row.partial_length)
+        lines.append(f"| {label} | {' | '.join(map(str, cells))} |")
+    lines += [
+        "",
+        f"| difference of Spearman with V | prompts with RD > 0 | within equal-{strata} strata |",
+        "|---|---|---|",
+    ]
+    for name, difference in diagnosis.differences.items():
+        lines.append(f"| {name} | {difference.spread_prompts} | {difference.within_strata} |")
     return lines
 
 
-def reading(results: dict[str, Faithfulness]) -> str:
+def reading(diagnosis: Diagnosis) -> str:
     """Plain words derived from the numbers only (intervals decide, not point estimates)."""
-    spread = {n: r.spread_prompts for n, r in results.items()}
-    within = {n: r.within_rd for n, r in results.items()}
-    se, bot, length = spread["se"], spread["bot"], spread[LENGTH]
-    separated = se.high < bot.low or bot.high < se.low
-    beats_length = [n for n in ("se", "cd", "bot", "u_c", "u_c_cd") if spread[n].value > length.value]
-    positive_within = [n for n in ("se", "cd", "bot", "u_c") if within[n].low > 0]
+    results, differences = diagnosis.results, diagnosis.differences
+    versus_se = differences["bot - se"].spread_prompts
+    length = results[LENGTH].spread_prompts
+    above_length = [n for n in ("se", "bot") if differences[f"{n} - {LENGTH}"].spread_prompts.low > 0]
+    partial = [n for n in ("se", "cd", "bot", "u_c") if results[n].partial_length.low > 0]
+    positive_within = [n for n in ("se", "cd", "bot", "u_c") if results[n].within_strata.low > 0]
+    if versus_se.excludes_zero:
+        verdict = f"{'exceeds' if versus_se.low > 0 else 'trails'} SE's (paired interval of the difference {versus_se})"
+    else:
+        verdict = f"is not separated from SE's (paired interval of the difference {versus_se} covers 0)"
     return (
-        "Reading (generated from the numbers): on the prompts with RD > 0, BoT "
-        + (
-            f"{'exceeds' if bot.value > se.value else 'trails'} SE with non-overlapping intervals"
-            if separated
-            else "and SE have overlapping intervals (not separated)"
-        )
-        + f"; above the length control ({length.value:+.2f}): {', '.join(beats_length) or 'none'}; within equal-RD "
-        f"strata, intervals above 0: {', '.join(positive_within) or 'none'}. A signal that does no better than length "
-        "is no evidence for geometry; one policy and one task per row, not a verdict on the paper."
+        f"Reading (generated from the numbers): on the prompts with RD > 0, BoT's correlation with V {verdict}; "
+        f"paired interval above the length control ({length.value:+.2f}): {', '.join(above_length) or 'none'} (of "
+        f"SE, BoT); partial correlation for length above 0: {', '.join(partial) or 'none'}; within equal-"
+        f"{diagnosis.strata} strata, intervals above 0: {', '.join(positive_within) or 'none'}. A signal that does no "
+        "better than length is no evidence for geometry; one policy and one task per row, not a verdict on the paper."
     )
 
 
@@ -228,16 +288,21 @@ def compare_rows(args: argparse.Namespace) -> list[str]:
     """One row per final policy of compare_methods.py (seed ``--policy-seed``): rho on the RD > 0 prompts."""
     root = Path(args.compare_dir)
     lines = [
-        "| testbed | method | prompts with RD > 0 | SE | CD | BoT | U_c (BoT) | length (control) "
-        "| BoT within RD strata |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| testbed | method | prompts with RD > 0 | SE | CD | BoT | U_c (BoT) | length (control) | BoT - SE (paired) "
+        "| BoT partial for length | BoT within k strata | own weights, noisy / clean within equal k |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for policy in sorted(root.glob(f"*/*/seed{args.policy_seed}/policy")):
         testbed, method = policy.parts[-4], policy.parts[-3]
-        results, description, _ = diagnose(str(policy), args, testbed)
-        spread = re.search(r"(\d+) prompts have RD > 0", description).group(1)
+        diagnosis = diagnose(str(policy), args, testbed)
+        results = diagnosis.results
+        spread = re.search(r"(\d+) prompts have RD > 0", diagnosis.description).group(1)
         cells = [str(results[n].spread_prompts) for n in ("se", "cd", "bot", "u_c", LENGTH)]
-        lines.append(f"| {testbed} | {method} | {spread} | {' | '.join(cells)} | {results['bot'].within_rd} |")
+        cells += [str(diagnosis.differences["bot - se"].spread_prompts), str(results["bot"].partial_length)]
+        cells.append(str(results["bot"].within_strata))
+        own = diagnosis.noise_ratios.get(method)
+        cells.append(f"{own.ratio:.3f}" if own is not None else "—")
+        lines.append(f"| {testbed} | {method} | {spread} | {' | '.join(cells)} |")
         print(lines[-1], flush=True)
     return lines
 
@@ -271,7 +336,8 @@ def main(argv: list[str] | None = None) -> None:
             f"The final policy of seed {args.policy_seed} of every testbed and method of compare_methods.py; "
             f"{args.num_prompts} prompts x G = {args.group_size} each (the testbed's training prompts for `noisy`, "
             f"the validation prompts for `arithmetic`); Spearman rho of each signal with V on the prompts with RD > 0 "
-            f"[paired percentile-bootstrap 95% interval, {args.resamples} resamples]. Total "
+            f"[percentile-bootstrap 95% interval, {args.resamples} resamples over prompts]; BoT - SE: the difference "
+            f"of their correlations with its paired interval (same resampled prompts); strata by k correct. Total "
             f"{(time.perf_counter() - start) / 60:.1f} min.", "", *lines,
         ]  # fmt: skip
         print("\n".join(section))
@@ -279,15 +345,20 @@ def main(argv: list[str] | None = None) -> None:
             write_results_section(f"{SECTION}.compare", section)
         return
     policy = resolve_policy(args.model)
-    results, description, noise_lines = diagnose(policy.path, args, args.testbed)
+    diagnosis = diagnose(policy.path, args, args.testbed)
+    noise_lines = diagnosis.noise_lines
     if noise_lines:
         title = "Weights on the noisy versus the clean training prompts (each chunk of prompts weighted as one step):"
         noise_lines = ["", title, "", *noise_lines]
     section = SECTION if args.testbed == "arithmetic" and args.prompts is None else f"{SECTION}.{args.testbed}"
     lines = [
         f"## Uncertainty faithfulness (uncertainty_faithfulness.py, {args.testbed})", "", run_header(),
-        f"Policy: {policy.description}. {description}. Values are Spearman rho [paired percentile-bootstrap 95% "
-        f"interval, {args.resamples} resamples over prompts].", "", *table(results), "", reading(results),
+        f"Policy: {policy.description}. {diagnosis.description}. Values are Spearman rho [percentile-bootstrap 95% "
+        f"interval, {args.resamples} resamples over prompts, the same resampled prompts for every signal, so the "
+        f"differences' intervals are paired]; strata by {diagnosis.strata} "
+        f"({'the number of correct completions' if diagnosis.strata == 'k' else 'RD, which merges k and G - k'}); "
+        "the partial correlation ranks V, the signal and the mean completion length and correlates the residuals of "
+        "V and the signal after the ranked length is regressed out.", "", *table(diagnosis), "", reading(diagnosis),
         *noise_lines,
     ]  # fmt: skip
     print("\n".join(lines))

@@ -20,8 +20,14 @@ from functools import lru_cache
 from typing import Any
 
 _BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_MATH_SPACE = r"(?:\s|\$|\\[()\[\]])*"  # whitespace and math delimiters
+_BOX_GLUE = re.compile(rf"{_MATH_SPACE}(?:,{_MATH_SPACE}(?:and|or)\b|,|\band\b|\bor\b){_MATH_SPACE}")
+_ANY_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?|-?\.\d+")
 _PLAIN_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
-_THOUSANDS = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+_THOUSANDS = re.compile(r"[-+]?\d{1,3}(?:(?:,|\s|\\,|\\ |\{,\})\d{3})+(?:\.\d+)?")
+_THOUSANDS_SEPARATOR = re.compile(r",|\s|\\,|\\ |\{,\}")
+_DECIMAL_COMMA = re.compile(r"[-+]?\d+,(?!\d{3}$)\d+")  # "3,75": not a group of three (that is 3,750 = 3750)
+_PERCENT = re.compile(r"\s*(?:\\?%|\\text\{\s*\\?%\s*\}|\s[Pp]ercent)$")
 _SCIENTIFIC = re.compile(r"([-+]?\d+(?:\.\d+)?)[eE]([-+]?\d+)")
 _GSM8K_MARK = "####"
 
@@ -29,20 +35,16 @@ MAX_ANSWER_CHARS = 2000
 """Answers longer than this are not sent to Math-Verify (no real answer is; a flood of text could be)."""
 
 
-def extract_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` or ``\\fbox{...}`` in ``text`` whose braces balance.
+def _complete_boxes(text: str) -> list[tuple[int, int, int]]:
+    """``(start of "\\boxed", index of its "{", index of its "}")`` of every complete box, in order of start.
 
-    Escaped braces ``\\{`` and ``\\}`` are content, not structure. A last box left open (a truncated
-    completion) is skipped in favour of the previous complete one. Returns the stripped content, or
-    None when there is no complete box. Linear in ``len(text)``.
+    One pass matching every structural brace; escaped braces ``\\{`` / ``\\}`` are content.
     """
     if not isinstance(text, str) or ("\\boxed" not in text and "\\fbox" not in text):
-        return None
-    opens = [m.end() - 1 for m in _BOX_OPEN.finditer(text)]  # index of each box's "{"
-    if not opens:
-        return None
-    # One pass matching every structural brace; only the boxes' own braces are kept.
-    wanted = set(opens)
+        return []
+    starts = {m.end() - 1: m.start() for m in _BOX_OPEN.finditer(text)}  # the box's "{" -> its backslash
+    if not starts:
+        return []
     closing: dict[int, int] = {}
     stack: list[int] = []
     escaped = False
@@ -55,12 +57,81 @@ def extract_boxed(text: str) -> str | None:
             stack.append(index)
         elif char == "}" and stack:
             start = stack.pop()
-            if start in wanted:
+            if start in starts:
                 closing[start] = index
-    for start in reversed(opens):
-        if start in closing:
-            return text[start + 1 : closing[start]].strip()
-    return None
+    return [(starts[brace], brace, closing[brace]) for brace in sorted(closing)]
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` or ``\\fbox{...}`` in ``text`` whose braces balance.
+
+    Escaped braces ``\\{`` and ``\\}`` are content, not structure. A last box left open (a truncated
+    completion) is skipped in favour of the previous complete one. Returns the stripped content, or
+    None when there is no complete box. Linear in ``len(text)``.
+    """
+    boxes = _complete_boxes(text)
+    if not boxes:
+        return None
+    _, brace, close = boxes[-1]
+    return text[brace + 1 : close].strip()
+
+
+def final_answer(text: str) -> str | None:
+    """The final answer of a math completion: its last complete box, with the boxes listed right before it.
+
+    Boxes separated by one comma, "and" or "or" (", and", ", or"), with whitespace and math delimiters around
+    it, form one answer, their contents joined by ``", "`` (Math-Verify's reading of ``\\boxed{3}, \\boxed{5}``:
+    the set {3, 5}); boxes with nothing between them (``\\boxed{6}\\boxed{6}``) are a repetition, not a list.
+    So a multi-part answer boxed part by part matches a multi-part gold, and a hedge (``\\boxed{3} or
+    \\boxed{5}``) matches neither 3 nor 5. Boxes apart in the text (an intermediate result boxed earlier) are
+    not part of it. None when there is no complete box.
+    """
+    boxes = _complete_boxes(text)
+    if not boxes:
+        return None
+    group = [boxes[-1]]
+    for box in reversed(boxes[:-1]):
+        _, _, close = box
+        if close > group[0][0] or not _BOX_GLUE.fullmatch(text[close + 1 : group[0][0]]):
+            break  # a box around the later one, or text between them
+        group.insert(0, box)
+    return ", ".join(text[brace + 1 : close].strip() for _, brace, close in group)
+
+
+FALLBACKS = ("none", "last_number", "math_verify")
+"""How an answer is read from a completion without a box (``unboxed_answer``)."""
+
+MAX_EXTRACT_CHARS = 100_000
+"""Completions longer than this are not sent to Math-Verify's extraction (the fallback gives no answer)."""
+
+
+def last_number(text: str) -> str | None:
+    """The last number written in ``text`` (thousands commas dropped), or None: the fallback of the
+    Qwen2.5-Math evaluation for a completion without a box (its ``use_last_number``)."""
+    found = _ANY_NUMBER.findall(text) if isinstance(text, str) else []
+    return found[-1].replace(",", "") if found else None
+
+
+def unboxed_answer(text: str, fallback: str, timeout_s: float = 2.0) -> str | None:
+    """The answer of a completion that has no box, read by ``fallback``, or None.
+
+    * ``none``: no answer (a completion must box its answer);
+    * ``last_number``: the last number in the text (Qwen2.5-Math's evaluation, ``use_last_number``);
+    * ``math_verify``: Math-Verify's LaTeX extraction of the whole text ("final answer is ...", then the
+      last LaTeX expression), in the killable grading process and within ``timeout_s``; its
+      ``ExprExtractionConfig`` (plain-text expressions) is not used: it evaluates Python.
+    """
+    if fallback not in FALLBACKS:
+        raise ValueError(f"answer fallback must be one of {FALLBACKS}, got {fallback!r}")
+    if fallback == "none" or not isinstance(text, str):
+        return None
+    if fallback == "last_number":
+        return last_number(text)
+    if len(text) > MAX_EXTRACT_CHARS:
+        return None
+    from lit_gcpo.rewards.sandbox import default_pool  # lazy: the rewards package imports this module
+
+    return default_pool().extract(text, float(timeout_s))
 
 
 def ends_with_box(text: str) -> bool:
@@ -108,9 +179,10 @@ def _unwrap_math(text: str) -> str:
 
 
 def _normalise_number(text: str) -> str:
-    """``"1,234"`` -> ``"1234"``, ``"025"`` -> ``"25"``, ``"27.0"`` -> ``"27"``; anything else unchanged."""
+    """``"1,234"``, ``"1 234"``, ``"1\\,234"`` -> ``"1234"``, ``"025"`` -> ``"25"``, ``"27.0"`` -> ``"27"``;
+    anything else unchanged."""
     if _THOUSANDS.fullmatch(text):
-        text = text.replace(",", "")
+        text = _THOUSANDS_SEPARATOR.sub("", text)
     if not _PLAIN_NUMBER.fullmatch(text):
         return text
     value = Decimal(text)
@@ -160,7 +232,8 @@ def gold_answer(value: Any) -> str | None:
 
 def _prepare(answer: str) -> str:
     """The canonical form compared and sent to Math-Verify (also the cache key)."""
-    text = _strip_dollars(answer).rstrip(".").strip()
+    # A trailing backslash ("42\\") would escape the "$" that closes the text sent to Math-Verify.
+    text = _strip_dollars(answer).rstrip(".").strip().rstrip("\\").strip()
     text = _normalise_number(text)
     scientific = _SCIENTIFIC.fullmatch(text)
     if scientific:  # Math-Verify reads "4.6e-24" as 4.6 * Euler's e - 24
@@ -185,7 +258,9 @@ def answers_equivalent(a: str, b: str, timeout_s: float = 2.0) -> bool:
     a, b = _prepare(a), _prepare(b)
     if not a or not b:
         return False
-    if a == b:
+    if _PLAIN_NUMBER.fullmatch(a) and _DECIMAL_COMMA.fullmatch(b):
+        b = _normalise_number(b.replace(",", "."))  # one number against one: a list "3, 75" cannot match it
+    if a == b or _same_percentage(a, b):
         return True
     if len(a) > MAX_ANSWER_CHARS or len(b) > MAX_ANSWER_CHARS:
         return False
@@ -195,6 +270,16 @@ def answers_equivalent(a: str, b: str, timeout_s: float = 2.0) -> bool:
         return _equivalent_cached(a, b, float(timeout_s))
     except _GradingTimedOut:
         return False
+
+
+def _same_percentage(a: str, b: str) -> bool:
+    """``12.5`` against ``12.5\\%``: one number, stated as a percentage on one side only (Math-Verify reads
+    ``12.5\\%`` as 0.125, and keeps deciding every other pairing)."""
+    a_bare, b_bare = _PERCENT.sub("", a), _PERCENT.sub("", b)
+    if (a_bare == a) == (b_bare == b):
+        return False  # a percent sign on both sides or on neither
+    a_bare, b_bare = _normalise_number(a_bare.strip()), _normalise_number(b_bare.strip())
+    return a_bare == b_bare and _PLAIN_NUMBER.fullmatch(a_bare) is not None
 
 
 def _is_integer(text: str) -> bool:

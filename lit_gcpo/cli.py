@@ -34,6 +34,7 @@ from lit_gcpo.checkpointing import (
 from lit_gcpo.data.datamodule import RolloutDataModule
 from lit_gcpo.engines.base import SamplingConfig
 from lit_gcpo.last_checkpoint import SIGTERM_EXIT_CODE, take_over_save_last
+from lit_gcpo.losses import rollout_correction_problem
 from lit_gcpo.module import GRPOModule
 from lit_gcpo.parallel import unsupported_option
 from lit_gcpo.prediction import PredictionWriter
@@ -161,6 +162,12 @@ class GCPOCLI(LightningCLI):
             problem = missing_model_path(self.config[subcommand].model.get(option))
             if problem:
                 parser.error(f"model.{option}: {problem}")
+        model = config.get("model")
+        if model is not None:  # the bounds against each other (each option's own type checked its sign)
+            bounds = (model.get(f"rollout_correction{end}") for end in ("", "_min", "_max"))
+            problem = rollout_correction_problem(*bounds)
+            if problem:
+                parser.error(f"model.{problem}")
         if not subcommand or not self.config[subcommand].get("ckpt_path"):
             return
         config = self.config[subcommand]

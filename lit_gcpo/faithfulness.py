@@ -12,12 +12,21 @@ the Spearman correlation of V with each signal:
 - over all prompts: read with care, a group without reward spread has A = 0, hence V = 0 exactly, so any signal
   separating RD = 0 from RD > 0 correlates with V for that reason alone (RD does by construction);
 - over the prompts with RD > 0: the test of the claim;
-- within strata of equal RD (for 0/1 rewards, the number of correct completions, which fixes the advantages):
-  ranks centred in every stratum, then correlated; does the signal track V beyond the reward pattern?
+- within strata among those: ranks centred in every stratum, then correlated; does the signal track V beyond the
+  reward pattern? For 0/1 rewards pass ``strata`` = k, the number of correct completions (``correct_counts``),
+  which fixes the group's advantages. Without it the strata are the values of RD, which is symmetric: RD merges
+  k and G - k correct, whose advantages are mirror images, not equal;
+- over the prompts with RD > 0, controlling for completion length: the partial Spearman correlation
+  (``partial_spearman``: ranks, the ranked length regressed out of both, residuals correlated);
 
-each with a paired percentile-bootstrap 95% interval over prompts, and beside the control ``length`` (the mean
+each with a percentile-bootstrap 95% interval over prompts, and beside the control ``length`` (the mean
 completion length: longer completions have larger gradients). A signal that does no better than length is no
-evidence for geometry.
+evidence for geometry. Every signal and statistic is bootstrapped over the same resampled prompts, and
+``correlation_differences`` gives the interval of the difference of two signals' correlations over those
+prompts: "BoT tracks V better than SE" is read from that interval, not from two overlapping ones.
+
+``weight_ratio_by_k`` compares a weighting's weights on noisy and clean prompts of equal k (the noisy testbed's
+coin-flip groups and its clean groups differ in k, and RD-driven weights differ with k alone).
 """
 
 from __future__ import annotations
@@ -104,6 +113,37 @@ def stratified_spearman(x: np.ndarray, y: np.ndarray, strata: np.ndarray) -> flo
     return float((rank_x * rank_y).sum() / scale) if scale > 0 else math.nan
 
 
+def partial_spearman(x: np.ndarray, y: np.ndarray, control: np.ndarray) -> float:
+    """Spearman correlation of x and y controlling for ``control`` (e.g. completion length).
+
+    Rank all three (average ranks for ties), regress the ranks of x and of y by least squares on
+    ``[1, rank(control)]``, and correlate the residuals: rho_xy.z = sum e_x e_y / sqrt(sum e_x^2 sum e_y^2). This
+    equals (r_xy - r_xz r_yz) / sqrt((1 - r_xz^2) (1 - r_yz^2)) of the Spearman r's. NaN for fewer than 3 prompts
+    or when a residual vanishes (x or y a monotone function of the control, or constant).
+    """
+    if len(x) < 3:
+        return math.nan
+    ranks = np.column_stack([stats.rankdata(values) for values in (x, y, control)])  # [P, 3]
+    design = np.column_stack([np.ones(len(x)), ranks[:, 2]])  # [P, 2]
+    coefficients = np.linalg.lstsq(design, ranks[:, :2], rcond=None)[0]  # [2, 2]
+    residuals = ranks[:, :2] - design @ coefficients  # [P, 2], centred (the design has an intercept)
+    squares = (residuals**2).sum(0)  # [2]
+    if (squares <= 1e-12 * ((ranks[:, :2] - ranks[:, :2].mean(0)) ** 2).sum(0)).any():
+        return math.nan
+    return float((residuals[:, 0] * residuals[:, 1]).sum() / math.sqrt(squares[0] * squares[1]))
+
+
+def correct_counts(rewards: Tensor | np.ndarray, group_ids: Tensor | np.ndarray, num_groups: int) -> np.ndarray:
+    """``[B]`` k, the number of completions with reward 1 in each group, for 0/1 rewards: the stratum that fixes a
+    group's advantages (RD does not: k and G - k have the same RD). Non-finite rewards are left out, as
+    ``reward_dispersion`` does; a finite reward other than 0 or 1 is an error."""
+    values, groups = _numpy(rewards), _numpy(group_ids).astype(int)
+    finite = np.isfinite(values)
+    if not np.isin(values[finite], (0.0, 1.0)).all():
+        raise ValueError("k (the number of correct completions) is defined for 0/1 rewards only")
+    return np.bincount(groups[finite], weights=values[finite], minlength=num_groups)[:num_groups].astype(int)
+
+
 @dataclass(frozen=True)
 class Interval:
     """A statistic and its percentile-bootstrap 95% interval (NaN where undefined)."""
@@ -137,12 +177,22 @@ def bootstrap(statistic: Callable[..., float], samples: tuple[np.ndarray, ...], 
 
 @dataclass(frozen=True)
 class Faithfulness:
-    """One signal's Spearman correlation with V: over all prompts, over those with RD > 0, and within strata of
-    equal RD among those."""
+    """One signal's Spearman correlation with V: over all prompts, over those with RD > 0, within strata (k, or
+    RD) among those, and over those controlling for completion length (partial Spearman)."""
 
     all_prompts: Interval
     spread_prompts: Interval
-    within_rd: Interval
+    within_strata: Interval
+    partial_length: Interval
+
+
+@dataclass(frozen=True)
+class Difference:
+    """``rho(a, V) - rho(b, V)`` over the prompts with RD > 0 and within strata among those, each with a paired
+    bootstrap interval (both correlations on the same resampled prompts)."""
+
+    spread_prompts: Interval
+    within_strata: Interval
 
 
 def faithfulness(
@@ -151,6 +201,7 @@ def faithfulness(
     rd: Tensor | np.ndarray,
     lengths: Tensor | np.ndarray,
     *,
+    strata: Tensor | np.ndarray | None = None,
     resamples: int = 2000,
     seed: int = 0,
 ) -> dict[str, Faithfulness]:
@@ -159,26 +210,113 @@ def faithfulness(
     Args:
         signals: ``[P]`` per-prompt values by name (e.g. ``se``, ``cd``, ``bot``, ``rd``, ``u_c``).
         variance: ``[P]`` gradient variance V of each prompt (``gradient_variance``).
-        rd: ``[P]`` reward dispersion, which selects the prompts with spread and defines the strata.
-        lengths: ``[P]`` mean completion length of each prompt, the control reported as ``length``.
+        rd: ``[P]`` reward dispersion; the prompts with RD > 0 are those with spread.
+        lengths: ``[P]`` mean completion length of each prompt, the control reported as ``length`` and the one
+            the partial correlation controls for.
+        strata: ``[P]`` stratum of each prompt: for 0/1 rewards k, the number of correct completions
+            (``correct_counts``); default the value of RD, which merges k and G - k.
         resamples: bootstrap resamples.
-        seed: seeds the bootstrap (signal k uses ``seed + k``).
+        seed: seeds the bootstrap; every signal and statistic of one prompt set resamples the same prompts.
     """
-    v = _numpy(variance)
-    dispersion = _numpy(rd)
-    spread = dispersion > 0
-    strata = np.round(dispersion[spread], 6)
-    named = {**{name: _numpy(value) for name, value in signals.items()}, LENGTH: _numpy(lengths)}
+    named, v, spread, strata_spread = _prepared(signals, variance, rd, lengths, strata)
+    length = named[LENGTH][spread]
+    return {
+        name: Faithfulness(
+            bootstrap(spearman, (x, v), resamples, seed),
+            bootstrap(spearman, (x[spread], v[spread]), resamples, seed),
+            bootstrap(stratified_spearman, (x[spread], v[spread], strata_spread), resamples, seed),
+            bootstrap(partial_spearman, (x[spread], v[spread], length), resamples, seed),
+        )
+        for name, x in named.items()
+    }
+
+
+def correlation_differences(
+    signals: Mapping[str, Tensor | np.ndarray],
+    variance: Tensor | np.ndarray,
+    rd: Tensor | np.ndarray,
+    lengths: Tensor | np.ndarray,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    strata: Tensor | np.ndarray | None = None,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> dict[str, Difference]:
+    """``{"a - b": Difference}``: for every pair of names (signals or ``length``), the difference of their Spearman
+    correlations with V on the prompts with RD > 0 and within strata, with a paired bootstrap interval: each
+    resample draws one set of prompts and both correlations are computed on it (arguments as ``faithfulness``; the
+    same ``seed`` resamples the same prompts as ``faithfulness``)."""
+    named, v, spread, strata_spread = _prepared(signals, variance, rd, lengths, strata)
     results = {}
-    for offset, (name, x) in enumerate(named.items()):
-        if x.shape != v.shape:
-            raise ValueError(f"signal {name!r} has shape {x.shape}, variance has {v.shape}")
-        results[name] = Faithfulness(
-            bootstrap(spearman, (x, v), resamples, seed + offset),
-            bootstrap(spearman, (x[spread], v[spread]), resamples, seed + offset),
-            bootstrap(stratified_spearman, (x[spread], v[spread], strata), resamples, seed + offset),
+    for first, second in pairs:
+        a, b = named[first][spread], named[second][spread]
+        results[f"{first} - {second}"] = Difference(
+            bootstrap(_difference(spearman), (a, b, v[spread]), resamples, seed),
+            bootstrap(_difference(stratified_spearman), (a, b, v[spread], strata_spread), resamples, seed),
         )
     return results
+
+
+def _difference(statistic: Callable[..., float]) -> Callable[..., float]:
+    """``(a, b, v, *rest) -> statistic(a, v, *rest) - statistic(b, v, *rest)``."""
+
+    def difference(first: np.ndarray, second: np.ndarray, v: np.ndarray, *rest: np.ndarray) -> float:
+        return statistic(first, v, *rest) - statistic(second, v, *rest)
+
+    return difference
+
+
+def _prepared(
+    signals: Mapping[str, Tensor | np.ndarray],
+    variance: Tensor | np.ndarray,
+    rd: Tensor | np.ndarray,
+    lengths: Tensor | np.ndarray,
+    strata: Tensor | np.ndarray | None,
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
+    """Signals with ``length`` by name, V, the RD > 0 mask and the strata of those prompts (checked shapes)."""
+    v, dispersion = _numpy(variance), _numpy(rd)
+    spread = dispersion > 0
+    labels = np.round(dispersion, 6) if strata is None else _numpy(strata)
+    named = {**{name: _numpy(value) for name, value in signals.items()}, LENGTH: _numpy(lengths)}
+    for name, x in {**named, "rd": dispersion, "strata": labels}.items():
+        if x.shape != v.shape:
+            raise ValueError(f"signal {name!r} has shape {x.shape}, variance has {v.shape}")
+    return named, v, spread, labels[spread]
+
+
+@dataclass(frozen=True)
+class WeightRatio:
+    """Weights on noisy versus clean prompts of equal k (``weight_ratio_by_k``)."""
+
+    ratio: float
+    noisy_mean: float
+    clean_standardised: float
+    raw_ratio: float
+    strata: tuple[tuple[int, int, int, float, float], ...]
+    """(k, noisy prompts, clean prompts, mean noisy weight, mean clean weight) of every stratum holding both."""
+
+
+def weight_ratio_by_k(weights: Tensor | np.ndarray, noisy: Tensor | np.ndarray, k: Tensor | np.ndarray) -> WeightRatio:
+    """Mean weight on noisy prompts over the mean weight on clean prompts of the same k (pass prompts with RD > 0).
+
+    Only strata holding both noisy and clean prompts count. With n_k noisy prompts of mean weight wn_k and clean
+    prompts of mean weight wc_k in stratum k, the clean mean is standardised to the noisy prompts' k mix:
+    ratio = (sum_k n_k wn_k / sum_k n_k) / (sum_k n_k wc_k / sum_k n_k). ``raw_ratio`` is the unmatched mean noisy
+    weight over the mean clean weight, which also reflects that noisy and clean prompts differ in k.
+    """
+    w, is_noisy, strata = _numpy(weights), _numpy(noisy).astype(bool), _numpy(k).astype(int)
+    rows = []
+    for value in np.unique(strata):
+        noisy_w, clean_w = w[(strata == value) & is_noisy], w[(strata == value) & ~is_noisy]
+        if noisy_w.size and clean_w.size:
+            rows.append((int(value), noisy_w.size, clean_w.size, float(noisy_w.mean()), float(clean_w.mean())))
+    raw = float(w[is_noisy].mean() / w[~is_noisy].mean()) if is_noisy.any() and (~is_noisy).any() else math.nan
+    if not rows:
+        return WeightRatio(math.nan, math.nan, math.nan, raw, ())
+    counts = np.array([row[1] for row in rows], dtype=float)
+    noisy_mean = float(np.average([row[3] for row in rows], weights=counts))
+    clean_standardised = float(np.average([row[4] for row in rows], weights=counts))
+    return WeightRatio(noisy_mean / clean_standardised, noisy_mean, clean_standardised, raw, tuple(rows))
 
 
 def _numpy(value: Tensor | np.ndarray) -> np.ndarray:

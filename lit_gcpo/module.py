@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import warnings
 from collections.abc import Collection, Iterator
 from functools import partial
 from pathlib import Path
@@ -42,7 +43,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lit_gcpo.advantages import group_advantages
 from lit_gcpo.batch import OPTIONAL_FIELDS, RolloutBatch
-from lit_gcpo.losses import grpo_loss, truncated_importance_weights
+from lit_gcpo.losses import grpo_loss, rollout_correction_problem, rollout_correction_weights
 from lit_gcpo.optimizer_step import GuardedOptimizerStep, lr_factor
 from lit_gcpo.parallel import gradient_sync, is_sharded, shard_causal_lm, unsupported_option
 from lit_gcpo.policy import LoraOptions, load_policy, load_tokenizer, merged_state_items, save_policy
@@ -58,6 +59,24 @@ from lit_gcpo.step_metrics import (
 )
 
 log = logging.getLogger(__name__)
+
+
+def _from_tis_cap(tis_cap: float | None, mode: str | None, c_max: float | None) -> tuple[str | None, float | None]:
+    """``(rollout_correction, rollout_correction_max)`` given the deprecated ``tis_cap`` (None: not given), the C of
+    ``token_truncate`` before the other modes existed, 0 turning the correction off."""
+    if tis_cap is None:
+        return mode, c_max
+    warnings.warn(
+        "model.tis_cap is deprecated: use model.rollout_correction_max (and rollout_correction null for tis_cap 0)",
+        FutureWarning,
+        stacklevel=3,
+    )
+    if mode != "token_truncate" or c_max not in (2.0, tis_cap):
+        raise ValueError(
+            f"model.tis_cap {tis_cap} is the deprecated C_max of token_truncate; with rollout_correction {mode!r} and "
+            f"rollout_correction_max {c_max} set, drop tis_cap"
+        )
+    return (None, c_max) if tis_cap == 0 else (mode, tis_cap)
 
 
 def default_optimizer(params: Iterator[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -92,8 +111,19 @@ class GRPOModule(L.LightningModule):
         eps_high: upper clip range (> eps_low is DAPO's clip-higher).
         dual_clip: dual-clip constant c for negative advantages (None: off).
         ratio_level: ``token`` (PPO/GRPO) or ``sequence`` (GSPO).
-        tis_cap: cap C of the truncated importance correction between trainer and engine log-probs
-            (0: off). Only used when the engine reports log-probs and they come from another engine.
+        rollout_correction: how the loss corrects for an engine that samples from its own copy of the policy (vLLM),
+            by the ratio of the trainer's to the engine's probabilities of the sampled tokens (TRL 1.16's
+            ``vllm_importance_sampling_mode``, the same loss): ``token_truncate`` (each token's ratio clamped to
+            [C_min, C_max]), ``token_mask`` (a token whose ratio is outside gets weight 0), ``sequence_truncate`` /
+            ``sequence_mask`` (one ratio per sequence, exp of the summed log-ratios); None: off. Only used when the
+            engine is not the policy itself (``hf`` needs no correction).
+        rollout_correction_min: C_min (None: no lower bound).
+        rollout_correction_max: C_max (None: no upper bound; TRL's default is 3.0 with ``sequence_mask``).
+        off_policy_mask_threshold: delta of DeepSeek-V3.2's off-policy sequence masking (TRL's option of that name):
+            a completion with a negative advantage is left out of the policy loss when the mean over its tokens of
+            log pi_sampler - log pi_current exceeds delta (the sampler: the engine's log-probs when it is another
+            engine, else the old log-probs). None: off.
+        tis_cap: deprecated, the old name of ``rollout_correction_max`` of ``token_truncate`` (0: correction off).
         beta: KL coefficient; 0 loads no reference model.
         kl_estimator: ``k1``, ``k2`` or ``k3``.
         entropy_coef: coefficient of the entropy bonus.
@@ -133,7 +163,12 @@ class GRPOModule(L.LightningModule):
         eps_high: NonNegativeFloat = 0.2,
         dual_clip: PositiveFloat | None = None,
         ratio_level: Literal["token", "sequence"] = "token",
-        tis_cap: NonNegativeFloat = 2.0,
+        rollout_correction: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"]
+        | None = "token_truncate",
+        rollout_correction_min: NonNegativeFloat | None = None,
+        rollout_correction_max: PositiveFloat | None = 2.0,
+        off_policy_mask_threshold: PositiveFloat | None = None,
+        tis_cap: NonNegativeFloat | None = None,
         beta: NonNegativeFloat = 0.0,
         kl_estimator: Literal["k1", "k2", "k3"] = "k3",
         entropy_coef: float = 0.0,
@@ -159,11 +194,16 @@ class GRPOModule(L.LightningModule):
             "max_grad_norm": max_grad_norm >= 0,
             "warmup_steps": warmup_steps >= 0,
             "min_lr_ratio": 0 <= min_lr_ratio <= 1,
-            "tis_cap": tis_cap >= 0,
+            "off_policy_mask_threshold": off_policy_mask_threshold is None or off_policy_mask_threshold > 0,
         }
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"invalid value for {name}: {locals()[name]!r}")
+        rollout_correction, rollout_correction_max = _from_tis_cap(tis_cap, rollout_correction, rollout_correction_max)
+        tis_cap = None  # saved as resolved
+        problem = rollout_correction_problem(rollout_correction, rollout_correction_min, rollout_correction_max)
+        if problem is not None:
+            raise ValueError(problem)
         if loss_aggregation == "seq_mean_token_sum_norm" and not max_completion_length:
             raise ValueError("loss_aggregation seq_mean_token_sum_norm needs max_completion_length (L_max)")
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -302,8 +342,12 @@ class GRPOModule(L.LightningModule):
         return self.hparams.num_iterations > 1 or self._importance_corrected(batch)
 
     def _importance_corrected(self, batch: RolloutBatch) -> bool:
-        """Whether the loss weighs tokens by the truncated importance ratio of trainer to engine log-probs."""
-        return self.hparams.tis_cap > 0 and batch.engine_logprobs is not None and self._engine_differs()
+        """Whether the loss weighs tokens by the importance ratio of trainer to engine log-probs."""
+        return self.hparams.rollout_correction is not None and self._engine_logprobs(batch) is not None
+
+    def _engine_logprobs(self, batch: RolloutBatch) -> torch.Tensor | None:
+        """The engine's log-probs when the engine is another copy of the policy (vLLM), else None."""
+        return batch.engine_logprobs if batch.engine_logprobs is not None and self._engine_differs() else None
 
     def _precision_context(self) -> Any:
         if self._trainer is None:
@@ -351,9 +395,16 @@ class GRPOModule(L.LightningModule):
         num_tokens, num_seqs = counts.clamp(min=1).unbind()  # no tokens (all masked): a zero loss, not 0/0
         is_weights, tis_metrics = None, {}
         if self._importance_corrected(batch):
-            is_weights, tis_metrics = truncated_importance_weights(
-                batch.old_logprobs, batch.engine_logprobs, mask, hp.tis_cap
+            is_weights, tis_metrics = rollout_correction_weights(
+                batch.old_logprobs,
+                batch.engine_logprobs,
+                mask,
+                hp.rollout_correction,
+                hp.rollout_correction_min,
+                hp.rollout_correction_max,
             )
+        # the off-policy mask compares with what sampled the tokens: the engine, else the old log-probs (TRL's rule)
+        behaviour = self._engine_logprobs(batch)
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         micro = self._micro_batches(batch.num_completions)
         parts: list[tuple[dict[str, Any], torch.Tensor]] = []
@@ -381,6 +432,8 @@ class GRPOModule(L.LightningModule):
                         dual_clip=hp.dual_clip,
                         ratio_level=hp.ratio_level,
                         is_weights=None if is_weights is None else is_weights[rows],
+                        off_policy_threshold=hp.off_policy_mask_threshold,
+                        behaviour_logp=None if behaviour is None else behaviour[rows],
                         aggregation=hp.loss_aggregation,
                         num_tokens=num_tokens,
                         num_seqs=num_seqs,

@@ -15,7 +15,15 @@ from typing import Any
 
 import torch
 
-SUMMED = ("loss", "policy_loss", "kl_loss", "entropy_loss")  # parts of one batch-level loss
+# parts of one batch-level loss, and shares of the batch's counts (lit_gcpo.losses.off_policy_sequence_mask)
+SUMMED = (
+    "loss",
+    "policy_loss",
+    "kl_loss",
+    "entropy_loss",
+    "off_policy_masked_seq_frac",
+    "off_policy_masked_token_frac",
+)
 
 # reduce(tensor, op) with op in {"sum", "min", "max"}: over data-parallel ranks (identity on one device)
 Reduce = Callable[[torch.Tensor, str], torch.Tensor]

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from lit_gcpo.answers import answers_equivalent, extract_boxed, gold_answer
+from lit_gcpo.answers import answers_equivalent, extract_boxed, gold_answer, unboxed_answer
 from lit_gcpo.rewards.sandbox import GraderProcess, default_pool
 
 _fresh = itertools.count(2)
@@ -138,6 +138,8 @@ def test_python_code_is_never_evaluated(tmp_path) -> None:
     for payload in payloads:
         assert not answers_equivalent("0", payload)
         assert not answers_equivalent(payload, "0")
+        for fallback in ("last_number", "math_verify"):  # reading an unboxed completion runs nothing either
+            unboxed_answer(f"The final answer is {payload}", fallback)
     assert not target.exists()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 
@@ -207,6 +208,72 @@ def test_an_empty_or_broken_jsonl_is_an_error_naming_the_file_and_line(tmp_path)
     (folder / "train.jsonl").write_text("")
     with pytest.raises(ValueError, match=r"hub\[train\] has an empty data file"):
         HubDataset(str(folder)).load()
+
+
+def test_a_file_that_is_not_utf8_is_an_error_naming_the_file_and_line(tmp_path):
+    latin1 = tmp_path / "latin1.jsonl"  # saved by an editor as Latin-1: "é" is the single byte 0xe9
+    latin1.write_bytes(b'{"prompt": "1+1", "answer": "2"}\n{"prompt": "caf\xe9?", "answer": "3"}\n')
+    with pytest.raises(ValueError, match=r"latin1\.jsonl, line 2: not UTF-8 text \(byte 0xe9 at column 16\)"):
+        LocalFiles(str(latin1)).load()
+    gzipped = tmp_path / "rows.jsonl"  # compressed, with its name unchanged
+    gzipped.write_bytes(gzip.compress(b'{"prompt": "1+1", "answer": "2"}\n' * 200))
+    with pytest.raises(ValueError, match=r"rows\.jsonl, line 1: not UTF-8 text .* a binary or compressed file\?"):
+        LocalFiles(str(gzipped)).load()
+    document = tmp_path / "rows.json"  # a JSON document: read by datasets after the same check
+    document.write_bytes(b'[{"prompt": "1+1",\n  "answer": "\xff"}]')
+    with pytest.raises(ValueError, match=r"rows\.json, line 2: not UTF-8 text \(byte 0xff at column 14\)"):
+        LocalFiles(str(document)).load()
+
+
+def test_a_line_separator_inside_a_json_string_is_not_a_new_row(tmp_path):
+    rows = [{"prompt": "a\u2028b", "answer": "1"}, {"prompt": "c", "answer": "2"}]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    assert LocalFiles(str(path)).load() == rows
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"prompt": 7, "answer": "7"}, r"field 'prompt' has type int \(7\), it must be text"),
+        ({"prompt": ["1+1", "2+2"], "answer": "2"}, r"field 'prompt' has type list \(\['1\+1', '2\+2'\]\)"),
+        (
+            {"prompt": "1+1", "answer": {"value": 2}},
+            r"field 'answer' has type dict \(\{'value': 2\}\), it must be an answer",
+        ),
+        ({"prompt": "1+1", "answer": True}, r"field 'answer' has type bool \(True\)"),
+        ({"prompt": "1+1", "answer": [{"x": 1}]}, r"field 'answer' has type list"),
+    ],
+)
+def test_a_field_of_the_wrong_type_is_refused_naming_file_line_and_field(tmp_path, row, message):
+    good = [{"prompt": "1+1", "answer": "2"}, {"prompt": "2+2", "answer": 4}, {"prompt": "3+3", "answer": ["6", "six"]}]
+    path = write_jsonl(tmp_path / "r.jsonl", [*good, row, *good])
+    data = RolloutDataModule(train=LocalFiles(path))
+    renderer = PromptRenderer(build_char_tokenizer(), data.template)
+    with pytest.raises(
+        ValueError, match=rf"r\.jsonl, line 4: {message}.*\(1 of 7 rows have a field of the wrong type\)"
+    ):
+        data._prepare("train", data.train_source, renderer)
+
+
+def test_readable_golds_of_every_kind_pass_the_type_check_and_renamed_fields_name_their_column(tmp_path):
+    rows = [
+        {"problem": "q", "answer": "2"},
+        {"problem": "q", "answer": 2.5},
+        {"problem": "q", "answer": ["$69$,$84$"]},  # OlympiadBench
+        {"problem": "q", "answer": {"text": ["Paris"], "answer_start": [3]}},  # SQuAD
+        {"problem": "q", "answer": None},  # missing: skipped and counted, as before
+    ]
+    data = RolloutDataModule(train=LocalFiles(write_jsonl(tmp_path / "r.jsonl", rows), fields={"problem": "prompt"}))
+    renderer = PromptRenderer(build_char_tokenizer(), data.template)
+    kept_rows, _ = data._prepare("train", data.train_source, renderer)
+    assert len(kept_rows) == 4 and data.skipped_rows["train"] == 1
+    bad = LocalFiles(
+        write_jsonl(tmp_path / "bad.jsonl", [{"problem": 12, "answer": "2"}]), fields={"problem": "prompt"}
+    )
+    data = RolloutDataModule(train=bad)
+    with pytest.raises(ValueError, match=r"bad\.jsonl, line 1: field 'prompt' \(column 'problem'\) has type int"):
+        data._prepare("train", data.train_source, renderer)
 
 
 def _fit_one_step(model_dir: str, rows: list[dict], tmp_path, **options) -> RolloutDataModule:

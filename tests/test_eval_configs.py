@@ -71,3 +71,10 @@ def test_every_eval_config_writes_to_a_fixed_output_dir_so_a_restart_resumes(nam
     """Without one the reports went into each run's new version_N: a killed evaluation restarted from scratch."""
     config = _parsed(name, capsys)
     assert _report(config)["output_dir"] == config["trainer"]["default_root_dir"]
+
+
+@pytest.mark.parametrize("name", ["eval_math.yaml", "eval_samples.yaml"])
+def test_math_eval_configs_state_the_answer_fallback_and_the_harness_setting(name: str, capsys) -> None:
+    assert _report(_parsed(name, capsys))["answer_fallback"] == "none"  # the default, stated
+    text = (CONFIGS / name).read_text()
+    assert "last_number = the Qwen2.5-Math evaluation harness's setting" in text

@@ -1,4 +1,5 @@
-"""The grading defects of issue 13: inner ``$`` in golds, tiny numbers, and the empty ``\\boxed{}``."""
+"""The grading defects of issue 13 (inner ``$`` in golds, tiny numbers, the empty ``\\boxed{}``) and of
+issue 25 (several boxes, answers without a box, number forms)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_gcpo.answers import answers_equivalent, gold_answer
+from lit_gcpo.answers import answers_equivalent, final_answer, gold_answer
 from lit_gcpo.batch import RolloutBatch
 from lit_gcpo.evaluation import load_benchmark, majority_answer
+from lit_gcpo.evaluation.callback import BenchmarkReport
 from lit_gcpo.evaluation.grading import grade_completion, majority_grade, math_equivalent, qa_equivalent
 from lit_gcpo.evaluation.results import rollout_records, summarise
 from lit_gcpo.rewards import math_accuracy, qa_exact_match, qa_f1
@@ -133,3 +135,117 @@ def test_rollout_records_treat_the_rollouts_empty_box_as_no_answer() -> None:
     assert record["answers"] == [None, None, None, "7"]
     assert record["majority_answer"] == "7" and record["majority_correct"] is True
     assert summarise([record])["toy"]["maj@4"] == 1.0
+
+
+# ----------------------------------------------------- issue 25.11: several boxes, one multi-part answer
+@pytest.mark.parametrize(
+    ("completion", "gold", "correct"),
+    [
+        ("\\boxed{3}, \\boxed{5}", "3, 5", True),
+        ("So $\\boxed{3}$ and $\\boxed{5}$.", "3, 5", True),
+        ("\\boxed{5}, \\boxed{3}", "3, 5", True),  # a set, as Math-Verify reads "3, 5"
+        ("\\boxed{(1,2)}, \\boxed{(3,4)}", "(1,2), (3,4)", True),
+        ("\\boxed{69} and \\boxed{84}", ["$69$,$84$"], True),  # OlympiadBench's final_answer
+        ("\\boxed{69, 84}", ["$69$,$84$"], True),  # one box with both parts, as before
+        ("First \\boxed{2}. So the answer is \\boxed{7}.", "7", True),  # a box apart: an intermediate result
+        ("\\boxed{3}, \\boxed{5}", "3", False),  # two answers against one: no false positive
+        ("\\boxed{3}, \\boxed{5}", "5", False),  # (the last box alone made this hedge correct)
+        ("\\boxed{3} or \\boxed{5}", "5", False),
+        ("\\boxed{69}", ["$69$,$84$"], False),  # half of the answer
+        ("\\boxed{69}, \\boxed{84}, \\boxed{12}", ["$69$,$84$"], False),  # more than the answer
+        ("We get \\boxed{69}. Then \\boxed{84}.", ["$69$,$84$"], False),  # apart: only the last box
+    ],
+)
+def test_boxes_listed_together_are_one_answer(completion: str, gold: object, correct: bool) -> None:
+    assert grade_completion("math", completion, gold).correct is correct
+    # the training reward reads the same final answer
+    assert math_accuracy(["q"], [completion], answer=[gold]) == [float(correct)]
+
+
+def test_the_rollouts_answers_list_the_boxes_together() -> None:
+    assert final_answer("so \\boxed{3}, \\boxed{5}") == "3, 5"
+    assert final_answer("\\boxed{\\boxed{3}}") == "3"  # a box around a box is one box
+    assert final_answer("\\boxed{2} and \\boxed{7}") == "2, 7"
+    assert final_answer("\\boxed{2} and then \\boxed{7}") == "7"  # "then": text between them
+    assert final_answer("\\boxed{2}; therefore \\boxed{7}") == "7"
+    assert final_answer("\\boxed{2}, or \\(\\boxed{7}\\)") == "2, 7"
+    assert final_answer("\\boxed{6}\\boxed{6}") == "6"  # no separator: a repeated box, as Math-Verify reads it
+    assert final_answer("\\boxed{6}\n\\boxed{7}") == "7"
+    assert final_answer("no box") is None
+
+
+# ------------------------------------------------------------ issue 25.12: answers without a box
+@pytest.mark.parametrize(
+    ("completion", "gold", "fallback", "correct"),
+    [
+        ("The answer is 42.", "42", "none", False),  # the default: a completion must box its answer
+        ("The answer is 42.", "42", "last_number", True),
+        ("It costs 1,234 dollars", "1234", "last_number", True),
+        ("We find x = -3.5 in the end", "-\\frac{7}{2}", "last_number", True),
+        ("I think 42, but checking again it is 41.", "42", "last_number", False),  # the last number only
+        ("The final answer is $\\frac{1}{2}$.", "0.5", "math_verify", True),
+        ("The final answer is $\\frac{1}{2}$.", "0.5", "last_number", False),  # "2": the last number
+        ("The final answer is $\\frac{1}{3}$.", "0.5", "math_verify", False),
+        ("The answer is 42 apples.", "42", "math_verify", False),  # plain text: only LaTeX is extracted
+        ("Clearly 42, so \\boxed{41}", "42", "last_number", False),  # a box is the answer: no fallback
+        ("Clearly 42, so \\boxed{}", "42", "last_number", False),  # an empty box is no answer, not a fallback
+        ("no number here", "42", "last_number", False),
+    ],
+)
+def test_an_unboxed_answer_is_read_only_with_a_fallback(completion: str, gold: str, fallback: str, correct: bool):
+    assert grade_completion("math", completion, gold, fallback).correct is correct
+
+
+def test_the_report_reads_unboxed_answers_by_its_fallback_and_refuses_an_unknown_one() -> None:
+    batch = RolloutBatch(
+        prompts=["p"],
+        rows=[{"id": "a", "index": 0, "kind": "math", "benchmark": "toy", "gold": "42"}],
+        completions=["It is 42.", "\\boxed{42}"],
+        input_ids=torch.zeros(2, 2, dtype=torch.long),
+        attention_mask=torch.ones(2, 2, dtype=torch.long),
+        completion_mask=torch.ones(2, 1),
+        group_ids=torch.zeros(2, dtype=torch.long),
+        rewards=torch.zeros(2),
+        answers=[None, "42"],  # what the rollout's final_answer gives
+    )
+    assert rollout_records(batch)[0]["correct"] == [False, True]
+    assert rollout_records(batch, fallback="last_number")[0]["correct"] == [True, True]
+    with pytest.raises(ValueError, match="answer_fallback='last_word'; valid: none, last_number, math_verify"):
+        BenchmarkReport(answer_fallback="last_word")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------- issue 25.13: forms Math-Verify accepts, and near misses
+@pytest.mark.parametrize(
+    ("gold", "answer", "equal"),
+    [
+        ("12.5\\%", "12.5", True),  # a percentage stated without its sign
+        ("12.5%", "12.5", True),
+        ("12.5", "12.5\\%", True),
+        ("12.5", "12.5 percent", True),
+        ("12.5\\%", "13.5", False),
+        ("12.5\\%", "125", False),
+        ("2500", "2 500", True),  # space as thousands separator (Math-Verify alone reads 502)
+        ("2500", "2\\,500", True),
+        ("1234567", "1 234 567", True),
+        ("2500", "2 501", False),
+        ("3.75", "3,75", True),  # a decimal comma, against one number
+        ("-0.5", "-0,5", True),
+        ("375", "3,75", False),  # never 375
+        ("3.7", "3,75", False),
+        ("3.75", "3,750", False),  # three digits: the thousands reading, 3750
+        ("3750", "3,750", True),
+        ("3, 75", "3,75", True),  # against a list it stays a list
+        ("42", "42\\", True),  # a trailing backslash (it escaped the closing "$" sent to Math-Verify)
+        ("42", "42\\\\", True),
+        ("41", "42\\", False),
+    ],
+)
+def test_number_forms(gold: str, answer: str, equal: bool) -> None:
+    assert answers_equivalent(gold, answer) is equal
+
+
+def test_number_forms_in_boxes() -> None:
+    assert grade_completion("math", "so \\boxed{42\\\\}", "42").correct  # "\boxed{42\\}": the box closes
+    assert grade_completion("math", "\\boxed{2 500}", "2,500").correct
+    assert grade_completion("math", "\\boxed{12.5}", "12.5\\%").correct
+    assert not grade_completion("math", "\\boxed{3,75}", "375").correct

@@ -142,6 +142,43 @@ def test_length_truncation_and_over_context_counts_by_hand(tmp_path, caplog) -> 
     assert saved["label"] == "toy-model" and saved["summary"]["toy"]["over_context"] == 2
 
 
+@pytest.mark.parametrize("long_prompts", ["truncate", "skip"])
+def test_prompts_over_the_context_are_counted_before_truncation_and_skipped_ones_reported(
+    long_prompts: str, tiny_model_dir, tmp_path, monkeypatch, caplog
+) -> None:
+    # The tiny model reads 256 positions, one token per character; with 6 new tokens a prompt may have 250.
+    monkeypatch.chdir(tmp_path)
+    questions = ["What is 1+1?", "1+" * 200 + "1?", "What is 2+2?", "3+" * 150 + "3?", "What is 3+3?"]
+    rows = [{"question": q, "answer": f"so #### {i}"} for i, q in enumerate(questions)]
+    rows.append({"question": "What is 4+4?", "answer": "eight (no final-answer mark: unreadable gold)"})
+    path = tmp_path / "gsm8k.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    sources = [source("gsm8k", path, template="{prompt}")]
+    args = cli_test_args(tiny_model_dir, tmp_path / "out", sources, samples=2, max_new_tokens=6, batch_size=4)
+    with caplog.at_level(logging.WARNING):
+        main([*args, f"--data.long_prompts={long_prompts}", "--data.chat=never"])
+    document = json.loads((tmp_path / "out" / "test_benchmarks.json").read_text())
+    values = document["summary"]["gsm8k"]
+    # 6 rows: 1 unreadable gold, 2 prompts of 402 and 302 tokens over the 250 left: cut and graded, or skipped
+    graded = {"truncate": 5, "skip": 3}[long_prompts]
+    assert (values["items"], values["skipped"], values["over_context"]) == (graded, 6 - graded, 2)
+    items = document["items"]
+    assert [item["id"] for item in items if item["over_context"]] == (
+        ["gsm8k-1", "gsm8k-3"] if long_prompts == "truncate" else []
+    )
+    assert all(item["prompt_tokens"] <= 250 for item in items)
+    dropped = ["gsm8k-1", "gsm8k-3"] if long_prompts == "skip" else []
+    assert document["skipped_over_context"] == ({"gsm8k": dropped} if dropped else {})
+    assert document["skipped"] == {"gsm8k": ["gsm8k-5", *dropped]}
+    header, _, row = (
+        [cell.strip() for cell in line.split("|")[1:-1]]
+        for line in (tmp_path / "out" / "test_table.md").read_text().splitlines()
+    )
+    table = dict(zip(header, row, strict=True))  # the table shows what was skipped next to what was graded
+    assert (table["items"], table["skipped"], table["over_context"]) == (str(graded), str(6 - graded), "2")
+    assert "gsm8k: 2 of 6 prompts are longer than the model's context" in caplog.text
+
+
 def test_context_length_defaults_to_the_policys_positions() -> None:
     module = SimpleNamespace(policy=SimpleNamespace(config=SimpleNamespace(max_position_embeddings=4096)))
     assert BenchmarkReport()._context_length(module) == 4096

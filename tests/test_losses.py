@@ -12,7 +12,7 @@ from lit_gcpo.losses import (
     grpo_loss,
     kl_penalty,
     policy_loss,
-    truncated_importance_weights,
+    rollout_correction_weights,
 )
 
 E05 = math.exp(0.5)  # 1.64872
@@ -89,16 +89,18 @@ def test_gspo_sequence_ratio():
 
 
 def test_truncated_importance_weights_by_hand():
-    # diffs trainer - engine = [0.1, 1.0, -0.5] (+ padding): weights exp(0.1) = 1.10517,
-    # min(e, 2) = 2, exp(-0.5) = 0.60653; padding weight 1. |diff| mean = 1.6 / 3, max 1, 1/3 capped.
+    # token_truncate with C_min None is truncated IS. diffs trainer - engine = [0.1, 1.0, -0.5] (+ padding):
+    # weights exp(0.1) = 1.10517, min(e, 2) = 2, exp(-0.5) = 0.60653; padding weight 1. |diff| mean = 1.6 / 3,
+    # max 1, 1/3 of the tokens (in the 1 sequence) truncated.
     trainer = torch.tensor([[-1.0, -2.0, -3.0, -7.0]])
     engine = torch.tensor([[-1.1, -3.0, -2.5, float("nan")]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
-    weights, metrics = truncated_importance_weights(trainer, engine, mask, cap=2.0)
+    weights, metrics = rollout_correction_weights(trainer, engine, mask, "token_truncate", c_min=None, c_max=2.0)
     torch.testing.assert_close(weights, torch.tensor([[math.exp(0.1), 2.0, EM05, 1.0]]), rtol=1e-5, atol=1e-6)
     assert metrics["mismatch_abs_mean"].item() == pytest.approx(1.6 / 3, rel=1e-5)
     assert metrics["mismatch_abs_max"].item() == pytest.approx(1.0, rel=1e-5)
-    assert metrics["capped_frac"].item() == pytest.approx(1 / 3)
+    assert metrics["correction_truncated_token_frac"].item() == pytest.approx(1 / 3)
+    assert metrics["correction_truncated_seq_frac"].item() == pytest.approx(1.0)
     # The weights multiply the policy loss: on-policy (rho = 1), A = 1 -> l = -w.
     logp = torch.full((1, 4), -1.0)
     loss, _ = policy_loss(logp, logp, torch.tensor([1.0]), mask, is_weights=weights)

@@ -47,3 +47,25 @@ def test_noisy_rewards_are_coins_that_ignore_the_answer() -> None:
     texts = ["\\boxed{11}", "\\boxed{12}", "3+4=7"]
     assert noisy_math_accuracy(["a", "b", "c"], texts, **clean) == math_accuracy(["a", "b", "c"], texts, **clean)
     assert noisy_math_accuracy(["a"], ["\\boxed{11}"], answer=["11"]) == [1.0]  # no noise column: clean
+
+
+def test_noisy_answers_picks_prompts_by_the_length_of_their_gold_answer() -> None:
+    # two-operand rows of seed 0: which answers are one digit is read off the problems themselves
+    options = {"num_train": 400, "num_val": 10, "mix": {2: 1.0}, "seed": 0}
+    every = NoisyArithmeticTask("train", noisy_levels=[2], **options).load()
+    assert all(row["noise_rate"] == 0.25 for row in every)  # share 1, level 2: every row
+    long_arm = NoisyArithmeticTask("train", noisy_levels=[2], noisy_answers="long", **options).load()
+    short_arm = NoisyArithmeticTask("train", noisy_levels=[2], noisy_answers="short", **options).load()
+    for row_long, row_short in zip(long_arm, short_arm, strict=True):
+        one_digit = len(row_long["answer"]) == 1 and row_long["answer"].isdigit()  # not "-3" nor "12"
+        assert (row_long["noise_rate"] > 0) == (not one_digit)
+        assert (row_short["noise_rate"] > 0) == one_digit
+    # both kinds occur, and a half share keeps about half of each kind (one draw per row, the kinds apart)
+    n_long = sum(row["noise_rate"] > 0 for row in long_arm)
+    assert 100 < n_long < 300
+    half = NoisyArithmeticTask("train", noisy_levels=[2], noisy_answers="long", noisy_share=0.5, **options).load()
+    marked = sum(row["noise_rate"] > 0 for row in half)
+    assert abs(marked - n_long / 2) < 4 * (n_long * 0.25) ** 0.5
+    assert all(row["noise_rate"] == 0 or len(row["answer"]) > 1 for row in half)
+    with pytest.raises(ValueError, match="noisy_answers"):
+        NoisyArithmeticTask(noisy_answers="odd")  # type: ignore[arg-type]

@@ -30,6 +30,7 @@ def test_wheel_contains_every_module_and_the_model(wheel):
         {s for s in sources}
         | {"lit_gcpo/callbacks/" + p.name for p in (ROOT / "callbacks").glob("*.py")}
         | {"lit_gcpo/assets/tiny-arith/" + p.name for p in (ROOT / "lit_gcpo/assets/tiny-arith").iterdir()}
+        | {"lit_gcpo/assets/" + p.name for p in (ROOT / "lit_gcpo/assets").glob("*.json")}  # gpu_check's architecture
     )
     assert expected <= names, sorted(expected - names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))

@@ -45,6 +45,36 @@ def test_a_runaway_user_reward_is_killed_restarted_and_counted(monkeypatch):
     assert term.fn.child.pid != first_pid
 
 
+@pytest.mark.parametrize(
+    ("trigger", "cause"),
+    [
+        ("exit", "its process exited with code 3 during the call"),
+        ("oom", "its process was killed by signal 9 (SIGKILL: what the kernel's out-of-memory killer sends)"),
+    ],
+)
+def test_a_user_reward_whose_process_dies_is_reported_with_its_exit_not_as_a_timeout(
+    trigger: str, cause: str, monkeypatch, caplog
+):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    name = "unusable_rewards:exit_or_length"
+    rewards = RewardSet.from_names([name], timeout=3.0)
+    assert rewards.score(["p"], ["ab"], [{}]).components[name].tolist() == [2.0]
+    first_pid = rewards.terms[0].fn.child.pid
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING):
+        scores = rewards.score(["p"] * 2, [trigger, "abc"], [{}] * 2)
+    elapsed = time.monotonic() - start
+    assert elapsed < 2.0  # at the death (plus the wait for its status), not at the 3 s timeout
+    assert f"reward '{name}' failed on a batch of 2 completions: crashed: {cause}" in caplog.text
+    assert "timed out" not in caplog.text
+    assert torch.isnan(scores.components[name]).all()
+    assert scores.metrics[f"reward/{name}_failures"] == 2.0 and scores.metrics[f"reward/{name}_timeouts"] == 0.0
+    assert rewards.timeouts[name] == 0
+    # a fresh process serves the next batch
+    assert rewards.score(["p"], ["abcd"], [{}]).components[name].tolist() == [4.0]
+    assert rewards.terms[0].fn.child.pid != first_pid and not _alive(first_pid)
+
+
 def test_non_numeric_scores_are_an_error_naming_the_function_and_the_value():
     def strings(prompts, completions, **columns):
         return ["0.5"] * len(completions)

@@ -25,3 +25,16 @@ def chatty(prompts: list[str], completions: list[str], **columns: list) -> list[
     """Prints to stdout (the channel the parent reads replies from) and returns the answers' lengths."""
     print("scoring", len(completions), "completions\n{not a reply}")
     return [float(len(a or "")) for a in columns["answer"]]
+
+
+def exit_or_length(prompts: list[str], completions: list[str], **columns: list) -> list[float | None]:
+    """The completions' lengths; a batch containing ``"exit"`` ends the process with ``os._exit(3)`` and one
+    containing ``"oom"`` with SIGKILL, what the kernel's out-of-memory killer sends."""
+    import os
+    import signal
+
+    if "exit" in completions:
+        os._exit(3)
+    if "oom" in completions:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return [float(len(c)) for c in completions]

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from lit_gcpo.batch import PromptBatch, RolloutBatch, requested_fields
 from lit_gcpo.clustering import answer_clusters
 from lit_gcpo.data.rollout import RolloutCollector
-from lit_gcpo.data.sources import PromptSource
+from lit_gcpo.data.sources import PromptSource, check_field_types
 from lit_gcpo.data.templates import PromptRenderer, context_length, fit_prompts, placeholders
 from lit_gcpo.engines import build_engine
 from lit_gcpo.engines.base import SamplingConfig
@@ -165,7 +165,9 @@ class RolloutDataModule(L.LightningDataModule):
         required_fields: fields every row must have (besides the template's); rows missing one are skipped
             with a counted warning, and a field missing from every row is an error at setup.
         long_prompts: a prompt longer than the model's context minus ``sampling.max_new_tokens``: ``truncate``
-            (keep its last tokens), ``skip``, both counted and logged with the rows, or ``error`` at setup.
+            (keep its last tokens), ``skip``, both counted and logged with the rows, or ``error`` at setup. A
+            truncated row carries ``over_context: True``; skipped rows are kept in ``dropped_long_rows``, so
+            that the evaluation report counts both.
         batch_size: prompts per training step (B), per data-parallel rank.
         group_size: completions per prompt (G).
         rewards: reward functions by built-in name or dotted path (``pkg.module:function``).
@@ -231,6 +233,7 @@ class RolloutDataModule(L.LightningDataModule):
         self.required_fields = list(required_fields) if required_fields is not None else ["answer"]
         self.long_prompts, self._context = long_prompts, None
         self.long_prompt_rows: dict[str, int] = {}
+        self.dropped_long_rows: dict[str, list[tuple[int, dict[str, Any]]]] = {}  # by split: (row, row) too long
         self.batch_size, self.group_size = batch_size, group_size
         self.reward_names, self.reward_weights, self.reward_timeout = rewards, reward_weights, reward_timeout
         self.accuracy_reward = accuracy_reward
@@ -309,6 +312,7 @@ class RolloutDataModule(L.LightningDataModule):
                     f"{split}: field {name!r} is missing from every row of {source.describe()}; "
                     f"columns are {sorted(rows[0])} (map one with `fields: {{column: {name}}}`)"
                 )
+        check_field_types(source, rows, placeholders(renderer.template), required)
         kept_rows, prompts, skipped = [], [], []
         for index, row in enumerate(rows):
             missing = [name for name in needed if row.get(name) is None or row.get(name) == ""]
@@ -342,7 +346,9 @@ class RolloutDataModule(L.LightningDataModule):
                 row_ids,
                 label=f"{split}: {source.describe()}",
             )
-            kept_rows = [kept_rows[index] for index in kept]
+            long_rows, kept_set = {index for index, _ in too_long}, set(kept)
+            self.dropped_long_rows[split] = [(row_ids[i], kept_rows[i]) for i in sorted(long_rows - kept_set)]
+            kept_rows = [{**kept_rows[i], "over_context": True} if i in long_rows else kept_rows[i] for i in kept]
             self.long_prompt_rows[split] = len(too_long)
         return kept_rows, prompts
 

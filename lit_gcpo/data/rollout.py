@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from lit_gcpo.answers import extract_boxed
+from lit_gcpo.answers import final_answer
 from lit_gcpo.batch import PromptBatch, RolloutBatch
 from lit_gcpo.engines.base import RolloutEngine, SamplingConfig
 
@@ -112,7 +112,7 @@ class RolloutCollector:
             rewards=scores.total.to(device),
             reward_components={name: value.to(device) for name, value in scores.components.items()},
             truncated=torch.tensor(generation.truncated, device=device),
-            answers=[extract_boxed(text) for text in completions],
+            answers=[final_answer(text) for text in completions],
             engine_logprobs=None if engine_logprobs is None else engine_logprobs.to(device),
             embeddings=None if generation.embeddings is None else generation.embeddings.to(device),
             metrics=metrics,

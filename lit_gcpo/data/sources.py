@@ -1,13 +1,17 @@
 """Where prompts come from: a Hugging Face dataset, local JSONL/Parquet files, or the built-in task.
 
 Every source returns rows as plain dicts. ``fields`` renames source columns to the names the prompt
-template and the reward functions read (e.g. ``{"problem": "prompt"}``).
+template and the reward functions read (e.g. ``{"problem": "prompt"}``). ``PromptSource.where`` names the
+place of a row (``file.jsonl, line 7`` for JSON lines), and ``check_field_types`` refuses a row whose text
+or gold field has a type no template or reward can read, naming that place and the field.
 """
 
 from __future__ import annotations
 
 import abc
 import json
+import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -40,6 +44,14 @@ class PromptSource(abc.ABC):
 
     def describe(self) -> str:
         return type(self).__name__
+
+    def where(self, index: int) -> str:
+        """Where row ``index`` of ``load()`` comes from, for error messages."""
+        return f"{self.describe()}, row {index}"
+
+    def column(self, name: str) -> str:
+        """The source's own name of field ``name`` (before ``fields`` renamed it)."""
+        return next((source for source, renamed in self.fields.items() if renamed == name), name)
 
 
 class HubDataset(PromptSource):
@@ -93,6 +105,7 @@ class LocalFiles(PromptSource):
 
     def __init__(self, files: str | list[str], fields: dict[str, str] | None = None, limit: int = 0) -> None:
         super().__init__(fields, limit)
+        self._origins: list[str] = []  # "file, line N" of each JSON-lines row read
         self.files = [files] if isinstance(files, str) else list(files)
         if not self.files:
             raise ValueError("files must name at least one file")
@@ -106,9 +119,10 @@ class LocalFiles(PromptSource):
         if missing:
             raise FileNotFoundError(f"files: no such file {missing[0]}")
         if self.builder == "json":
-            rows = [row for file in self.files for row in check_json_lines(file)]
+            numbered = [(file, line, row) for file in self.files for line, row in _json_lines(file)]
             if all(file.lower().endswith(".jsonl") for file in self.files):
-                return rows
+                self._origins = [f"{file}, line {line}" for file, line, _ in numbered]
+                return [row for _, _, row in numbered]
         import datasets
 
         try:
@@ -120,19 +134,37 @@ class LocalFiles(PromptSource):
     def describe(self) -> str:
         return ", ".join(self.files)
 
+    def where(self, index: int) -> str:
+        return self._origins[index] if index < len(self._origins) else f"{self.describe()}, row {index}"
+
 
 def check_json_lines(file: str) -> list[dict[str, Any]]:
     """The rows of a JSONL ``file`` (none for a ``.json`` file, whose content, one document or lines, is left to
-    ``datasets``). Raises ``ValueError`` naming ``file`` and the line when the file is empty or a line is not a
+    ``datasets``). Raises ``ValueError`` naming ``file`` and the line when the file is empty, is not UTF-8 text
+    (a binary or compressed file: Python says only ``UnicodeDecodeError ... position 5193``) or a line is not a
     JSON object (``datasets`` says neither: a bare ``StopIteration``, or a character position without the file)."""
-    with open(file, encoding="utf-8") as handle:
-        text = handle.read()
+    return [row for _, row in _json_lines(file)]
+
+
+def _json_lines(file: str) -> list[tuple[int, dict[str, Any]]]:
+    """``check_json_lines`` with each row's line number."""
+    data = Path(file).read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        column = error.start - data.rfind(b"\n", 0, error.start)
+        raise ValueError(
+            f"files: {file}, line {line}: not UTF-8 text (byte 0x{data[error.start]:02x} at column {column}); "
+            "a binary or compressed file? Rows must be UTF-8 JSON"
+        ) from None
     if not text.strip():
         raise ValueError(f"files: {file} is empty (no rows)")
     if not file.lower().endswith(".jsonl"):
         return []
     rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # split on "\n" only: str.splitlines also splits on U+2028 and other separators JSON strings may hold
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -143,8 +175,56 @@ def check_json_lines(file: str) -> list[dict[str, Any]]:
             ) from None
         if not isinstance(row, dict):
             raise ValueError(f"files: {file}, line {number}: a row must be a JSON object, got {type(row).__name__}")
-        rows.append(row)
+        rows.append((number, row))
     return rows
+
+
+def _gold_like(value: Any) -> bool:
+    """A value some reward reads as a gold answer: text, a finite number, a list of them (OlympiadBench, QA
+    synonyms) or SQuAD's ``{"text": [...]}``."""
+    if isinstance(value, str):
+        return True
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return bool(value) and all(_gold_like(v) for v in value)
+    if isinstance(value, dict):
+        return set(value) >= {"text"} and _gold_like(value["text"])
+    return False
+
+
+def check_field_types(
+    source: PromptSource, rows: Sequence[dict[str, Any]], text_fields: Sequence[str], gold_fields: Sequence[str]
+) -> None:
+    """Refuse rows whose fields no template or reward can read, naming the first such row and field.
+
+    ``text_fields`` (what the template fills in, e.g. ``prompt``) must be strings: an int or a list would be
+    pasted into the prompt as its Python repr. ``gold_fields`` must be text, a number, a list of them, or
+    SQuAD's ``{"text": [...]}``: any other dict (or a boolean) leaves every completion of the row unscored,
+    silently. A missing value (None) is not checked here: such rows are skipped and counted elsewhere.
+    Raises ``ValueError`` with ``source.where(row)``, the field (and its column when ``fields`` renamed it),
+    the value, and how many rows are wrong.
+    """
+    wrong: list[tuple[int, str, Any, str]] = []
+    for index, row in enumerate(rows):
+        for name in text_fields:
+            value = row.get(name)
+            if value is not None and not isinstance(value, str):
+                wrong.append((index, name, value, "text (a JSON string)"))
+        for name in gold_fields:
+            value = row.get(name)
+            if name not in text_fields and value is not None and not _gold_like(value):
+                wrong.append((index, name, value, 'an answer: text, a number, a list of them, or {"text": [...]}'))
+    if not wrong:
+        return
+    index, name, value, expected = wrong[0]
+    column = source.column(name)
+    named = f"field {name!r}" + (f" (column {column!r})" if column != name else "")
+    count = len({i for i, *_ in wrong})
+    raise ValueError(
+        f"{source.where(index)}: {named} has type {type(value).__name__} ({value!r:.80}), it must be {expected} "
+        f"({count} of {len(rows)} rows have a field of the wrong type)"
+    )
 
 
 class ArithmeticTask(PromptSource):

@@ -23,11 +23,12 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 
+from lit_gcpo.answers import FALLBACKS
 from lit_gcpo.batch import RolloutBatch
 from lit_gcpo.evaluation.paper import format_paper_table
 from lit_gcpo.evaluation.progress import EvaluationProgress
@@ -60,6 +61,10 @@ class BenchmarkReport(pl.Callback):
             ``average`` over every benchmark.
         context_length: the model's context in tokens, for the count of prompts longer than it; None =
             the policy's ``config.max_position_embeddings`` (when it has one).
+        answer_fallback: how a math completion without a ``\\boxed{}`` is read: ``none`` (the default: no
+            answer, graded wrong), ``last_number`` (the last number in the text: the Qwen2.5-Math
+            evaluation's ``use_last_number``) or ``math_verify`` (Math-Verify's LaTeX extraction of the
+            whole completion). Part of the settings a resumed evaluation must share.
     """
 
     def __init__(
@@ -73,6 +78,7 @@ class BenchmarkReport(pl.Callback):
         label: str | None = None,
         averages: dict[str, list[str]] | None = None,
         context_length: int | None = None,
+        answer_fallback: Literal["none", "last_number", "math_verify"] = "none",
     ) -> None:
         if pass_ks is not None and any(k < 1 for k in pass_ks):
             raise ValueError(f"BenchmarkReport pass_ks must be >= 1, got {pass_ks}")
@@ -83,6 +89,9 @@ class BenchmarkReport(pl.Callback):
         self.geometric = geometric
         self.reward_range = (float(reward_range[0]), float(reward_range[1]))
         self.validation = validation
+        if answer_fallback not in FALLBACKS:
+            raise ValueError(f"BenchmarkReport answer_fallback={answer_fallback!r}; valid: {', '.join(FALLBACKS)}")
+        self.answer_fallback = answer_fallback
         self.resume, self.label, self.averages, self.context_length = resume, label, averages, context_length
         self.progress: EvaluationProgress | None = None
         self.records: list[Record] = []
@@ -171,6 +180,7 @@ class BenchmarkReport(pl.Callback):
             geometric=self.geometric,
             reward_range=self.reward_range,
             first_index=len(self.records),
+            fallback=self.answer_fallback,
         )
 
     # -------------------------------------------------------------------------------------- reporting
@@ -180,9 +190,9 @@ class BenchmarkReport(pl.Callback):
         for record in records:  # benchmarks in the order their first batch arrived on rank 0 ...
             order.setdefault(record["benchmark"], len(order))
         records.sort(key=lambda r: (order[r["benchmark"]], r["index"]))  # ... items in benchmark order
-        skipped = self._skipped(trainer, stage)
+        skipped, too_long = self._left_out(trainer, stage)
         context = self._context_length(pl_module)
-        self.summary = summarise(records, skipped, self.pass_ks, context)
+        self.summary = summarise(records, skipped, self.pass_ks, context, too_long)
         for benchmark, values in self.summary.items():
             for metric, value in values.items():
                 pl_module.log(f"{stage}/{benchmark}/{metric}", float(value), sync_dist=True)  # equal on every rank
@@ -193,18 +203,30 @@ class BenchmarkReport(pl.Callback):
             paper = format_paper_table({label: self.summary}, self.averages)
             print(f"\n{stage} benchmarks ({len(records)} items)\n{table}\n\n{paper}\n")
             extra = {"label": label, "averages": self.averages, "context_length": context}
-            self.paths = write_results(directory, stem, self.summary, records, skipped, extra, paper)
+            extra["skipped_over_context"] = too_long  # the ids of "skipped" left out for their prompt's length
+            names = {**skipped, **too_long}
+            every_skipped = {name: [*skipped.get(name, []), *too_long.get(name, [])] for name in names}
+            self.paths = write_results(directory, stem, self.summary, records, every_skipped, extra, paper)
             for benchmark, ids in skipped.items():
                 if ids:
                     log.warning("%s: %d items left out for an unreadable gold: %s", benchmark, len(ids), ids[:10])
+            for benchmark, ids in too_long.items():
+                if ids:
+                    log.warning(
+                        "%s: %d items left out for a prompt longer than the context (data.long_prompts: skip): %s",
+                        benchmark,
+                        len(ids),
+                        ids[:10],
+                    )
             for name, values in self.summary.items():
                 if values.get("over_context", 0) > 0:
                     log.warning(
-                        "%s: %d of %d prompts are longer than the model's context (%d tokens); their "
-                        "completions are unreliable (cut the context with max_context_tokens, or drop them)",
+                        "%s: %d of %d prompts are longer than the model's context (%s tokens) or than what it leaves "
+                        "for the completion; cut, their completions are unreliable, skipped, they are not graded "
+                        "(cut the context with max_context_tokens, or lower max_new_tokens)",
                         name,
                         int(values["over_context"]),
-                        int(values["items"]),
+                        int(values["items"] + values.get("skipped", 0)),
                         context,
                     )
             log.info("benchmark results written to %s", self.paths["json"])
@@ -218,6 +240,7 @@ class BenchmarkReport(pl.Callback):
             "world_size": trainer.world_size,
             "seed": getattr(datamodule, "seed", None),
             "label": self._label(trainer, pl_module),
+            "answer_fallback": self.answer_fallback,
         }
         names = datamodule.test_names() if hasattr(datamodule, "test_names") else []
         settings = {}
@@ -275,8 +298,10 @@ class BenchmarkReport(pl.Callback):
         return f"{stage}{dataloader_idx}"
 
     @staticmethod
-    def _skipped(trainer: pl.Trainer, stage: str) -> dict[str, list[str]]:
-        """Ids the benchmark loaders of this stage's sources left out (sources with ``name``/``skipped``)."""
+    def _left_out(trainer: pl.Trainer, stage: str) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+        """Ids of this stage's items left out, by benchmark: for an unreadable gold (what the benchmark loaders
+        of sources with ``name``/``skipped`` dropped), and for a prompt longer than the context (the DataModule's
+        ``dropped_long_rows`` under ``long_prompts: skip``)."""
         datamodule = getattr(trainer, "datamodule", None)
         val_source = getattr(datamodule, "val_source", None)
         sources = list(getattr(datamodule, "test_sources", None) or []) if stage == "test" else []
@@ -285,7 +310,19 @@ class BenchmarkReport(pl.Callback):
         for source in sources:
             if hasattr(source, "skipped") and hasattr(source, "name"):
                 skipped.setdefault(source.name, []).extend(source.skipped)
-        return skipped
+        too_long: dict[str, list[str]] = {}
+        dropped = getattr(datamodule, "dropped_long_rows", None) or {}
+        for split, rows in dropped.items():
+            if stage == "test" and split.startswith("test") and int(split[4:]) < len(sources):
+                default = sources[int(split[4:])].describe()  # the records' default benchmark: the loader's name
+            elif stage != "test" and split == "val":
+                default = f"{stage}0"
+            else:
+                continue
+            for index, row in rows:
+                name = str(row.get("benchmark") or default)
+                too_long.setdefault(name, []).append(str(row.get("id", f"row {index}")))
+        return skipped, too_long
 
 
 def _gather_objects(trainer: pl.Trainer, value: Any) -> list[Any]:

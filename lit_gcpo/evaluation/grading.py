@@ -2,9 +2,12 @@
 
 An empty last box (``\\boxed{}``) is no answer for either kind: it is graded wrong and never votes.
 
-* math: the final answer is the content of the completion's last complete ``\\boxed{}``
-  (``lit_gcpo.answers.extract_boxed``); it is correct when Math-Verify finds it equivalent to the gold
-  (``lit_gcpo.answers.answers_equivalent``, gold first, the ``math_accuracy`` reward's time bound).
+* math: the final answer is the content of the completion's last complete ``\\boxed{}``, with the boxes
+  listed right before it (``lit_gcpo.answers.final_answer``: ``\\boxed{3}, \\boxed{5}`` is the answer
+  ``3, 5``); a completion without a box has no answer unless a ``fallback`` reads one
+  (``lit_gcpo.answers.unboxed_answer``: the last number, or Math-Verify's extraction). It is correct when
+  Math-Verify finds it equivalent to the gold (``lit_gcpo.answers.answers_equivalent``, gold first, the
+  ``math_accuracy`` reward's time bound).
 * qa: the answer is ``lit_gcpo.rewards.qa.extract_qa_answer`` (last box, else the text after the last
   "Answer:", else the whole completion); it is correct on a SQuAD exact match with any reference, and
   its token F1 is the best over the references.
@@ -25,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lit_gcpo.answers import answers_equivalent, extract_boxed, gold_answer
+from lit_gcpo.answers import answers_equivalent, final_answer, gold_answer, unboxed_answer
 from lit_gcpo.evaluation.metrics import Equivalence, majority_answer
 from lit_gcpo.rewards.math_reward import GRADING_TIMEOUT_S, completion_text
 from lit_gcpo.rewards.qa import exact_match, extract_qa_answer, normalize_answer, references, token_f1
@@ -77,10 +80,17 @@ def no_blank(answer: str | None) -> str | None:
     return answer if answer is not None and answer.strip() else None
 
 
-def extract_answer(kind: str, completion: str) -> str | None:
-    """The final answer a completion states (math: last box; QA: ``extract_qa_answer``), None if empty."""
+def extract_answer(kind: str, completion: str, fallback: str = "none") -> str | None:
+    """The final answer a completion states, None if empty.
+
+    math: ``final_answer`` (the last box and the boxes listed with it); without a box, ``unboxed_answer``
+    by ``fallback`` (``none``, ``last_number``, ``math_verify``). QA: ``extract_qa_answer``.
+    """
     _check_kind(kind)
-    return no_blank(extract_boxed(completion) if kind == "math" else extract_qa_answer(completion))
+    if kind == "qa":
+        return no_blank(extract_qa_answer(completion))
+    boxed = final_answer(completion)
+    return no_blank(boxed if boxed is not None else unboxed_answer(completion, fallback, GRADING_TIMEOUT_S))
 
 
 def grade_answer(kind: str, answer: str | None, gold: Any) -> Grade:
@@ -95,9 +105,9 @@ def grade_answer(kind: str, answer: str | None, gold: Any) -> Grade:
     return Grade(answer, em == 1.0, max(token_f1(answer, ref) for ref in refs))
 
 
-def grade_completion(kind: str, completion: str, gold: Any) -> Grade:
-    """Extract the answer of one completion and grade it."""
-    return grade_answer(kind, extract_answer(kind, completion), gold)
+def grade_completion(kind: str, completion: str, gold: Any, fallback: str = "none") -> Grade:
+    """Extract the answer of one completion (``fallback``: see ``extract_answer``) and grade it."""
+    return grade_answer(kind, extract_answer(kind, completion, fallback), gold)
 
 
 def majority_grade(kind: str, answers: Sequence[str | None], gold: Any) -> Grade:

@@ -3,7 +3,7 @@ JSON and CSV files.
 
 A record is one prompt (benchmark item) with its k completions::
 
-    {"benchmark", "variant", "kind", "id", "index", "prompt", "prompt_tokens", "gold",
+    {"benchmark", "variant", "kind", "id", "index", "prompt", "prompt_tokens", "over_context", "gold",
      "completions": [k str], "answers": [k str | None], "correct": [k bool], "f1": [k float] | None,
      "lengths": [k int], "truncated": [k bool] | None,
      "majority_answer": str | None, "majority_correct": bool, "signals": {name: float | None}}
@@ -19,8 +19,11 @@ Metrics per benchmark (``n`` completions per item):
 * ``auroc_<signal>`` for each uncertainty signal present (``IncorrectnessAUROC``: the signal ranking the
   items whose majority answer is wrong above the others; NaN with one class or n = 1);
 * ``length_mean`` (completion tokens) and ``truncated_frac`` (share of completions that hit
-  ``max_new_tokens``); ``over_context``: prompts longer than the model's context (when it is known);
-* ``items`` (graded items) and ``skipped`` (items left out for an unreadable gold).
+  ``max_new_tokens``);
+* ``items`` (graded items), ``skipped`` (items left out: an unreadable gold, or a prompt longer than the
+  context with ``data.long_prompts: skip``) and ``over_context``: items whose prompt, before any cut, was
+  longer than the context leaves (graded after truncation, or skipped), counted by the DataModule; also a
+  graded prompt longer than ``context_length`` when that is given (for a DataModule that did not know it).
 
 The metrics are computed from the records alone (their answers, grades and signals), so every number
 in the files can be recomputed from the saved items.
@@ -72,12 +75,14 @@ def rollout_records(
     geometric: str = "bot",
     reward_range: tuple[float, float] = (0.0, 1.0),
     first_index: int = 0,
+    fallback: str = "none",
 ) -> list[Record]:
     """One record per prompt of a rollout batch: its completions graded, majority answer, signals.
 
     Rows are read for ``kind`` (default ``math``), ``gold`` (else ``answer``), ``benchmark`` (default
     ``default_benchmark``), ``id`` and ``index`` (default: ``first_index`` + position in the batch). Math
-    answers are the batch's ``answers`` (the rollout's last-box extraction) when present.
+    answers are the batch's ``answers`` (the rollout's ``final_answer``) when present; a math completion
+    without a box is read by ``fallback`` (``lit_gcpo.evaluation.grading.extract_answer``).
     """
     group_ids = batch.group_ids.detach().cpu().long()  # [N]
     kinds = [str(row.get("kind") or "math") for row in batch.rows]  # [B]
@@ -90,8 +95,9 @@ def rollout_records(
     truncated = None if batch.truncated is None else batch.truncated.detach().cpu().bool().tolist()  # [N]
     grades = []
     for n, g in enumerate(group_ids.tolist()):
-        from_rollout = kinds[g] == "math" and batch.answers is not None
-        answer = no_blank(batch.answers[n]) if from_rollout else extract_answer(kinds[g], batch.completions[n])
+        from_rollout = kinds[g] == "math" and batch.answers is not None and batch.answers[n] is not None
+        completion = batch.completions[n]
+        answer = no_blank(batch.answers[n]) if from_rollout else extract_answer(kinds[g], completion, fallback)
         grades.append(grade_answer(kinds[g], answer, golds[g]))  # [N]
     signals = prompt_signals(
         group_ids,
@@ -118,6 +124,7 @@ def rollout_records(
                 "index": index,
                 "prompt": batch.prompts[b],
                 "prompt_tokens": int(prompt_tokens[members[0]]) if members else 0,
+                "over_context": bool(row.get("over_context", False)),  # cut to fit (DataModule)
                 "gold": golds[b] if kinds[b] == "qa" else (gold_references("math", golds[b]) or [None])[0],
                 "completions": [batch.completions[n] for n in members],
                 "answers": [g.answer for g in mine],
@@ -178,8 +185,12 @@ def _length_metrics(records: Sequence[Record], context_length: int | None) -> di
     if all(f is not None for f in flags):
         every = [bool(t) for f in flags for t in f]
         values["truncated_frac"] = sum(every) / len(every) if every else math.nan
-    if context_length is not None:
-        values["over_context"] = float(sum(r.get("prompt_tokens", 0) > context_length for r in records))
+    over = [
+        bool(r.get("over_context")) or (context_length is not None and r.get("prompt_tokens", 0) > context_length)
+        for r in records
+    ]
+    if context_length is not None or any(over):
+        values["over_context"] = float(sum(over))
     return values
 
 
@@ -233,20 +244,34 @@ def summarise(
     skipped: Mapping[str, Sequence[str]] | None = None,
     pass_ks: Sequence[int] | None = None,
     context_length: int | None = None,
+    too_long: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Per-benchmark (and pass) metrics, in order of first appearance, with ``skipped`` counts."""
+    """Per-benchmark (and pass) metrics, in order of first appearance.
+
+    ``skipped``: ids left out for an unreadable gold; ``too_long``: ids left out because the prompt was longer
+    than the context (``long_prompts: skip``); both by benchmark. ``skipped`` counts both, ``over_context``
+    the second and the graded items whose prompt was cut.
+    """
+    skipped, too_long = skipped or {}, too_long or {}
     by_benchmark: dict[str, list[Record]] = {}
     for record in records:
         by_benchmark.setdefault(report_name(record), []).append(record)
     summary = {}
     for name, items in by_benchmark.items():
         values = benchmark_metrics(items, pass_ks, context_length)
-        left_out = len((skipped or {}).get(items[0]["benchmark"], ()))
+        benchmark = items[0]["benchmark"]
+        dropped = len(too_long.get(benchmark, ()))
+        left_out = len(skipped.get(benchmark, ())) + dropped
         summary[name] = {"items": values.pop("items"), "skipped": float(left_out), **values}
+        if dropped or "over_context" in values:
+            summary[name]["over_context"] = values.get("over_context", 0.0) + dropped
     reported = {r["benchmark"] for r in records}
-    for name, ids in (skipped or {}).items():
-        if name not in reported:
-            summary.setdefault(name, {"items": 0.0, "skipped": float(len(ids))})
+    for name in [*skipped, *too_long]:
+        if name not in reported and name not in summary:
+            dropped = len(too_long.get(name, ()))
+            summary[name] = {"items": 0.0, "skipped": float(len(skipped.get(name, ())) + dropped)}
+            if dropped:
+                summary[name]["over_context"] = float(dropped)
     return summary
 
 
@@ -310,7 +335,7 @@ def write_results(
     document["items"] = records
     paths["json"].write_text(json.dumps(jsonable(document), indent=1, ensure_ascii=False, allow_nan=False))
     item_columns = ["benchmark", "variant", "id", "kind", "prompt", "prompt_tokens", "gold", "completions"]
-    item_columns += ["answers", "correct", "f1", "lengths", "truncated"]
+    item_columns += ["answers", "correct", "f1", "lengths", "truncated", "over_context"]
     item_columns += ["majority_answer", "majority_correct", *_SIGNAL_COLUMNS]
     with paths["items_csv"].open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=item_columns)

@@ -4,7 +4,8 @@ Time bound (project's choice): each reward function gets ``timeout`` seconds for
 functions of a batch run concurrently, so ``score`` returns within about ``max(timeout)`` seconds whatever
 they do. A user's function (loaded by dotted path) runs in its own child process (``ProcessReward``): a call
 past the timeout kills that process and a fresh one serves the next batch, so a function stuck in a CPU loop
-costs one timeout per batch, never the trainer's CPU. Timed-out calls are counted in
+costs one timeout per batch, never the trainer's CPU; a process that dies during a call (``os._exit``, the
+out-of-memory killer) is replaced at once and reported with its exit code or signal. Timed-out calls are counted in
 ``reward/<name>_timeouts`` and logged. Built-in rewards and ``RewardTerm``s built from a plain callable run in
 daemon threads; a thread that hangs cannot be killed, so once ``MAX_STUCK_CALLS`` calls of one function are
 still running it is not called again until one returns (the built-in math grading itself runs in a killable
@@ -42,7 +43,7 @@ from typing import Any
 
 import torch
 
-from lit_gcpo.rewards.isolated import ProcessReward, RewardCallError, RewardTimeoutError
+from lit_gcpo.rewards.isolated import ProcessReward, RewardCallError, RewardCrashError, RewardTimeoutError
 from lit_gcpo.rewards.loading import REWARDS, RewardFn, load_reward
 
 log = logging.getLogger(__name__)
@@ -246,6 +247,8 @@ class RewardSet:
             return failed, f"timed out after {self.timeout:g} s", True
         if isinstance(call.error, RewardTimeoutError):
             return failed, f"timed out after {self.timeout:g} s: {call.error}", True
+        if isinstance(call.error, RewardCrashError):  # died, not slow: the exit code or signal says why
+            return failed, f"crashed: {call.error}", False
         if isinstance(call.error, RewardCallError):  # raised in its process: the message names the type
             return failed, f"raised {call.error}", False
         if call.error is not None:

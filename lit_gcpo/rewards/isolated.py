@@ -3,7 +3,9 @@
 A reward function stuck in a CPU loop cannot be stopped in a thread: the thread keeps running and holding
 the interpreter, and training steps went from ~0.8 s to 88-161 s. ``ProcessReward`` runs the function in a
 ``lit_gcpo.rewards.sandbox.ChildProcess`` (the mechanism of the math grader): a call without a reply within
-the timeout kills the child and starts a replacement, and the call raises ``RewardTimeoutError``.
+the timeout kills the child and starts a replacement, and the call raises ``RewardTimeoutError``; a child that
+dies during a call (``os._exit``, a segfault, the out-of-memory killer's SIGKILL) is replaced as well, and the
+call raises ``RewardCrashError`` with its exit code or signal, at once rather than at the timeout.
 
 The child is this file run as a script with this process's ``sys.path`` (so it imports what the parent can,
 and nothing of lit-gcpo unless the user's module does); it imports the function by its dotted path, prints a
@@ -24,6 +26,10 @@ from typing import Any
 
 class RewardTimeoutError(TimeoutError):
     """A reward call got no reply in time; its process was killed and restarted."""
+
+
+class RewardCrashError(RuntimeError):
+    """The reward's process died during a call (exit code or signal in the message); a new one was started."""
 
 
 class RewardCallError(RuntimeError):
@@ -70,6 +76,12 @@ class ProcessReward:
         with self.child.lock:
             reply = self.child.request(_encode((prompts, completions, columns)), self.timeout)
         if reply is None:
+            if self.child.last_exit is not None:
+                from lit_gcpo.rewards.sandbox import describe_exit  # lazy: the child runs this file without lit-gcpo
+
+                raise RewardCrashError(
+                    f"its process {describe_exit(self.child.last_exit)} during the call; a new process was started"
+                )
             raise RewardTimeoutError(f"no reply within {self.timeout:g} s; its process was killed and restarted")
         status, value = _decode(reply)
         if status == "error":

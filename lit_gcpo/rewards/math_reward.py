@@ -2,7 +2,9 @@
 
 ``math_accuracy`` is the binary verifiable reward of DeepSeekMath's GRPO setting (and of SEED-GRPO /
 GCPO): 1 when the completion's final answer is equivalent to the gold, else 0. Project's reading: the
-final answer is the content of the completion's last complete ``\\boxed{}``/``\\fbox{}`` (none -> 0);
+final answer is the content of the completion's last complete ``\\boxed{}``/``\\fbox{}``, with the boxes
+listed right before it (``lit_gcpo.answers.final_answer``: ``\\boxed{3} or \\boxed{5}`` is the answer
+``3, 5``, so hedging between boxes earns nothing) (none -> 0);
 a completion whose gold cannot be read gets ``None`` (no score), not 0.
 """
 
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lit_gcpo.answers import answers_equivalent, ends_with_box, extract_boxed, gold_answer
+from lit_gcpo.answers import answers_equivalent, ends_with_box, extract_boxed, final_answer, gold_answer
 from lit_gcpo.rewards.loading import REWARDS
 
 GRADING_TIMEOUT_S = 1.0
@@ -55,7 +57,7 @@ def math_accuracy(prompts: list[str], completions: list[Any], **columns: list[An
         if gold is None:
             scores.append(None)
             continue
-        predicted = extract_boxed(completion_text(completion))
+        predicted = final_answer(completion_text(completion))
         correct = predicted is not None and answers_equivalent(gold, predicted, timeout_s=GRADING_TIMEOUT_S)
         scores.append(1.0 if correct else 0.0)
     return scores

@@ -15,7 +15,10 @@ alarm. So the grading runs in a child interpreter started with ``python -I <this
   the child dies on an input, it kills the child, starts a replacement at once in the background and
   reports a timeout for that comparison;
 * the child's address space is limited (``CHILD_MEMORY_LIMIT_BYTES``) so a runaway expansion raises
-  ``MemoryError`` instead of eating the machine's memory.
+  ``MemoryError`` instead of eating the machine's memory;
+* besides comparisons, the child answers extraction requests: the answer Math-Verify's LaTeX extraction
+  finds in a whole completion (``GraderProcess.extract``, the ``math_verify`` fallback of
+  ``lit_gcpo.answers.unboxed_answer``), under the same bounds.
 
 Numbers far below 1: Math-Verify compares two numbers after rounding them to 6 decimals, so
 ``2.88 \\times 10^{-19}`` "equals" ``1.325 \\times 10^{-27}`` and ``-5 \\times 10^{-19}``. When both sides parse
@@ -35,11 +38,19 @@ import json
 import os
 import queue
 import select
+import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
+
+_T = TypeVar("_T")
+
+EXIT_WAIT_S = 1.0
+"""Seconds to wait, once a child closed its stdout mid-request, for its exit status (it is dying)."""
 
 STARTUP_TIMEOUT_S = 60.0
 """Seconds a fresh child may take to import Math-Verify (a loaded 2-core machine needs ~1-3 s)."""
@@ -73,7 +84,9 @@ class ChildProcess:
     """A child interpreter that prints a ready line, then answers each request line with one reply line.
 
     A request that gets no reply within its bound (a hang, or a crash on that input) kills the child, starts a
-    replacement at once in the background and returns None. One request at a time: callers hold ``lock``.
+    replacement at once in the background and returns None; ``last_exit`` then says which: the child's exit
+    status when it ended by itself (``os._exit(3)``: 3; killed by signal 9: -9), None when it was still running
+    at the bound. One request at a time: callers hold ``lock``.
 
     Args:
         command: the child's command line.
@@ -96,6 +109,8 @@ class ChildProcess:
         self._proc: subprocess.Popen[bytes] | None = None
         self._buffer = b""
         self._ready = False
+        self._stdout_closed = False
+        self.last_exit: int | None = None
 
     def start(self) -> None:
         """Launch the child without waiting for it to be ready."""
@@ -109,6 +124,7 @@ class ChildProcess:
         )
         self._buffer = b""
         self._ready = False
+        self._stdout_closed = False
 
     @property
     def pid(self) -> int | None:
@@ -134,6 +150,7 @@ class ChildProcess:
                 return None
             chunk = os.read(fd, 65536)
             if not chunk:
+                self._stdout_closed = True
                 return None
             self._buffer += chunk
         line, self._buffer = self._buffer.split(b"\n", 1)
@@ -163,13 +180,34 @@ class ChildProcess:
         except (BrokenPipeError, OSError) as error:
             self.close()
             raise self.error(f"{self.name} died") from error
+        self.last_exit = None
         reply = self._read_line(time.monotonic() + timeout_s)
         if reply is None:
-            # A hang, or a crash on this input (the likely cause either way): no answer for it. Kill and
-            # pre-start a replacement so that the next call finds it warm.
+            # A hang, or a crash on this input: no answer for it. Keep the exit status of a crash (the child
+            # closed its stdout: it is ending), then kill and pre-start a replacement so that the next call
+            # finds it warm.
+            if self._stdout_closed:
+                try:
+                    self.last_exit = self._proc.wait(EXIT_WAIT_S)
+                except subprocess.TimeoutExpired:
+                    self.last_exit = None
             self.close()
             self.start()
         return reply
+
+
+def describe_exit(status: int) -> str:
+    """How a child ended, from its exit status: ``exited with code 3``, or ``was killed by signal 9 (SIGKILL:
+    what the kernel's out-of-memory killer sends)``."""
+    if status >= 0:
+        return f"exited with code {status}"
+    number = -status
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        name = "unknown signal"
+    cause = ": what the kernel's out-of-memory killer sends" if number == signal.SIGKILL else ""
+    return f"was killed by signal {number} ({name}{cause})"
 
 
 class GraderProcess(ChildProcess):
@@ -191,6 +229,13 @@ class GraderProcess(ChildProcess):
         reply = json.loads(line)
         return GradeResult(equal=bool(reply["equal"]), timed_out=bool(reply["timed_out"]))
 
+    def extract(self, text: str, timeout_s: float) -> str | None:
+        """The answer Math-Verify's LaTeX extraction finds in a whole completion (its "final answer is",
+        ``\\boxed{}`` and last-LaTeX rules), or None (none found, or no result within ``timeout_s``)."""
+        request = json.dumps({"extract": text, "timeout": timeout_s}).encode()
+        line = self.request(request, timeout_s * 1.25 + 0.2)
+        return None if line is None else json.loads(line)["answer"]
+
 
 class GraderPool:
     """``num_workers`` grading processes shared by every thread of this process.
@@ -207,13 +252,20 @@ class GraderPool:
         for worker in self._all:
             self._free.put(worker)
 
-    def grade(self, gold: str, pred: str, timeout_s: float) -> GradeResult:
+    def _on_free_worker(self, call: Callable[[GraderProcess], _T]) -> _T:
         worker = self._free.get()
         try:
             with worker.lock:
-                return worker.grade(gold, pred, timeout_s)
+                return call(worker)
         finally:
             self._free.put(worker)
+
+    def grade(self, gold: str, pred: str, timeout_s: float) -> GradeResult:
+        return self._on_free_worker(lambda worker: worker.grade(gold, pred, timeout_s))
+
+    def extract(self, text: str, timeout_s: float) -> str | None:
+        """``GraderProcess.extract`` on a free grading process."""
+        return self._on_free_worker(lambda worker: worker.extract(text, timeout_s))
 
     @property
     def pids(self) -> list[int | None]:
@@ -248,7 +300,6 @@ def default_pool() -> GraderPool:
 def _child_main() -> None:  # pragma: no cover - runs in the child interpreter
     import logging
     import resource
-    import signal
 
     # An expression that expands without bound hits MemoryError (caught below) instead of the machine's RAM.
     resource.setrlimit(resource.RLIMIT_AS, (CHILD_MEMORY_LIMIT_BYTES, CHILD_MEMORY_LIMIT_BYTES))
@@ -278,6 +329,18 @@ def _child_main() -> None:  # pragma: no cover - runs in the child interpreter
     def _on_alarm(signum: int, frame: object) -> None:
         raise _Alarm
 
+    def _extract(text: str, timeout: float) -> str | None:
+        """The string Math-Verify extracted from a whole text (``parse`` gives ``[expression, string]``)."""
+        try:
+            signal.setitimer(signal.ITIMER_REAL, timeout)
+            try:
+                found = parse(text, extraction_config=config, parsing_timeout=None)
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+        except (_Alarm, Exception):
+            return None
+        return str(found[-1]) if len(found) >= 2 else None
+
     signal.signal(signal.SIGALRM, _on_alarm)
     # Math-Verify builds its parser and regexes lazily: pay that before "ready", not in the first request.
     verify(parse("$\\frac{1}{2}$", extraction_config=config), parse("$0.5$", extraction_config=config))
@@ -285,6 +348,10 @@ def _child_main() -> None:  # pragma: no cover - runs in the child interpreter
     out.flush()
     for line in sys.stdin:
         request = json.loads(line)
+        if "extract" in request:
+            out.write(json.dumps({"answer": _extract(request["extract"], float(request["timeout"]))}) + "\n")
+            out.flush()
+            continue
         equal, timed_out = False, False
         try:
             signal.setitimer(signal.ITIMER_REAL, float(request["timeout"]))

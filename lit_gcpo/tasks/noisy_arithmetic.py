@@ -23,6 +23,12 @@ completions. Whether an uncertainty weighting damps those groups is the question
   what the comparison measures.
 - ``noisy_levels = (2,)`` ("premise false"): the noise falls on the easy prompts, where the policy mostly agrees
   with itself; damping disagreement then damps the clean, hard prompts instead of the noisy ones.
+- Within one level, ``noisy_answers`` picks the prompts by their gold answer: ``long`` (two or more characters:
+  a two-digit or a negative result) or ``short`` (a single digit). On the two-operand task of the quickstart
+  (``mix: {2: 1.0}``) the shipped policy's sampled groups (temperature 0.7, G = 8) had on average 1.1 (two-digit
+  results) and 1.6 (negative results) correct completions, against 2.7 for single-digit results, 19 % of whose
+  groups were all correct: ``long`` is the premise-plausible arm of the comparison (noise on the hard prompts),
+  ``short`` the premise-false arm (noise on the easy ones). ``benchmarks/match_noise_rate.py`` measures this.
 
 The reward's ``noise_rate`` 0.25 gives a coin-flip group k ~ Bin(8, 1/4) successes (mostly 1-3 of 8, RD 0.66-
 0.97), in the range of the clean hard prompts' spread groups. Measured on the shipped policy
@@ -43,6 +49,7 @@ from lit_gcpo.data.sources import ArithmeticTask
 from lit_gcpo.rewards.math_reward import completion_text, math_accuracy
 
 NOISE_FIELD = "noise_rate"
+NoisyAnswers = Literal["all", "short", "long"]
 # A separate stream of the seed, so that marking prompts noisy never changes which prompts are drawn.
 _MARK_STREAM = 7_919
 
@@ -53,23 +60,35 @@ def mark_noisy(
     noisy_share: float,
     noise_rate: float,
     seed: int,
+    noisy_answers: NoisyAnswers = "all",
 ) -> list[dict[str, Any]]:
     """Copies of ``rows`` with ``noise_rate`` set: ``noise_rate`` for the rows drawn noisy, else 0.
 
-    A row of a level in ``noisy_levels`` is noisy with probability ``noisy_share``; the draw uses its own
-    ``random.Random`` stream of ``seed`` and one draw per row, in order.
+    A row of a level in ``noisy_levels`` whose answer is of the ``noisy_answers`` kind (``answer_kind``) is noisy
+    with probability ``noisy_share``; the draw uses its own ``random.Random`` stream of ``seed`` and one draw
+    per row, in order, whether the row is eligible or not (so the kinds never change each other's draws).
     """
     if not 0.0 <= noisy_share <= 1.0:
         raise ValueError(f"noisy_share must be in [0, 1], got {noisy_share}")
     if not 0.0 < noise_rate < 1.0:
         raise ValueError(f"noise_rate must be in (0, 1) (a coin that can land both ways), got {noise_rate}")
+    if noisy_answers not in ("all", "short", "long"):
+        raise ValueError(f"noisy_answers must be 'all', 'short' or 'long', got {noisy_answers!r}")
     rng = random.Random(seed * 1_000_003 + _MARK_STREAM)
     levels = {int(level) for level in noisy_levels}
     marked = []
     for row in rows:
-        noisy = rng.random() < noisy_share and int(row["level"]) in levels
+        eligible = int(row["level"]) in levels and (
+            noisy_answers == "all" or answer_kind(row["answer"]) == noisy_answers
+        )
+        noisy = rng.random() < noisy_share and eligible
         marked.append({**row, NOISE_FIELD: noise_rate if noisy else 0.0})
     return marked
+
+
+def answer_kind(answer: str) -> Literal["short", "long"]:
+    """``short`` for a one-character answer (a single digit), ``long`` for a longer one (two digits, a sign)."""
+    return "short" if len(str(answer).strip()) == 1 else "long"
 
 
 def noise_coin(prompt: str, completion: str, position: int, rate: float) -> float:
@@ -102,6 +121,8 @@ class NoisyArithmeticTask(ArithmeticTask):
         noisy_levels: the levels whose prompts may be noisy (default ``[3, 4]``).
         noisy_share: probability that a prompt of those levels is noisy.
         noise_rate: probability of reward 1 for a completion of a noisy prompt.
+        noisy_answers: only prompts whose gold answer is ``short`` (one digit) or ``long`` (two digits or a
+            sign) may be noisy; ``all`` (default) does not look at the answer.
     """
 
     def __init__(
@@ -114,18 +135,20 @@ class NoisyArithmeticTask(ArithmeticTask):
         noisy_levels: list[int] | None = None,
         noisy_share: float = 1.0,
         noise_rate: float = 0.25,
+        noisy_answers: NoisyAnswers = "all",
         limit: int = 0,
     ) -> None:
         super().__init__(split=split, num_train=num_train, num_val=num_val, mix=mix, seed=seed, limit=limit)
         self.noisy_levels = list(noisy_levels) if noisy_levels is not None else [3, 4]
-        self.noisy_share, self.noise_rate = noisy_share, noise_rate
-        mark_noisy([], self.noisy_levels, noisy_share, noise_rate, seed)  # validates the options now
+        self.noisy_share, self.noise_rate, self.noisy_answers = noisy_share, noise_rate, noisy_answers
+        mark_noisy([], self.noisy_levels, noisy_share, noise_rate, seed, noisy_answers)  # validates the options now
 
     def _read(self) -> list[dict[str, Any]]:
         rows = super()._read()
         if self.split == "validation":
             return [{**row, NOISE_FIELD: 0.0} for row in rows]
-        return mark_noisy(rows, self.noisy_levels, self.noisy_share, self.noise_rate, self.seed)
+        return mark_noisy(rows, self.noisy_levels, self.noisy_share, self.noise_rate, self.seed, self.noisy_answers)
 
     def describe(self) -> str:
-        return f"noisy_arithmetic[{self.split}](seed={self.seed}, levels={self.noisy_levels})"
+        answers = "" if self.noisy_answers == "all" else f", answers={self.noisy_answers}"
+        return f"noisy_arithmetic[{self.split}](seed={self.seed}, levels={self.noisy_levels}{answers})"
