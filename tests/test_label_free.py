@@ -43,6 +43,11 @@ def test_ttrl_majority_by_hand() -> None:
     assert metrics["majority_ratio_mean"].item() == pytest.approx((0.4 + 0.75 + 1 / 3) / 4, abs=1e-6)
     assert metrics["majority_ratio_max"].item() == pytest.approx(0.75, abs=1e-7)
     assert metrics["answered_frac"].item() == pytest.approx(9 / 15, abs=1e-7)
+    # A completion without an answer is never rewarded, even when a caller files it under the winning cluster.
+    shared, _ = ttrl_rewards(
+        torch.tensor([0, 0, 0, 1]), torch.zeros(4, dtype=torch.long), 1, torch.tensor([1, 1, 0, 1]).bool()
+    )
+    assert shared.tolist() == [1, 1, 0, 0]
     # The tie goes to whichever answer appears first: swap the order and "7" wins.
     swapped, _ = ttrl_rewards(torch.tensor([1, 1, 0, 2, 0]), torch.zeros(5, dtype=torch.long), 1, answered[:5])
     assert swapped.tolist() == [1, 1, 0, 0, 0]
