@@ -4,7 +4,7 @@ Completions are flat (``N``), ``group_ids [N]`` names the prompt of each (``B = 
 reductions are segment operations as in ``lit_gcpo.uncertainty``. Each function returns ``(rewards [N] float32,
 metrics)`` (``empo_rewards`` also a keep mask over prompts); metrics are detached 0-d tensors.
 
-- ``ttrl`` (Zuo et al. 2025, TTRL, arXiv 2504.16084, section 2.2 "majority voting reward"): r_i = 1 when o_i's
+- ``ttrl`` (Zuo et al. 2025, TTRL, arXiv 2504.16084, its majority-voting reward): r_i = 1 when o_i's
   extracted answer equals the group's majority answer, else 0. The paper's pseudo-code (and its code,
   ``Counter(answers).most_common(1)``) leaves three choices that the project fixes: (1) the vote is over
   answers equal as section 3's clusters say (math-verify equivalence, or exact strings through
@@ -14,18 +14,19 @@ metrics)`` (``empo_rewards`` also a keep mask over prompts); metrics are detache
   completion without a number, which can then win the vote and reward every empty answer; the project's
   rule (SEED-GRPO's: a missing answer is its own singleton) removes that artefact. A group with no answer
   gets r = 0 throughout. TTRL votes with 64 samples and trains on 32 of them: that subsampling is plumbing.
-- ``empo`` (Zhang et al. 2025, EMPO, arXiv 2504.05812, section 3): r_i = |C(o_i)| / G, the share of the group
-  in o_i's semantic cluster, and a prompt is kept only when its semantic entropy (discrete, over the same
-  clusters) lies in a band. The authors' TRL code keeps a prompt when SE < log G and gives 0 to a
-  completion without an answer; their verl code clusters each missing answer alone (as section 3 does).
+- ``empo`` (Zhang et al. 2025, EMPO, arXiv 2504.05812, semantic entropy minimisation): r_i = |C(o_i)| / G,
+  the share of the group in o_i's semantic cluster, and a prompt is kept only when its semantic entropy
+  (discrete, over the same clusters) lies in a band. The authors' TRL code keeps a prompt when SE < log G and
+  gives 0 to a completion without an answer; their verl code clusters each missing answer alone (as section 3
+  does) and rewards it 1/G.
   Project's reading: the band is on the normalised SE_n = SE / log G with strict bounds,
   ``delta_lo < SE_n < delta_hi``, default (0, 1): the TRL code's upper bound, plus the exclusion of SE_n = 0
   groups, whose rewards are all equal (no advantage) anyway. Missing answers are singletons and get r = 0.
-- ``self_certainty`` (Zhao et al. 2025, Intuitor, arXiv 2505.19590, section 3, eq. 5): r_i = mean over o_i's
+- ``self_certainty`` (Zhao et al. 2025, Intuitor, arXiv 2505.19590, "self-certainty"): r_i = mean over o_i's
   tokens of KL(U || p_t) = -log V - (1/V) sum_v log p_t(v), from the per-token ``mean_logprob`` of
   ``lit_gcpo.token_distribution``. Intuitor's code drops the constant -log V (it cancels in the group
   normalisation); the project keeps it, so the reward is the KL itself (>= 0).
-- ``rent`` (Prabhudesai et al. 2025, RENT, arXiv 2505.22660, section 3): r_i = - mean over o_i's tokens of the
+- ``rent`` (Prabhudesai et al. 2025, RENT, arXiv 2505.22660): r_i = - mean over o_i's tokens of the
   token entropy H(p_t). The paper compares which tokens to use and finds the final (answer) tokens matter
   most; its released code averages over every completion token. Project's choice: every token by default
   (``last_k=None``, the released code), ``last_k = k`` for the mean over each completion's last k tokens.

@@ -4,7 +4,7 @@ Three methods choose tokens from the batch and change only their loss; each is a
 token tensor that composes with ``lit_gcpo.losses.policy_loss`` / ``grpo_loss`` (one concern: selecting tokens,
 hence one module):
 
-- ``high_entropy_tokens`` (Wang et al. 2025, "Beyond the 80/20 Rule", arXiv 2506.01939, section 4; TRL 1.16's
+- ``high_entropy_tokens`` (Wang et al. 2025, "Beyond the 80/20 Rule", arXiv 2506.01939; TRL 1.16's
   ``GRPOConfig.top_entropy_quantile``): the policy-gradient loss is kept only on the tokens whose entropy is
   at least the (1 - rho) quantile of the batch's completion-token entropies. Semantics of TRL exactly: the
   quantile is ``torch.quantile``'s linear interpolation over the entropies of every mask token of every rank
@@ -12,15 +12,15 @@ hence one module):
   token; an empty batch keeps nothing; rho = 1 keeps every token. TRL multiplies the mask into the
   policy-gradient token loss only (not the KL term) and keeps the loss's normaliser (all mask tokens):
   ``token_loss = policy_loss(...)[0] * keep`` does the same here.
-- ``clip_cov`` (Cui et al. 2025, "The Entropy Mechanism of RL for Reasoning LMs", arXiv 2505.22617, section 5,
-  eq. 10-11; verl ``compute_policy_loss_clip_cov``): per-token Cov_t = (A_t - mean A) (log pi_t - mean log pi)
+- ``clip_cov`` (Cui et al. 2025, "The Entropy Mechanism of RL for Reasoning LMs", arXiv 2505.22617, "Clip-Cov";
+  verl ``compute_policy_loss_clip_cov``): per-token Cov_t = (A_t - mean A) (log pi_t - mean log pi)
   with the means over the batch's mask tokens; among the tokens with lb < Cov_t < ub that PPO's clip does not
   already hold (verl's ``clip_by_origin``: the clipped surrogate strictly above the unclipped one), choose
   max(1, int(ratio * n_tokens)) at random and detach them (their token loss times 0, the normaliser
   unchanged, as verl does). The paper does not mention the PPO-clipped exclusion; verl's does, and so does
   this. The random choice uses a caller's seeded ``torch.Generator`` (a uniform permutation of the eligible
   tokens in row-major order, the first ones chosen), so a step is reproducible.
-- ``kl_cov`` (same paper, eq. 12; verl ``compute_policy_loss_kl_cov``): the max(1, int(ratio * n_tokens))
+- ``kl_cov`` (same paper, "KL-Cov"; verl ``compute_policy_loss_kl_cov``): the max(1, int(ratio * n_tokens))
   tokens of largest Cov_t get the penalty coef * |log pi_t - log pi_old,t| added to their token loss (with
   gradient). In verl and in the paper the surrogate of KL-Cov is the *unclipped* -A rho: compose with
   ``policy_loss(..., eps_low=math.inf, eps_high=math.inf)`` to match them (``KL_COV_SURROGATE_CLIP``).
