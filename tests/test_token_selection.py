@@ -105,7 +105,10 @@ def test_high_entropy_mask_empty_batch_keeps_nothing() -> None:
     assert not keep.any() and metrics["entropy_threshold"].item() == 0.0
 
 
-# A small case for Clip-Cov and KL-Cov. A = (2, -2), every token is a completion token (6 of them).
+# A small case for Clip-Cov and KL-Cov. A = (2, -2), every token is a completion token (6 of them). The losses
+# derived below were also obtained by executing verl's own compute_policy_loss_clip_cov / _kl_cov (volcengine/verl
+# b178a3c, token-mean aggregation, stub config) once on these inputs in a throwaway script: 0.266667 for Clip-Cov,
+# -0.152043 (ratio 2e-4) and -0.135376 (ratio 0.34) for KL-Cov.
 # mean A (token-weighted) = 0; mean log pi = (0 - 4 - 1 - 2.5 - 1 + 0) / 6 = -8.5 / 6 = -1.416667.
 # Cov = (A - 0)(log pi + 1.416667):
 #   row 0: 2 * 1.416667 = 2.833333, 2 * (-2.583333) = -5.166667, 2 * 0.416667 = 0.833333
@@ -231,6 +234,11 @@ def test_kl_cov_by_hand_composes_with_the_unclipped_surrogate() -> None:
     loss = aggregate_loss(token_loss + penalty, FULL, "token_mean")
     expected = (-2 * math.exp(0.3) - 4 + 2 * math.exp(-0.2) + 4 + 0.25) / 6
     assert loss.item() == pytest.approx(expected, abs=1e-12)
+    # With k = 1 only the 0.15 penalty remains: (... + 0.15) / 6 = -0.152043.
+    penalty_one, _ = kl_cov_penalty(logp, old, ADV, FULL, coef=0.5)
+    loss_one = aggregate_loss(token_loss + penalty_one, FULL, "token_mean")
+    assert loss_one.item() == pytest.approx(expected - 0.1 / 6, abs=1e-12)
+    assert loss_one.item() == pytest.approx(-0.152043, abs=1e-6)
     # The penalty carries the gradient: d/d log pi(0, 0) = (-2 e^0.3 + 0.5 sign(0.3)) / 6 and
     # d/d log pi(1, 0) = (2 e^-0.2 + 0.5 sign(-0.2)) / 6 = (1.637462 - 0.5) / 6.
     loss.backward()
