@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_training import CaptureBatches, make_pair, trainer
+from test_training import CaptureBatches, _final_weights, make_pair, trainer
 
 from lit_gcpo.parallel import unsupported_option
 
@@ -29,6 +29,24 @@ def test_first_iteration_ratio_is_exactly_one(tiny_model_dir, tmp_path, precisio
     assert float(logged["train/approx_kl"]) == pytest.approx(0.0, abs=1e-6)
     assert float(logged["train/clip_frac_low"]) == 0.0 and float(logged["train/clip_frac_high"]) == 0.0
     assert float(logged["train/grad_norm"]) > 0  # it did train
+
+
+@pytest.mark.parametrize(("precision", "compute_dtype"), [("bf16-mixed", torch.bfloat16), ("32-true", torch.float32)])
+def test_training_forward_computes_in_the_trainers_precision(tiny_model_dir, tmp_path, precision, compute_dtype):
+    """The trainer's precision decides what the training step computes in: under bf16-mixed every linear layer
+    of the loss's forward pass (the only one with gradients on: generation and scoring run without) outputs
+    bf16 while the master weights stay fp32 and still learn. Ignoring the precision would leave fp32 outputs."""
+    module, data = make_pair(tiny_model_dir, lr=1e-2)
+    dtypes: set[torch.dtype] = set()
+    linear = next(m for m in module.policy.modules() if isinstance(m, torch.nn.Linear))
+    linear.register_forward_hook(lambda _m, _i, out: dtypes.add(out.dtype) if torch.is_grad_enabled() else None)
+    before = _final_weights(module)
+    run = trainer(tmp_path, 2, precision=precision)
+    run.fit(module, data)
+    after = _final_weights(module)
+    assert dtypes == {compute_dtype}
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in after.values())  # master weights
+    assert module.skipped_steps == 0 and any(not torch.equal(after[n], before[n]) for n in after)
 
 
 def test_scoring_outside_the_precision_context_is_detected(tiny_model_dir, tmp_path, monkeypatch):

@@ -146,6 +146,13 @@ def _identity(batch: list[PromptBatch]) -> PromptBatch:
     return batch[0]
 
 
+def _timed_answer_clusters(answers: list[str | None] | None, group_ids: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``answer_clusters`` of a batch's answers and the seconds they took (run in the clustering thread)."""
+    start = time.perf_counter()
+    clusters = answer_clusters(answers or [], group_ids)
+    return clusters, time.perf_counter() - start
+
+
 class RolloutDataModule(L.LightningDataModule):
     """Streams groups of completions for GRPO-family training, and evaluation prompts.
 
@@ -241,7 +248,7 @@ class RolloutDataModule(L.LightningDataModule):
         )
         self.seed = seed
         self.cluster_answers = cluster_answers
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="answer-clusters")
+        self._executor: ThreadPoolExecutor | None = None  # answer clustering; from setup to teardown
         self.consumed_batches = 0  # training prompt batches turned into rollouts (resume position)
         self.skipped_rows: dict[str, int] = {}
         self.collector: RolloutCollector | None = None
@@ -254,6 +261,8 @@ class RolloutDataModule(L.LightningDataModule):
     # ----------------------------------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
         self._synced_step = None  # the first batch of every stage syncs the engine
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="answer-clusters")
         module = self.trainer.lightning_module if self.trainer is not None else None
         if module is None or not hasattr(module, "tokenizer"):
             raise RuntimeError("RolloutDataModule needs a LightningModule with `tokenizer` and `policy`")
@@ -435,21 +444,25 @@ class RolloutDataModule(L.LightningDataModule):
             rollout = self.collector.collect(
                 batch, samples, replace(sampling, seed=None), module.device, seeds=seeds, with_embeddings=embed
             )
-        # Answer clustering (math-verify, in its grading process) overlaps the policy's scoring pass.
+        # Answer clustering (math-verify, in its grading process) overlaps the policy's scoring pass. The worker
+        # reads only what no one writes meanwhile (answers, group ids) and returns its result: the batch, its
+        # metrics included, is written by this thread alone.
         cluster = self.cluster_answers and "answer_clusters" in fields
-        clusters = self._executor.submit(self._answer_clusters, rollout) if cluster else None
+        assert self._executor is not None, "setup() was not called"
+        clusters = (
+            self._executor.submit(_timed_answer_clusters, rollout.answers, rollout.group_ids) if cluster else None
+        )
         if hasattr(module, "score_rollout"):
             module.score_rollout(rollout, with_reference=training, fields=fields)
         if clusters is not None:
-            rollout.answer_clusters = clusters.result()
+            rollout.answer_clusters, rollout.metrics["time/answer_clusters_s"] = clusters.result()
         return rollout
 
-    @staticmethod
-    def _answer_clusters(rollout: RolloutBatch) -> torch.Tensor:
-        start = time.perf_counter()
-        clusters = answer_clusters(rollout.answers, rollout.group_ids)
-        rollout.metrics["time/answer_clusters_s"] = time.perf_counter() - start
-        return clusters
+    def teardown(self, stage: str) -> None:
+        """Stop the answer-clustering thread (a later ``setup`` starts a new one)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
 
     def _sync_engine(self, module: Any) -> None:
         """Push the policy's weights to the engine whenever they may have changed since the last push: after an

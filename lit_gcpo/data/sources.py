@@ -9,7 +9,7 @@ from __future__ import annotations
 import abc
 import json
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 
 class PromptSource(abc.ABC):
@@ -145,51 +145,3 @@ def check_json_lines(file: str) -> list[dict[str, Any]]:
             raise ValueError(f"files: {file}, line {number}: a row must be a JSON object, got {type(row).__name__}")
         rows.append(row)
     return rows
-
-
-class ArithmeticTask(PromptSource):
-    """The built-in synthetic arithmetic task (``lit_gcpo.tasks.arithmetic``), generated from a seed.
-
-    Training and validation rows come from one call with the same ``seed``, ``num_train``, ``num_val``
-    and ``mix``; with ``disjoint`` they never share a prompt (a level has only 10^k x 3^(k-1) prompts, so
-    the easy levels cannot always be kept apart).
-
-    Args:
-        split: ``train`` or ``validation``.
-        num_train: problems in the training split.
-        num_val: problems in the validation split.
-        mix: relative frequency of each difficulty level (number of operands), e.g. ``{2: 0.5, 3: 0.5}``;
-            None is the task's default mix.
-        seed: the generator's seed.
-        disjoint: redraw training problems whose prompt is a validation prompt.
-        fields: renames columns, ``{source_name: name_used_here}``.
-        limit: keep only the first ``limit`` rows (0 = all).
-    """
-
-    def __init__(
-        self,
-        split: Literal["train", "validation"] = "train",
-        num_train: int = 5000,
-        num_val: int = 256,
-        mix: dict[int, float] | None = None,
-        seed: int = 0,
-        disjoint: bool = False,
-        fields: dict[str, str] | None = None,
-        limit: int = 0,
-    ) -> None:
-        super().__init__(fields, limit)
-        self.disjoint = disjoint
-        if num_train < 1 or num_val < 1:
-            raise ValueError(f"num_train and num_val must be >= 1, got {num_train} and {num_val}")
-        self.split, self.num_train, self.num_val, self.mix, self.seed = split, num_train, num_val, mix, seed
-
-    def _read(self) -> list[dict[str, Any]]:
-        from lit_gcpo.tasks.arithmetic import arithmetic_splits
-
-        train, val = arithmetic_splits(
-            self.num_train, self.num_val, mix=self.mix, seed=self.seed, disjoint=self.disjoint
-        )
-        return train if self.split == "train" else val
-
-    def describe(self) -> str:
-        return f"arithmetic[{self.split}](seed={self.seed})"
