@@ -64,7 +64,6 @@ def _child(strategy: str, out: Path) -> None:
         batch_size=4,
         group_size=4,
         sampling=SamplingConfig(max_new_tokens=16),
-        cluster_answers=False,
     )
     trainer = L.Trainer(
         accelerator="cpu",

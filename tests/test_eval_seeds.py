@@ -33,7 +33,6 @@ def _validate(model_dir: str, val_batch_size: int, seed: int = 3) -> dict[str, l
         val_samples=2,
         val_temperature=1.0,
         val_batch_size=val_batch_size,
-        cluster_answers=False,
         seed=seed,
     )
     capture = CaptureValidation()

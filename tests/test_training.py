@@ -111,13 +111,7 @@ def test_trainer_logprobs_equal_full_log_softmax_and_engine(tiny_model_dir, tmp_
     capture = CaptureBatches()
     trainer(tmp_path, 1, callbacks=[capture]).fit(module, data)
     batch = capture.batches[0]
-    with torch.no_grad():
-        position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
-        logits = module.policy(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids
-        ).logits  # [N, P + L, V]
-    p = batch.prompt_length
-    full = torch.log_softmax(logits[:, p - 1 : -1].float(), -1).gather(-1, batch.completion_ids.unsqueeze(-1))[..., 0]
+    full = full_log_softmax(module, batch)
     mask = batch.completion_mask.bool()
     torch.testing.assert_close(batch.old_logprobs[mask], full[mask], atol=1e-5, rtol=0)
     # the hf engine's sampled-token log-probs are those of the same distribution
@@ -126,6 +120,18 @@ def test_trainer_logprobs_equal_full_log_softmax_and_engine(tiny_model_dir, tmp_
     from lit_gcpo.clustering import answer_clusters
 
     assert torch.equal(batch.answer_clusters, answer_clusters(batch.answers, batch.group_ids))
+
+
+def full_log_softmax(module: GRPOModule, batch: RolloutBatch, temperature: float = 1.0) -> torch.Tensor:
+    """``[N, L]`` the policy's log-probs of the batch's completion tokens, from its full logits at ``temperature``."""
+    with torch.no_grad():
+        position_ids = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        logits = module.policy(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids
+        ).logits  # [N, P + L, V]
+    p = batch.prompt_length
+    scaled = torch.log_softmax(logits[:, p - 1 : -1].float() / temperature, -1)  # [N, L, V]
+    return scaled.gather(-1, batch.completion_ids.unsqueeze(-1))[..., 0]  # [N, L]
 
 
 def _final_weights(module: GRPOModule) -> dict[str, torch.Tensor]:

@@ -8,6 +8,9 @@ engine generates G completions per prompt, the rewards score them, and the Light
 needs its models (old and reference log-probs, embeddings) through ``score_rollout``: only the fields that
 the loss or a callback reads (``lit_gcpo.batch.requested_fields``). Callbacks then see the complete
 ``RolloutBatch`` in ``on_train_batch_start``.
+
+The module is used through ``lit_gcpo.contracts.RolloutPolicy`` (checked in ``setup``), and nothing flows back:
+everything training reads about a batch (how it was sampled, which completions are correct) is on the batch.
 """
 
 from __future__ import annotations
@@ -27,13 +30,15 @@ import torch
 from jsonargparse.typing import PositiveFloat, PositiveInt
 from torch.utils.data import DataLoader, IterableDataset
 
-from lit_gcpo.batch import PromptBatch, RolloutBatch, requested_fields
+from lit_gcpo.batch import PromptBatch, requested_fields
 from lit_gcpo.clustering import answer_clusters
+from lit_gcpo.contracts import RolloutPolicy, check_implements
 from lit_gcpo.data.rollout import RolloutCollector
 from lit_gcpo.data.sources import PromptSource
 from lit_gcpo.data.templates import PromptRenderer, context_length, fit_prompts, placeholders
 from lit_gcpo.engines import build_engine
 from lit_gcpo.engines.base import SamplingConfig
+from lit_gcpo.engines.options import EngineOptions
 from lit_gcpo.parallel import is_sharded
 
 log = logging.getLogger(__name__)
@@ -178,14 +183,12 @@ class RolloutDataModule(L.LightningDataModule):
         reward_timeout: seconds one reward function may take for one batch before its scores count as failed.
         accuracy_reward: the reward whose value (1 = correct) is reported as accuracy.
         engine: the rollout engine, ``hf`` or ``vllm``.
-        engine_options: options of the engine's constructor (e.g. ``gpu_memory_utilization`` for vllm).
+        engine_options: options of the engine (``lit_gcpo.engines.options.EngineOptions``; a dict of them is
+            accepted from Python), e.g. ``gpu_memory_utilization`` for vllm; unset: the engine's defaults.
         sampling: how training completions are sampled.
         val_samples: completions per evaluation prompt (1 with ``val_temperature`` 0 is greedy accuracy).
         val_temperature: sampling temperature for evaluation.
         val_batch_size: prompts per evaluation batch.
-        cluster_answers: cluster each group's final answers by math-verify equivalence while the policy scores
-            the batch (``batch.answer_clusters``), when a callback reads them (the uncertainty callback's
-            ``answer`` clustering).
         seed: seeds the prompt order and the sampler (each prompt from its position in the stream: the same
             completions whatever the batch size and the number of ranks); None (the default): the run's
             ``seed_everything``.
@@ -209,12 +212,11 @@ class RolloutDataModule(L.LightningDataModule):
         reward_timeout: PositiveFloat = 10.0,
         accuracy_reward: str | None = "math_accuracy",
         engine: Literal["hf", "vllm"] = "hf",
-        engine_options: dict[str, Any] | None = None,
+        engine_options: EngineOptions | None = None,
         sampling: SamplingConfig | None = None,
         val_samples: PositiveInt = 1,
         val_temperature: float = 0.0,
         val_batch_size: PositiveInt = 64,
-        cluster_answers: bool = True,
         seed: int | None = None,
     ) -> None:
         super().__init__()
@@ -239,7 +241,10 @@ class RolloutDataModule(L.LightningDataModule):
         self.batch_size, self.group_size = batch_size, group_size
         self.reward_names, self.reward_weights, self.reward_timeout = rewards, reward_weights, reward_timeout
         self.accuracy_reward = accuracy_reward
-        self.engine_name, self.engine_options = engine, dict(engine_options or {})
+        if isinstance(engine_options, dict):
+            engine_options = EngineOptions(**engine_options)
+        self.engine_name, self.engine_options = engine, engine_options or EngineOptions()
+        self.engine_options.for_engine(engine)  # another engine's option is an error now, not at setup
         self.sampling = sampling or SamplingConfig()
         self.val_samples, self.val_temperature, self.val_batch_size = (
             val_samples,
@@ -247,7 +252,6 @@ class RolloutDataModule(L.LightningDataModule):
             val_batch_size,
         )
         self.seed = seed
-        self.cluster_answers = cluster_answers
         self._executor: ThreadPoolExecutor | None = None  # answer clustering; from setup to teardown
         self.consumed_batches = 0  # training prompt batches turned into rollouts (resume position)
         self.skipped_rows: dict[str, int] = {}
@@ -257,6 +261,8 @@ class RolloutDataModule(L.LightningDataModule):
         self._test_seed_keys: list[str] = []  # what seeds each test loader's prompts
         self._done_test_batches: dict[str, set[tuple[int, ...]]] = {}
         self._synced_step: int | None = None
+        self._policy: RolloutPolicy | None = None  # the LightningModule's services, from setup on
+        self._test_prompts: list[list[str]] = []  # the prompts of each test dataloader
 
     # ----------------------------------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
@@ -264,8 +270,10 @@ class RolloutDataModule(L.LightningDataModule):
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="answer-clusters")
         module = self.trainer.lightning_module if self.trainer is not None else None
-        if module is None or not hasattr(module, "tokenizer"):
-            raise RuntimeError("RolloutDataModule needs a LightningModule with `tokenizer` and `policy`")
+        if module is None:
+            raise RuntimeError("RolloutDataModule needs a Trainer with a LightningModule (a RolloutPolicy)")
+        check_implements(module, RolloutPolicy, "the LightningModule of a RolloutDataModule,")
+        self._policy = module
         tokenizer = module.tokenizer
         self.seed = run_seed(self.seed)
         self._context = context_length(module.policy)
@@ -285,19 +293,21 @@ class RolloutDataModule(L.LightningDataModule):
         for split in wanted.get(stage, []):
             source = sources[split]
             if source is not None and split not in self._datasets:
-                if hasattr(source, "bind_tokenizer"):  # sources that budget their text in tokens
-                    source.bind_tokenizer(tokenizer)
+                source.bind_tokenizer(tokenizer)  # sources that budget their text in tokens
                 self._datasets[split] = self._prepare(split, source, self._renderer(source, tokenizer))
         if self.collector is None:
             from lit_gcpo.rewards import RewardSet
 
             rewards = RewardSet.from_names(self.reward_names, self.reward_weights, timeout=self.reward_timeout)
-            engine = build_engine(self.engine_name, module.policy, tokenizer, **self.engine_options)
+            options = self.engine_options.for_engine(self.engine_name)
+            engine = build_engine(self.engine_name, module.policy, tokenizer, **options)
             use_chat = self._renderer(None, tokenizer).use_chat
-            self.collector = RolloutCollector(engine, tokenizer, rewards, add_special_tokens=not use_chat)
+            self.collector = RolloutCollector(
+                engine, tokenizer, rewards, add_special_tokens=not use_chat, accuracy_reward=self.accuracy_reward
+            )
 
     def _renderer(self, source: PromptSource | None, tokenizer: Any) -> PromptRenderer:
-        template = getattr(source, "template", None) or self.template
+        template = (source.template if source is not None else None) or self.template
         return PromptRenderer(tokenizer, template, self.system, self.chat)
 
     def _prepare(
@@ -306,8 +316,7 @@ class RolloutDataModule(L.LightningDataModule):
         rows = source.load()
         if not rows:
             raise ValueError(f"{split}: the prompt source {source.describe()} has no rows")
-        required = getattr(source, "required_fields", None)
-        required = self.required_fields if required is None else required
+        required = self.required_fields if source.required_fields is None else source.required_fields
         required = [] if split == "predict" else required  # predictions need no gold
         needed = sorted(set(placeholders(renderer.template)) | set(required))
         for name in needed:
@@ -379,21 +388,18 @@ class RolloutDataModule(L.LightningDataModule):
         splits = sorted((k for k in self._datasets if k.startswith("test")), key=lambda k: int(k[4:]))
         sources = self.test_sources or [self.val_source]
         default_sampling = replace(self.sampling, temperature=self.val_temperature)
-        loaders, self._test_passes, self._test_seed_keys = [], [], []
+        loaders, self._test_passes, self._test_seed_keys, self._test_prompts = [], [], [], []
         for split in splits:
             source, (rows, prompts) = sources[int(split[4:])], self._datasets[split]
-            variants = getattr(source, "eval_variants", None)
-            passes = (
-                variants(default_sampling, self.val_samples) if variants else [("", default_sampling, self.val_samples)]
-            )
-            for variant, sampling, samples in passes:
+            for variant, sampling, samples in source.eval_variants(default_sampling, self.val_samples):
                 name = source.describe() + (f"/{variant}" if variant else "")
                 tagged = [{**row, "variant": variant, "position": i} for i, row in enumerate(rows)]
                 skip = self._done_test_batches.get(name)
                 loaders.append(self._shard(EvalPrompts(tagged, prompts, self.val_batch_size, skip)))
                 self._test_passes.append((name, sampling, samples))
+                self._test_prompts.append(prompts)
                 # sampling seeds follow the benchmark's name and pass, not its file's location
-                self._test_seed_keys.append(f"{getattr(source, 'name', None) or source.describe()}/{variant}")
+                self._test_seed_keys.append(f"{source.name or source.describe()}/{variant}")
         return loaders
 
     def predict_dataloader(self) -> DataLoader:
@@ -414,6 +420,22 @@ class RolloutDataModule(L.LightningDataModule):
             return sampling, samples
         return replace(self.sampling, temperature=self.val_temperature), self.val_samples
 
+    def test_prompts(self) -> dict[str, list[str]]:
+        """The prompts of each test dataloader, by its name (``test_names``)."""
+        passes = zip(self._test_passes, self._test_prompts, strict=True)
+        return {name: list(prompts) for (name, _, _), prompts in passes}
+
+    def skipped_items(self, stage: str) -> dict[str, list[str]]:
+        """Ids the evaluation sources of ``stage`` (``test``: the test sources, else the validation source) left out
+        for an unreadable gold, by benchmark name (sources with ``name`` and ``skipped``: ``BenchmarkSource``)."""
+        sources = list(self.test_sources) if stage == "test" else []
+        sources = sources or [self.val_source]  # testing without test sources tests on the validation source
+        skipped: dict[str, list[str]] = {}
+        for source in sources:
+            if source is not None and source.skipped is not None and source.name is not None:
+                skipped.setdefault(source.name, []).extend(source.skipped)
+        return skipped
+
     def skip_test_batches(self, done: dict[str, set[tuple[int, ...]]]) -> None:
         """Leave out of the test dataloaders the batches already evaluated (a resumed run), given as
         ``{test name: {row positions of a batch}}``; call before the test dataloaders are built."""
@@ -423,18 +445,18 @@ class RolloutDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if not isinstance(batch, PromptBatch):
             return batch
-        assert self.collector is not None, "setup() was not called"
-        module = self.trainer.lightning_module
+        assert self.collector is not None and self._policy is not None, "setup() was not called"
+        policy = self._policy
         training = self.trainer.training
-        self._sync_engine(module)  # also before evaluation: a restored checkpoint, the current weights
+        self._sync_engine(policy)  # also before evaluation: a restored checkpoint, the current weights
         fields = requested_fields(self.trainer.callbacks, _stage(self.trainer))
         # the engine gathers the policy's embeddings while sampling when it can (then no scoring pass is needed)
-        embed = "embeddings" in fields and getattr(module, "policy_embeddings", False)
+        embed = "embeddings" in fields
         if training:
             sampling = replace(self.sampling, seed=None)
             seeds = self._prompt_seeds("train", batch)
             rollout = self.collector.collect(
-                batch, self.group_size, sampling, module.device, seeds=seeds, with_embeddings=embed
+                batch, self.group_size, sampling, policy.device, seeds=seeds, with_embeddings=embed
             )
             self.collector.engine.sleep()  # vLLM sleep mode frees its memory for the optimizer steps
             self.consumed_batches += 1
@@ -442,18 +464,16 @@ class RolloutDataModule(L.LightningDataModule):
             sampling, samples = self.eval_settings(dataloader_idx)
             seeds = self._prompt_seeds(self._eval_stream(dataloader_idx), batch)
             rollout = self.collector.collect(
-                batch, samples, replace(sampling, seed=None), module.device, seeds=seeds, with_embeddings=embed
+                batch, samples, replace(sampling, seed=None), policy.device, seeds=seeds, with_embeddings=embed
             )
         # Answer clustering (math-verify, in its grading process) overlaps the policy's scoring pass. The worker
         # reads only what no one writes meanwhile (answers, group ids) and returns its result: the batch, its
         # metrics included, is written by this thread alone.
-        cluster = self.cluster_answers and "answer_clusters" in fields
         assert self._executor is not None, "setup() was not called"
-        clusters = (
-            self._executor.submit(_timed_answer_clusters, rollout.answers, rollout.group_ids) if cluster else None
-        )
-        if hasattr(module, "score_rollout"):
-            module.score_rollout(rollout, with_reference=training, fields=fields)
+        clusters = None
+        if "answer_clusters" in fields:
+            clusters = self._executor.submit(_timed_answer_clusters, rollout.answers, rollout.group_ids)
+        policy.score_rollout(rollout, with_reference=training, fields=fields)
         if clusters is not None:
             rollout.answer_clusters, rollout.metrics["time/answer_clusters_s"] = clusters.result()
         return rollout
@@ -464,13 +484,13 @@ class RolloutDataModule(L.LightningDataModule):
             self._executor.shutdown(wait=True)
             self._executor = None
 
-    def _sync_engine(self, module: Any) -> None:
+    def _sync_engine(self, policy: RolloutPolicy) -> None:
         """Push the policy's weights to the engine whenever they may have changed since the last push: after an
         optimizer step, and at the first batch of every fit, validation or test (a restored checkpoint). A
         no-op for ``hf``, which samples from the policy itself."""
         step = self.trainer.global_step
         if step != self._synced_step:
-            self.collector.engine.sync_weights(module.export_weights())
+            self.collector.engine.sync_weights(policy.export_weights())
             self._synced_step = step
 
     def _eval_stream(self, dataloader_idx: int) -> str:
@@ -485,12 +505,6 @@ class RolloutDataModule(L.LightningDataModule):
         whatever the batch size or the number of ranks, distinct for every prompt."""
         positions = batch.positions if batch.positions is not None else batch.indices
         return [zlib.crc32(f"{self.seed}/{stream}/{position}".encode()) for position in positions]
-
-    def accuracy(self, rollout: RolloutBatch) -> torch.Tensor | None:
-        """``[N]`` correctness of each completion (the accuracy reward above 0.5), or None."""
-        if self.accuracy_reward is None or self.accuracy_reward not in rollout.reward_components:
-            return None
-        return (rollout.reward_components[self.accuracy_reward].nan_to_num(0.0) > 0.5).float()
 
     # ---------------------------------------------------------------------------------------- resume
     def state_dict(self) -> dict[str, Any]:

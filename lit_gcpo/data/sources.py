@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any, ClassVar
 
+from lit_gcpo.engines.base import SamplingConfig
+
 
 class PromptSource(abc.ABC):
     """A list of rows (dicts) to draw prompts from.
@@ -18,7 +20,17 @@ class PromptSource(abc.ABC):
     Args:
         fields: renames columns, ``{source_name: name_used_here}``.
         limit: keep only the first ``limit`` rows (0 = all).
+
+    What a source may add for the DataModule (the defaults here change nothing): ``template`` and
+    ``required_fields`` of its own (None: the DataModule's); a benchmark's ``name`` and the ids of the rows it left
+    out, ``skipped`` (None: it reports none); ``bind_tokenizer`` (sources that budget their text in tokens); and
+    ``eval_variants`` (evaluation passes with sampling of their own).
     """
+
+    template: str | None = None
+    required_fields: list[str] | None = None
+    name: str | None = None
+    skipped: list[str] | None = None
 
     def __init__(self, fields: dict[str, str] | None = None, limit: int = 0) -> None:
         if limit < 0:
@@ -29,6 +41,15 @@ class PromptSource(abc.ABC):
     @abc.abstractmethod
     def _read(self) -> list[dict[str, Any]]:
         """The raw rows."""
+
+    def bind_tokenizer(self, tokenizer: Any) -> None:
+        """Receive the policy's tokenizer before ``load`` (unused by default)."""
+        del tokenizer
+
+    def eval_variants(self, sampling: SamplingConfig, samples: int) -> list[tuple[str, SamplingConfig, int]]:
+        """The evaluation passes over this source, ``(variant, sampling, samples)``, given the DataModule's
+        ``sampling`` and ``samples`` per prompt: by default one pass with those."""
+        return [("", sampling, samples)]
 
     def load(self) -> list[dict[str, Any]]:
         rows = self._read()

@@ -46,7 +46,6 @@ if __name__ == "__main__":
         engine="vllm",
         engine_options={"dtype": "float32", "max_model_len": 256},
         sampling=SamplingConfig(max_new_tokens=12),
-        cluster_answers=False,
         seed=3,
     )
     record = Record()
