@@ -303,7 +303,51 @@ class GRPOModule(L.LightningModule):
     def training_step(self, batch: RolloutBatch, batch_idx: int) -> None:
         start = time.perf_counter()
         hp = self.hparams
-        advantages, adv_metrics = group_advantages(
+        advantages, mask, adv_metrics = self._advantages_and_mask(batch)  # [N], [N, L]
+        if batch.old_logprobs is None and self._needs_old_logprobs(batch):
+            raise ValueError(
+                "this batch has no old_logprobs, which the loss needs (num_iterations > 1 or an importance-corrected "
+                "engine): call score_rollout on it first (the RolloutDataModule does)"
+            )
+        # Global counts, so that micro-batches and ranks add up to the whole batch's loss.
+        counts = self._reduce(torch.stack([mask.sum(), torch.tensor(float(mask.shape[0]), device=mask.device)]), "sum")
+        num_tokens, num_seqs = counts.clamp(min=1).unbind()  # no tokens (all masked): a zero loss, not 0/0
+        is_weights, tis_metrics = None, {}
+        if self._importance_corrected(batch):
+            is_weights, tis_metrics = truncated_importance_weights(
+                batch.old_logprobs, batch.engine_logprobs, mask, hp.tis_cap
+            )
+        loss_of = partial(
+            self._micro_batch_loss,
+            batch,
+            advantages=advantages,
+            mask=mask,
+            is_weights=is_weights,
+            counts=(num_tokens, num_seqs),
+            # entropy is only logged (unless it is in the loss): computed on the steps that write logs
+            with_entropy=hp.entropy_coef != 0 or logs_this_step(self._trainer),
+        )
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        micro = self._micro_batches(batch.num_completions)
+        parts: list[tuple[dict[str, Any], torch.Tensor]] = []
+        for _ in range(hp.num_iterations):
+            step_loss = torch.zeros((), device=mask.device)  # this rank's share of the global loss
+            for index, rows in enumerate(micro):
+                with gradient_sync(self.trainer.strategy, self.policy, enabled=index == len(micro) - 1):
+                    loss, metrics = loss_of(rows)
+                    # DDP and FSDP average gradients over ranks, hence the world-size factor on each rank's share
+                    self.manual_backward(loss * self.trainer.world_size)
+                step_loss = step_loss + loss.detach()
+                parts.append((metrics, mask[rows].sum()))
+            self.guarded_step(optimizer, scheduler, step_loss, all_reduce=self._reduce, step=self.global_step)
+        step_metrics = merge_step_metrics(parts, hp.num_iterations, self._reduce)  # global values
+        self._log_step(batch, batch_idx, step_metrics, {**adv_metrics, **tis_metrics}, time.perf_counter() - start)
+
+    def _advantages_and_mask(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """The group advantages ``[N]`` (times the callback's weights), the loss mask ``[N, L]`` (truncated
+        completions left out when asked) and the advantages' metrics."""
+        hp = self.hparams
+        advantages, metrics = group_advantages(
             batch.rewards,
             batch.group_ids,
             batch.num_groups,
@@ -316,73 +360,54 @@ class GRPOModule(L.LightningModule):
         mask = batch.completion_mask  # [N, L]
         if hp.mask_truncated_completions and batch.truncated is not None:
             mask = mask * (~batch.truncated.bool()).unsqueeze(-1).to(mask.dtype)  # [N, L]
-        if batch.old_logprobs is None and self._needs_old_logprobs(batch):
-            raise ValueError(
-                "this batch has no old_logprobs, which the loss needs (num_iterations > 1 or an importance-corrected "
-                "engine): call score_rollout on it first (the RolloutDataModule does)"
-            )
-        # Entropy is only logged (unless it is in the loss): computed on the steps that write logs.
-        with_entropy = hp.entropy_coef != 0 or logs_this_step(self._trainer)
-        # Global counts, so that micro-batches and ranks add up to the whole batch's loss; DDP and FSDP average
-        # gradients over ranks, hence the world-size factor on each rank's share.
-        world = self.trainer.world_size
-        counts = self._reduce(torch.stack([mask.sum(), torch.tensor(float(mask.shape[0]), device=mask.device)]), "sum")
-        num_tokens, num_seqs = counts.clamp(min=1).unbind()  # no tokens (all masked): a zero loss, not 0/0
-        is_weights, tis_metrics = None, {}
-        if self._importance_corrected(batch):
-            is_weights, tis_metrics = truncated_importance_weights(
-                batch.old_logprobs, batch.engine_logprobs, mask, hp.tis_cap
-            )
-        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        micro = self._micro_batches(batch.num_completions)
-        parts: list[tuple[dict[str, Any], torch.Tensor]] = []
-        for _ in range(hp.num_iterations):
-            step_loss = torch.zeros((), device=mask.device)  # this rank's share of the global loss
-            for index, rows in enumerate(micro):
-                with gradient_sync(self.trainer.strategy, self.policy, enabled=index == len(micro) - 1):
-                    logprobs, entropy, _ = self.completion_logprobs(
-                        batch.input_ids[rows],
-                        batch.attention_mask[rows],
-                        mask.shape[1],
-                        temperature=batch.logprob_temperature,
-                        with_entropy=with_entropy,
-                    )
-                    # on-policy with one step per rollout: the generating policy is this very forward
-                    old = logprobs.detach() if batch.old_logprobs is None else batch.old_logprobs[rows]
-                    loss, metrics = grpo_loss(
-                        logprobs,
-                        old,
-                        advantages[rows],
-                        mask[rows],
-                        ref_logp=None if batch.ref_logprobs is None else batch.ref_logprobs[rows],
-                        beta=hp.beta,
-                        kl_estimator=hp.kl_estimator,
-                        entropy=entropy,
-                        entropy_coef=hp.entropy_coef,
-                        eps_low=hp.eps_low,
-                        eps_high=hp.eps_high,
-                        dual_clip=hp.dual_clip,
-                        ratio_level=hp.ratio_level,
-                        is_weights=None if is_weights is None else is_weights[rows],
-                        aggregation=hp.loss_aggregation,
-                        num_tokens=num_tokens,
-                        num_seqs=num_seqs,
-                        max_len=batch.max_new_tokens,
-                    )
-                    self.manual_backward(loss * world)
-                step_loss = step_loss + loss.detach()
-                if "entropy_mean" in metrics:  # grpo_loss's masked mean of `entropy`
-                    metrics["entropy"] = metrics.pop("entropy_mean")
-                parts.append((metrics, mask[rows].sum()))
-            self.guarded_step(
-                optimizer,
-                scheduler,
-                step_loss,
-                all_reduce=self._reduce,
-                step=self.global_step,
-            )
-        step_metrics = merge_step_metrics(parts, hp.num_iterations, self._reduce)  # global values
-        self._log_step(batch, batch_idx, step_metrics, {**adv_metrics, **tis_metrics}, time.perf_counter() - start)
+        return advantages, mask, metrics
+
+    def _micro_batch_loss(
+        self,
+        batch: RolloutBatch,
+        rows: slice,
+        *,
+        advantages: torch.Tensor,
+        mask: torch.Tensor,
+        is_weights: torch.Tensor | None,
+        counts: tuple[torch.Tensor, torch.Tensor],
+        with_entropy: bool,
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """This micro-batch's share of the batch's loss (normalised by the global ``counts`` of tokens and
+        sequences), and its metrics."""
+        hp = self.hparams
+        logprobs, entropy, _ = self.completion_logprobs(
+            batch.input_ids[rows],
+            batch.attention_mask[rows],
+            mask.shape[1],
+            temperature=batch.logprob_temperature,
+            with_entropy=with_entropy,
+        )  # [n, L]
+        # on-policy with one step per rollout: the generating policy is this very forward
+        old = logprobs.detach() if batch.old_logprobs is None else batch.old_logprobs[rows]
+        loss, metrics = grpo_loss(
+            logprobs,
+            old,
+            advantages[rows],
+            mask[rows],
+            ref_logp=None if batch.ref_logprobs is None else batch.ref_logprobs[rows],
+            beta=hp.beta,
+            kl_estimator=hp.kl_estimator,
+            entropy=entropy,
+            entropy_coef=hp.entropy_coef,
+            eps_low=hp.eps_low,
+            eps_high=hp.eps_high,
+            dual_clip=hp.dual_clip,
+            ratio_level=hp.ratio_level,
+            is_weights=None if is_weights is None else is_weights[rows],
+            aggregation=hp.loss_aggregation,
+            num_tokens=counts[0],
+            num_seqs=counts[1],
+            max_len=batch.max_new_tokens,
+        )
+        if "entropy_mean" in metrics:  # grpo_loss's masked mean of `entropy`
+            metrics["entropy"] = metrics.pop("entropy_mean")
+        return loss, metrics
 
     def _log_step(
         self,
