@@ -17,7 +17,7 @@ from math_verify import LatexExtractionConfig, parse, verify
 
 from lit_gcpo.answers import _equivalent_cached, answers_equivalent
 from lit_gcpo.rewards import RewardSet
-from lit_gcpo.rewards.sandbox import GraderProcess
+from lit_gcpo.sandbox import GraderProcess
 
 
 def _per_call_ms(fn, items) -> float:

@@ -54,9 +54,9 @@ class MeasureMemory(L.Callback):
 
 def _child(strategy: str, out: Path) -> None:
     from lit_gcpo.data.datamodule import RolloutDataModule
-    from lit_gcpo.data.sources import ArithmeticTask
     from lit_gcpo.engines.base import SamplingConfig
     from lit_gcpo.module import GRPOModule
+    from lit_gcpo.tasks.arithmetic import ArithmeticTask
 
     module = GRPOModule(beta=float(os.environ.get("BENCH_BETA", "0.04")), log_samples_every_n_steps=0, export_dir=None)
     data = RolloutDataModule(
@@ -64,7 +64,6 @@ def _child(strategy: str, out: Path) -> None:
         batch_size=4,
         group_size=4,
         sampling=SamplingConfig(max_new_tokens=16),
-        cluster_answers=False,
     )
     trainer = L.Trainer(
         accelerator="cpu",

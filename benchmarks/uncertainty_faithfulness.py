@@ -163,12 +163,13 @@ def batch_variance(module: GRPOModule, batch: RolloutBatch, params: list[torch.n
     advantages, _ = group_advantages(batch.rewards, batch.group_ids, batch.num_groups, mode="grpo")  # [N]
     advantages = advantages.cpu()
     variance = torch.zeros(batch.num_groups, dtype=torch.float64)
+    temperature = batch.logprob_temperature  # the distribution the completions were sampled from
     for group in range(batch.num_groups):
         rows = (batch.group_ids == group).nonzero().flatten().tolist()
         if not bool(advantages[rows].ne(0).any()):
             continue
         grads = completion_gradients(
-            lambda ids, mask, length: module.completion_logprobs(ids, mask, length)[0],
+            lambda ids, mask, length: module.completion_logprobs(ids, mask, length, temperature=temperature)[0],
             batch.input_ids,
             batch.attention_mask,
             batch.completion_mask,
@@ -197,7 +198,7 @@ def diagnose(model: str, args: argparse.Namespace, testbed: str) -> Diagnosis:
     """Sample, score and correlate one policy (module docstring)."""
     start = time.perf_counter()
     device = torch.device(args.device)
-    module = GRPOModule(model=model, temperature=args.temperature, policy_embeddings=True).to(device)
+    module = GRPOModule(model=model).to(device)
     rows, reward = load_rows(testbed, args.prompts, args.num_prompts, args.seed)
     sampling = SamplingConfig(temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
     batches = collect(module, rows, reward, args.group_size, sampling, args.chunk)

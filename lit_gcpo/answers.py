@@ -6,7 +6,7 @@
 * ``gold_answer`` turns the gold fields of the usual benchmarks into one answer string (see its
   docstring for the formats).
 * ``answers_equivalent`` decides equivalence with Math-Verify (``parse`` + ``verify``) in a separate,
-  killable process (``lit_gcpo.rewards.sandbox``) so the time bound holds in any thread and against
+  killable process (``lit_gcpo.sandbox``) so the time bound holds in any thread and against
   C-level hangs; cheap cases are decided here first (identical strings, two plain integers) and the
   verdicts (not the timeouts) are cached. Answers are never evaluated as Python.
 """
@@ -18,6 +18,8 @@ import re
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from typing import Any
+
+from lit_gcpo.sandbox import default_pool
 
 _BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _MATH_SPACE = r"(?:\s|\$|\\[()\[\]])*"  # whitespace and math delimiters
@@ -129,8 +131,6 @@ def unboxed_answer(text: str, fallback: str, timeout_s: float = 2.0) -> str | No
         return last_number(text)
     if len(text) > MAX_EXTRACT_CHARS:
         return None
-    from lit_gcpo.rewards.sandbox import default_pool  # lazy: the rewards package imports this module
-
     return default_pool().extract(text, float(timeout_s))
 
 
@@ -250,7 +250,7 @@ def answers_equivalent(a: str, b: str, timeout_s: float = 2.0) -> bool:
     ``1.25 * timeout_s + 0.2`` seconds from any thread (plus the wait for the grading process when
     another thread is using it, or when it is still starting); a comparison that times out counts as
     not equivalent (and is not cached, since a loaded machine may be the cause). Raises
-    ``lit_gcpo.rewards.sandbox.GraderUnavailableError`` when the grading process cannot run at all (an
+    ``lit_gcpo.sandbox.GraderUnavailableError`` when the grading process cannot run at all (an
     infrastructure failure, not a wrong answer).
     """
     if not isinstance(a, str) or not isinstance(b, str):
@@ -295,8 +295,6 @@ class _GradingTimedOut(Exception):
 
 @lru_cache(maxsize=65536)
 def _equivalent_cached(a: str, b: str, timeout_s: float) -> bool:
-    from lit_gcpo.rewards.sandbox import default_pool  # lazy: the rewards package imports this module
-
     result = default_pool().grade(a, b, timeout_s)
     if result.timed_out:
         raise _GradingTimedOut

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from lit_gcpo.engines.base import logprob_temperature
+
 OPTIONAL_FIELDS = ("old_logprobs", "seq_logprobs", "embeddings", "answer_clusters")
 """The fields of a ``RolloutBatch`` that may cost work of their own (a scoring forward pass of the policy,
 math-verify clustering) and are filled only when something reads them. ``seq_logprobs`` and ``embeddings`` come
@@ -89,6 +91,13 @@ class RolloutBatch:
         embeddings: one vector per completion for geometric uncertainty, ``[N, d]`` or None.
         advantage_weights: per-completion multiplier of the advantages written by the uncertainty
             callback (the weight of the completion's group), ``[N]`` or None (= all ones).
+        temperature: the temperature the completions were sampled at (0: greedy), stamped by the collector; the
+            loss recomputes their log-probs at ``logprob_temperature``.
+        max_new_tokens: the completion length limit ``L_max`` they were sampled with (None: not known).
+        samples_from_policy: whether the engine sampled from the trained policy itself (``hf``); when not (vLLM),
+            its ``engine_logprobs`` may differ from the trainer's and the loss corrects for it.
+        correct: ``[N]`` float, 1 where the accuracy reward judged the completion correct (above 0.5), or None
+            when the batch has no accuracy reward.
         metrics: scalars measured while building the batch (timings, reward failures), logged by the module.
     """
 
@@ -109,6 +118,10 @@ class RolloutBatch:
     ref_logprobs: torch.Tensor | None = None
     embeddings: torch.Tensor | None = None
     advantage_weights: torch.Tensor | None = None
+    temperature: float = 1.0
+    max_new_tokens: int | None = None
+    samples_from_policy: bool = True
+    correct: torch.Tensor | None = None
     metrics: dict[str, float] = field(default_factory=dict)
 
     # Mapping-style access, so that callbacks written against a plain dict batch work on this too.
@@ -155,6 +168,12 @@ class RolloutBatch:
     def completion_ids(self) -> torch.Tensor:
         """``[N, L]`` the completion tokens (padding where ``completion_mask`` is 0)."""
         return self.input_ids[:, self.prompt_length :]
+
+    @property
+    def logprob_temperature(self) -> float:
+        """The temperature whose distribution ``old_logprobs`` and the loss use (``lit_gcpo.engines.base.
+        logprob_temperature``: 1 for greedy sampling)."""
+        return logprob_temperature(self.temperature)
 
     @property
     def seq_logprobs(self) -> torch.Tensor | None:

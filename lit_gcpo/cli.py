@@ -32,7 +32,6 @@ from lit_gcpo.checkpointing import (
     remove_stale_temporary_files,
 )
 from lit_gcpo.data.datamodule import RolloutDataModule
-from lit_gcpo.engines.base import SamplingConfig
 from lit_gcpo.last_checkpoint import SIGTERM_EXIT_CODE, take_over_save_last
 from lit_gcpo.losses import rollout_correction_problem
 from lit_gcpo.module import GRPOModule
@@ -50,6 +49,15 @@ DESCRIPTION = (
     "`test` evaluate one, `predict` writes a policy's completions of a prompt file (data.predict), with their "
     "rewards where the rows have gold answers, to predictions.jsonl. Set --seed_everything to choose the run's seed."
 )
+
+
+MOVED_SETTINGS = {
+    "model.temperature": "the sampling temperature is set once, in data.sampling.temperature (batches carry it)",
+    "model.max_completion_length": "L_max is set once, in data.sampling.max_new_tokens (batches carry it)",
+    "model.policy_embeddings": "the policy's embeddings are computed when a callback's rollout_fields asks for them",
+    "data.cluster_answers": "answers are clustered when a callback's rollout_fields asks for answer_clusters",
+}
+"""Options that each decided a setting decided elsewhere too, and where that setting lives now."""
 
 
 def _has_rich() -> bool:
@@ -138,14 +146,14 @@ class GCPOCLI(LightningCLI):
       refused (``lit_gcpo.resume``).
     """
 
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # One source of truth: the loss recomputes the distribution the engine samples from.
-        parser.link_arguments("data.sampling", "model.temperature", compute_fn=_sampling_temperature)
-        parser.link_arguments("data.sampling", "model.max_completion_length", compute_fn=_sampling_max_new_tokens)
-
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        given = sys.argv[1:] if args is None else args
+        for option in given if isinstance(given, (list, tuple)) else []:
+            name = str(option).split("=", 1)[0].removeprefix("--")
+            if name in MOVED_SETTINGS:
+                parser.error(f"{name} is no longer an option: {MOVED_SETTINGS[name]}")
         if args is None or isinstance(args, (list, tuple)):
-            args = strategy_names_as_classes(list(sys.argv[1:] if args is None else args))
+            args = strategy_names_as_classes(list(given))
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         if subcommand and self.config[subcommand].trainer.get("gradient_clip_val"):
@@ -196,11 +204,6 @@ class GCPOCLI(LightningCLI):
         seed = config.get("seed_everything")
         if config.get("data") is not None and config.data.get("seed") is None and not isinstance(seed, bool):
             config.data.seed = seed
-        # The links make model.temperature / max_completion_length refuse values of their own; their values are
-        # set here from the final data.sampling (jsonargparse may apply links before the last nested overrides).
-        if config.get("data") is not None and config.get("model") is not None:
-            config.model.temperature = _sampling_temperature(config.data.get("sampling"))
-            config.model.max_completion_length = _sampling_max_new_tokens(config.data.get("sampling"))
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The configured trainer, writing its checkpoints atomically unless a CheckpointIO plugin is given, and
@@ -273,24 +276,6 @@ class GCPOCLI(LightningCLI):
                 f"{rewards.names}): it learned nothing. The reward/<name>_failures, _invalid and _timeouts "
                 "metrics and the warnings above say why"
             )
-
-
-def _sampling_field(sampling: Any, name: str) -> Any:
-    """A field of ``data.sampling`` as parsed (a Namespace, possibly with class_path/init_args) or its default."""
-    if sampling is None:
-        return getattr(SamplingConfig(), name)
-    source = getattr(sampling, "init_args", None) or sampling
-    return getattr(source, name, getattr(SamplingConfig(), name))
-
-
-def _sampling_temperature(sampling: Any) -> float:
-    """The training sampler's temperature (greedy sampling, 0, recomputes log-probs at T = 1)."""
-    temperature = _sampling_field(sampling, "temperature")
-    return temperature if temperature > 0 else 1.0
-
-
-def _sampling_max_new_tokens(sampling: Any) -> int:
-    return _sampling_field(sampling, "max_new_tokens")
 
 
 class RunConfigSaver(SaveConfigCallback):

@@ -5,6 +5,10 @@ The math lives in ``advantages``, ``losses`` and ``logprobs``, the pieces of a s
 ``step_metrics``: merging metrics over micro-batches and ranks; ``parallel``: FSDP2 and gradient sync). This
 class is the list of Lightning hooks that orders them:
 
+Everything the step reads about its batch comes with the ``RolloutBatch``: how it was sampled (the temperature
+whose distribution the log-probs are recomputed under, ``L_max``, whether the engine is the policy itself) and
+which completions are correct; the module keeps no copy of the sampling settings and never reads the DataModule.
+
 - ``score_rollout`` (called by the rollout DataModule before callbacks see the batch) makes one no-grad
   forward pass of the policy, under the same precision context as ``training_step`` (so that on the first
   iteration the ratio is exactly 1 under bf16-mixed too), giving the generating policy's log-probs
@@ -106,7 +110,6 @@ class GRPOModule(L.LightningModule):
         advantage: ``grpo`` (std-normalised) or ``dr_grpo`` (mean-centred only).
         advantage_scale: ``group`` or ``batch`` std for ``grpo``.
         loss_aggregation: ``token_mean``, ``seq_mean_token_mean`` or ``seq_mean_token_sum_norm``.
-        max_completion_length: L_max for ``seq_mean_token_sum_norm`` (the engine's ``max_new_tokens``).
         eps_low: lower clip range of the ratio.
         eps_high: upper clip range (> eps_low is DAPO's clip-higher).
         dual_clip: dual-clip constant c for negative advantages (None: off).
@@ -127,13 +130,10 @@ class GRPOModule(L.LightningModule):
         beta: KL coefficient; 0 loads no reference model.
         kl_estimator: ``k1``, ``k2`` or ``k3``.
         entropy_coef: coefficient of the entropy bonus.
-        temperature: the sampling temperature, used to recompute log-probs of the sampling distribution.
         num_iterations: optimizer steps per rollout batch (old log-probs stay those of the generating policy).
         micro_batch_size: completions per forward/backward pass (0: the whole batch).
         max_grad_norm: gradient-norm clipping (0: off).
         logprob_chunk_size: tokens per chunk of the memory-bounded log-prob computation.
-        policy_embeddings: fill ``batch.embeddings`` with the mean-pooled last hidden state of each completion,
-            when a callback reads them (``lit_gcpo.batch.requested_fields``).
         mask_truncated_completions: leave completions that hit ``max_new_tokens`` out of the loss (DAPO's overlong
             filtering): a truncated completion's reward says nothing about an answer it never finished.
         log_samples_every_n_steps: write a few prompts, completions and rewards as TensorBoard text.
@@ -158,7 +158,6 @@ class GRPOModule(L.LightningModule):
         advantage: Literal["grpo", "dr_grpo"] = "grpo",
         advantage_scale: Literal["group", "batch"] = "group",
         loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean",
-        max_completion_length: PositiveInt | None = None,
         eps_low: NonNegativeFloat = 0.2,
         eps_high: NonNegativeFloat = 0.2,
         dual_clip: PositiveFloat | None = None,
@@ -172,12 +171,10 @@ class GRPOModule(L.LightningModule):
         beta: NonNegativeFloat = 0.0,
         kl_estimator: Literal["k1", "k2", "k3"] = "k3",
         entropy_coef: float = 0.0,
-        temperature: PositiveFloat = 1.0,
         num_iterations: PositiveInt = 1,
         micro_batch_size: NonNegativeInt = 0,
         max_grad_norm: NonNegativeFloat = 1.0,
         logprob_chunk_size: PositiveInt = 4096,
-        policy_embeddings: bool = True,
         mask_truncated_completions: bool = False,
         log_samples_every_n_steps: NonNegativeInt = 50,
         max_consecutive_skips: PositiveInt = 20,
@@ -188,7 +185,6 @@ class GRPOModule(L.LightningModule):
             "beta": beta >= 0,
             "num_iterations": num_iterations >= 1,
             "micro_batch_size": micro_batch_size >= 0,
-            "temperature": temperature > 0,
             "eps_low": 0 <= eps_low < 1,
             "eps_high": eps_high >= 0,
             "max_grad_norm": max_grad_norm >= 0,
@@ -204,8 +200,6 @@ class GRPOModule(L.LightningModule):
         problem = rollout_correction_problem(rollout_correction, rollout_correction_min, rollout_correction_max)
         if problem is not None:
             raise ValueError(problem)
-        if loss_aggregation == "seq_mean_token_sum_norm" and not max_completion_length:
-            raise ValueError("loss_aggregation seq_mean_token_sum_norm needs max_completion_length (L_max)")
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.automatic_optimization = False
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
@@ -214,22 +208,17 @@ class GRPOModule(L.LightningModule):
         if gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.uses_lora = lora is not None
-        self.scorer = CompletionScorer(self.policy, temperature, logprob_chunk_size)
+        self.scorer = CompletionScorer(self.policy, logprob_chunk_size)
         # With LoRA the reference is the base model with the adapters disabled; otherwise a frozen copy that is
         # not a submodule (never checkpointed), placed by `setup` like the policy (see lit_gcpo.reference).
         self.reference: ReferencePolicy | None = None
         if beta > 0 and not self.uses_lora:
-            self.reference = ReferencePolicy(model, dtype, temperature, logprob_chunk_size, self.scorer.plain_head)
+            self.reference = ReferencePolicy(model, dtype, logprob_chunk_size, self.scorer.plain_head)
         self.guarded_step = GuardedOptimizerStep(max_grad_norm, max_consecutive_skips)
         self.validation_history: list[tuple[int, float]] = []  # (step, val/accuracy), kept across resume
         self._baseline = torch.nn.ModuleDict(
             {"val/accuracy": torchmetrics.MeanMetric(), "val/reward_mean": torchmetrics.MeanMetric()}
         )
-
-    @property
-    def policy_embeddings(self) -> bool:
-        """Whether ``batch.embeddings`` are the policy's mean final hidden states (read by the DataModule)."""
-        return bool(self.hparams.policy_embeddings)
 
     @property
     def skipped_steps(self) -> int:
@@ -248,28 +237,9 @@ class GRPOModule(L.LightningModule):
         reason = unsupported_option(trainer.strategy, trainer.precision)
         if reason is not None:
             raise ValueError(reason)
-        self._check_sampling_matches(getattr(trainer, "datamodule", None))
         if self.reference is not None:
             mesh = self.device_mesh["data_parallel"] if is_sharded(trainer.strategy) else None
             self.reference.place(trainer.strategy.root_device, trainer.precision, mesh)
-
-    def _check_sampling_matches(self, datamodule: Any) -> None:
-        """The loss must recompute the distribution the engine sampled from: one temperature, one L_max."""
-        sampling = getattr(datamodule, "sampling", None)
-        if sampling is None:
-            return
-        hp = self.hparams
-        if sampling.temperature > 0 and sampling.temperature != hp.temperature:
-            raise ValueError(
-                f"model.temperature {hp.temperature} differs from data.sampling.temperature {sampling.temperature}: "
-                "the ratios, importance weights and entropies would use another distribution than the one sampled "
-                "(lit-gcpo links the two; set only data.sampling.temperature)"
-            )
-        if hp.max_completion_length is not None and hp.max_completion_length != sampling.max_new_tokens:
-            raise ValueError(
-                f"model.max_completion_length {hp.max_completion_length} differs from data.sampling.max_new_tokens "
-                f"{sampling.max_new_tokens} (lit-gcpo links the two; set only data.sampling.max_new_tokens)"
-            )
 
     # -------------------------------------------------------------------------------- forward passes
     def completion_logprobs(
@@ -278,11 +248,13 @@ class GRPOModule(L.LightningModule):
         attention_mask: torch.Tensor,
         completion_length: int,
         *,
+        temperature: float = 1.0,
         with_entropy: bool = False,
         reference: bool = False,
         with_hidden: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Sampled-token log-probs of the last ``completion_length`` columns, without full logits.
+        """Sampled-token log-probs of the last ``completion_length`` columns under ``log_softmax(logits /
+        temperature)``, without full logits.
 
         Returns ``(logprobs [n, L], entropy [n, L] or None, completion hidden states [n, L, H] or None)``; with
         ``reference`` they are the reference model's (the LoRA base model with its adapters disabled).
@@ -291,7 +263,12 @@ class GRPOModule(L.LightningModule):
         adapters_off = self.policy.disable_adapter() if reference and self.uses_lora else contextlib.nullcontext()
         with adapters_off:
             scored = scorer(
-                input_ids, attention_mask, completion_length, with_entropy=with_entropy, with_hidden=with_hidden
+                input_ids,
+                attention_mask,
+                completion_length,
+                temperature=temperature,
+                with_entropy=with_entropy,
+                with_hidden=with_hidden,
             )
         return scored.logprobs, scored.entropy, scored.hidden
 
@@ -309,7 +286,7 @@ class GRPOModule(L.LightningModule):
         start = time.perf_counter()
         wanted = set(OPTIONAL_FIELDS if fields is None else fields)
         # embeddings and sequence log-probs the engine already reported need no pass of their own
-        with_hidden = self.hparams.policy_embeddings and "embeddings" in wanted and batch.embeddings is None
+        with_hidden = "embeddings" in wanted and batch.embeddings is None
         with_policy = (
             with_hidden
             or "old_logprobs" in wanted
@@ -318,18 +295,20 @@ class GRPOModule(L.LightningModule):
         )
         with_ref_model = with_reference and self.hparams.beta > 0
         old, ref, embeddings = [], [], []
-        length = batch.completion_mask.shape[1]
+        length, temperature = batch.completion_mask.shape[1], batch.logprob_temperature
         with self._precision_context():
             for rows in self._micro_batches(batch.num_completions) if with_policy or with_ref_model else []:
                 ids, attn, mask = batch.input_ids[rows], batch.attention_mask[rows], batch.completion_mask[rows]
                 if with_policy:
-                    logprobs, _, hidden = self.completion_logprobs(ids, attn, length, with_hidden=with_hidden)
+                    logprobs, _, hidden = self.completion_logprobs(
+                        ids, attn, length, temperature=temperature, with_hidden=with_hidden
+                    )
                     old.append(logprobs)
                     if hidden is not None:  # mean over completion tokens: one vector per completion
                         pooled = (hidden.float() * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
                         embeddings.append(pooled)  # [n, H]
                 if with_ref_model:
-                    ref.append(self.completion_logprobs(ids, attn, length, reference=True)[0])
+                    ref.append(self.completion_logprobs(ids, attn, length, temperature=temperature, reference=True)[0])
         batch.old_logprobs = torch.cat(old) if old else None  # [N, L]
         batch.embeddings = torch.cat(embeddings) if embeddings else batch.embeddings
         batch.ref_logprobs = torch.cat(ref) if ref else None
@@ -347,7 +326,7 @@ class GRPOModule(L.LightningModule):
 
     def _engine_logprobs(self, batch: RolloutBatch) -> torch.Tensor | None:
         """The engine's log-probs when the engine is another copy of the policy (vLLM), else None."""
-        return batch.engine_logprobs if batch.engine_logprobs is not None and self._engine_differs() else None
+        return batch.engine_logprobs if batch.engine_logprobs is not None and not batch.samples_from_policy else None
 
     def _precision_context(self) -> Any:
         if self._trainer is None:
@@ -368,29 +347,13 @@ class GRPOModule(L.LightningModule):
     def training_step(self, batch: RolloutBatch, batch_idx: int) -> None:
         start = time.perf_counter()
         hp = self.hparams
-        advantages, adv_metrics = group_advantages(
-            batch.rewards,
-            batch.group_ids,
-            batch.num_groups,
-            mode=hp.advantage,
-            scale=hp.advantage_scale,
-            all_reduce_sum=lambda t: self._reduce(t, "sum"),
-        )  # [N]
-        if batch.advantage_weights is not None:
-            advantages = advantages * batch.advantage_weights.to(advantages.dtype)  # [N], constant within a group
-        mask = batch.completion_mask  # [N, L]
-        if hp.mask_truncated_completions and batch.truncated is not None:
-            mask = mask * (~batch.truncated.bool()).unsqueeze(-1).to(mask.dtype)  # [N, L]
+        advantages, mask, adv_metrics = self._advantages_and_mask(batch)  # [N], [N, L]
         if batch.old_logprobs is None and self._needs_old_logprobs(batch):
             raise ValueError(
                 "this batch has no old_logprobs, which the loss needs (num_iterations > 1 or an importance-corrected "
                 "engine): call score_rollout on it first (the RolloutDataModule does)"
             )
-        # Entropy is only logged (unless it is in the loss): computed on the steps that write logs.
-        with_entropy = hp.entropy_coef != 0 or logs_this_step(self._trainer)
-        # Global counts, so that micro-batches and ranks add up to the whole batch's loss; DDP and FSDP average
-        # gradients over ranks, hence the world-size factor on each rank's share.
-        world = self.trainer.world_size
+        # Global counts, so that micro-batches and ranks add up to the whole batch's loss.
         counts = self._reduce(torch.stack([mask.sum(), torch.tensor(float(mask.shape[0]), device=mask.device)]), "sum")
         num_tokens, num_seqs = counts.clamp(min=1).unbind()  # no tokens (all masked): a zero loss, not 0/0
         is_weights, tis_metrics = None, {}
@@ -403,8 +366,18 @@ class GRPOModule(L.LightningModule):
                 hp.rollout_correction_min,
                 hp.rollout_correction_max,
             )
-        # the off-policy mask compares with what sampled the tokens: the engine, else the old log-probs (TRL's rule)
-        behaviour = self._engine_logprobs(batch)
+        loss_of = partial(
+            self._micro_batch_loss,
+            batch,
+            advantages=advantages,
+            mask=mask,
+            is_weights=is_weights,
+            # the off-policy mask compares with what sampled the tokens: the engine, else the old log-probs (TRL's)
+            behaviour=self._engine_logprobs(batch),
+            counts=(num_tokens, num_seqs),
+            # entropy is only logged (unless it is in the loss): computed on the steps that write logs
+            with_entropy=hp.entropy_coef != 0 or logs_this_step(self._trainer),
+        )
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         micro = self._micro_batches(batch.num_completions)
         parts: list[tuple[dict[str, Any], torch.Tensor]] = []
@@ -412,54 +385,83 @@ class GRPOModule(L.LightningModule):
             step_loss = torch.zeros((), device=mask.device)  # this rank's share of the global loss
             for index, rows in enumerate(micro):
                 with gradient_sync(self.trainer.strategy, self.policy, enabled=index == len(micro) - 1):
-                    logprobs, entropy, _ = self.completion_logprobs(
-                        batch.input_ids[rows], batch.attention_mask[rows], mask.shape[1], with_entropy=with_entropy
-                    )
-                    # on-policy with one step per rollout: the generating policy is this very forward
-                    old = logprobs.detach() if batch.old_logprobs is None else batch.old_logprobs[rows]
-                    loss, metrics = grpo_loss(
-                        logprobs,
-                        old,
-                        advantages[rows],
-                        mask[rows],
-                        ref_logp=None if batch.ref_logprobs is None else batch.ref_logprobs[rows],
-                        beta=hp.beta,
-                        kl_estimator=hp.kl_estimator,
-                        entropy=entropy,
-                        entropy_coef=hp.entropy_coef,
-                        eps_low=hp.eps_low,
-                        eps_high=hp.eps_high,
-                        dual_clip=hp.dual_clip,
-                        ratio_level=hp.ratio_level,
-                        is_weights=None if is_weights is None else is_weights[rows],
-                        off_policy_threshold=hp.off_policy_mask_threshold,
-                        behaviour_logp=None if behaviour is None else behaviour[rows],
-                        aggregation=hp.loss_aggregation,
-                        num_tokens=num_tokens,
-                        num_seqs=num_seqs,
-                        max_len=hp.max_completion_length,
-                    )
-                    self.manual_backward(loss * world)
+                    loss, metrics = loss_of(rows)
+                    # DDP and FSDP average gradients over ranks, hence the world-size factor on each rank's share
+                    self.manual_backward(loss * self.trainer.world_size)
                 step_loss = step_loss + loss.detach()
-                if "entropy_mean" in metrics:  # grpo_loss's masked mean of `entropy`
-                    metrics["entropy"] = metrics.pop("entropy_mean")
                 parts.append((metrics, mask[rows].sum()))
-            self.guarded_step(
-                optimizer,
-                scheduler,
-                step_loss,
-                all_reduce=self._reduce,
-                step=self.global_step,
-            )
+            self.guarded_step(optimizer, scheduler, step_loss, all_reduce=self._reduce, step=self.global_step)
         step_metrics = merge_step_metrics(parts, hp.num_iterations, self._reduce)  # global values
         self._log_step(batch, batch_idx, step_metrics, {**adv_metrics, **tis_metrics}, time.perf_counter() - start)
 
-    def _engine_differs(self) -> bool:
-        """Whether the rollout engine is a separate copy of the policy (vLLM), whose log-probs may differ."""
-        if self._trainer is None:
-            return False
-        engine = getattr(getattr(self.trainer.datamodule, "collector", None), "engine", None)
-        return engine is not None and not engine.samples_from_policy
+    def _advantages_and_mask(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """The group advantages ``[N]`` (times the callback's weights), the loss mask ``[N, L]`` (truncated
+        completions left out when asked) and the advantages' metrics."""
+        hp = self.hparams
+        advantages, metrics = group_advantages(
+            batch.rewards,
+            batch.group_ids,
+            batch.num_groups,
+            mode=hp.advantage,
+            scale=hp.advantage_scale,
+            all_reduce_sum=lambda t: self._reduce(t, "sum"),
+        )  # [N]
+        if batch.advantage_weights is not None:
+            advantages = advantages * batch.advantage_weights.to(advantages.dtype)  # [N], constant within a group
+        mask = batch.completion_mask  # [N, L]
+        if hp.mask_truncated_completions and batch.truncated is not None:
+            mask = mask * (~batch.truncated.bool()).unsqueeze(-1).to(mask.dtype)  # [N, L]
+        return advantages, mask, metrics
+
+    def _micro_batch_loss(
+        self,
+        batch: RolloutBatch,
+        rows: slice,
+        *,
+        advantages: torch.Tensor,
+        mask: torch.Tensor,
+        is_weights: torch.Tensor | None,
+        behaviour: torch.Tensor | None,
+        counts: tuple[torch.Tensor, torch.Tensor],
+        with_entropy: bool,
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """This micro-batch's share of the batch's loss (normalised by the global ``counts`` of tokens and
+        sequences), and its metrics."""
+        hp = self.hparams
+        logprobs, entropy, _ = self.completion_logprobs(
+            batch.input_ids[rows],
+            batch.attention_mask[rows],
+            mask.shape[1],
+            temperature=batch.logprob_temperature,
+            with_entropy=with_entropy,
+        )  # [n, L]
+        # on-policy with one step per rollout: the generating policy is this very forward
+        old = logprobs.detach() if batch.old_logprobs is None else batch.old_logprobs[rows]
+        loss, metrics = grpo_loss(
+            logprobs,
+            old,
+            advantages[rows],
+            mask[rows],
+            ref_logp=None if batch.ref_logprobs is None else batch.ref_logprobs[rows],
+            beta=hp.beta,
+            kl_estimator=hp.kl_estimator,
+            entropy=entropy,
+            entropy_coef=hp.entropy_coef,
+            eps_low=hp.eps_low,
+            eps_high=hp.eps_high,
+            dual_clip=hp.dual_clip,
+            ratio_level=hp.ratio_level,
+            is_weights=None if is_weights is None else is_weights[rows],
+            off_policy_threshold=hp.off_policy_mask_threshold,
+            behaviour_logp=None if behaviour is None else behaviour[rows],
+            aggregation=hp.loss_aggregation,
+            num_tokens=counts[0],
+            num_seqs=counts[1],
+            max_len=batch.max_new_tokens,
+        )
+        if "entropy_mean" in metrics:  # grpo_loss's masked mean of `entropy`
+            metrics["entropy"] = metrics.pop("entropy_mean")
+        return loss, metrics
 
     def _log_step(
         self,
@@ -470,7 +472,7 @@ class GRPOModule(L.LightningModule):
         train_s: float,
     ) -> None:
         """``global_metrics`` are reduced over ranks already; ``rank_metrics`` and the rest are averaged."""
-        accuracy = self._accuracy(batch)
+        accuracy = batch.correct
         values = {f"train/{k}": v for k, v in rank_metrics.items()} | rollout_metrics(batch, accuracy)
         values["time/train_s"] = train_s
         reduced = {f"train/{k}": v for k, v in global_metrics.items()}
@@ -486,19 +488,13 @@ class GRPOModule(L.LightningModule):
         if every and batch_idx % every == 0:
             self._log_samples(batch)
 
-    def _accuracy(self, batch: RolloutBatch) -> torch.Tensor | None:
-        datamodule = self.trainer.datamodule if self._trainer is not None else None
-        if datamodule is not None and hasattr(datamodule, "accuracy"):
-            return datamodule.accuracy(batch)
-        return None
-
     def _log_samples(self, batch: RolloutBatch) -> None:
         if isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero:
             self.logger.experiment.add_text("samples", sample_text(batch), global_step=self.global_step)
 
     # ----------------------------------------------------------------------------------- evaluation
     def _eval_step(self, batch: RolloutBatch, stage: str) -> None:
-        accuracy = self._accuracy(batch)
+        accuracy = batch.correct
         finite = batch.rewards.nan_to_num(0.0)
         n = batch.num_completions
         self.log(f"{stage}/reward_mean", finite.mean(), batch_size=n, sync_dist=True, prog_bar=False)

@@ -32,14 +32,13 @@ class ReferencePolicy:
     Args:
         model: the policy's model name or path (the reference is its starting weights).
         dtype: the dtype it is loaded in (the policy's ``dtype``); :meth:`place` may cast it.
-        temperature: the sampling temperature (its log-probs use the same distribution as the policy's).
         chunk_size: tokens per chunk of the memory-bounded log-softmax.
         plain_head: whether the chunked path is exact for this architecture (the policy's check).
     """
 
-    def __init__(self, model: str, dtype: str, temperature: float, chunk_size: int, plain_head: bool) -> None:
+    def __init__(self, model: str, dtype: str, chunk_size: int, plain_head: bool) -> None:
         self.model = load_policy(model, dtype=dtype, lora=None, disable_dropout=True).eval().requires_grad_(False)
-        self.scorer = CompletionScorer(self.model, temperature, chunk_size, plain_head=plain_head)
+        self.scorer = CompletionScorer(self.model, chunk_size, plain_head=plain_head)
 
     def place(self, device: torch.device, precision: str, mesh: object | None = None) -> None:
         """Move to ``device`` in the dtype of ``precision``, and shard over ``mesh`` (FSDP2) when given."""

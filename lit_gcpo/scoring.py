@@ -68,16 +68,13 @@ class CompletionScorer:
 
     Args:
         model: a transformers causal LM, or a peft model wrapping one.
-        temperature: the sampling temperature T (logits are divided by it).
         chunk_size: tokens per chunk of the memory-bounded log-softmax.
         plain_head: whether the chunked path is exact for this model; None checks it (:func:`has_plain_head`).
     """
 
-    def __init__(
-        self, model: torch.nn.Module, temperature: float, chunk_size: int, plain_head: bool | None = None
-    ) -> None:
+    def __init__(self, model: torch.nn.Module, chunk_size: int, plain_head: bool | None = None) -> None:
         self.model = model
-        self.temperature, self.chunk_size = temperature, chunk_size
+        self.chunk_size = chunk_size
         self.plain_head = has_plain_head(model) if plain_head is None else plain_head
 
     def __call__(
@@ -86,10 +83,12 @@ class CompletionScorer:
         attention_mask: Tensor,
         completion_length: int,
         *,
+        temperature: float = 1.0,
         with_entropy: bool = False,
         with_hidden: bool = False,
     ) -> ScoredTokens:
-        """Score the last ``completion_length`` columns of ``input_ids [n, P + L]``."""
+        """Score the last ``completion_length`` columns of ``input_ids [n, P + L]`` under ``log_softmax(logits /
+        temperature)`` (the sampling distribution: ``lit_gcpo.engines.base.logprob_temperature``)."""
         base = base_model(self.model)
         prompt_length = input_ids.shape[1] - completion_length
         targets = input_ids[:, prompt_length:]  # [n, L]
@@ -107,14 +106,14 @@ class CompletionScorer:
                     hidden[:, prompt_length - 1 : -1],
                     head.weight,
                     targets,
-                    temperature=self.temperature,
+                    temperature=temperature,
                     chunk_size=self.chunk_size,
                     with_entropy=with_entropy,
                     lm_head_bias=head.bias,
                 )
             else:  # the model's own logits of columns P - 1 .. P + L - 2
                 logprobs, entropy = logprobs_from_logits(
-                    output.logits[:, :-1], targets, self.temperature, self.chunk_size, with_entropy
+                    output.logits[:, :-1], targets, temperature, self.chunk_size, with_entropy
                 )
             output["completion_logprobs"] = logprobs
             if entropy is not None:

@@ -81,27 +81,35 @@ def rollout_metrics(batch: Any, accuracy: torch.Tensor | None) -> dict[str, Any]
 
 
 def logs_this_step(trainer: Any) -> bool:
-    """Whether the current training step writes logs (Lightning's ``log_every_n_steps`` cadence)."""
-    return trainer is not None and bool(trainer._logger_connector.should_update_logs)
+    """Whether the current training step writes logs: Lightning's ``log_every_n_steps`` cadence over the batches
+    trained so far (the count its logger connector uses; one optimizer "step" of the cadence per batch, as
+    under manual optimization every batch steps), or the last step of a run that is stopping."""
+    if trainer is None or trainer.log_every_n_steps == 0:
+        return False
+    batch = trainer.fit_loop.epoch_loop.total_batch_idx + 1  # 1-based, across epochs and resumes
+    return batch % trainer.log_every_n_steps == 0 or trainer.should_stop
 
 
 def log_step_scalars(trainer: Any, values: dict[str, Any]) -> None:
-    """Write one training step's scalars as ``LightningModule.log(on_step=True)`` would: to every logger at
-    Lightning's cadence and step numbering, into ``trainer.logged_metrics``, and into ``trainer.callback_metrics``
-    (checkpoint monitors, early stopping).
+    """Write one training step's scalars as ``LightningModule.log(on_step=True)`` would, through public Lightning
+    APIs: to every logger (``Logger.log_metrics``, rank 0) at Lightning's cadence and step numbering (the batches
+    trained so far, with ``epoch`` added), and into the dicts ``trainer.logged_metrics`` and
+    ``trainer.callback_metrics`` return (checkpoint monitors, early stopping).
 
-    Why not ``LightningModule.log_dict``: its result collection costs about 0.5 ms a key on a CPU (measured: the
-    ~40 scalars of a lit-gcpo step were 15 % of a step of the small-model benchmark), and a training step's
-    scalars need none of its epoch aggregation. The values must be the same on every rank already (reduced by the
-    caller); the loggers write on rank 0 only.
+    Why not ``LightningModule.log_dict``: its result collection costs about 0.8 ms a key on a CPU (measured with
+    ``benchmarks/bench_step.py``: the ~70 scalars the module and the uncertainty callback write made a quickstart
+    step 25 % slower), and a training step's scalars need none of its epoch aggregation. The values must be the
+    same on every rank already (reduced by the caller).
     """
     scalars = {key: float(value) for key, value in values.items()}
     tensors = {key: torch.tensor(value) for key, value in scalars.items()}
-    connector = trainer._logger_connector  # Lightning 2.x (pinned < 2.7)
     trainer.callback_metrics.update(tensors)
-    connector._logged_metrics.update(tensors)  # what `trainer.logged_metrics` shows, with or without loggers
+    trainer.logged_metrics.update(tensors)  # with or without loggers, as Lightning's own step logging
     if logs_this_step(trainer):
-        connector.log_metrics(scalars)  # Lightning's own writer: adds `epoch`, steps by batches
+        step = trainer.fit_loop.epoch_loop.total_batch_idx  # the step number Lightning's loggers get
+        for logger in trainer.loggers:
+            logger.log_metrics({"epoch": trainer.current_epoch, **scalars}, step=step)
+            logger.save()
 
 
 def mean_over_ranks(values: dict[str, Any], reduce: Reduce, world_size: int, device: torch.device) -> dict[str, Any]:

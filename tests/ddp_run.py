@@ -20,9 +20,9 @@ import lightning as L
 import torch
 
 from lit_gcpo.data.datamodule import RolloutDataModule
-from lit_gcpo.data.sources import ArithmeticTask
 from lit_gcpo.engines.base import SamplingConfig
 from lit_gcpo.module import GRPOModule
+from lit_gcpo.tasks.arithmetic import ArithmeticTask
 
 
 def sgd(params, momentum: float = 0.5):

@@ -77,7 +77,7 @@ def test_lit_command_line_parses_to_the_stated_work_and_matches_trl(tmp_path: Pa
     assert data.reward_names == [REWARD_PATH] and load_reward(REWARD_PATH) is sum_reward
     assert (hp.advantage, hp.loss_aggregation, hp.kl_estimator) == ("dr_grpo", "seq_mean_token_sum_norm", "k3")
     assert hp.beta == beta and hp.num_iterations == 1 and hp.micro_batch_size == 0
-    assert hp.max_grad_norm == 1.0 and hp.max_completion_length == 32 and hp.export_dir is None
+    assert hp.max_grad_norm == 1.0 and hp.export_dir is None
     assert hp.dtype == "float32" and not hp.gradient_checkpointing and hp.disable_dropout
     assert hp.warmup_steps == 0 and hp.get("scheduler") is None  # the default schedule is then constant
     assert trainer.max_steps == 5 and trainer.precision == "32-true" and trainer.checkpoint_callback is None

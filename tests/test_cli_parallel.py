@@ -36,9 +36,9 @@ def test_unsupported_strategy_or_precision_is_refused_at_parse_time(
 
 def test_temperature_and_completion_length_come_from_the_sampling(capsys, tmp_path):
     cli = _parse(tmp_path, "--data.sampling.temperature", "0.7", "--data.sampling.max_new_tokens", "17")
-    assert cli.model.hparams.temperature == 0.7 and cli.model.scorer.temperature == 0.7
-    assert cli.model.hparams.max_completion_length == 17
-    assert cli.datamodule.sampling.temperature == 0.7
+    # the model keeps no copy: the batches carry them (tests/test_precision.py checks the loss reads them there)
+    assert "temperature" not in cli.model.hparams and "max_completion_length" not in cli.model.hparams
+    assert (cli.datamodule.sampling.temperature, cli.datamodule.sampling.max_new_tokens) == (0.7, 17)
 
 
 def test_temperature_cannot_be_set_twice(capsys, tmp_path):

@@ -10,8 +10,9 @@ import pytest
 
 from lit_gcpo.batch import PromptBatch
 from lit_gcpo.data.datamodule import EvalPrompts, PromptStream, RolloutDataModule
-from lit_gcpo.data.sources import ArithmeticTask, HubDataset, LocalFiles
+from lit_gcpo.data.sources import HubDataset, LocalFiles
 from lit_gcpo.data.templates import QWEN_MATH_TEMPLATE, PromptRenderer, fill
+from lit_gcpo.tasks.arithmetic import ArithmeticTask
 from lit_gcpo.tiny_model import build_char_tokenizer
 
 ROWS = [{"problem": f"{i}+1", "solution": str(i + 1)} for i in range(7)]
@@ -328,7 +329,7 @@ def test_engine_state_travels_with_the_datamodule_state():
     from types import SimpleNamespace
 
     from lit_gcpo.data.datamodule import RolloutDataModule
-    from lit_gcpo.data.sources import ArithmeticTask
+    from lit_gcpo.tasks.arithmetic import ArithmeticTask
 
     class Engine:
         def __init__(self) -> None:

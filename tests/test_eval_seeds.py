@@ -7,9 +7,9 @@ import lightning as L
 import torch
 
 from lit_gcpo.data.datamodule import RolloutDataModule
-from lit_gcpo.data.sources import ArithmeticTask
 from lit_gcpo.engines.base import SamplingConfig
 from lit_gcpo.module import GRPOModule
+from lit_gcpo.tasks.arithmetic import ArithmeticTask
 
 
 class CaptureValidation(L.Callback):
@@ -33,7 +33,6 @@ def _validate(model_dir: str, val_batch_size: int, seed: int = 3) -> dict[str, l
         val_samples=2,
         val_temperature=1.0,
         val_batch_size=val_batch_size,
-        cluster_answers=False,
         seed=seed,
     )
     capture = CaptureValidation()

@@ -122,11 +122,11 @@ def test_reported_logprobs_equal_the_trainers_recomputation(model_and_tokenizer)
     out = HFEngine(model, tokenizer).generate(
         prompts, 2, SamplingConfig(temperature=0.8, max_new_tokens=6), seeds=[1, 2]
     )
-    scorer = CompletionScorer(model, temperature=0.8, chunk_size=64)
+    scorer = CompletionScorer(model, chunk_size=64)
     for row, completion in enumerate(out.completion_ids):
         ids = torch.tensor([prompts[row // 2] + completion])
         with torch.no_grad():
-            expected = scorer(ids, torch.ones_like(ids), len(completion)).logprobs[0]
+            expected = scorer(ids, torch.ones_like(ids), len(completion), temperature=0.8).logprobs[0]
         torch.testing.assert_close(torch.tensor(out.logprobs[row]), expected, atol=1e-5, rtol=0)
 
 
@@ -142,11 +142,11 @@ def test_embeddings_gathered_while_sampling_equal_the_scoring_pass(model_and_tok
     out = engine.generate(prompts, 3, sampling, seeds=[1, 2, 3], with_embeddings=True)
     assert out.completion_ids == plain.completion_ids and plain.embeddings is None
     assert any(out.truncated) and not all(out.truncated)  # both kinds of row
-    scorer = CompletionScorer(model, temperature=1.0, chunk_size=64)
+    scorer = CompletionScorer(model, chunk_size=64)
     for row, completion in enumerate(out.completion_ids):
         ids = torch.tensor([prompts[row // 3] + completion])
         with torch.no_grad():
-            hidden = scorer(ids, torch.ones_like(ids), len(completion), with_hidden=True).hidden[0]  # [L, H]
+            hidden = scorer(ids, torch.ones_like(ids), len(completion), temperature=1.0, with_hidden=True).hidden[0]
         torch.testing.assert_close(out.embeddings[row], hidden.mean(0), atol=1e-5, rtol=0)
 
 

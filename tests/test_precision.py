@@ -1,12 +1,13 @@
 """bf16-mixed is on-policy exact, the reference follows the precision, settings the module cannot honour are
-refused before training, and temperature / L_max have one source."""
+refused before training, and temperature / L_max have one source (the batch carries them)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from test_training import CaptureBatches, make_pair, trainer
+from test_training import CaptureBatches, _final_weights, full_log_softmax, make_pair, trainer
 
+from lit_gcpo.engines.base import SamplingConfig
 from lit_gcpo.parallel import unsupported_option
 
 
@@ -29,6 +30,24 @@ def test_first_iteration_ratio_is_exactly_one(tiny_model_dir, tmp_path, precisio
     assert float(logged["train/approx_kl"]) == pytest.approx(0.0, abs=1e-6)
     assert float(logged["train/clip_frac_low"]) == 0.0 and float(logged["train/clip_frac_high"]) == 0.0
     assert float(logged["train/grad_norm"]) > 0  # it did train
+
+
+@pytest.mark.parametrize(("precision", "compute_dtype"), [("bf16-mixed", torch.bfloat16), ("32-true", torch.float32)])
+def test_training_forward_computes_in_the_trainers_precision(tiny_model_dir, tmp_path, precision, compute_dtype):
+    """The trainer's precision decides what the training step computes in: under bf16-mixed every linear layer
+    of the loss's forward pass (the only one with gradients on: generation and scoring run without) outputs
+    bf16 while the master weights stay fp32 and still learn. Ignoring the precision would leave fp32 outputs."""
+    module, data = make_pair(tiny_model_dir, lr=1e-2)
+    dtypes: set[torch.dtype] = set()
+    linear = next(m for m in module.policy.modules() if isinstance(m, torch.nn.Linear))
+    linear.register_forward_hook(lambda _m, _i, out: dtypes.add(out.dtype) if torch.is_grad_enabled() else None)
+    before = _final_weights(module)
+    run = trainer(tmp_path, 2, precision=precision)
+    run.fit(module, data)
+    after = _final_weights(module)
+    assert dtypes == {compute_dtype}
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in after.values())  # master weights
+    assert module.skipped_steps == 0 and any(not torch.equal(after[n], before[n]) for n in after)
 
 
 def test_scoring_outside_the_precision_context_is_detected(tiny_model_dir, tmp_path, monkeypatch):
@@ -102,7 +121,17 @@ def test_module_refuses_unsupported_precision_in_setup(tiny_model_dir, tmp_path)
         trainer(tmp_path, 1, precision="16-true").fit(module, data)
 
 
-def test_mismatched_temperature_is_refused(tiny_model_dir, tmp_path):
-    module, data = make_pair(tiny_model_dir, temperature=0.7)  # the data samples at 1.0
-    with pytest.raises(ValueError, match="temperature"):
-        trainer(tmp_path, 1).fit(module, data)
+@pytest.mark.parametrize(("temperature", "scored_at"), [(0.7, 0.7), (0.0, 1.0)])
+def test_log_probs_use_the_sampling_temperature_the_batch_carries(tiny_model_dir, tmp_path, temperature, scored_at):
+    """One source, data.sampling: each batch carries how it was sampled, and the trainer's log-probs are those of
+    log_softmax(logits / T) with T the sampling temperature (1 for greedy sampling, temperature 0)."""
+    module, data = make_pair(tiny_model_dir, lr=0.0)
+    data.sampling = SamplingConfig(temperature=temperature, max_new_tokens=6)
+    capture = CaptureBatches()
+    trainer(tmp_path, 1, callbacks=[capture]).fit(module, data)
+    batch = capture.batches[0]
+    assert (batch.temperature, batch.max_new_tokens, batch.samples_from_policy) == (temperature, 6, True)
+    expected = full_log_softmax(module, batch, scored_at)  # [N, L]
+    mask = batch.completion_mask.bool()
+    torch.testing.assert_close(batch.old_logprobs[mask], expected[mask], atol=1e-5, rtol=0)
+    assert not torch.allclose(batch.old_logprobs[mask], expected[mask] * 2, atol=1e-3)  # a loose tolerance cannot pass

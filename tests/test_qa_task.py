@@ -84,7 +84,6 @@ def test_embedded_qa_trains_through_the_embedding_clustering_path(qa_policy, tmp
         group_size=4,
         rewards=["qa_f1"],
         accuracy_reward="qa_f1",
-        cluster_answers=False,
         sampling=SamplingConfig(temperature=1.0, max_new_tokens=8),
         seed=2,
     )

@@ -54,16 +54,16 @@ def test_scorer_equals_the_models_own_logits(kind, plain):
     input_ids = torch.randint(1, 50, (3, 9))
     attention_mask = torch.ones_like(input_ids)
     attention_mask[0, :2] = 0  # a left-padded prompt
-    scorer = CompletionScorer(model, temperature=0.7, chunk_size=5)
+    scorer = CompletionScorer(model, chunk_size=5)
     with torch.no_grad():
-        scored = scorer(input_ids, attention_mask, 4, with_entropy=True, with_hidden=True)
+        scored = scorer(input_ids, attention_mask, 4, temperature=0.7, with_entropy=True, with_hidden=True)
     expected = _expected(model, input_ids, attention_mask, 4, 0.7)
     torch.testing.assert_close(scored.logprobs, expected, atol=2e-5, rtol=0)
     assert scored.entropy.shape == (3, 4) and scored.hidden.shape == (3, 4, 32)
     if not plain:  # the planted bug: treating the head as plain misses the transform
-        wrong = CompletionScorer(model, temperature=0.7, chunk_size=5, plain_head=True)
+        wrong = CompletionScorer(model, chunk_size=5, plain_head=True)
         with torch.no_grad():
-            gap = (wrong(input_ids, attention_mask, 4).logprobs - expected).abs().max()
+            gap = (wrong(input_ids, attention_mask, 4, temperature=0.7).logprobs - expected).abs().max()
         assert gap > 1e-2
 
 
@@ -71,7 +71,7 @@ def test_scorer_gradients_equal_the_models_own_logits():
     model = _model("qwen2").train()
     input_ids = torch.randint(1, 50, (2, 7))
     attention_mask = torch.ones_like(input_ids)
-    CompletionScorer(model, temperature=1.0, chunk_size=3)(input_ids, attention_mask, 3).logprobs.sum().backward()
+    CompletionScorer(model, chunk_size=3)(input_ids, attention_mask, 3, temperature=1.0).logprobs.sum().backward()
     chunked = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 3:-1]

@@ -8,16 +8,17 @@ engine generates G completions per prompt, the rewards score them, and the Light
 needs its models (old and reference log-probs, embeddings) through ``score_rollout``: only the fields that
 the loss or a callback reads (``lit_gcpo.batch.requested_fields``). Callbacks then see the complete
 ``RolloutBatch`` in ``on_train_batch_start``.
+
+The module is used through ``lit_gcpo.contracts.RolloutPolicy`` (checked in ``setup``), and nothing flows back:
+everything training reads about a batch (how it was sampled, which completions are correct) is on the batch.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import time
 import zlib
-from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, Literal
@@ -26,106 +27,22 @@ import lightning as L
 import torch
 from jsonargparse.typing import PositiveFloat, PositiveInt
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
-from lit_gcpo.batch import PromptBatch, RolloutBatch, requested_fields
+from lit_gcpo.batch import PromptBatch, requested_fields
 from lit_gcpo.clustering import answer_clusters
+from lit_gcpo.contracts import RolloutPolicy, check_implements
 from lit_gcpo.data.rollout import RolloutCollector
 from lit_gcpo.data.sources import PromptSource, check_field_types
+from lit_gcpo.data.streams import EvalPrompts, PromptStream
 from lit_gcpo.data.templates import PromptRenderer, context_length, fit_prompts, placeholders
 from lit_gcpo.engines import build_engine
 from lit_gcpo.engines.base import SamplingConfig
+from lit_gcpo.engines.options import EngineOptions
 from lit_gcpo.parallel import is_sharded
 from lit_gcpo.resume import convert_data_position
 
 log = logging.getLogger(__name__)
-
-
-class PromptStream(IterableDataset):
-    """An endless stream of prompt batches: epoch ``e`` visits the rows in the order of a permutation
-    seeded by ``(seed, e)``; batch ``b`` of rank ``r`` takes positions ``[(b W + r) B, (b W + r + 1) B)``."""
-
-    def __init__(self, rows: list[dict[str, Any]], prompts: list[str], batch_size: int, seed: int, start: Any) -> None:
-        self.rows, self.prompts, self.batch_size, self.seed = rows, prompts, batch_size, seed
-        self.start = start  # callable giving the first batch index when iteration begins (resume)
-        self.rank, self.world_size = 0, 1
-
-    def _order(self, epoch: int) -> list[int]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return torch.randperm(len(self.rows), generator=generator).tolist()
-
-    def __iter__(self) -> Iterator[PromptBatch]:
-        n = len(self.rows)
-        batch_index = self.start()
-        orders: dict[int, list[int]] = {}
-        while True:
-            first = (batch_index * self.world_size + self.rank) * self.batch_size
-            indices = []
-            for position in range(first, first + self.batch_size):
-                epoch = position // n
-                if epoch not in orders:
-                    orders = {epoch: self._order(epoch)}
-                indices.append(orders[epoch][position % n])
-            yield PromptBatch(
-                prompts=[self.prompts[i] for i in indices],
-                rows=[self.rows[i] for i in indices],
-                indices=indices,
-                positions=list(range(first, first + self.batch_size)),
-            )
-            batch_index += 1
-
-
-class EvalPrompts(IterableDataset):
-    """The evaluation rows once, in order, sharded by rank, in batches (``skip``: batches, by their row
-    indices, to leave out: already evaluated by an interrupted run)."""
-
-    def __init__(
-        self,
-        rows: list[dict[str, Any]],
-        prompts: list[str],
-        batch_size: int,
-        skip: Iterable[tuple[int, ...]] | None = None,
-    ) -> None:
-        self.rows, self.prompts, self.batch_size = rows, prompts, batch_size
-        self.skip: set[tuple[int, ...]] = set(skip or ())
-        self.rank, self.world_size = 0, 1
-        self.lockstep = False  # the ranks' forward passes are collectives (fsdp2): an uneven split is an error
-
-    def batches(self) -> list[list[int]]:
-        """This rank's batches of row indices: rows ``rank, rank + W, ...``, in as many batches as the rank with
-        the most rows needs, so that every rank runs the same number (under ``fsdp2`` each forward pass is a
-        collective, and a rank a batch short would leave the others waiting). The batches hold ``batch_size``
-        rows, except the last (and, on a rank with fewer rows, the last two). Where no such split exists (fewer
-        rows than ranks, or batches of one row and an uneven count) a rank runs a batch fewer, unless
-        ``lockstep`` (``fsdp2``), where that is an error."""
-        mine = list(range(self.rank, len(self.rows), self.world_size))
-        most = -(-len(self.rows) // self.world_size)
-        count = -(-most // self.batch_size)
-        if len(mine) < count:
-            if not self.lockstep:  # DDP: a rank may run a batch fewer
-                return [mine[start : start + self.batch_size] for start in range(0, len(mine), self.batch_size)]
-            raise ValueError(
-                f"{len(self.rows)} evaluation rows cannot give each of {self.world_size} ranks the same number of "
-                f"batches of at most {self.batch_size} rows (rank {self.rank} has {len(mine)} rows for {count} "
-                "batches): use at least as many rows as ranks, and a batch size (val_batch_size) of 2 or more"
-            )
-        sizes, left = [], len(mine)
-        for remaining in range(count - 1, -1, -1):  # leave at least one row for each batch still to come
-            sizes.append(min(self.batch_size, left - remaining))
-            left -= sizes[-1]
-        starts = itertools.accumulate(sizes, initial=0)
-        return [mine[start : start + size] for start, size in zip(starts, sizes, strict=False)]
-
-    def __iter__(self) -> Iterator[PromptBatch]:
-        for indices in self.batches():
-            if tuple(indices) in self.skip:
-                continue
-            yield PromptBatch(
-                prompts=[self.prompts[i] for i in indices],
-                rows=[self.rows[i] for i in indices],
-                indices=indices,
-                positions=indices,
-            )
 
 
 def run_seed(seed: int | None) -> int:
@@ -146,6 +63,13 @@ def _stage(trainer: L.Trainer) -> str:
 
 def _identity(batch: list[PromptBatch]) -> PromptBatch:
     return batch[0]
+
+
+def _timed_answer_clusters(answers: list[str | None] | None, group_ids: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``answer_clusters`` of a batch's answers and the seconds they took (run in the clustering thread)."""
+    start = time.perf_counter()
+    clusters = answer_clusters(answers or [], group_ids)
+    return clusters, time.perf_counter() - start
 
 
 class RolloutDataModule(L.LightningDataModule):
@@ -175,14 +99,12 @@ class RolloutDataModule(L.LightningDataModule):
         reward_timeout: seconds one reward function may take for one batch before its scores count as failed.
         accuracy_reward: the reward whose value (1 = correct) is reported as accuracy.
         engine: the rollout engine, ``hf`` or ``vllm``.
-        engine_options: options of the engine's constructor (e.g. ``gpu_memory_utilization`` for vllm).
+        engine_options: options of the engine (``lit_gcpo.engines.options.EngineOptions``; a dict of them is
+            accepted from Python), e.g. ``gpu_memory_utilization`` for vllm; unset: the engine's defaults.
         sampling: how training completions are sampled.
         val_samples: completions per evaluation prompt (1 with ``val_temperature`` 0 is greedy accuracy).
         val_temperature: sampling temperature for evaluation.
         val_batch_size: prompts per evaluation batch.
-        cluster_answers: cluster each group's final answers by math-verify equivalence while the policy scores
-            the batch (``batch.answer_clusters``), when a callback reads them (the uncertainty callback's
-            ``answer`` clustering).
         seed: seeds the prompt order and the sampler (each prompt from its position in the stream: the same
             completions whatever the batch size and the number of ranks); None (the default): the run's
             ``seed_everything``.
@@ -206,12 +128,11 @@ class RolloutDataModule(L.LightningDataModule):
         reward_timeout: PositiveFloat = 10.0,
         accuracy_reward: str | None = "math_accuracy",
         engine: Literal["hf", "vllm"] = "hf",
-        engine_options: dict[str, Any] | None = None,
+        engine_options: EngineOptions | None = None,
         sampling: SamplingConfig | None = None,
         val_samples: PositiveInt = 1,
         val_temperature: float = 0.0,
         val_batch_size: PositiveInt = 64,
-        cluster_answers: bool = True,
         seed: int | None = None,
     ) -> None:
         super().__init__()
@@ -237,7 +158,10 @@ class RolloutDataModule(L.LightningDataModule):
         self.batch_size, self.group_size = batch_size, group_size
         self.reward_names, self.reward_weights, self.reward_timeout = rewards, reward_weights, reward_timeout
         self.accuracy_reward = accuracy_reward
-        self.engine_name, self.engine_options = engine, dict(engine_options or {})
+        if isinstance(engine_options, dict):
+            engine_options = EngineOptions(**engine_options)
+        self.engine_name, self.engine_options = engine, engine_options or EngineOptions()
+        self.engine_options.for_engine(engine)  # another engine's option is an error now, not at setup
         self.sampling = sampling or SamplingConfig()
         self.val_samples, self.val_temperature, self.val_batch_size = (
             val_samples,
@@ -245,8 +169,7 @@ class RolloutDataModule(L.LightningDataModule):
             val_batch_size,
         )
         self.seed = seed
-        self.cluster_answers = cluster_answers
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="answer-clusters")
+        self._executor: ThreadPoolExecutor | None = None  # answer clustering; from setup to teardown
         self.consumed_batches = 0  # training prompt batches turned into rollouts (resume position)
         self.skipped_rows: dict[str, int] = {}
         self.collector: RolloutCollector | None = None
@@ -255,13 +178,19 @@ class RolloutDataModule(L.LightningDataModule):
         self._test_seed_keys: list[str] = []  # what seeds each test loader's prompts
         self._done_test_batches: dict[str, set[tuple[int, ...]]] = {}
         self._synced_step: int | None = None
+        self._policy: RolloutPolicy | None = None  # the LightningModule's services, from setup on
+        self._test_prompts: list[list[str]] = []  # the prompts of each test dataloader
 
     # ----------------------------------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
         self._synced_step = None  # the first batch of every stage syncs the engine
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="answer-clusters")
         module = self.trainer.lightning_module if self.trainer is not None else None
-        if module is None or not hasattr(module, "tokenizer"):
-            raise RuntimeError("RolloutDataModule needs a LightningModule with `tokenizer` and `policy`")
+        if module is None:
+            raise RuntimeError("RolloutDataModule needs a Trainer with a LightningModule (a RolloutPolicy)")
+        check_implements(module, RolloutPolicy, "the LightningModule of a RolloutDataModule,")
+        self._policy = module
         tokenizer = module.tokenizer
         self.seed = run_seed(self.seed)
         self._context = context_length(module.policy)
@@ -281,19 +210,21 @@ class RolloutDataModule(L.LightningDataModule):
         for split in wanted.get(stage, []):
             source = sources[split]
             if source is not None and split not in self._datasets:
-                if hasattr(source, "bind_tokenizer"):  # sources that budget their text in tokens
-                    source.bind_tokenizer(tokenizer)
+                source.bind_tokenizer(tokenizer)  # sources that budget their text in tokens
                 self._datasets[split] = self._prepare(split, source, self._renderer(source, tokenizer))
         if self.collector is None:
             from lit_gcpo.rewards import RewardSet
 
             rewards = RewardSet.from_names(self.reward_names, self.reward_weights, timeout=self.reward_timeout)
-            engine = build_engine(self.engine_name, module.policy, tokenizer, **self.engine_options)
+            options = self.engine_options.for_engine(self.engine_name)
+            engine = build_engine(self.engine_name, module.policy, tokenizer, **options)
             use_chat = self._renderer(None, tokenizer).use_chat
-            self.collector = RolloutCollector(engine, tokenizer, rewards, add_special_tokens=not use_chat)
+            self.collector = RolloutCollector(
+                engine, tokenizer, rewards, add_special_tokens=not use_chat, accuracy_reward=self.accuracy_reward
+            )
 
     def _renderer(self, source: PromptSource | None, tokenizer: Any) -> PromptRenderer:
-        template = getattr(source, "template", None) or self.template
+        template = (source.template if source is not None else None) or self.template
         return PromptRenderer(tokenizer, template, self.system, self.chat)
 
     def _prepare(
@@ -302,8 +233,7 @@ class RolloutDataModule(L.LightningDataModule):
         rows = source.load()
         if not rows:
             raise ValueError(f"{split}: the prompt source {source.describe()} has no rows")
-        required = getattr(source, "required_fields", None)
-        required = self.required_fields if required is None else required
+        required = self.required_fields if source.required_fields is None else source.required_fields
         required = [] if split == "predict" else required  # predictions need no gold
         needed = sorted(set(placeholders(renderer.template)) | set(required))
         for name in needed:
@@ -378,21 +308,18 @@ class RolloutDataModule(L.LightningDataModule):
         splits = sorted((k for k in self._datasets if k.startswith("test")), key=lambda k: int(k[4:]))
         sources = self.test_sources or [self.val_source]
         default_sampling = replace(self.sampling, temperature=self.val_temperature)
-        loaders, self._test_passes, self._test_seed_keys = [], [], []
+        loaders, self._test_passes, self._test_seed_keys, self._test_prompts = [], [], [], []
         for split in splits:
             source, (rows, prompts) = sources[int(split[4:])], self._datasets[split]
-            variants = getattr(source, "eval_variants", None)
-            passes = (
-                variants(default_sampling, self.val_samples) if variants else [("", default_sampling, self.val_samples)]
-            )
-            for variant, sampling, samples in passes:
+            for variant, sampling, samples in source.eval_variants(default_sampling, self.val_samples):
                 name = source.describe() + (f"/{variant}" if variant else "")
                 tagged = [{**row, "variant": variant, "position": i} for i, row in enumerate(rows)]
                 skip = self._done_test_batches.get(name)
                 loaders.append(self._shard(EvalPrompts(tagged, prompts, self.val_batch_size, skip)))
                 self._test_passes.append((name, sampling, samples))
+                self._test_prompts.append(prompts)
                 # sampling seeds follow the benchmark's name and pass, not its file's location
-                self._test_seed_keys.append(f"{getattr(source, 'name', None) or source.describe()}/{variant}")
+                self._test_seed_keys.append(f"{source.name or source.describe()}/{variant}")
         return loaders
 
     def predict_dataloader(self) -> DataLoader:
@@ -413,6 +340,39 @@ class RolloutDataModule(L.LightningDataModule):
             return sampling, samples
         return replace(self.sampling, temperature=self.val_temperature), self.val_samples
 
+    def test_prompts(self) -> dict[str, list[str]]:
+        """The prompts of each test dataloader, by its name (``test_names``)."""
+        passes = zip(self._test_passes, self._test_prompts, strict=True)
+        return {name: list(prompts) for (name, _, _), prompts in passes}
+
+    def skipped_items(self, stage: str) -> dict[str, list[str]]:
+        """Ids the evaluation sources of ``stage`` (``test``: the test sources, else the validation source) left out
+        for an unreadable gold, by benchmark name (sources with ``name`` and ``skipped``: ``BenchmarkSource``)."""
+        sources = list(self.test_sources) if stage == "test" else []
+        sources = sources or [self.val_source]  # testing without test sources tests on the validation source
+        skipped: dict[str, list[str]] = {}
+        for source in sources:
+            if source is not None and source.skipped is not None and source.name is not None:
+                skipped.setdefault(source.name, []).extend(source.skipped)
+        return skipped
+
+    def too_long_items(self, stage: str) -> dict[str, list[str]]:
+        """Ids of the items of ``stage`` left out for a prompt longer than the context (``long_prompts: skip``),
+        by benchmark: a row's own ``benchmark`` field, else its test source's name (``test``) or ``<stage>0``."""
+        sources = list(self.test_sources) if stage == "test" else []
+        too_long: dict[str, list[str]] = {}
+        for split, rows in self.dropped_long_rows.items():
+            if stage == "test" and split.startswith("test") and int(split[4:]) < len(sources):
+                default = sources[int(split[4:])].describe()  # the records' default benchmark: the loader's name
+            elif stage != "test" and split == "val":
+                default = f"{stage}0"
+            else:
+                continue
+            for index, row in rows:
+                name = str(row.get("benchmark") or default)
+                too_long.setdefault(name, []).append(str(row.get("id", f"row {index}")))
+        return too_long
+
     def skip_test_batches(self, done: dict[str, set[tuple[int, ...]]]) -> None:
         """Leave out of the test dataloaders the batches already evaluated (a resumed run), given as
         ``{test name: {row positions of a batch}}``; call before the test dataloaders are built."""
@@ -422,18 +382,18 @@ class RolloutDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if not isinstance(batch, PromptBatch):
             return batch
-        assert self.collector is not None, "setup() was not called"
-        module = self.trainer.lightning_module
+        assert self.collector is not None and self._policy is not None, "setup() was not called"
+        policy = self._policy
         training = self.trainer.training
-        self._sync_engine(module)  # also before evaluation: a restored checkpoint, the current weights
+        self._sync_engine(policy)  # also before evaluation: a restored checkpoint, the current weights
         fields = requested_fields(self.trainer.callbacks, _stage(self.trainer))
         # the engine gathers the policy's embeddings while sampling when it can (then no scoring pass is needed)
-        embed = "embeddings" in fields and getattr(module, "policy_embeddings", False)
+        embed = "embeddings" in fields
         if training:
             sampling = replace(self.sampling, seed=None)
             seeds = self._prompt_seeds("train", batch)
             rollout = self.collector.collect(
-                batch, self.group_size, sampling, module.device, seeds=seeds, with_embeddings=embed
+                batch, self.group_size, sampling, policy.device, seeds=seeds, with_embeddings=embed
             )
             self.collector.engine.sleep()  # vLLM sleep mode frees its memory for the optimizer steps
             self.consumed_batches += 1
@@ -441,31 +401,33 @@ class RolloutDataModule(L.LightningDataModule):
             sampling, samples = self.eval_settings(dataloader_idx)
             seeds = self._prompt_seeds(self._eval_stream(dataloader_idx), batch)
             rollout = self.collector.collect(
-                batch, samples, replace(sampling, seed=None), module.device, seeds=seeds, with_embeddings=embed
+                batch, samples, replace(sampling, seed=None), policy.device, seeds=seeds, with_embeddings=embed
             )
-        # Answer clustering (math-verify, in its grading process) overlaps the policy's scoring pass.
-        cluster = self.cluster_answers and "answer_clusters" in fields
-        clusters = self._executor.submit(self._answer_clusters, rollout) if cluster else None
-        if hasattr(module, "score_rollout"):
-            module.score_rollout(rollout, with_reference=training, fields=fields)
+        # Answer clustering (math-verify, in its grading process) overlaps the policy's scoring pass. The worker
+        # reads only what no one writes meanwhile (answers, group ids) and returns its result: the batch, its
+        # metrics included, is written by this thread alone.
+        assert self._executor is not None, "setup() was not called"
+        clusters = None
+        if "answer_clusters" in fields:
+            clusters = self._executor.submit(_timed_answer_clusters, rollout.answers, rollout.group_ids)
+        policy.score_rollout(rollout, with_reference=training, fields=fields)
         if clusters is not None:
-            rollout.answer_clusters = clusters.result()
+            rollout.answer_clusters, rollout.metrics["time/answer_clusters_s"] = clusters.result()
         return rollout
 
-    @staticmethod
-    def _answer_clusters(rollout: RolloutBatch) -> torch.Tensor:
-        start = time.perf_counter()
-        clusters = answer_clusters(rollout.answers, rollout.group_ids)
-        rollout.metrics["time/answer_clusters_s"] = time.perf_counter() - start
-        return clusters
+    def teardown(self, stage: str) -> None:
+        """Stop the answer-clustering thread (a later ``setup`` starts a new one)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
 
-    def _sync_engine(self, module: Any) -> None:
+    def _sync_engine(self, policy: RolloutPolicy) -> None:
         """Push the policy's weights to the engine whenever they may have changed since the last push: after an
         optimizer step, and at the first batch of every fit, validation or test (a restored checkpoint). A
         no-op for ``hf``, which samples from the policy itself."""
         step = self.trainer.global_step
         if step != self._synced_step:
-            self.collector.engine.sync_weights(module.export_weights())
+            self.collector.engine.sync_weights(policy.export_weights())
             self._synced_step = step
 
     def _eval_stream(self, dataloader_idx: int) -> str:
@@ -480,12 +442,6 @@ class RolloutDataModule(L.LightningDataModule):
         whatever the batch size or the number of ranks, distinct for every prompt."""
         positions = batch.positions if batch.positions is not None else batch.indices
         return [zlib.crc32(f"{self.seed}/{stream}/{position}".encode()) for position in positions]
-
-    def accuracy(self, rollout: RolloutBatch) -> torch.Tensor | None:
-        """``[N]`` correctness of each completion (the accuracy reward above 0.5), or None."""
-        if self.accuracy_reward is None or self.accuracy_reward not in rollout.reward_components:
-            return None
-        return (rollout.reward_components[self.accuracy_reward].nan_to_num(0.0) > 0.5).float()
 
     # ---------------------------------------------------------------------------------------- resume
     def state_dict(self) -> dict[str, Any]:

@@ -43,13 +43,22 @@ class RolloutCollector:
         tokenizer: the policy's tokenizer.
         rewards: scores completions (``lit_gcpo.rewards.RewardSet``).
         add_special_tokens: whether the tokenizer adds its special tokens (BOS) to the rendered prompts.
+        accuracy_reward: the reward whose value above 0.5 marks a completion correct (``batch.correct``); None: none.
     """
 
-    def __init__(self, engine: RolloutEngine, tokenizer: Any, rewards: Any, add_special_tokens: bool = True) -> None:
+    def __init__(
+        self,
+        engine: RolloutEngine,
+        tokenizer: Any,
+        rewards: Any,
+        add_special_tokens: bool = True,
+        accuracy_reward: str | None = None,
+    ) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.rewards = rewards
         self.add_special_tokens = add_special_tokens
+        self.accuracy_reward = accuracy_reward
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def tokenize(self, prompts: list[str]) -> list[list[int]]:
@@ -65,7 +74,9 @@ class RolloutCollector:
         with_embeddings: bool = False,
     ) -> RolloutBatch:
         """``group_size`` scored completions of each prompt; ``seeds`` (one per prompt) seed their sampling;
-        ``with_embeddings``: the engine's completion embeddings, when it reports them (else left to the module)."""
+        ``with_embeddings``: the engine's completion embeddings, when it reports them (else left to the module).
+        The batch carries how it was sampled (temperature, ``max_new_tokens``, whether by the policy itself) and
+        each completion's correctness: what training reads besides the completions."""
         prompt_ids = self.tokenize(batch.prompts)
         start = time.perf_counter()
         extra = {"with_embeddings": True} if with_embeddings and self.engine.reports_embeddings else {}
@@ -101,6 +112,10 @@ class RolloutCollector:
             "completion/truncated_frac": sum(generation.truncated) / len(generation.truncated),
             **scores.metrics,
         }
+        components = {name: value.to(device) for name, value in scores.components.items()}
+        correct = None
+        if self.accuracy_reward is not None and self.accuracy_reward in components:
+            correct = (components[self.accuracy_reward].nan_to_num(0.0) > 0.5).float()  # [N]
         return RolloutBatch(
             prompts=list(batch.prompts),
             rows=list(batch.rows),
@@ -110,10 +125,14 @@ class RolloutCollector:
             completion_mask=completion_mask,
             group_ids=torch.arange(len(batch), device=device).repeat_interleave(group_size),
             rewards=scores.total.to(device),
-            reward_components={name: value.to(device) for name, value in scores.components.items()},
+            reward_components=components,
             truncated=torch.tensor(generation.truncated, device=device),
             answers=[final_answer(text) for text in completions],
             engine_logprobs=None if engine_logprobs is None else engine_logprobs.to(device),
             embeddings=None if generation.embeddings is None else generation.embeddings.to(device),
+            temperature=sampling.temperature,
+            max_new_tokens=sampling.max_new_tokens,
+            samples_from_policy=self.engine.samples_from_policy,
+            correct=correct,
             metrics=metrics,
         )

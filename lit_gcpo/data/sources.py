@@ -13,7 +13,9 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
+
+from lit_gcpo.engines.base import SamplingConfig
 
 
 class PromptSource(abc.ABC):
@@ -22,7 +24,17 @@ class PromptSource(abc.ABC):
     Args:
         fields: renames columns, ``{source_name: name_used_here}``.
         limit: keep only the first ``limit`` rows (0 = all).
+
+    What a source may add for the DataModule (the defaults here change nothing): ``template`` and
+    ``required_fields`` of its own (None: the DataModule's); a benchmark's ``name`` and the ids of the rows it left
+    out, ``skipped`` (None: it reports none); ``bind_tokenizer`` (sources that budget their text in tokens); and
+    ``eval_variants`` (evaluation passes with sampling of their own).
     """
+
+    template: str | None = None
+    required_fields: list[str] | None = None
+    name: str | None = None
+    skipped: list[str] | None = None
 
     def __init__(self, fields: dict[str, str] | None = None, limit: int = 0) -> None:
         if limit < 0:
@@ -33,6 +45,15 @@ class PromptSource(abc.ABC):
     @abc.abstractmethod
     def _read(self) -> list[dict[str, Any]]:
         """The raw rows."""
+
+    def bind_tokenizer(self, tokenizer: Any) -> None:
+        """Receive the policy's tokenizer before ``load`` (unused by default)."""
+        del tokenizer
+
+    def eval_variants(self, sampling: SamplingConfig, samples: int) -> list[tuple[str, SamplingConfig, int]]:
+        """The evaluation passes over this source, ``(variant, sampling, samples)``, given the DataModule's
+        ``sampling`` and ``samples`` per prompt: by default one pass with those."""
+        return [("", sampling, samples)]
 
     def load(self) -> list[dict[str, Any]]:
         rows = self._read()
@@ -227,49 +248,11 @@ def check_field_types(
     )
 
 
-class ArithmeticTask(PromptSource):
-    """The built-in synthetic arithmetic task (``lit_gcpo.tasks.arithmetic``), generated from a seed.
+def __getattr__(name: str) -> Any:
+    """``lit_gcpo.data.sources.ArithmeticTask``, the task's path before it moved to ``lit_gcpo.tasks.arithmetic``
+    (configs saved by earlier runs name it): resolved on first use, so that this module imports no task."""
+    if name == "ArithmeticTask":
+        from lit_gcpo.tasks.arithmetic import ArithmeticTask
 
-    Training and validation rows come from one call with the same ``seed``, ``num_train``, ``num_val``
-    and ``mix``; with ``disjoint`` they never share a prompt (a level has only 10^k x 3^(k-1) prompts, so
-    the easy levels cannot always be kept apart).
-
-    Args:
-        split: ``train`` or ``validation``.
-        num_train: problems in the training split.
-        num_val: problems in the validation split.
-        mix: relative frequency of each difficulty level (number of operands), e.g. ``{2: 0.5, 3: 0.5}``;
-            None is the task's default mix.
-        seed: the generator's seed.
-        disjoint: redraw training problems whose prompt is a validation prompt.
-        fields: renames columns, ``{source_name: name_used_here}``.
-        limit: keep only the first ``limit`` rows (0 = all).
-    """
-
-    def __init__(
-        self,
-        split: Literal["train", "validation"] = "train",
-        num_train: int = 5000,
-        num_val: int = 256,
-        mix: dict[int, float] | None = None,
-        seed: int = 0,
-        disjoint: bool = False,
-        fields: dict[str, str] | None = None,
-        limit: int = 0,
-    ) -> None:
-        super().__init__(fields, limit)
-        self.disjoint = disjoint
-        if num_train < 1 or num_val < 1:
-            raise ValueError(f"num_train and num_val must be >= 1, got {num_train} and {num_val}")
-        self.split, self.num_train, self.num_val, self.mix, self.seed = split, num_train, num_val, mix, seed
-
-    def _read(self) -> list[dict[str, Any]]:
-        from lit_gcpo.tasks.arithmetic import arithmetic_splits
-
-        train, val = arithmetic_splits(
-            self.num_train, self.num_val, mix=self.mix, seed=self.seed, disjoint=self.disjoint
-        )
-        return train if self.split == "train" else val
-
-    def describe(self) -> str:
-        return f"arithmetic[{self.split}](seed={self.seed})"
+        return ArithmeticTask
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -45,6 +45,13 @@ class SamplingConfig:
             raise ValueError(f"sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
+def logprob_temperature(temperature: float) -> float:
+    """The temperature T of the distribution ``log_softmax(logits / T)`` that log-probs of completions sampled at
+    ``temperature`` are computed under, by engines and by the trainer alike: the sampling temperature, and 1 for
+    greedy decoding (temperature 0, whose "distribution" would be a point mass)."""
+    return temperature if temperature > 0 else 1.0
+
+
 @dataclass
 class Generation:
     """What an engine returns for ``len(prompts) * num_samples`` completions, group-major.

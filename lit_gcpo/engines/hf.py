@@ -32,7 +32,14 @@ from torch.distributed.fsdp import FSDPModule
 from transformers import DynamicCache
 from transformers.generation import TopKLogitsWarper, TopPLogitsWarper
 
-from lit_gcpo.engines.base import Generation, RolloutEngine, SamplingConfig, end_of_sequence_ids, prompt_seeds
+from lit_gcpo.engines.base import (
+    Generation,
+    RolloutEngine,
+    SamplingConfig,
+    end_of_sequence_ids,
+    logprob_temperature,
+    prompt_seeds,
+)
 from lit_gcpo.scoring import base_model
 
 
@@ -242,7 +249,7 @@ class HFEngine(RolloutEngine):
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(n, steps)], dim=-1)  # [n, P + T]
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         greedy = sampling.temperature == 0
-        temperature = 1.0 if greedy else sampling.temperature
+        temperature = logprob_temperature(sampling.temperature)
         warpers = []
         if not greedy and sampling.top_k > 0:
             warpers.append(TopKLogitsWarper(sampling.top_k))

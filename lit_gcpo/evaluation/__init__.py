@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lit_gcpo.evaluation.benchmarks import BENCHMARKS, BenchmarkItems, BenchmarkSpec, load_benchmark, normalise_rows
+from lit_gcpo.data.benchmarks import BENCHMARKS, BenchmarkItems, BenchmarkSpec, load_benchmark, normalise_rows
 from lit_gcpo.evaluation.metrics import (
     QAF1,
     AverageAtK,

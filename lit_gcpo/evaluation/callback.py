@@ -14,7 +14,8 @@ same numbers even when a rank saw no batch of some benchmark, and the files hold
 ``lit-gcpo test`` also writes each batch's records as it comes (``lit_gcpo.evaluation.progress``); a run
 restarted with the same config and ``output_dir`` skips the batches found there (the DataModule leaves
 them out of its test dataloaders) and reports from the saved and the new records together, so its
-report is the one an uninterrupted run gives. The paper-style table (``lit_gcpo.evaluation.paper``: one
+report is the one an uninterrupted run gives. The DataModule is read through ``lit_gcpo.contracts.EvaluationData``
+(checked in ``setup``). The paper-style table (``lit_gcpo.evaluation.paper``: one
 row for this model, one column per benchmark and pass, averages) is printed and written next to it.
 """
 
@@ -30,6 +31,7 @@ import torch
 
 from lit_gcpo.answers import FALLBACKS
 from lit_gcpo.batch import RolloutBatch
+from lit_gcpo.contracts import EvaluationData, check_implements
 from lit_gcpo.evaluation.paper import format_paper_table
 from lit_gcpo.evaluation.progress import EvaluationProgress
 from lit_gcpo.evaluation.results import Record, format_table, rollout_records, summarise, write_results
@@ -106,8 +108,12 @@ class BenchmarkReport(pl.Callback):
         return {"embeddings", "seq_logprobs"} if wanted else set()
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Before the test dataloaders exist: find the batches an interrupted run finished."""
+        """Before the test dataloaders exist: check the DataModule's interface, and find the batches an interrupted
+        run finished."""
         self.progress = None
+        data = _evaluation_data(trainer)
+        if data is not None:
+            check_implements(data, EvaluationData, "the DataModule of a BenchmarkReport,")
         if stage != "test" or not self.resume:
             return
         path = self._directory(trainer) / f"test_progress.rank{trainer.global_rank}.jsonl"
@@ -120,11 +126,10 @@ class BenchmarkReport(pl.Callback):
                 log.warning(
                     "%s: %d evaluated batches are evaluated again: another rank had not finished them", path, dropped
                 )
-        datamodule = getattr(trainer, "datamodule", None)
         if self.progress.batches:
-            if not hasattr(datamodule, "skip_test_batches"):
-                raise RuntimeError(f"{path}: resuming needs a DataModule with skip_test_batches (RolloutDataModule)")
-            datamodule.skip_test_batches(self.progress.done())
+            if data is None:
+                raise RuntimeError(f"{path}: resuming needs a DataModule (an EvaluationData: RolloutDataModule)")
+            data.skip_test_batches(self.progress.done())
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.progress is not None:  # the dataloaders exist now: the passes' settings are known
@@ -234,39 +239,27 @@ class BenchmarkReport(pl.Callback):
 
     def _settings(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, dict[str, Any]]:
         """What decides each test pass's batches and completions (compared when resuming)."""
-        datamodule = getattr(trainer, "datamodule", None)
+        data = _evaluation_data(trainer)
         common = {
-            "batch_size": getattr(datamodule, "val_batch_size", None),
+            "batch_size": None if data is None else data.val_batch_size,
             "world_size": trainer.world_size,
-            "seed": getattr(datamodule, "seed", None),
+            "seed": None if data is None else data.seed,
             "label": self._label(trainer, pl_module),
             "answer_fallback": self.answer_fallback,
         }
-        names = datamodule.test_names() if hasattr(datamodule, "test_names") else []
         settings = {}
-        for index, name in enumerate(names):
-            sampling, samples = (
-                datamodule.eval_settings(index) if hasattr(datamodule, "eval_settings") else (None, None)
-            )
-            described = asdict(sampling) if sampling is not None else None
-            if described is not None:
-                described.pop("seed", None)  # set per batch by the DataModule from its seed (in "seed")
+        for index, name in enumerate([] if data is None else data.test_names()):
+            sampling, samples = data.eval_settings(index)
+            described = asdict(sampling)
+            described.pop("seed", None)  # set per batch by the DataModule from its seed (in "seed")
             settings[name] = {**common, "sampling": described, "samples": samples}
         return settings
 
     @staticmethod
     def _prompts(trainer: pl.Trainer) -> dict[str, list[str]]:
-        """The prompts of each test dataloader (``EvalPrompts``), by its name."""
-        datamodule = getattr(trainer, "datamodule", None)
-        loaders = trainer.test_dataloaders
-        loaders = [loaders] if loaders is not None and not isinstance(loaders, (list, tuple)) else list(loaders or [])
-        names = datamodule.test_names() if hasattr(datamodule, "test_names") else []
-        found = {}
-        for name, loader in zip(names, loaders, strict=False):
-            prompts = getattr(getattr(loader, "dataset", None), "prompts", None)
-            if prompts is not None:
-                found[name] = list(prompts)
-        return found
+        """The prompts of each test dataloader, by its name."""
+        data = _evaluation_data(trainer)
+        return {} if data is None else data.test_prompts()
 
     def _label(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
         if self.label is not None:
@@ -290,39 +283,25 @@ class BenchmarkReport(pl.Callback):
 
     @staticmethod
     def _loader_name(trainer: pl.Trainer, stage: str, dataloader_idx: int) -> str:
-        datamodule = getattr(trainer, "datamodule", None)
-        if stage == "test" and hasattr(datamodule, "test_names"):
-            names = datamodule.test_names()
+        data = _evaluation_data(trainer)
+        if stage == "test" and data is not None:
+            names = data.test_names()
             if dataloader_idx < len(names):
                 return names[dataloader_idx]
         return f"{stage}{dataloader_idx}"
 
     @staticmethod
     def _left_out(trainer: pl.Trainer, stage: str) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-        """Ids of this stage's items left out, by benchmark: for an unreadable gold (what the benchmark loaders
-        of sources with ``name``/``skipped`` dropped), and for a prompt longer than the context (the DataModule's
-        ``dropped_long_rows`` under ``long_prompts: skip``)."""
-        datamodule = getattr(trainer, "datamodule", None)
-        val_source = getattr(datamodule, "val_source", None)
-        sources = list(getattr(datamodule, "test_sources", None) or []) if stage == "test" else []
-        sources = sources or [val_source]  # the DataModule tests on the validation source when given none
-        skipped: dict[str, list[str]] = {}
-        for source in sources:
-            if hasattr(source, "skipped") and hasattr(source, "name"):
-                skipped.setdefault(source.name, []).extend(source.skipped)
-        too_long: dict[str, list[str]] = {}
-        dropped = getattr(datamodule, "dropped_long_rows", None) or {}
-        for split, rows in dropped.items():
-            if stage == "test" and split.startswith("test") and int(split[4:]) < len(sources):
-                default = sources[int(split[4:])].describe()  # the records' default benchmark: the loader's name
-            elif stage != "test" and split == "val":
-                default = f"{stage}0"
-            else:
-                continue
-            for index, row in rows:
-                name = str(row.get("benchmark") or default)
-                too_long.setdefault(name, []).append(str(row.get("id", f"row {index}")))
-        return skipped, too_long
+        """Ids of this stage's items left out, by benchmark: for an unreadable gold, and for a prompt longer than
+        the context (``long_prompts: skip``)."""
+        data = _evaluation_data(trainer)
+        return ({}, {}) if data is None else (data.skipped_items(stage), data.too_long_items(stage))
+
+
+def _evaluation_data(trainer: pl.Trainer) -> EvaluationData | None:
+    """The trainer's DataModule (checked to be an ``EvaluationData`` in ``setup``), or None: a report of batches
+    without one (the names, settings and prompts are then unknown)."""
+    return trainer.datamodule
 
 
 def _gather_objects(trainer: pl.Trainer, value: Any) -> list[Any]:

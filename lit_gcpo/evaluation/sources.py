@@ -1,6 +1,6 @@
 """``BenchmarkSource``: one evaluation benchmark as a prompt source of the rollout DataModule.
 
-Rows are the loader's items (``lit_gcpo.evaluation.benchmarks``) with the question as ``prompt``:
+Rows are the loader's items (``lit_gcpo.data.benchmarks``) with the question as ``prompt``:
 ``{"prompt", "context", "gold", "id", "kind", "benchmark", "index"}`` (``index`` = position in the
 benchmark, which keeps the report in benchmark order after a multi-rank run). The source carries its
 own prompt template and required fields, which the DataModule uses instead of its own, so math and QA
@@ -22,10 +22,10 @@ import logging
 from dataclasses import replace
 from typing import Any, ClassVar, NamedTuple
 
+from lit_gcpo.data.benchmarks import BENCHMARKS, load_benchmark
 from lit_gcpo.data.sources import PromptSource
 from lit_gcpo.data.templates import QWEN_MATH_TEMPLATE
 from lit_gcpo.engines.base import SamplingConfig
-from lit_gcpo.evaluation.benchmarks import BENCHMARKS, load_benchmark
 
 log = logging.getLogger(__name__)
 

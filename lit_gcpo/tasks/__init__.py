@@ -6,8 +6,16 @@ from lit_gcpo.tasks.arithmetic import (
     DEFAULT_MIX,
     WARM_START_MIX,
     ArithmeticProblem,
+    ArithmeticTask,
     arithmetic_splits,
     sample_problems,
 )
 
-__all__ = ["DEFAULT_MIX", "WARM_START_MIX", "ArithmeticProblem", "arithmetic_splits", "sample_problems"]
+__all__ = [
+    "DEFAULT_MIX",
+    "WARM_START_MIX",
+    "ArithmeticProblem",
+    "ArithmeticTask",
+    "arithmetic_splits",
+    "sample_problems",
+]

@@ -28,7 +28,9 @@ import operator
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
+
+from lit_gcpo.data.sources import PromptSource
 
 OPERATORS: dict[str, Callable[[int, int], int]] = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 """The binary operators of the task, by symbol."""
@@ -197,3 +199,49 @@ def arithmetic_splits(
     exclude = frozenset(problem.prompt for problem in val) if disjoint else frozenset()
     train = sample_problems(num_train, mix, seed=2 * seed, exclude=exclude)
     return [problem.to_row() for problem in train], [problem.to_row() for problem in val]
+
+
+class ArithmeticTask(PromptSource):
+    """The built-in synthetic arithmetic task generated from a seed (``arithmetic_splits``).
+
+    Training and validation rows come from one call with the same ``seed``, ``num_train``, ``num_val``
+    and ``mix``; with ``disjoint`` they never share a prompt (a level has only 10^k x 3^(k-1) prompts, so
+    the easy levels cannot always be kept apart).
+
+    Args:
+        split: ``train`` or ``validation``.
+        num_train: problems in the training split.
+        num_val: problems in the validation split.
+        mix: relative frequency of each difficulty level (number of operands), e.g. ``{2: 0.5, 3: 0.5}``;
+            None is the task's default mix.
+        seed: the generator's seed.
+        disjoint: redraw training problems whose prompt is a validation prompt.
+        fields: renames columns, ``{source_name: name_used_here}``.
+        limit: keep only the first ``limit`` rows (0 = all).
+    """
+
+    def __init__(
+        self,
+        split: Literal["train", "validation"] = "train",
+        num_train: int = 5000,
+        num_val: int = 256,
+        mix: dict[int, float] | None = None,
+        seed: int = 0,
+        disjoint: bool = False,
+        fields: dict[str, str] | None = None,
+        limit: int = 0,
+    ) -> None:
+        super().__init__(fields, limit)
+        self.disjoint = disjoint
+        if num_train < 1 or num_val < 1:
+            raise ValueError(f"num_train and num_val must be >= 1, got {num_train} and {num_val}")
+        self.split, self.num_train, self.num_val, self.mix, self.seed = split, num_train, num_val, mix, seed
+
+    def _read(self) -> list[dict[str, Any]]:
+        train, val = arithmetic_splits(
+            self.num_train, self.num_val, mix=self.mix, seed=self.seed, disjoint=self.disjoint
+        )
+        return train if self.split == "train" else val
+
+    def describe(self) -> str:
+        return f"arithmetic[{self.split}](seed={self.seed})"

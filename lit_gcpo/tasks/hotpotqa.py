@@ -1,6 +1,6 @@
 """HotpotQA (distractor) as a training prompt source, for the GCPO paper's QA setting (``configs/gcpo_qa.yaml``).
 
-The evaluation side already reads HotpotQA (``lit_gcpo.evaluation.benchmarks``: titled paragraphs as the context,
+The evaluation side already reads HotpotQA (``lit_gcpo.data.benchmarks``: titled paragraphs as the context,
 the answer as the single reference); this source gives the same rows for any split, so that training and
 validation prompts look alike. Rows: ``{"prompt", "context", "gold", "id"}``; ``qa_f1`` reads ``gold``.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lit_gcpo.data.benchmarks import BENCHMARKS, normalise_rows
 from lit_gcpo.data.sources import HubDataset, LocalFiles, PromptSource
 
 HUB_PATH = "hotpotqa/hotpot_qa"
@@ -31,8 +32,6 @@ class HotpotQA(PromptSource):
         self.skipped: list[str] = []
 
     def _read(self) -> list[dict[str, Any]]:
-        from lit_gcpo.evaluation.benchmarks import BENCHMARKS, normalise_rows
-
         if self.path is not None:
             source: PromptSource = LocalFiles(self.path, limit=self.row_limit)
         else:

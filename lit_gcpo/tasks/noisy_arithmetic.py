@@ -45,8 +45,8 @@ import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-from lit_gcpo.data.sources import ArithmeticTask
 from lit_gcpo.rewards.math_reward import completion_text, math_accuracy
+from lit_gcpo.tasks.arithmetic import ArithmeticTask
 
 NOISE_FIELD = "noise_rate"
 NoisyAnswers = Literal["all", "short", "long"]

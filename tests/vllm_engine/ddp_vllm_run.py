@@ -16,9 +16,9 @@ import lightning as L
 import torch
 
 from lit_gcpo.data.datamodule import RolloutDataModule
-from lit_gcpo.data.sources import ArithmeticTask
 from lit_gcpo.engines.base import SamplingConfig
 from lit_gcpo.module import GRPOModule
+from lit_gcpo.tasks.arithmetic import ArithmeticTask
 
 
 class Record(L.Callback):
@@ -46,7 +46,6 @@ if __name__ == "__main__":
         engine="vllm",
         engine_options={"dtype": "float32", "max_model_len": 256},
         sampling=SamplingConfig(max_new_tokens=12),
-        cluster_answers=False,
         seed=3,
     )
     record = Record()
