@@ -35,6 +35,7 @@ def test_members_are_read_from_the_protocol():
         "eval_settings",
         "test_prompts",
         "skipped_items",
+        "too_long_items",
         "skip_test_batches",
     }
 
@@ -55,7 +56,7 @@ def test_datamodule_names_what_the_module_lacks():
 def test_benchmark_report_names_what_the_datamodule_lacks(tmp_path):
     datamodule = SimpleNamespace(val_batch_size=4, seed=0, test_names=list)
     trainer = SimpleNamespace(datamodule=datamodule)
-    with pytest.raises(TypeError, match=r"lacks eval_settings, test_prompts, skipped_items, skip_test_batches"):
+    with pytest.raises(TypeError, match=r"lacks eval_settings, test_prompts, skipped_items, too_long_items, skip_test_batches"):
         BenchmarkReport(output_dir=str(tmp_path)).setup(trainer, None, "test")
 
 
