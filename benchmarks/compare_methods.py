@@ -1,8 +1,8 @@
 """GRPO vs SEED-GRPO vs GCPO (and the rd_only control) on two embedded testbeds: same budget, paired seeds.
 
-Every run is ``lit-gcpo fit`` (``python -m lit_gcpo.cli``, a fresh process each) on ``configs/compare_arithmetic.yaml``
-(the quickstart as it was before issue 11 retuned it; ``--config`` for another), read
-at run time, with only these overrides:
+Every run is ``lit-gcpo fit`` (``python -m lit_gcpo.running.cli``, a fresh process each) on
+``configs/compare_arithmetic.yaml`` (the quickstart as it was before issue 11 retuned it; ``--config`` for
+another), read at run time, with only these overrides:
 
 - the ``UncertaintyCallback``'s weighting (``METHODS`` below); clustering, embedding source and centring stay
   the config's. The methods therefore differ only in the advantage weights:
@@ -107,7 +107,7 @@ def launch(subcommand: str, config: dict[str, Any], directory: Path, threads: in
     config_path = directory / f"{subcommand}_config.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [sys.executable, "-m", "lit_gcpo.cli", subcommand, "--config", str(config_path)]
+    command = [sys.executable, "-m", "lit_gcpo.running.cli", subcommand, "--config", str(config_path)]
     start = time.perf_counter()
     with open(directory / f"{subcommand}.log", "w") as log_file:
         done = subprocess.run(command, cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT, timeout=timeout)

@@ -12,9 +12,9 @@ import pytest
 import torch
 from test_cli import _short_fit_args
 
-import lit_gcpo.checkpointing as checkpointing
-from lit_gcpo.checkpointing import atomic_torch_save, newest_complete_checkpoint
-from lit_gcpo.cli import main
+import lit_gcpo.running.checkpointing as checkpointing
+from lit_gcpo.running.checkpointing import atomic_torch_save, newest_complete_checkpoint
+from lit_gcpo.running.cli import main
 
 REPO = Path(__file__).parents[1]
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_training import CaptureBatches, make_pair, trainer
 
-from lit_gcpo.contracts import EvaluationData, RolloutPolicy, check_implements, missing_members, protocol_members
+from lit_gcpo.data.contracts import EvaluationData, RolloutPolicy, check_implements, missing_members, protocol_members
 from lit_gcpo.data.datamodule import RolloutDataModule
 from lit_gcpo.evaluation.callback import BenchmarkReport
 from lit_gcpo.tasks.arithmetic import ArithmeticTask

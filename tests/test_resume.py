@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from test_cli import _short_fit_args
 
-from lit_gcpo.cli import main
-from lit_gcpo.resume import ResumeMismatchError
+from lit_gcpo.running.cli import main
+from lit_gcpo.running.resume import ResumeMismatchError
 
 REPO = Path(__file__).parents[1]
 
@@ -45,7 +45,7 @@ def test_explicit_settings_given_with_ckpt_path_are_applied_and_printed(
 
 
 def test_another_model_than_the_checkpoints_is_refused(checkpoint, tmp_path, monkeypatch):
-    from lit_gcpo.tiny_model import build_char_tokenizer, build_tiny_config, build_tiny_model
+    from lit_gcpo.assets.tiny_model import build_char_tokenizer, build_tiny_config, build_tiny_model
 
     monkeypatch.chdir(REPO)
     wider = tmp_path / "wider"

@@ -3,8 +3,8 @@
 An empty last box (``\\boxed{}``) is no answer for either kind: it is graded wrong and never votes.
 
 * math: the final answer is the content of the completion's last complete ``\\boxed{}``
-  (``lit_gcpo.answers.extract_boxed``); it is correct when Math-Verify finds it equivalent to the gold
-  (``lit_gcpo.answers.answers_equivalent``, gold first, the ``math_accuracy`` reward's time bound).
+  (``lit_gcpo.rewards.answers.extract_boxed``); it is correct when Math-Verify finds it equivalent to the gold
+  (``lit_gcpo.rewards.answers.answers_equivalent``, gold first, the ``math_accuracy`` reward's time bound).
 * qa: the answer is ``lit_gcpo.rewards.qa.extract_qa_answer`` (last box, else the text after the last
   "Answer:", else the whole completion); it is correct on a SQuAD exact match with any reference, and
   its token F1 is the best over the references.
@@ -25,8 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lit_gcpo.answers import answers_equivalent, extract_boxed, gold_answer
 from lit_gcpo.evaluation.metrics import Equivalence, majority_answer
+from lit_gcpo.rewards.answers import answers_equivalent, extract_boxed, gold_answer
 from lit_gcpo.rewards.math_reward import GRADING_TIMEOUT_S, completion_text
 from lit_gcpo.rewards.qa import exact_match, extract_qa_answer, normalize_answer, references, token_f1
 

@@ -2,7 +2,7 @@
 
 A reward function stuck in a CPU loop cannot be stopped in a thread: the thread keeps running and holding
 the interpreter, and training steps went from ~0.8 s to 88-161 s. ``ProcessReward`` runs the function in a
-``lit_gcpo.sandbox.ChildProcess`` (the mechanism of the math grader): a call without a reply within
+``lit_gcpo.rewards.sandbox.ChildProcess`` (the mechanism of the math grader): a call without a reply within
 the timeout kills the child and starts a replacement, and the call raises ``RewardTimeoutError``.
 
 The child is this file run as a script with this process's ``sys.path`` (so it imports what the parent can,
@@ -47,7 +47,9 @@ class ProcessReward:
     """
 
     def __init__(self, path: str, timeout: float) -> None:
-        from lit_gcpo.sandbox import ChildProcess  # lazy: the child runs this file as a script, without lit-gcpo
+        from lit_gcpo.rewards.sandbox import (
+            ChildProcess,  # lazy: the child runs this file as a script, without lit-gcpo
+        )
 
         self.path, self.timeout = path, float(timeout)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p or os.getcwd() for p in sys.path)}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lit_gcpo.answers import answers_equivalent, ends_with_box, extract_boxed, gold_answer
+from lit_gcpo.rewards.answers import answers_equivalent, ends_with_box, extract_boxed, gold_answer
 from lit_gcpo.rewards.loading import REWARDS
 
 GRADING_TIMEOUT_S = 1.0
@@ -45,7 +45,7 @@ def math_accuracy(prompts: list[str], completions: list[Any], **columns: list[An
     """1.0 when the last ``\\boxed{}`` of the completion is equivalent to the gold, else 0.0.
 
     The gold comes from the ``gold`` column (evaluation items) or the ``answer`` column (any format
-    ``lit_gcpo.answers.gold_answer`` reads: LaTeX, numbers, GSM8K ``#### n``, solutions with a box,
+    ``lit_gcpo.rewards.answers.gold_answer`` reads: LaTeX, numbers, GSM8K ``#### n``, solutions with a box,
     lists), else ``final_answer`` (OlympiadBench), else the last box of ``solution`` (Minerva); ``None``
     for a row without a readable gold.
     """

@@ -30,7 +30,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from lit_gcpo.registry import Registry
+from lit_gcpo.algorithms.registry import Registry
 
 RATIO_LEVELS = ("token", "sequence")
 
