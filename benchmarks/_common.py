@@ -77,7 +77,7 @@ class PolicyInfo:
 
 def resolve_policy(model: str, sft_steps: int = 1200, seed: int = 0) -> PolicyInfo:
     """The loadable path of ``model``; for the tiny alias without its asset, a cached SFT stand-in."""
-    from lit_gcpo.tiny_model import TINY_MODEL_NAME, TINY_MODEL_PATH
+    from lit_gcpo.assets.tiny_model import TINY_MODEL_NAME, TINY_MODEL_PATH
 
     if model != TINY_MODEL_NAME:
         return PolicyInfo(model, f"`{model}`")
@@ -98,8 +98,8 @@ def resolve_policy(model: str, sft_steps: int = 1200, seed: int = 0) -> PolicyIn
 def sft_tiny_policy(target: Path, steps: int, seed: int = 0, batch_size: int = 64, lr: float = 3e-3) -> float:
     """Train ``build_tiny_model`` on worked solutions (loss on the completion only) and save it with its
     tokenizer to ``target``; returns the final training loss. Under-trained on purpose, like the asset."""
+    from lit_gcpo.assets.tiny_model import build_char_tokenizer, build_tiny_model
     from lit_gcpo.tasks.arithmetic import DEFAULT_MIX, sample_problems
-    from lit_gcpo.tiny_model import build_char_tokenizer, build_tiny_model
 
     tokenizer = build_char_tokenizer()
     model = build_tiny_model(seed=seed).train()

@@ -20,8 +20,8 @@ from collections.abc import Callable
 import torch
 from _common import MACHINE, write_results_section
 
-from lit_gcpo.advantages import group_advantages
-from lit_gcpo.losses import grpo_loss
+from lit_gcpo.algorithms.advantages import group_advantages
+from lit_gcpo.algorithms.losses import grpo_loss
 
 
 def time_it(fn: Callable[[], object], repeats: int) -> float:

@@ -29,9 +29,9 @@ from bench_algos import time_it
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from lit_gcpo.answers import answers_equivalent
-from lit_gcpo.clustering import answer_clusters, embedding_clusters, embedding_clusters_reference
-from lit_gcpo.uncertainty import uncertainty_signals
+from lit_gcpo.algorithms.clustering import answer_clusters, embedding_clusters, embedding_clusters_reference
+from lit_gcpo.algorithms.uncertainty import uncertainty_signals
+from lit_gcpo.rewards.answers import answers_equivalent
 
 
 def _header(title: str) -> list[str]:

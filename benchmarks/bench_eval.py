@@ -31,7 +31,7 @@ def _run(out: Path) -> float:
     command = [
         sys.executable,
         "-c",
-        "import sys; from lit_gcpo.cli import main; main(sys.argv[1:])",
+        "import sys; from lit_gcpo.running.cli import main; main(sys.argv[1:])",
         "test",
         "--config",
         CONFIG,

@@ -31,8 +31,8 @@ from _common import run_header, write_results_section
 
 from lit_gcpo.engines.base import SamplingConfig
 from lit_gcpo.engines.hf import HFEngine
-from lit_gcpo.policy import load_policy, load_tokenizer
 from lit_gcpo.tasks.arithmetic import ArithmeticTask
+from lit_gcpo.training.policy import load_policy, load_tokenizer
 
 PROMPTS, SAMPLES, MAX_NEW_TOKENS = 8, 8, 32
 

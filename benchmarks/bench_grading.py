@@ -15,9 +15,9 @@ import time
 from bench_algos import MACHINE, write_results_section
 from math_verify import LatexExtractionConfig, parse, verify
 
-from lit_gcpo.answers import _equivalent_cached, answers_equivalent
 from lit_gcpo.rewards import RewardSet
-from lit_gcpo.sandbox import GraderProcess
+from lit_gcpo.rewards.answers import _equivalent_cached, answers_equivalent
+from lit_gcpo.rewards.sandbox import GraderProcess
 
 
 def _per_call_ms(fn, items) -> float:

@@ -48,7 +48,7 @@ def _rss_mb() -> float:
 
 def _run_variant(variant: str, length: int) -> dict[str, float]:
     """One forward + backward in this process; returns time and peak extra memory."""
-    from lit_gcpo.logprobs import token_logprobs
+    from lit_gcpo.algorithms.logprobs import token_logprobs
 
     torch.manual_seed(0)
     hidden = torch.randn(N, length, H, requires_grad=True)  # [N, T, H]

@@ -124,7 +124,7 @@ def run_seed(seed: int, seed_dir: Path, threads: int, timeout: float, extra: lis
     """One quickstart run in a fresh process; returns its wall time (also kept in ``seed_dir/wall.json``)."""
     seed_dir.mkdir(parents=True, exist_ok=True)
     command = [
-        sys.executable, "-m", "lit_gcpo.cli", "fit", "--config", CONFIG, "--seed_everything", str(seed),
+        sys.executable, "-m", "lit_gcpo.running.cli", "fit", "--config", CONFIG, "--seed_everything", str(seed),
         "--trainer.default_root_dir", str(seed_dir), "--trainer.logger.init_args.save_dir", str(seed_dir),
         "--trainer.enable_progress_bar", "false", *extra,
     ]  # fmt: skip

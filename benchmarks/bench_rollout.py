@@ -4,7 +4,7 @@ Runs in the vLLM venv (``scripts/setup_vllm_cpu.sh``):
 
     OMP_WAIT_POLICY=PASSIVE .venv-vllm/bin/python benchmarks/bench_rollout.py
 
-Two models, both built offline with random weights: the tiny character Llama of ``lit_gcpo.tiny_model``
+Two models, both built offline with random weights: the tiny character Llama of ``lit_gcpo.assets.tiny_model``
 (~0.4M parameters) and a ~19M-parameter Llama with the same tokenizer. Each model is measured in its own
 subprocess (one in-process vLLM engine per process). Tokens/s counts the completion tokens returned;
 the VLLMEngine and bare-LLM runs use the same per-prompt seeds, so they produce the same tokens, and
@@ -43,10 +43,10 @@ def _measure(model_name: str, num_prompts: int, num_samples: int, max_new_tokens
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
+    from lit_gcpo.assets.tiny_model import build_char_tokenizer, build_tiny_config, build_tiny_model
     from lit_gcpo.engines.base import SamplingConfig
     from lit_gcpo.engines.hf import HFEngine
     from lit_gcpo.engines.vllm import VLLMEngine
-    from lit_gcpo.tiny_model import build_char_tokenizer, build_tiny_config, build_tiny_model
 
     hidden, layers, heads, intermediate = MODELS[model_name]
     config = build_tiny_config(hidden, layers, heads, intermediate, max_position_embeddings=512)

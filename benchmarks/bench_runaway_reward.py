@@ -34,7 +34,7 @@ from lit_gcpo.rewards.combine import MAX_STUCK_CALLS
 
 def measure(rewards: RewardSet, steps: int) -> list[tuple[float, bool]]:
     """``(seconds, whether the user reward timed out)`` of each step."""
-    from lit_gcpo.policy import load_policy
+    from lit_gcpo.training.policy import load_policy
 
     policy = load_policy("lit-gcpo/tiny-arith")
     ids = torch.randint(0, policy.config.vocab_size, (32, 48), generator=torch.Generator().manual_seed(0))

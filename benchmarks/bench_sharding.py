@@ -55,8 +55,8 @@ class MeasureMemory(L.Callback):
 def _child(strategy: str, out: Path) -> None:
     from lit_gcpo.data.datamodule import RolloutDataModule
     from lit_gcpo.engines.base import SamplingConfig
-    from lit_gcpo.module import GRPOModule
     from lit_gcpo.tasks.arithmetic import ArithmeticTask
+    from lit_gcpo.training.module import GRPOModule
 
     module = GRPOModule(beta=float(os.environ.get("BENCH_BETA", "0.04")), log_samples_every_n_steps=0, export_dir=None)
     data = RolloutDataModule(

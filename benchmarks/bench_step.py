@@ -21,7 +21,7 @@ import time
 import lightning as L
 from _common import run_header, write_results_section
 
-from lit_gcpo.cli import main as cli_main
+from lit_gcpo.running.cli import main as cli_main
 
 PHASES = (
     "time/generate_s",

@@ -7,7 +7,7 @@ TRL 1.16.0 lives in its own venv, ``.venv-trl`` (ignored by git), which the scri
 ``python -m venv``, ``pip install torch==2.13.0`` (the local CPU wheel), then ``trl==1.16.0``, the project's
 own ``transformers`` version (read from this venv) and ``tensorboard``. The project's dependencies do not
 change. Each run is its own process (``vs_trl_runner.py``): TRL with the TRL venv's python, lit-gcpo with
-this one (``lit_gcpo.cli.main``, the ``lit-gcpo`` command, with a timing callback added). Runs are
+this one (``lit_gcpo.running.cli.main``, the ``lit-gcpo`` command, with a timing callback added). Runs are
 interleaved: for each repeat and each beta, TRL then lit-gcpo, the order alternating with the repeat.
 
 The work (``vs_trl_work.py``), identical on both sides:
@@ -134,7 +134,7 @@ def ensure_lit_venv(venv: Path) -> Path:
     """Make ``venv`` with lit-gcpo as a user installs it (``pip install -e .``, no extras) when it is missing or
     cannot import lit-gcpo; returns its python."""
     python = venv_python(venv)
-    check = [str(python), "-c", "import lit_gcpo.cli, tensorboard"]
+    check = [str(python), "-c", "import lit_gcpo.running.cli, tensorboard"]
     if python.exists() and subprocess.run(check, capture_output=True, check=False).returncode == 0:
         return python
     print(f"making the lit-gcpo venv {venv} (pip install -e ., torch {TORCH_VERSION})")

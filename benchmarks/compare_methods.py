@@ -1,6 +1,6 @@
 """The method comparison's runner: one ``lit-gcpo fit`` per (testbed, method, seed), one JSON line per finished run.
 
-Every run is a fresh ``python -m lit_gcpo.cli fit`` on the base config (``configs/compare_arithmetic.yaml``: the
+Every run is a fresh ``python -m lit_gcpo.running.cli fit`` on the base config (``configs/compare_arithmetic.yaml``: the
 quickstart's setting, no padding) with only these overrides:
 
 - the ``UncertaintyCallback``'s weighting (``METHODS``); clustering, embedding source and centring stay the
@@ -150,7 +150,7 @@ def resolve(config: dict[str, Any], directory: Path) -> dict[str, Any]:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "unresolved.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    command = [sys.executable, "-m", "lit_gcpo.cli", "fit", "--config", str(path), "--print_config"]
+    command = [sys.executable, "-m", "lit_gcpo.running.cli", "fit", "--config", str(path), "--print_config"]
     done = subprocess.run(command, cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
@@ -276,7 +276,7 @@ def launch(config: dict[str, Any], run_dir: Path, threads: int, timeout: float) 
     run_dir.mkdir(parents=True)
     config_path = run_dir / "fit_config.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    command = [sys.executable, "-m", "lit_gcpo.cli", "fit", "--config", str(config_path)]
+    command = [sys.executable, "-m", "lit_gcpo.running.cli", "fit", "--config", str(config_path)]
     start = time.perf_counter()
     with open(run_dir / "fit.log", "w") as log_file:
         done = subprocess.run(

@@ -1,14 +1,15 @@
 """The method comparison's tables and figures, regenerated from the results file alone (issue 20).
 
 Reads only ``benchmarks/results/compare_methods.jsonl`` (one record per finished (testbed, method, seed) run of
-``compare_methods.py``) and writes, for every (testbed, design) group (``lit_gcpo.comparison.design_of``: runs of
-different designs are never paired, runs of different ``config_sha`` of one method never pooled):
+``compare_methods.py``) and writes, for every (testbed, design) group
+(``lit_gcpo.evaluation.comparison.design_of``: runs of different designs are never paired, runs of different
+``config_sha`` of one method never pooled):
 
 - per method: runs, starting accuracy, final greedy validation accuracy and its gain over the start (mean ± sample
   std over seeds), the area under the validation curve (mean accuracy over the run), the weight spread;
-- the paired contrasts of ``lit_gcpo.comparison.contrast_table`` (primary family with Holm over its 4 contrasts,
-  secondary ``every method - grpo`` with Holm over its own): mean difference, percentile-bootstrap 95% interval
-  over seeds, sign-flip p, Holm p, and the smallest effect detectable at 80% power;
+- the paired contrasts of ``lit_gcpo.evaluation.comparison.contrast_table`` (primary family with Holm over its 4
+  contrasts, secondary ``every method - grpo`` with Holm over its own): mean difference, percentile-bootstrap 95%
+  interval over seeds, sign-flip p, Holm p, and the smallest effect detectable at 80% power;
 
 into the section ``compare_report`` of ``benchmarks/RESULTS.md`` and, when the README holds the markers
 ``<!-- begin compare_report -->`` / ``<!-- end compare_report -->``, between them (nothing else of the README is
@@ -36,7 +37,7 @@ from scipy import stats
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import FIGURES, RESULTS, write_results_section
 
-from lit_gcpo.comparison import PRIMARY, ContrastRow, contrast_table, group_records, method_outcomes
+from lit_gcpo.evaluation.comparison import PRIMARY, ContrastRow, contrast_table, group_records, method_outcomes
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_RESULTS = REPO / "benchmarks" / "results" / "compare_methods.jsonl"

@@ -36,13 +36,13 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import run_header, write_results_section
 
-from lit_gcpo.checkpointing import check_checkpoint, newest_complete_checkpoint
+from lit_gcpo.running.checkpointing import check_checkpoint, newest_complete_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def build_model(path: Path) -> None:
-    from lit_gcpo.tiny_model import build_char_tokenizer, build_tiny_config, build_tiny_model
+    from lit_gcpo.assets.tiny_model import build_char_tokenizer, build_tiny_config, build_tiny_model
 
     if (path / "config.json").is_file():
         return
@@ -82,7 +82,7 @@ def fit_config(model: Path, root: Path, steps: int, checkpoints: str = "every-st
 
 
 def command(config_path: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "lit_gcpo.cli", "fit", "--config", str(config_path), *extra]
+    return [sys.executable, "-m", "lit_gcpo.running.cli", "fit", "--config", str(config_path), *extra]
 
 
 def environment() -> dict[str, str]:

@@ -66,14 +66,14 @@ import torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 import lit_gcpo.assets  # noqa: E402
-from lit_gcpo.checkpointing import AtomicCheckpointIO  # noqa: E402
+from lit_gcpo.assets.tiny_model import TINY_MODEL_NAME, VOCAB, build_char_tokenizer  # noqa: E402
 from lit_gcpo.data.datamodule import RolloutDataModule  # noqa: E402
 from lit_gcpo.engines.base import SamplingConfig  # noqa: E402
-from lit_gcpo.module import GRPOModule  # noqa: E402
-from lit_gcpo.parallel import full_tensor  # noqa: E402
 from lit_gcpo.rewards import REWARDS  # noqa: E402
+from lit_gcpo.running.checkpointing import AtomicCheckpointIO  # noqa: E402
 from lit_gcpo.tasks.arithmetic import ArithmeticTask  # noqa: E402
-from lit_gcpo.tiny_model import TINY_MODEL_NAME, VOCAB, build_char_tokenizer  # noqa: E402
+from lit_gcpo.training.module import GRPOModule  # noqa: E402
+from lit_gcpo.training.parallel import full_tensor  # noqa: E402
 
 ARCHITECTURE_CONFIG = Path(lit_gcpo.assets.__file__).parent / "qwen2.5-math-1.5b-config.json"
 DIGIT_SHARE = "gpu_check_digit_share"

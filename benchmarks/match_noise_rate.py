@@ -27,10 +27,10 @@ from scipy.stats import binom
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import run_header, write_results_section
 
+from lit_gcpo.assets.tiny_model import resolve_model_path
 from lit_gcpo.rewards.math_reward import math_accuracy
 from lit_gcpo.tasks.arithmetic import ArithmeticTask
 from lit_gcpo.tasks.noisy_arithmetic import answer_kind
-from lit_gcpo.tiny_model import resolve_model_path
 
 REPO = Path(__file__).resolve().parent.parent
 

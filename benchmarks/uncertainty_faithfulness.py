@@ -1,7 +1,7 @@
 """Does an uncertainty signal track the variance of the policy gradient? (METHODS.md section 6)
 
-A thin script over ``lit_gcpo.faithfulness``. For every prompt (the arithmetic task's validation problems, the
-noisy testbed's training problems, or a JSONL file with ``prompt``/``answer``), G completions are sampled from
+A thin script over ``lit_gcpo.algorithms.faithfulness``. For every prompt (the arithmetic task's validation problems,
+the noisy testbed's training problems, or a JSONL file with ``prompt``/``answer``), G completions are sampled from
 the policy (``HFEngine`` + ``RolloutCollector``), rewarded, and scored by ``GRPOModule.score_rollout``
 (generating-policy log-probs and mean-pooled last hidden states, as in training); the signals come from
 ``uncertainty_signals`` with the training defaults (answer clusters, Rao SE, embeddings centred over each chunk
@@ -33,13 +33,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import resolve_policy, run_header, write_results_section
 
-from lit_gcpo.advantages import group_advantages
-from lit_gcpo.batch import PromptBatch, RolloutBatch
-from lit_gcpo.clustering import answer_clusters
-from lit_gcpo.data.rollout import RolloutCollector
-from lit_gcpo.engines.base import SamplingConfig
-from lit_gcpo.engines.hf import HFEngine
-from lit_gcpo.faithfulness import (
+from lit_gcpo.algorithms.advantages import group_advantages
+from lit_gcpo.algorithms.clustering import answer_clusters
+from lit_gcpo.algorithms.faithfulness import (
     LENGTH,
     Difference,
     Faithfulness,
@@ -51,9 +47,13 @@ from lit_gcpo.faithfulness import (
     gradient_variance,
     weight_ratio_by_k,
 )
-from lit_gcpo.module import GRPOModule
+from lit_gcpo.algorithms.uncertainty import advantage_weights, calibrated_uncertainty, uncertainty_signals
+from lit_gcpo.data.batch import PromptBatch, RolloutBatch
+from lit_gcpo.data.rollout import RolloutCollector
+from lit_gcpo.engines.base import SamplingConfig
+from lit_gcpo.engines.hf import HFEngine
 from lit_gcpo.rewards import RewardSet
-from lit_gcpo.uncertainty import advantage_weights, calibrated_uncertainty, uncertainty_signals
+from lit_gcpo.training.module import GRPOModule
 
 SECTION = "uncertainty_faithfulness"
 SIGNAL_LABELS = {

@@ -134,7 +134,7 @@ LIT_PHASES = ("time/generate_s", "time/reward_s", "time/score_s", "time/train_s"
 def run_lit(files: WorkFiles, beta: float, steps: int, out: Path) -> None:
     import lightning as L
 
-    from lit_gcpo.cli import main as cli_main
+    from lit_gcpo.running.cli import main as cli_main
 
     walls: list[float] = []
     phases: list[dict[str, float]] = []

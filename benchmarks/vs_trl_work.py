@@ -68,14 +68,14 @@ def sum_reward(prompts: list[str], completions: list[Any], answer: list[str], **
 
 def build_tokenizer() -> Any:
     """The character tokenizer (pad, bos, eos, unk, then the printable ASCII characters); adds no BOS."""
-    from lit_gcpo.tiny_model import SPECIAL_TOKENS, build_char_tokenizer
+    from lit_gcpo.assets.tiny_model import SPECIAL_TOKENS, build_char_tokenizer
 
     return build_char_tokenizer((*SPECIAL_TOKENS, *CHARACTERS))
 
 
 def build_model(seed: int = SEED) -> Any:
     """The random policy both frameworks train (dropout is 0 in the config)."""
-    from lit_gcpo.tiny_model import SPECIAL_TOKENS, build_tiny_config, build_tiny_model
+    from lit_gcpo.assets.tiny_model import SPECIAL_TOKENS, build_tiny_config, build_tiny_model
 
     config = build_tiny_config(**MODEL_SHAPE, vocab_tokens=(*SPECIAL_TOKENS, *CHARACTERS))
     config.tie_word_embeddings = False  # as in most released models: a separate LM head

@@ -17,8 +17,7 @@ import time
 
 import torch
 
-from lit_gcpo.tasks.arithmetic import WARM_START_MIX, arithmetic_splits, sample_problems
-from lit_gcpo.tiny_model import (
+from lit_gcpo.assets.tiny_model import (
     TINY_MODEL_PATH,
     build_char_tokenizer,
     build_tiny_config,
@@ -26,6 +25,7 @@ from lit_gcpo.tiny_model import (
     greedy_accuracy,
     sft_warm_start,
 )
+from lit_gcpo.tasks.arithmetic import WARM_START_MIX, arithmetic_splits, sample_problems
 
 SFT_DATA_SEED = 1000
 

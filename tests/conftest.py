@@ -13,7 +13,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     """A randomly initialised 2-layer character Llama with its tokenizer, saved to a temporary directory."""
-    from lit_gcpo.tiny_model import build_char_tokenizer, build_tiny_config, build_tiny_model
+    from lit_gcpo.assets.tiny_model import build_char_tokenizer, build_tiny_config, build_tiny_model
 
     path = tmp_path_factory.mktemp("tiny-random")
     config = build_tiny_config(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lit_gcpo.advantages import ADVANTAGE_MODES, group_advantages
-from lit_gcpo.registry import Registry
+from lit_gcpo.algorithms.advantages import ADVANTAGE_MODES, group_advantages
+from lit_gcpo.algorithms.registry import Registry
 
 # Three groups of unequal sizes, not contiguous in group 2:
 #   group 0: [1, 0, 0, 1]  mean 0.5, unbiased var = 4 * 0.25 / 3 = 1/3, std = 0.57735

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from lit_gcpo.answers import answers_equivalent, extract_boxed, gold_answer, unboxed_answer
-from lit_gcpo.sandbox import GraderProcess, default_pool
+from lit_gcpo.rewards.answers import answers_equivalent, extract_boxed, gold_answer, unboxed_answer
+from lit_gcpo.rewards.sandbox import GraderProcess, default_pool
 
 _fresh = itertools.count(2)
 

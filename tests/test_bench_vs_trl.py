@@ -62,8 +62,8 @@ def test_sum_reward_scores_the_sum_as_a_whole_number() -> None:
 def test_lit_command_line_parses_to_the_stated_work_and_matches_trl(tmp_path: Path, beta: float) -> None:
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from lit_gcpo.cli import main as cli_main
     from lit_gcpo.rewards.loading import load_reward
+    from lit_gcpo.running.cli import main as cli_main
 
     files, _ = write_work(tmp_path / "work")
     args = lit_args(files, beta=beta, steps=5, run_dir=tmp_path / "run")

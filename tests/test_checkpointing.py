@@ -14,9 +14,9 @@ import torch
 import torch.distributed.checkpoint
 from test_cli import _short_fit_args
 
-import lit_gcpo.checkpointing as checkpointing
-from lit_gcpo.checkpointing import atomic_torch_save, newest_complete_checkpoint
-from lit_gcpo.cli import main
+import lit_gcpo.running.checkpointing as checkpointing
+from lit_gcpo.running.checkpointing import atomic_torch_save, newest_complete_checkpoint
+from lit_gcpo.running.cli import main
 
 REPO = Path(__file__).parents[1]
 
@@ -158,7 +158,7 @@ def test_an_interrupted_export_leaves_no_partial_policy_and_the_next_one_cleans_
 ):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lit_gcpo.policy import save_policy
+    from lit_gcpo.training.policy import save_policy
 
     model, tokenizer = (
         AutoModelForCausalLM.from_pretrained(tiny_model_dir),

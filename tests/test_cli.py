@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lit_gcpo.cli import check_checkpoint, main
+from lit_gcpo.running.cli import check_checkpoint, main
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
@@ -140,7 +140,7 @@ def test_console_script_exits_zero_after_a_run(tiny_model_dir, tmp_path):
     import subprocess
     import sys
 
-    script = "import sys; from lit_gcpo.cli import console_main; sys.exit(console_main())"
+    script = "import sys; from lit_gcpo.running.cli import console_main; sys.exit(console_main())"
     args = _short_fit_args(tiny_model_dir, tmp_path)
     result = subprocess.run(
         [sys.executable, "-c", script, "validate", *args],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lit_gcpo.cli import main
+from lit_gcpo.running.cli import main
 
 
 def _parse(tmp_path, *options: str):
@@ -25,7 +25,7 @@ def test_unsupported_strategy_or_precision_is_refused_at_parse_time(
     option, value, names, capsys, monkeypatch, tmp_path
 ):
     loaded = []
-    monkeypatch.setattr("lit_gcpo.module.load_policy", lambda *a, **k: loaded.append(a))
+    monkeypatch.setattr("lit_gcpo.training.module.load_policy", lambda *a, **k: loaded.append(a))
     with pytest.raises(SystemExit) as exit_info:
         _parse(tmp_path, option, value)
     assert exit_info.value.code != 0
@@ -53,7 +53,7 @@ def test_7b_config_uses_fsdp2_on_several_nodes(config, capsys):
         main(["fit", "--config", config, "--trainer.num_nodes", "2", "--print_config"])
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
-    assert "lit_gcpo.parallel.FSDP2Strategy" in printed and "num_nodes: 2" in printed
+    assert "lit_gcpo.training.parallel.FSDP2Strategy" in printed and "num_nodes: 2" in printed
     assert "Qwen/Qwen2.5-Math-7B" in printed and "precision: bf16-mixed" in printed
 
 
@@ -64,7 +64,7 @@ def test_readme_sharded_checkpoint_option_parses_after_the_strategy_name(tmp_pat
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", "configs/quickstart.yaml", *strategy, "--print_config"])
     assert exit_info.value.code == 0
-    from lit_gcpo.parallel import FSDP2Strategy
+    from lit_gcpo.training.parallel import FSDP2Strategy
 
     for given in (strategy, ["--trainer.strategy=fsdp2", *strategy[2:]]):
         trainer = _parse(tmp_path, *given).trainer

@@ -10,8 +10,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lit_gcpo.answers import answers_equivalent
-from lit_gcpo.clustering import answer_clusters, embedding_clusters, embedding_clusters_reference, pair_cosines
+from lit_gcpo.algorithms.clustering import (
+    answer_clusters,
+    embedding_clusters,
+    embedding_clusters_reference,
+    pair_cosines,
+)
+from lit_gcpo.rewards.answers import answers_equivalent
 
 
 def _angles(*degrees: float) -> torch.Tensor:

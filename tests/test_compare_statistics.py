@@ -1,4 +1,4 @@
-"""The paired statistics of the method comparison (lit_gcpo.comparison): hand-derived cases, and independent
+"""The paired statistics of the method comparison (lit_gcpo.evaluation.comparison): hand-derived cases, and independent
 computations (an exact dynamic programme over sign patterns, the full bootstrap distribution, Holm's rejection
 rule, the noncentral t power)."""
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from lit_gcpo.comparison import (
+from lit_gcpo.evaluation.comparison import (
     bootstrap_interval,
     contrast_table,
     curve_areas,

@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_training import CaptureBatches, make_pair, trainer
 
-from lit_gcpo.contracts import EvaluationData, RolloutPolicy, check_implements, missing_members, protocol_members
+from lit_gcpo.data.contracts import EvaluationData, RolloutPolicy, check_implements, missing_members, protocol_members
 from lit_gcpo.data.datamodule import RolloutDataModule
 from lit_gcpo.evaluation.callback import BenchmarkReport
 from lit_gcpo.tasks.arithmetic import ArithmeticTask
@@ -56,7 +56,8 @@ def test_datamodule_names_what_the_module_lacks():
 def test_benchmark_report_names_what_the_datamodule_lacks(tmp_path):
     datamodule = SimpleNamespace(val_batch_size=4, seed=0, test_names=list)
     trainer = SimpleNamespace(datamodule=datamodule)
-    with pytest.raises(TypeError, match=r"lacks eval_settings, test_prompts, skipped_items, too_long_items, skip_test_batches"):
+    missing = r"lacks eval_settings, test_prompts, skipped_items, too_long_items, skip_test_batches"
+    with pytest.raises(TypeError, match=missing):
         BenchmarkReport(output_dir=str(tmp_path)).setup(trainer, None, "test")
 
 

@@ -8,12 +8,12 @@ import logging
 
 import pytest
 
-from lit_gcpo.batch import PromptBatch
+from lit_gcpo.assets.tiny_model import build_char_tokenizer
+from lit_gcpo.data.batch import PromptBatch
 from lit_gcpo.data.datamodule import EvalPrompts, PromptStream, RolloutDataModule
 from lit_gcpo.data.sources import HubDataset, LocalFiles
 from lit_gcpo.data.templates import QWEN_MATH_TEMPLATE, PromptRenderer, fill
 from lit_gcpo.tasks.arithmetic import ArithmeticTask
-from lit_gcpo.tiny_model import build_char_tokenizer
 
 ROWS = [{"problem": f"{i}+1", "solution": str(i + 1)} for i in range(7)]
 
@@ -281,7 +281,7 @@ def _fit_one_step(model_dir: str, rows: list[dict], tmp_path, **options) -> Roll
     import lightning as L
 
     from lit_gcpo.engines.base import SamplingConfig
-    from lit_gcpo.module import GRPOModule
+    from lit_gcpo.training.module import GRPOModule
 
     data = RolloutDataModule(
         train=LocalFiles(write_jsonl(tmp_path / "rows.jsonl", rows)),
@@ -357,7 +357,7 @@ def test_the_dataloader_checks_the_split_when_the_strategy_needs_lockstep(strate
 
     from lightning.pytorch.strategies import DDPStrategy
 
-    from lit_gcpo.parallel import FSDP2Strategy
+    from lit_gcpo.training.parallel import FSDP2Strategy
 
     data = RolloutDataModule(train=LocalFiles("unused.jsonl"))
     data.trainer = SimpleNamespace(

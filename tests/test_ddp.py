@@ -120,8 +120,8 @@ def test_uncertainty_weights_are_computed_over_both_ranks(tiny_model_dir, tmp_pa
     """The callback's weights on each rank equal the pure functions applied to the two ranks' batches
     concatenated (centring, scale and normalisation are over the whole step, METHODS.md 5.1), and both
     ranks log the same weight spread (statistics over every rank's groups)."""
-    from lit_gcpo.clustering import embedding_clusters
-    from lit_gcpo.uncertainty import advantage_weights, uncertainty_signals
+    from lit_gcpo.algorithms.clustering import embedding_clusters
+    from lit_gcpo.algorithms.uncertainty import advantage_weights, uncertainty_signals
 
     rank0, rank1 = run(tiny_model_dir, tmp_path, devices=2, strategy="ddp", batch_size=3, max_steps=2,
                        poison_rollout=None, uncertainty=True, tag="uncertainty")  # fmt: skip
@@ -149,7 +149,7 @@ def test_readme_fsdp2_command_trains_checkpoints_and_exports(tmp_path):
     0's third batch waited forever for rank 1's forward passes."""
     root = Path(__file__).parents[1]
     command = [
-        sys.executable, "-m", "lit_gcpo.cli", "fit", "--config", "configs/quickstart.yaml",
+        sys.executable, "-m", "lit_gcpo.running.cli", "fit", "--config", "configs/quickstart.yaml",
         "--trainer.strategy", "fsdp2", "--trainer.devices", "2", "--trainer.max_steps", "4",
         "--trainer.val_check_interval", "2", "--trainer.num_sanity_val_steps", "0",
         "--trainer.enable_progress_bar", "false", "--data.batch_size", "4", "--data.val.init_args.num_val", "9",

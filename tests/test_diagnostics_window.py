@@ -6,8 +6,8 @@ import pytest
 import torch
 from scipy.stats import pearsonr, spearmanr
 
-from lit_gcpo.diagnostics import CORRELATIONS, DiagnosticsWindow, correlation_or_zero
-from lit_gcpo.embeddings import SentenceEncoder
+from lit_gcpo.algorithms.diagnostics import CORRELATIONS, DiagnosticsWindow, correlation_or_zero
+from lit_gcpo.algorithms.embeddings import SentenceEncoder
 
 
 def test_window_pools_steps_and_its_state_round_trips() -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lit_gcpo.cli import main
 from lit_gcpo.evaluation import BENCHMARKS
+from lit_gcpo.running.cli import main
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_gcpo.answers import answers_equivalent, final_answer, gold_answer
-from lit_gcpo.batch import RolloutBatch
+from lit_gcpo.data.batch import RolloutBatch
 from lit_gcpo.evaluation import load_benchmark, majority_answer
 from lit_gcpo.evaluation.callback import BenchmarkReport
 from lit_gcpo.evaluation.grading import grade_completion, majority_grade, math_equivalent, qa_equivalent
 from lit_gcpo.evaluation.results import rollout_records, summarise
 from lit_gcpo.rewards import math_accuracy, qa_exact_match, qa_f1
+from lit_gcpo.rewards.answers import answers_equivalent, final_answer, gold_answer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "benchmarks"
 MATH_BENCHMARKS = ("math500", "aime24", "amc23", "minerva_math", "olympiadbench", "gsm8k")  # = file stems

@@ -12,8 +12,7 @@ import pytest
 import torch
 from eval_cli import FIXTURES, cli_test_args, source
 
-from lit_gcpo.batch import RolloutBatch
-from lit_gcpo.cli import main
+from lit_gcpo.data.batch import RolloutBatch
 from lit_gcpo.data.rollout import RolloutCollector
 from lit_gcpo.engines.base import SamplingConfig
 from lit_gcpo.evaluation.callback import BenchmarkReport
@@ -21,6 +20,7 @@ from lit_gcpo.evaluation.paper import format_paper_table, load_runs, paper_rows
 from lit_gcpo.evaluation.paper import main as paper_main
 from lit_gcpo.evaluation.results import summarise
 from lit_gcpo.evaluation.sources import QASPER_TEMPLATE, BenchmarkSource, EvalVariant
+from lit_gcpo.running.cli import main
 
 
 # ------------------------------------------------------------------------- settings per benchmark

@@ -80,7 +80,7 @@ def _command(model_dir: str, out: Path) -> list[str]:
         source("hotpotqa", FIXTURES / "hotpotqa_dev_distractor.sample.jsonl", max_context_tokens=40),
     ]
     args = cli_test_args(model_dir, out, sources, samples=2, max_new_tokens=12, batch_size=1)
-    return [sys.executable, "-c", "import sys; from lit_gcpo.cli import main; main(sys.argv[1:])", *args]
+    return [sys.executable, "-c", "import sys; from lit_gcpo.running.cli import main; main(sys.argv[1:])", *args]
 
 
 def _run(command: list[str], cwd: Path) -> None:
@@ -140,7 +140,7 @@ def _fsdp2_command(model_dir: str, out: Path) -> list[str]:
     ]
     args = cli_test_args(model_dir, out, sources, samples=2, max_new_tokens=12, batch_size=2)
     # `-m`: Lightning starts rank 1 by running this command line again
-    return [sys.executable, "-m", "lit_gcpo.cli", *args, "--trainer.devices=2", "--trainer.strategy=fsdp2"]
+    return [sys.executable, "-m", "lit_gcpo.running.cli", *args, "--trainer.devices=2", "--trainer.strategy=fsdp2"]
 
 
 def test_fsdp2_ranks_a_kill_left_apart_resume_in_step_and_report_the_same(tiny_model_dir, tmp_path: Path) -> None:

@@ -8,8 +8,8 @@ import torch
 
 from lit_gcpo.data.datamodule import RolloutDataModule
 from lit_gcpo.engines.base import SamplingConfig
-from lit_gcpo.module import GRPOModule
 from lit_gcpo.tasks.arithmetic import ArithmeticTask
+from lit_gcpo.training.module import GRPOModule
 
 
 class CaptureValidation(L.Callback):
@@ -56,7 +56,7 @@ def test_validation_samples_depend_on_the_prompt_not_the_batch(tiny_model_dir):
 
 def test_prompt_seeds_are_distinct_per_prompt_and_stream():
     data = RolloutDataModule(train=ArithmeticTask("train", num_train=16, num_val=12, seed=1), seed=5)
-    from lit_gcpo.batch import PromptBatch
+    from lit_gcpo.data.batch import PromptBatch
 
     batch = PromptBatch(prompts=["a", "b", "c"], rows=[{}, {}, {}], indices=[0, 1, 2], positions=[0, 1, 2])
     val = data._prompt_seeds("val/0", batch)

@@ -14,11 +14,11 @@ import pytest
 import torch
 from eval_cli import cli_test_args, source
 
-from lit_gcpo.batch import RolloutBatch
-from lit_gcpo.cli import main
+from lit_gcpo.assets.tiny_model import build_char_tokenizer
+from lit_gcpo.data.batch import RolloutBatch
 from lit_gcpo.evaluation.callback import BenchmarkReport
 from lit_gcpo.evaluation.sources import MATH_TEMPLATE, BenchmarkSource
-from lit_gcpo.tiny_model import build_char_tokenizer
+from lit_gcpo.running.cli import main
 
 FIXTURES = Path(__file__).parent / "fixtures" / "benchmarks"
 SAMPLES = 4

@@ -12,7 +12,7 @@ import pytest
 import torch
 from scipy import stats
 
-from lit_gcpo.faithfulness import (
+from lit_gcpo.algorithms.faithfulness import (
     completion_gradients,
     correct_counts,
     correlation_differences,

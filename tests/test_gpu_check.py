@@ -27,7 +27,7 @@ import sys, torch
 sys.path.insert(0, {benchmarks!r})
 import gpu_check
 from lit_gcpo.data.datamodule import RolloutDataModule
-from lit_gcpo.module import GRPOModule
+from lit_gcpo.training.module import GRPOModule
 GRPOModule._precision_context = lambda self: torch.autocast("cpu", enabled=False)
 RolloutDataModule.load_state_dict = lambda self, state: None
 sys.exit(gpu_check.main(["--cpu-smoke", "--out", {out!r}]))
@@ -193,10 +193,10 @@ def small_qwen(tmp_path_factory) -> dict:
 def test_random_policy_and_padded_tokenizer_sample_through_the_module(small_qwen):
     """The module loads the policy and its tokenizer from their folders, every id the random policy samples decodes
     to text, and the digit-share reward differs within a group."""
+    from lit_gcpo.assets.tiny_model import build_char_tokenizer
     from lit_gcpo.engines import build_engine
     from lit_gcpo.engines.base import SamplingConfig
-    from lit_gcpo.module import GRPOModule
-    from lit_gcpo.tiny_model import build_char_tokenizer
+    from lit_gcpo.training.module import GRPOModule
 
     built = small_qwen
     # tied embeddings; per layer q (with bias), k and v (one KV head of 16, with bias), o, the MLP, two norms

@@ -15,8 +15,8 @@ import torch
 
 from lit_gcpo.engines.base import SamplingConfig
 from lit_gcpo.engines.hf import HFEngine, seeded_uniforms
-from lit_gcpo.policy import load_policy, load_tokenizer
-from lit_gcpo.scoring import CompletionScorer
+from lit_gcpo.training.policy import load_policy, load_tokenizer
+from lit_gcpo.training.scoring import CompletionScorer
 
 
 @pytest.fixture(scope="module")

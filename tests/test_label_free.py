@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
-from lit_gcpo.label_free import (
+from lit_gcpo.algorithms.label_free import (
     LABEL_FREE_REWARDS,
     EMPOOptions,
     RENTOptions,
@@ -18,7 +18,7 @@ from lit_gcpo.label_free import (
     self_certainty_rewards,
     ttrl_rewards,
 )
-from lit_gcpo.token_distribution import token_distribution_stats
+from lit_gcpo.algorithms.token_distribution import token_distribution_stats
 
 
 def test_answer_clusters_exact_strings_and_missing_singletons() -> None:

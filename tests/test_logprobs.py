@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lit_gcpo.logprobs import PLAIN_LOGITS_ELEMENTS, logprobs_from_logits, token_logprobs
+from lit_gcpo.algorithms.logprobs import PLAIN_LOGITS_ELEMENTS, logprobs_from_logits, token_logprobs
 
 N, T, H, V = 3, 7, 16, 97  # N * T = 21 tokens
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lit_gcpo.losses import (
+from lit_gcpo.algorithms.losses import (
     AGGREGATIONS,
     KL_ESTIMATORS,
     aggregate_loss,

@@ -4,7 +4,7 @@ summary."""
 
 from __future__ import annotations
 
-from lit_gcpo.module import GRPOModule
+from lit_gcpo.training.module import GRPOModule
 
 
 def test_skips_and_validation_history_survive_a_checkpoint(tiny_model_dir):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lit_gcpo.optimizer_step import GuardedOptimizerStep, lr_factor
+from lit_gcpo.training.optimizer_step import GuardedOptimizerStep, lr_factor
 
 
 def _model_and_optimizer():

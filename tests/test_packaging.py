@@ -1,4 +1,4 @@
-"""The built wheel carries every subpackage, the top-level callbacks folder as lit_gcpo.callbacks, and the
+"""The built wheel carries every subpackage, the callbacks as lit_gcpo.callbacks, and the
 embedded model."""
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ def test_wheel_contains_every_module_and_the_model(wheel):
     sources = [p.relative_to(ROOT).as_posix() for p in (ROOT / "lit_gcpo").rglob("*.py")]
     expected = (
         {s for s in sources}
-        | {"lit_gcpo/callbacks/" + p.name for p in (ROOT / "callbacks").glob("*.py")}
         | {"lit_gcpo/assets/tiny-arith/" + p.name for p in (ROOT / "lit_gcpo/assets/tiny-arith").iterdir()}
         | {"lit_gcpo/assets/" + p.name for p in (ROOT / "lit_gcpo/assets").glob("*.json")}  # gpu_check's architecture
     )
     assert expected <= names, sorted(expected - names)
+    assert "lit_gcpo/callbacks/uncertainty.py" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "lit-gcpo = lit_gcpo.cli:console_main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "lit-gcpo = lit_gcpo.running.cli:console_main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
 def test_unpacked_wheel_imports_callbacks_and_finds_the_model(wheel, tmp_path):
@@ -42,7 +42,7 @@ def test_unpacked_wheel_imports_callbacks_and_finds_the_model(wheel, tmp_path):
     code = (
         "import lit_gcpo.callbacks, pathlib\n"
         "from lit_gcpo.callbacks import UncertaintyCallback\n"
-        "from lit_gcpo.tiny_model import TINY_MODEL_PATH\n"
+        "from lit_gcpo.assets.tiny_model import TINY_MODEL_PATH\n"
         "print(lit_gcpo.callbacks.__file__)\n"
         "print((pathlib.Path(TINY_MODEL_PATH) / 'model.safetensors').is_file())\n"
     )

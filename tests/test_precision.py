@@ -8,7 +8,7 @@ import torch
 from test_training import CaptureBatches, _final_weights, full_log_softmax, make_pair, trainer
 
 from lit_gcpo.engines.base import SamplingConfig
-from lit_gcpo.parallel import unsupported_option
+from lit_gcpo.training.parallel import unsupported_option
 
 
 class CaptureLossMetrics(CaptureBatches):
@@ -52,7 +52,7 @@ def test_training_forward_computes_in_the_trainers_precision(tiny_model_dir, tmp
 
 def test_scoring_outside_the_precision_context_is_detected(tiny_model_dir, tmp_path, monkeypatch):
     """The planted bug (scoring without autocast) makes the ratio differ from 1 under bf16-mixed."""
-    from lit_gcpo.module import GRPOModule
+    from lit_gcpo.training.module import GRPOModule
 
     monkeypatch.setattr(GRPOModule, "_precision_context", lambda self: torch.autocast("cpu", enabled=False))
     module, data = make_pair(tiny_model_dir, lr=0.0, num_iterations=1)

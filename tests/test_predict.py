@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from test_cli import _short_fit_args
 
-from lit_gcpo.cli import main
+from lit_gcpo.running.cli import main
 
 PROMPTS = [
     {"prompt": "1+2=", "answer": "3"},
@@ -58,7 +58,7 @@ def test_predict_writes_completions_with_rewards_where_gold_exists(tiny_model_di
             [
                 "predict",
                 *args,
-                "--trainer.callbacks+=lit_gcpo.prediction.PredictionWriter",
+                "--trainer.callbacks+=lit_gcpo.running.prediction.PredictionWriter",
                 f"--trainer.callbacks.output={output}",
             ]
         )

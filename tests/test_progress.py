@@ -7,7 +7,7 @@ from pathlib import Path
 from lightning.pytorch.callbacks import ProgressBar
 from test_cli import _short_fit_args
 
-from lit_gcpo.cli import main
+from lit_gcpo.running.cli import main
 
 
 def _train_task(cli):

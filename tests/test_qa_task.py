@@ -11,16 +11,16 @@ import lightning as L
 import pytest
 import torch
 
+from lit_gcpo.algorithms.clustering import embedding_clusters
+from lit_gcpo.algorithms.embeddings import DEFAULT_SENTENCE_MODEL, SentenceEncoder
+from lit_gcpo.algorithms.uncertainty import advantage_weights, uncertainty_signals
 from lit_gcpo.callbacks import UncertaintyCallback
-from lit_gcpo.clustering import embedding_clusters
 from lit_gcpo.data.datamodule import RolloutDataModule
-from lit_gcpo.embeddings import DEFAULT_SENTENCE_MODEL, SentenceEncoder
 from lit_gcpo.engines.base import SamplingConfig
-from lit_gcpo.module import GRPOModule
 from lit_gcpo.rewards import qa_f1
 from lit_gcpo.tasks.hotpotqa import HotpotQA
 from lit_gcpo.tasks.qa import COLOURS, QA_VOCAB, EmbeddedQATask, build_qa_policy, qa_problems
-from lit_gcpo.uncertainty import advantage_weights, uncertainty_signals
+from lit_gcpo.training.module import GRPOModule
 
 REPO = Path(__file__).parents[1]
 
@@ -119,7 +119,7 @@ def test_embedded_qa_trains_through_the_embedding_clustering_path(qa_policy, tmp
 
 def test_gcpo_qa_config_parses_and_hotpotqa_rows_load(tmp_path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "lit_gcpo.cli", "fit", "--config", "configs/gcpo_qa.yaml", "--print_config"],
+        [sys.executable, "-m", "lit_gcpo.running.cli", "fit", "--config", "configs/gcpo_qa.yaml", "--print_config"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]

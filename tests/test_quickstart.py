@@ -16,14 +16,14 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lit_gcpo.answers import ends_with_box
-from lit_gcpo.batch import PromptBatch
+from lit_gcpo.assets.tiny_model import TINY_MODEL_PATH
+from lit_gcpo.data.batch import PromptBatch
 from lit_gcpo.data.rollout import RolloutCollector
 from lit_gcpo.engines.base import Generation, SamplingConfig
 from lit_gcpo.engines.hf import HFEngine
 from lit_gcpo.rewards import RewardSet, math_accuracy, math_accuracy_final
+from lit_gcpo.rewards.answers import ends_with_box
 from lit_gcpo.tasks.arithmetic import ArithmeticProblem
-from lit_gcpo.tiny_model import TINY_MODEL_PATH
 
 QUICKSTART = Path(__file__).parents[1] / "configs" / "quickstart.yaml"
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from test_cli import _short_fit_args
 
-from lit_gcpo.cli import main
-from lit_gcpo.resume import ResumeMismatchError, convert_data_position
+from lit_gcpo.running.cli import main
+from lit_gcpo.running.resume import ResumeMismatchError, convert_data_position
 
 REPO = Path(__file__).parents[1]
 
@@ -47,7 +47,7 @@ def test_explicit_settings_given_with_ckpt_path_are_applied_and_printed(
 
 
 def test_another_model_than_the_checkpoints_is_refused(checkpoint, tmp_path, monkeypatch):
-    from lit_gcpo.tiny_model import build_char_tokenizer, build_tiny_config, build_tiny_model
+    from lit_gcpo.assets.tiny_model import build_char_tokenizer, build_tiny_config, build_tiny_model
 
     monkeypatch.chdir(REPO)
     wider = tmp_path / "wider"
@@ -129,7 +129,8 @@ def test_a_sharded_checkpoint_is_compared_with_the_settings_too(tiny_model_dir, 
     monkeypatch.chdir(REPO)
     sharded = ["--trainer.strategy", "fsdp2", "--trainer.strategy.save_distributed_checkpoint", "true"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "lit_gcpo.cli", "fit", *_short_fit_args(tiny_model_dir, tmp_path, 2), *sharded]
+    fit_args = _short_fit_args(tiny_model_dir, tmp_path, 2)
+    command = [sys.executable, "-m", "lit_gcpo.running.cli", "fit", *fit_args, *sharded]
     subprocess.run(command, cwd=REPO, env=env, check=True, timeout=600, capture_output=True)
     checkpoint = next(tmp_path.rglob("last.ckpt"))
     assert checkpoint.is_dir()  # the sharded format under test

@@ -126,7 +126,7 @@ def test_a_reward_without_a_usable_score_batch_after_batch_stops_the_run():
 
 def test_a_fit_whose_reward_always_fails_does_not_exit_quietly(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(Path(__file__).parents[1])
-    from lit_gcpo.cli import main
+    from lit_gcpo.running.cli import main
 
     args = [*_short_fit_args(tiny_model_dir, tmp_path, steps=12), "--data.rewards", "[unusable_rewards:always_fails]"]
     refused = r"'unusable_rewards:always_fails' gave no usable score in 10 batches in a row \(last: raised ValueError"
@@ -160,7 +160,7 @@ def test_a_user_reward_that_prints_still_scores_and_gets_the_columns(monkeypatch
 
 def test_a_short_fit_without_any_usable_reward_fails_at_its_end(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(Path(__file__).parents[1])
-    from lit_gcpo.cli import main
+    from lit_gcpo.running.cli import main
 
     args = [*_short_fit_args(tiny_model_dir, tmp_path, steps=3), "--data.rewards", "[unusable_rewards:always_fails]"]
     with pytest.raises(RewardError, match=r"no batch of this run had a usable reward \(3 batches scored by"):

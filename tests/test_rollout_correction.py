@@ -12,16 +12,16 @@ import pytest
 import torch
 from test_training import CaptureBatches, make_pair, trainer
 
-from lit_gcpo.advantages import group_advantages
-from lit_gcpo.cli import main
-from lit_gcpo.losses import (
+from lit_gcpo.algorithms.advantages import group_advantages
+from lit_gcpo.algorithms.losses import (
     ROLLOUT_CORRECTIONS,
     grpo_loss,
     off_policy_sequence_mask,
     rollout_correction_problem,
     rollout_correction_weights,
 )
-from lit_gcpo.module import GRPOModule
+from lit_gcpo.running.cli import main
+from lit_gcpo.training.module import GRPOModule
 
 NAN = float("nan")
 MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")

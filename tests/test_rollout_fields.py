@@ -13,10 +13,10 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from test_training import CaptureBatches, _final_weights, make_pair, trainer
 
-from lit_gcpo.batch import requested_fields
 from lit_gcpo.callbacks import UncertaintyCallback
-from lit_gcpo.scoring import CompletionScorer
-from lit_gcpo.step_metrics import mean_over_ranks
+from lit_gcpo.data.batch import requested_fields
+from lit_gcpo.training.scoring import CompletionScorer
+from lit_gcpo.training.step_metrics import mean_over_ranks
 
 
 class Declares:
@@ -94,7 +94,7 @@ def test_the_scoring_pass_runs_when_the_loss_needs_old_logprobs(tiny_model_dir, 
 
 
 def test_answer_clusters_only_when_a_callback_reads_them(tiny_model_dir, tmp_path):
-    from lit_gcpo.clustering import answer_clusters
+    from lit_gcpo.algorithms.clustering import answer_clusters
 
     capture = CaptureBatches(fields=("answer_clusters",))
     _train(tiny_model_dir, tmp_path, 1, [capture])

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from test_cli import _short_fit_args
 
-from lit_gcpo.cli import main
-from lit_gcpo.run_dir import CLAIM_FILE, RunDirectoryTakenError, claim_directory
+from lit_gcpo.running.cli import main
+from lit_gcpo.running.run_dir import CLAIM_FILE, RunDirectoryTakenError, claim_directory
 
 
 def test_two_runs_set_up_at_once_get_two_version_directories(tiny_model_dir, tmp_path, monkeypatch):
@@ -70,7 +70,7 @@ def test_two_fit_processes_started_0_2_s_apart_keep_their_own_directories(tiny_m
 
     repo = Path(__file__).parents[1]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "lit_gcpo.cli", "fit", *_short_fit_args(tiny_model_dir, tmp_path, steps=2)]
+    command = [sys.executable, "-m", "lit_gcpo.running.cli", "fit", *_short_fit_args(tiny_model_dir, tmp_path, steps=2)]
     processes = []
     for _ in range(2):
         processes.append(subprocess.Popen(command, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))

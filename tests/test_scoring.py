@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from lit_gcpo.scoring import CompletionScorer, has_plain_head
+from lit_gcpo.training.scoring import CompletionScorer, has_plain_head
 
 COMMON = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
 

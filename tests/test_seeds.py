@@ -8,7 +8,7 @@ import lightning as L
 import yaml
 from test_cli import _short_fit_args
 
-from lit_gcpo.cli import main
+from lit_gcpo.running.cli import main
 
 
 class FirstRollout(L.Callback):

@@ -16,8 +16,13 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from lit_gcpo.cli import main
-from lit_gcpo.sharded_checkpoint import UnsafeCheckpointError, load_sharded, read_metadata, read_sharded_checkpoint
+from lit_gcpo.running.cli import main
+from lit_gcpo.running.sharded_checkpoint import (
+    UnsafeCheckpointError,
+    load_sharded,
+    read_metadata,
+    read_sharded_checkpoint,
+)
 
 REPO = Path(__file__).parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")

@@ -16,7 +16,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_cli import _short_fit_args
 
-from lit_gcpo.cli import main
+from lit_gcpo.running.cli import main
 
 REPO = Path(__file__).parents[1]
 
@@ -36,7 +36,7 @@ def _processes_of(root: Path) -> list[int]:
 def _fit_until_sigterm(args: list[str], root: Path) -> tuple[int, int, str, str]:
     """Start ``lit-gcpo fit``, send SIGTERM once training is under way; ``(exit status, step, checkpoint, output)``."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "lit_gcpo.cli", "fit", *args]
+    command = [sys.executable, "-m", "lit_gcpo.running.cli", "fit", *args]
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
     while not list(root.rglob("last.ckpt")) and process.poll() is None and time.monotonic() < deadline:

@@ -9,8 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from lit_gcpo.tasks.arithmetic import DEFAULT_MIX, arithmetic_splits, sample_problems
-from lit_gcpo.tiny_model import (
+from lit_gcpo.assets.tiny_model import (
     BOX_TOKEN,
     TINY_MODEL_NAME,
     TINY_MODEL_PATH,
@@ -24,6 +23,7 @@ from lit_gcpo.tiny_model import (
     sft_loss,
     sft_warm_start,
 )
+from lit_gcpo.tasks.arithmetic import DEFAULT_MIX, arithmetic_splits, sample_problems
 
 # Greedy accuracy of this architecture on DEFAULT_MIX validation rows when the warm start runs 1500 steps
 # instead of 200 (`scripts/build_tiny_model.py --steps 1500`, measured 0.882 on 400 rows). The shipped policy

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from lit_gcpo import token_selection
-from lit_gcpo.losses import aggregate_loss, policy_loss
-from lit_gcpo.token_selection import (
+from lit_gcpo.algorithms import token_selection
+from lit_gcpo.algorithms.losses import aggregate_loss, policy_loss
+from lit_gcpo.algorithms.token_selection import (
     KL_COV_SURROGATE_CLIP,
     TOKEN_SELECTIONS,
     ClipCov,

@@ -8,11 +8,11 @@ import lightning as L
 import pytest
 import torch
 
-from lit_gcpo.batch import OPTIONAL_FIELDS, RolloutBatch
+from lit_gcpo.data.batch import OPTIONAL_FIELDS, RolloutBatch
 from lit_gcpo.data.datamodule import RolloutDataModule
 from lit_gcpo.engines.base import SamplingConfig
-from lit_gcpo.module import GRPOModule
 from lit_gcpo.tasks.arithmetic import ArithmeticTask
+from lit_gcpo.training.module import GRPOModule
 
 
 def make_pair(
@@ -117,7 +117,7 @@ def test_trainer_logprobs_equal_full_log_softmax_and_engine(tiny_model_dir, tmp_
     # the hf engine's sampled-token log-probs are those of the same distribution
     torch.testing.assert_close(batch.engine_logprobs[mask], full[mask], atol=1e-4, rtol=0)
     # the answer clusters computed alongside the scoring pass are those of the answers
-    from lit_gcpo.clustering import answer_clusters
+    from lit_gcpo.algorithms.clustering import answer_clusters
 
     assert torch.equal(batch.answer_clusters, answer_clusters(batch.answers, batch.group_ids))
 
@@ -247,7 +247,7 @@ def test_validation_reward_equals_independent_greedy_decoding(tiny_model_dir, tm
 
 
 def test_lora_policy_uses_adapters_for_reference_and_exports_merged_weights(tiny_model_dir, tmp_path):
-    from lit_gcpo.policy import LoraOptions
+    from lit_gcpo.training.policy import LoraOptions
 
     module, data = make_pair(tiny_model_dir, lr=0.05, beta=0.1, lora=LoraOptions(r=4, alpha=8))
     assert module.reference is None  # the base model with adapters disabled is the reference

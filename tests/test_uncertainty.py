@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lit_gcpo.uncertainty import (
+from lit_gcpo.algorithms.uncertainty import (
     barycentric_transport,
     center_embeddings,
     cosine_dispersion,

@@ -11,12 +11,12 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
-from lit_gcpo.answers import answers_equivalent
-from lit_gcpo.batch import RolloutBatch
+from lit_gcpo.algorithms.clustering import answer_clusters, embedding_clusters
+from lit_gcpo.algorithms.uncertainty import advantage_weights, uncertainty_signals
 from lit_gcpo.callbacks import UncertaintyCallback
 from lit_gcpo.callbacks.uncertainty import DEFAULT_SENTENCE_MODEL, resolve_sentence_model
-from lit_gcpo.clustering import answer_clusters, embedding_clusters
-from lit_gcpo.uncertainty import advantage_weights, uncertainty_signals
+from lit_gcpo.data.batch import RolloutBatch
+from lit_gcpo.rewards.answers import answers_equivalent
 
 GROUPS, GROUP_SIZE, DIM = 4, 4, 6
 ANSWER_POOL = [r"\frac12", "0.5", "1/2", "3", "x+1", None, "7"]
@@ -157,7 +157,7 @@ def test_state_and_diagnostics_window_survive_a_checkpoint_resume(tmp_path) -> N
 
 
 def test_embedding_clustering_and_rollout_batch(tmp_path) -> None:
-    # The same contract through lit_gcpo.batch.RolloutBatch (mapping-style access).
+    # The same contract through lit_gcpo.data.batch.RolloutBatch (mapping-style access).
     raw = _dict_batch(7)
     n = GROUPS * GROUP_SIZE
     rollout = RolloutBatch(

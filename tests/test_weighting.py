@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from lit_gcpo.uncertainty import uncertainty_signals
-from lit_gcpo.weighting import (
+from lit_gcpo.algorithms.uncertainty import uncertainty_signals
+from lit_gcpo.algorithms.weighting import (
     WEIGHT_FAMILIES,
     advantage_weights,
     calibrated_uncertainty,

@@ -3,7 +3,7 @@ GSM8K (math) and HotpotQA distractor, NarrativeQA, Qasper (QA).
 
 Every loader returns items ``{"id", "question", "context", "gold", "kind", "benchmark"}``:
 
-* ``gold`` is one answer string for ``kind="math"`` (read by ``lit_gcpo.answers.gold_answer``: AIME's
+* ``gold`` is one answer string for ``kind="math"`` (read by ``lit_gcpo.rewards.answers.gold_answer``: AIME's
   ``"025"`` -> ``"25"``, AMC's ``27.0`` -> ``"27"``, GSM8K's ``#### n``, Minerva's last ``\\boxed{}`` of the
   solution, OlympiadBench's ``final_answer`` list) and a list of reference strings for ``kind="qa"``;
 * ``context`` is ``None`` for math; HotpotQA's ``{title, sentences}`` paragraphs become
@@ -40,9 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from lit_gcpo.answers import extract_boxed, gold_answer
+from lit_gcpo.algorithms.registry import Registry
 from lit_gcpo.data.sources import HubDataset, LocalFiles
-from lit_gcpo.registry import Registry
+from lit_gcpo.rewards.answers import extract_boxed, gold_answer
 
 log = logging.getLogger(__name__)
 

@@ -6,10 +6,10 @@ Lightning pre-fetches one batch ahead, which would sample with weights one step 
 ``on_after_batch_transfer``, which Lightning calls right before the step that uses the batch; there the
 engine generates G completions per prompt, the rewards score them, and the LightningModule adds what
 needs its models (old and reference log-probs, embeddings) through ``score_rollout``: only the fields that
-the loss or a callback reads (``lit_gcpo.batch.requested_fields``). Callbacks then see the complete
+the loss or a callback reads (``lit_gcpo.data.batch.requested_fields``). Callbacks then see the complete
 ``RolloutBatch`` in ``on_train_batch_start``.
 
-The module is used through ``lit_gcpo.contracts.RolloutPolicy`` (checked in ``setup``), and nothing flows back:
+The module is used through ``lit_gcpo.data.contracts.RolloutPolicy`` (checked in ``setup``), and nothing flows back:
 everything training reads about a batch (how it was sampled, which completions are correct) is on the batch.
 """
 
@@ -29,9 +29,9 @@ from jsonargparse.typing import PositiveFloat, PositiveInt
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import DataLoader
 
-from lit_gcpo.batch import PromptBatch, requested_fields
-from lit_gcpo.clustering import answer_clusters
-from lit_gcpo.contracts import RolloutPolicy, check_implements
+from lit_gcpo.algorithms.clustering import answer_clusters
+from lit_gcpo.data.batch import PromptBatch, requested_fields
+from lit_gcpo.data.contracts import RolloutPolicy, check_implements
 from lit_gcpo.data.rollout import RolloutCollector
 from lit_gcpo.data.sources import PromptSource, check_field_types
 from lit_gcpo.data.streams import EvalPrompts, PromptStream
@@ -39,8 +39,8 @@ from lit_gcpo.data.templates import PromptRenderer, context_length, fit_prompts,
 from lit_gcpo.engines import build_engine
 from lit_gcpo.engines.base import SamplingConfig
 from lit_gcpo.engines.options import EngineOptions
-from lit_gcpo.parallel import is_sharded
-from lit_gcpo.resume import convert_data_position
+from lit_gcpo.running.resume import convert_data_position
+from lit_gcpo.training.parallel import is_sharded
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from lit_gcpo.answers import final_answer
-from lit_gcpo.batch import PromptBatch, RolloutBatch
+from lit_gcpo.data.batch import PromptBatch, RolloutBatch
 from lit_gcpo.engines.base import RolloutEngine, SamplingConfig
+from lit_gcpo.rewards.answers import final_answer
 
 
 def pack_sequences(

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset
 
-from lit_gcpo.batch import PromptBatch
+from lit_gcpo.data.batch import PromptBatch
 
 
 class PromptStream(IterableDataset):

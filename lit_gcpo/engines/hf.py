@@ -40,7 +40,7 @@ from lit_gcpo.engines.base import (
     logprob_temperature,
     prompt_seeds,
 )
-from lit_gcpo.scoring import base_model
+from lit_gcpo.training.scoring import base_model
 
 
 def _to_int64(value: int) -> int:

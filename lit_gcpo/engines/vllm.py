@@ -11,7 +11,7 @@ copy: log-probs lagged the policy by 0.07 after one step); :func:`_repack_tied_l
 Environment (defaults set with ``os.environ.setdefault`` when this module is imported):
 
 - ``OMP_WAIT_POLICY=PASSIVE`` MUST be set before torch is imported, so the entry point has to set it
-  (``lit_gcpo/cli.py`` does): with vLLM and the trainer in one process, OpenMP busy-waiting between
+  (``lit_gcpo/running/cli.py`` does): with vLLM and the trainer in one process, OpenMP busy-waiting between
   their two thread pools made generation 7x and a train step 14x slower on a 2-core CPU. Setting it
   here only helps a process that imports this module before torch.
 - ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (forced, not a default): in-process engine, which also avoids
@@ -39,7 +39,7 @@ Project choices the vLLM docs leave open:
   generator. The torch (CPU and CUDA), numpy and ``random`` states of the trainer are saved before and
   restored after engine creation, ``generate`` and ``sync_weights``, so resuming a run stays exact.
 - LoRA: vLLM receives plain merged weights with Hugging Face names; ``policy`` may be a peft model, whose
-  adapters are merged on the fly by :func:`lit_gcpo.policy.merged_state_items` (the trained model is not
+  adapters are merged on the fly by :func:`lit_gcpo.training.policy.merged_state_items` (the trained model is not
   modified). The caller of ``sync_weights`` passes merged weights the same way (``export_weights``).
 - Several data-parallel ranks (DDP, FSDP2): one colocated engine per rank, each generating its own prompt
   shard on its own device, with vLLM's ``external_launcher`` executor (what TRL's colocate mode uses). It
@@ -123,7 +123,7 @@ def checkpoint_spec(model_path: str) -> dict[str, tuple[tuple[int, ...], torch.d
 
 
 def _policy_state_names(policy: torch.nn.Module) -> set[str]:
-    from lit_gcpo.policy import merged_state_items
+    from lit_gcpo.training.policy import merged_state_items
 
     return {name for name, _ in merged_state_items(policy, uses_lora=_is_peft(policy))}
 
@@ -141,7 +141,7 @@ def _save_policy(policy: torch.nn.Module, tokenizer: Any, directory: str) -> Non
     """
     from safetensors.torch import save_file
 
-    from lit_gcpo.policy import architecture_name, merged_state_items
+    from lit_gcpo.training.policy import architecture_name, merged_state_items
 
     state: dict[str, torch.Tensor] = {}
     seen: set[int] = set()

@@ -1,9 +1,9 @@
 """Per-prompt uncertainty signals of evaluation completions (METHODS.md §3-4), for calibration AUROCs.
 
-The signals are the training ones of ``lit_gcpo.uncertainty.uncertainty_signals``, computed on the k
+The signals are the training ones of ``lit_gcpo.algorithms.uncertainty.uncertainty_signals``, computed on the k
 evaluation completions of each prompt:
 
-* ``se`` / ``se_n``: semantic entropy over answer clusters (``lit_gcpo.clustering.answer_clusters``)
+* ``se`` / ``se_n``: semantic entropy over answer clusters (``lit_gcpo.algorithms.clustering.answer_clusters``)
   under the benchmark kind's equivalence (Math-Verify for math, equal SQuAD-normalised text for QA);
   Rao (likelihood-weighted) when the batch has the policy's log-probs, else discrete (counts);
 * ``cd`` / ``bot``: cosine dispersion and barycentric transport of ``batch.embeddings``;
@@ -22,9 +22,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lit_gcpo.clustering import answer_clusters
+from lit_gcpo.algorithms.clustering import answer_clusters
+from lit_gcpo.algorithms.uncertainty import group_sizes, uncertainty_signals
 from lit_gcpo.evaluation.grading import equivalence
-from lit_gcpo.uncertainty import group_sizes, uncertainty_signals
 
 AUROC_SIGNALS = ("se", "cd", "bot", "u_c")
 """The signals whose AUROC (predicting an incorrect majority answer) is reported."""

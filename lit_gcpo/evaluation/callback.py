@@ -14,7 +14,7 @@ same numbers even when a rank saw no batch of some benchmark, and the files hold
 ``lit-gcpo test`` also writes each batch's records as it comes (``lit_gcpo.evaluation.progress``); a run
 restarted with the same config and ``output_dir`` skips the batches found there (the DataModule leaves
 them out of its test dataloaders) and reports from the saved and the new records together, so its
-report is the one an uninterrupted run gives. The DataModule is read through ``lit_gcpo.contracts.EvaluationData``
+report is the one an uninterrupted run gives. The DataModule is read through ``lit_gcpo.data.contracts.EvaluationData``
 (checked in ``setup``). The paper-style table (``lit_gcpo.evaluation.paper``: one
 row for this model, one column per benchmark and pass, averages) is printed and written next to it.
 """
@@ -29,12 +29,12 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 
-from lit_gcpo.answers import FALLBACKS
-from lit_gcpo.batch import RolloutBatch
-from lit_gcpo.contracts import EvaluationData, check_implements
+from lit_gcpo.data.batch import RolloutBatch
+from lit_gcpo.data.contracts import EvaluationData, check_implements
 from lit_gcpo.evaluation.paper import format_paper_table
 from lit_gcpo.evaluation.progress import EvaluationProgress
 from lit_gcpo.evaluation.results import Record, format_table, rollout_records, summarise, write_results
+from lit_gcpo.rewards.answers import FALLBACKS
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class BenchmarkReport(pl.Callback):
 
     # ------------------------------------------------------------------------------------------ hooks
     def rollout_fields(self, stage: str) -> set[str]:
-        """The optional batch fields the report reads (``lit_gcpo.batch.requested_fields``): the policy's
+        """The optional batch fields the report reads (``lit_gcpo.data.batch.requested_fields``): the policy's
         embeddings and sequence log-probs of evaluation batches, for the uncertainty signals of each prompt."""
         wanted = stage == "test" or (stage == "val" and self.validation)
         return {"embeddings", "seq_logprobs"} if wanted else set()

@@ -3,10 +3,10 @@
 An empty last box (``\\boxed{}``) is no answer for either kind: it is graded wrong and never votes.
 
 * math: the final answer is the content of the completion's last complete ``\\boxed{}``, with the boxes
-  listed right before it (``lit_gcpo.answers.final_answer``: ``\\boxed{3}, \\boxed{5}`` is the answer
+  listed right before it (``lit_gcpo.rewards.answers.final_answer``: ``\\boxed{3}, \\boxed{5}`` is the answer
   ``3, 5``); a completion without a box has no answer unless a ``fallback`` reads one
-  (``lit_gcpo.answers.unboxed_answer``: the last number, or Math-Verify's extraction). It is correct when
-  Math-Verify finds it equivalent to the gold (``lit_gcpo.answers.answers_equivalent``, gold first, the
+  (``lit_gcpo.rewards.answers.unboxed_answer``: the last number, or Math-Verify's extraction). It is correct when
+  Math-Verify finds it equivalent to the gold (``lit_gcpo.rewards.answers.answers_equivalent``, gold first, the
   ``math_accuracy`` reward's time bound).
 * qa: the answer is ``lit_gcpo.rewards.qa.extract_qa_answer`` (last box, else the text after the last
   "Answer:", else the whole completion); it is correct on a SQuAD exact match with any reference, and
@@ -28,8 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lit_gcpo.answers import answers_equivalent, final_answer, gold_answer, unboxed_answer
 from lit_gcpo.evaluation.metrics import Equivalence, majority_answer
+from lit_gcpo.rewards.answers import answers_equivalent, final_answer, gold_answer, unboxed_answer
 from lit_gcpo.rewards.math_reward import GRADING_TIMEOUT_S, completion_text
 from lit_gcpo.rewards.qa import exact_match, extract_qa_answer, normalize_answer, references, token_f1
 

@@ -21,7 +21,7 @@ from torchmetrics import Metric
 from torchmetrics.functional.classification import binary_auroc
 from torchmetrics.utilities import dim_zero_cat
 
-from lit_gcpo.answers import answers_equivalent
+from lit_gcpo.rewards.answers import answers_equivalent
 from lit_gcpo.rewards.qa import exact_match, token_f1
 
 Equivalence = Callable[[str, str], bool]
@@ -140,7 +140,7 @@ class MajorityAtK(_AtK):
 
     Args:
         k: completions voting per problem.
-        equivalent: ``(a, b) -> bool``, by default ``lit_gcpo.answers.answers_equivalent``; used both to
+        equivalent: ``(a, b) -> bool``, by default ``lit_gcpo.rewards.answers.answers_equivalent``; used both to
             group the answers and to compare the majority with the gold (gold first).
     """
 

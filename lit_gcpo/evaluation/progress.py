@@ -30,8 +30,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lit_gcpo.checkpointing import atomic_write
 from lit_gcpo.evaluation.results import Record, jsonable
+from lit_gcpo.running.checkpointing import atomic_write
 
 log = logging.getLogger(__name__)
 

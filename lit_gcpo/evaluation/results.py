@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from lit_gcpo.batch import RolloutBatch
+from lit_gcpo.data.batch import RolloutBatch
 from lit_gcpo.evaluation.calibration import AUROC_SIGNALS, prompt_signals
 from lit_gcpo.evaluation.grading import (
     KINDS,

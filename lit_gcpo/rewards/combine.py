@@ -9,7 +9,7 @@ out-of-memory killer) is replaced at once and reported with its exit code or sig
 ``reward/<name>_timeouts`` and logged. Built-in rewards and ``RewardTerm``s built from a plain callable run in
 daemon threads; a thread that hangs cannot be killed, so once ``MAX_STUCK_CALLS`` calls of one function are
 still running it is not called again until one returns (the built-in math grading itself runs in a killable
-process, ``lit_gcpo.sandbox``).
+process, ``lit_gcpo.rewards.sandbox``).
 
 A call that raises, times out or returns something other than N scores yields no score for all N
 completions (``reward/<name>_failures``). Scores must be numbers or None:

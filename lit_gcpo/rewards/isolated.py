@@ -2,7 +2,7 @@
 
 A reward function stuck in a CPU loop cannot be stopped in a thread: the thread keeps running and holding
 the interpreter, and training steps went from ~0.8 s to 88-161 s. ``ProcessReward`` runs the function in a
-``lit_gcpo.sandbox.ChildProcess`` (the mechanism of the math grader): a call without a reply within
+``lit_gcpo.rewards.sandbox.ChildProcess`` (the mechanism of the math grader): a call without a reply within
 the timeout kills the child and starts a replacement, and the call raises ``RewardTimeoutError``; a child that
 dies during a call (``os._exit``, a segfault, the out-of-memory killer's SIGKILL) is replaced as well, and the
 call raises ``RewardCrashError`` with its exit code or signal, at once rather than at the timeout.
@@ -53,7 +53,9 @@ class ProcessReward:
     """
 
     def __init__(self, path: str, timeout: float) -> None:
-        from lit_gcpo.sandbox import ChildProcess  # lazy: the child runs this file as a script, without lit-gcpo
+        from lit_gcpo.rewards.sandbox import (
+            ChildProcess,  # lazy: the child runs this file as a script, without lit-gcpo
+        )
 
         self.path, self.timeout = path, float(timeout)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p or os.getcwd() for p in sys.path)}
@@ -77,7 +79,7 @@ class ProcessReward:
             reply = self.child.request(_encode((prompts, completions, columns)), self.timeout)
         if reply is None:
             if self.child.last_exit is not None:
-                from lit_gcpo.sandbox import describe_exit  # lazy: the child runs this file without lit-gcpo
+                from lit_gcpo.rewards.sandbox import describe_exit  # lazy: the child runs this file without lit-gcpo
 
                 raise RewardCrashError(
                     f"its process {describe_exit(self.child.last_exit)} during the call; a new process was started"

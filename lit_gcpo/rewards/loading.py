@@ -12,7 +12,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-from lit_gcpo.registry import Registry
+from lit_gcpo.algorithms.registry import Registry
 
 RewardFn = Callable[..., list[Any]]
 """``fn(prompts: list[str], completions: list[str], **columns: list) -> list[float | None]``."""

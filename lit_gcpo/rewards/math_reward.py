@@ -3,7 +3,7 @@
 ``math_accuracy`` is the binary verifiable reward of DeepSeekMath's GRPO setting (and of SEED-GRPO /
 GCPO): 1 when the completion's final answer is equivalent to the gold, else 0. Project's reading: the
 final answer is the content of the completion's last complete ``\\boxed{}``/``\\fbox{}``, with the boxes
-listed right before it (``lit_gcpo.answers.final_answer``: ``\\boxed{3} or \\boxed{5}`` is the answer
+listed right before it (``lit_gcpo.rewards.answers.final_answer``: ``\\boxed{3} or \\boxed{5}`` is the answer
 ``3, 5``, so hedging between boxes earns nothing) (none -> 0);
 a completion whose gold cannot be read gets ``None`` (no score), not 0.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lit_gcpo.answers import answers_equivalent, ends_with_box, extract_boxed, final_answer, gold_answer
+from lit_gcpo.rewards.answers import answers_equivalent, ends_with_box, extract_boxed, final_answer, gold_answer
 from lit_gcpo.rewards.loading import REWARDS
 
 GRADING_TIMEOUT_S = 1.0
@@ -47,7 +47,7 @@ def math_accuracy(prompts: list[str], completions: list[Any], **columns: list[An
     """1.0 when the last ``\\boxed{}`` of the completion is equivalent to the gold, else 0.0.
 
     The gold comes from the ``gold`` column (evaluation items) or the ``answer`` column (any format
-    ``lit_gcpo.answers.gold_answer`` reads: LaTeX, numbers, GSM8K ``#### n``, solutions with a box,
+    ``lit_gcpo.rewards.answers.gold_answer`` reads: LaTeX, numbers, GSM8K ``#### n``, solutions with a box,
     lists), else ``final_answer`` (OlympiadBench), else the last box of ``solution`` (Minerva); ``None``
     for a row without a readable gold.
     """

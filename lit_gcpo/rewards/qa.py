@@ -17,7 +17,7 @@ import string
 from collections import Counter
 from typing import Any
 
-from lit_gcpo.answers import extract_boxed
+from lit_gcpo.rewards.answers import extract_boxed
 from lit_gcpo.rewards.loading import REWARDS
 from lit_gcpo.rewards.math_reward import completion_text
 

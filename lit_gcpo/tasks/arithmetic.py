@@ -5,7 +5,7 @@ precedence: ``*`` first, then ``+``/``-`` left to right), e.g. the level-3 promp
 are plain integers (negatives allowed), so a reward that compares the last ``\\boxed{}`` of a completion
 with ``answer`` by math-verify equivalence scores it.
 
-The worked solution (the format the tiny warm-started policy is taught, see ``lit_gcpo.tiny_model``)
+The worked solution (the format the tiny warm-started policy is taught, see ``lit_gcpo.assets.tiny_model``)
 rewrites the expression one operation at a time, each intermediate expression ending with ``=``, and
 boxes the result of the last operation::
 

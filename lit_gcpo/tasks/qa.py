@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from lit_gcpo.assets.tiny_model import SPECIAL_TOKENS
 from lit_gcpo.data.sources import PromptSource
-from lit_gcpo.tiny_model import SPECIAL_TOKENS
 
 COLOURS: dict[str, tuple[str, str]] = {
     "red": ("crimson", "scarlet"),
@@ -138,7 +138,7 @@ def build_qa_policy(
     """
     import torch
 
-    from lit_gcpo.tiny_model import build_char_tokenizer, build_tiny_config, build_tiny_model, sft_loss
+    from lit_gcpo.assets.tiny_model import build_char_tokenizer, build_tiny_config, build_tiny_model, sft_loss
 
     tokenizer = build_char_tokenizer(QA_VOCAB)
     config = build_tiny_config(

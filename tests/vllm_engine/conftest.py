@@ -36,7 +36,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from lit_gcpo.tiny_model import build_char_tokenizer
+    from lit_gcpo.assets.tiny_model import build_char_tokenizer
 
     return build_char_tokenizer()
 
@@ -48,7 +48,7 @@ def policy():
     ``initializer_range`` 0.2 instead of 0.02 spreads the logits, so greedy decoding has no near-ties
     that a 1e-6 numerical difference between vLLM and transformers could flip.
     """
-    from lit_gcpo.tiny_model import build_tiny_config, build_tiny_model
+    from lit_gcpo.assets.tiny_model import build_tiny_config, build_tiny_model
 
     config = build_tiny_config(hidden_size=128, num_layers=2, num_heads=4, max_position_embeddings=512)
     config.initializer_range = 0.2

@@ -17,8 +17,8 @@ import torch
 
 from lit_gcpo.data.datamodule import RolloutDataModule
 from lit_gcpo.engines.base import SamplingConfig
-from lit_gcpo.module import GRPOModule
 from lit_gcpo.tasks.arithmetic import ArithmeticTask
+from lit_gcpo.training.module import GRPOModule
 
 
 class Record(L.Callback):

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.vllm
 
 def test_peft_policy_is_saved_merged_with_plain_names(tmp_path, tokenizer):
     peft = pytest.importorskip("peft")
-    from lit_gcpo.tiny_model import build_tiny_config, build_tiny_model
+    from lit_gcpo.assets.tiny_model import build_tiny_config, build_tiny_model
 
     base = build_tiny_model(build_tiny_config(hidden_size=64, num_layers=1, num_heads=2, intermediate_size=96))
     config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"], task_type="CAUSAL_LM")

@@ -23,7 +23,16 @@ def _cli(subcommand: str, *args: str, capture: Path | None = None) -> None:
     env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
     if capture is not None:
         env["CAPTURE_COMPLETIONS"] = str(capture)
-    command = [sys.executable, "-m", "lit_gcpo.cli", subcommand, "--config", "configs/quickstart.yaml", *SMALL, *args]
+    command = [
+        sys.executable,
+        "-m",
+        "lit_gcpo.running.cli",
+        subcommand,
+        "--config",
+        "configs/quickstart.yaml",
+        *SMALL,
+        *args,
+    ]
     subprocess.run(command, cwd=ROOT, env=env, check=True, timeout=900)
 
 

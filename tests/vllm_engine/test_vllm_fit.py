@@ -20,7 +20,7 @@ def _fit(engine: str, out: Path) -> dict[str, list[float]]:
     args = [
         sys.executable,
         "-m",
-        "lit_gcpo.cli",
+        "lit_gcpo.running.cli",
         "fit",
         "--config",
         "configs/quickstart.yaml",

@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from lit_gcpo.registry import Registry
+from lit_gcpo.algorithms.registry import Registry
 
 # A mode maps (group-centred rewards [N], the std it may divide by [N], eps) to advantages [N].
 AdvantageMode = Callable[[Tensor, Tensor, float], Tensor]

@@ -3,7 +3,7 @@
 Every pass goes through ``model(...)``, so wrappers that act in ``forward`` see it: FSDP2 gathers the
 sharded weights in its forward hooks, DDP prepares its gradient reduction, peft routes through the
 adapters. Inside that forward the decoder's final hidden state is captured by a hook and turned into
-the sampled tokens' log-probs by :func:`lit_gcpo.logprobs.token_logprobs` without full ``[n, L, V]``
+the sampled tokens' log-probs by :func:`lit_gcpo.algorithms.logprobs.token_logprobs` without full ``[n, L, V]``
 logits (``logits_to_keep=1`` keeps the model's own head to a single column). The capture and the chunked
 computation run in a forward hook of the model itself, before FSDP's post-forward hook may free the
 gathered weights; the results travel on the model's output, where FSDP registers its backward hooks.
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lit_gcpo.logprobs import logprobs_from_logits, token_logprobs
+from lit_gcpo.algorithms.logprobs import logprobs_from_logits, token_logprobs
 
 
 def base_model(model: torch.nn.Module) -> torch.nn.Module:

@@ -1,12 +1,12 @@
 """``UncertaintyCallback``: per-prompt advantage weights from semantic and geometric uncertainty.
 
-A thin Lightning adapter: it reads the batch, calls the pure functions of ``lit_gcpo.clustering`` (METHODS.md
-§3), ``lit_gcpo.uncertainty`` (§4, §5.1.1) and ``lit_gcpo.weighting`` (§5, §5.1), writes the weights into the
-batch and logs. It has no knowledge of lit-gcpo's module and can be attached to any LightningModule whose
-training batches follow the contract below.
+A thin Lightning adapter: it reads the batch, calls the pure functions of ``lit_gcpo.algorithms.clustering``
+(METHODS.md §3), ``lit_gcpo.algorithms.uncertainty`` (§4, §5.1.1) and ``lit_gcpo.algorithms.weighting`` (§5, §5.1),
+writes the weights into the batch and logs. It has no knowledge of lit-gcpo's module and can be attached to any
+LightningModule whose training batches follow the contract below.
 
 Batch contract (public API; a plain ``dict`` or anything with ``batch["key"]``, ``"key" in batch`` and
-``batch["key"] = value``, such as ``lit_gcpo.batch.RolloutBatch``). ``N`` completions, flat and
+``batch["key"] = value``, such as ``lit_gcpo.data.batch.RolloutBatch``). ``N`` completions, flat and
 group-major, of ``B`` prompts:
 
 required
@@ -17,7 +17,7 @@ optional
     ``answer_clusters`` ``[N]`` long, answer clusters already computed by the data pipeline (ids local to
                      each group); used as they are by ``answer`` clustering instead of clustering ``answers``.
     ``completions``  ``list[str]`` of length N; answers are extracted from it with
-                     ``lit_gcpo.answers.extract_boxed`` when ``answers`` is absent, and it is the text
+                     ``lit_gcpo.rewards.answers.extract_boxed`` when ``answers`` is absent, and it is the text
                      embedded when ``embeddings`` names a sentence-transformers model.
     ``embeddings``   ``[N, d]`` float, one vector per completion (``embeddings="batch"``).
     ``seq_logprobs`` ``[N]`` float, length-normalised sequence log-likelihoods of the generating policy
@@ -43,12 +43,11 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
-from lit_gcpo.clustering import answer_clusters, embedding_clusters
-from lit_gcpo.diagnostics import DiagnosticsWindow
-from lit_gcpo.embeddings import BATCH_SOURCE, DEFAULT_SENTENCE_MODEL, SentenceEncoder, resolve_sentence_model
-from lit_gcpo.step_metrics import log_step_scalars
-from lit_gcpo.uncertainty import CENTERINGS, SE_KINDS, uncertainty_signals
-from lit_gcpo.weighting import (
+from lit_gcpo.algorithms.clustering import answer_clusters, embedding_clusters
+from lit_gcpo.algorithms.diagnostics import DiagnosticsWindow
+from lit_gcpo.algorithms.embeddings import BATCH_SOURCE, DEFAULT_SENTENCE_MODEL, SentenceEncoder, resolve_sentence_model
+from lit_gcpo.algorithms.uncertainty import CENTERINGS, SE_KINDS, uncertainty_signals
+from lit_gcpo.algorithms.weighting import (
     ADVANTAGE_WEIGHTINGS,
     GEOMETRIC_SIGNALS,
     SCALES,
@@ -56,6 +55,7 @@ from lit_gcpo.weighting import (
     advantage_weights,
     signal_statistics,
 )
+from lit_gcpo.training.step_metrics import log_step_scalars
 
 __all__ = ["DEFAULT_SENTENCE_MODEL", "UncertaintyCallback", "resolve_sentence_model"]
 
@@ -140,7 +140,7 @@ class UncertaintyCallback(pl.Callback):
         self._warned_discrete = False
 
     def rollout_fields(self, stage: str) -> set[str]:
-        """The optional batch fields this callback reads (``lit_gcpo.batch.requested_fields``): in training, the
+        """The optional batch fields this callback reads (``lit_gcpo.data.batch.requested_fields``): in training, the
         policy's embeddings (``embeddings="batch"``; every geometric signal is logged), the sequence log-probs
         of Rao semantic entropy, and the pipeline's answer clusters."""
         if stage != "train":
@@ -233,7 +233,7 @@ class UncertaintyCallback(pl.Callback):
             return embedding_clusters(embeddings, group_ids, self.tau)
         if "answer_clusters" in batch:  # the rollout pipeline clustered while the policy scored the batch
             return batch["answer_clusters"]
-        from lit_gcpo.answers import answers_equivalent, extract_boxed
+        from lit_gcpo.rewards.answers import answers_equivalent, extract_boxed
 
         if "answers" in batch:
             answers = self._texts(batch, "answers", group_ids.numel())

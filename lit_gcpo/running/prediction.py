@@ -22,7 +22,7 @@ from typing import Any, TextIO
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from lit_gcpo.batch import RolloutBatch
+from lit_gcpo.data.batch import RolloutBatch
 
 
 def _score(value: float) -> float | None:

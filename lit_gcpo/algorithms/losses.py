@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lit_gcpo.registry import Registry
+from lit_gcpo.algorithms.registry import Registry
 
 RATIO_LEVELS = ("token", "sequence")
 

@@ -6,7 +6,7 @@
 * ``gold_answer`` turns the gold fields of the usual benchmarks into one answer string (see its
   docstring for the formats).
 * ``answers_equivalent`` decides equivalence with Math-Verify (``parse`` + ``verify``) in a separate,
-  killable process (``lit_gcpo.sandbox``) so the time bound holds in any thread and against
+  killable process (``lit_gcpo.rewards.sandbox``) so the time bound holds in any thread and against
   C-level hangs; cheap cases are decided here first (identical strings, two plain integers) and the
   verdicts (not the timeouts) are cached. Answers are never evaluated as Python.
 """
@@ -19,7 +19,7 @@ from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from typing import Any
 
-from lit_gcpo.sandbox import default_pool
+from lit_gcpo.rewards.sandbox import default_pool
 
 _BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _MATH_SPACE = r"(?:\s|\$|\\[()\[\]])*"  # whitespace and math delimiters
@@ -250,7 +250,7 @@ def answers_equivalent(a: str, b: str, timeout_s: float = 2.0) -> bool:
     ``1.25 * timeout_s + 0.2`` seconds from any thread (plus the wait for the grading process when
     another thread is using it, or when it is still starting); a comparison that times out counts as
     not equivalent (and is not cached, since a loaded machine may be the cause). Raises
-    ``lit_gcpo.sandbox.GraderUnavailableError`` when the grading process cannot run at all (an
+    ``lit_gcpo.rewards.sandbox.GraderUnavailableError`` when the grading process cannot run at all (an
     infrastructure failure, not a wrong answer).
     """
     if not isinstance(a, str) or not isinstance(b, str):

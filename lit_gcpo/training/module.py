@@ -45,15 +45,15 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from lit_gcpo.advantages import group_advantages
-from lit_gcpo.batch import OPTIONAL_FIELDS, RolloutBatch
-from lit_gcpo.losses import grpo_loss, rollout_correction_problem, rollout_correction_weights
-from lit_gcpo.optimizer_step import GuardedOptimizerStep, lr_factor
-from lit_gcpo.parallel import gradient_sync, is_sharded, shard_causal_lm, unsupported_option
-from lit_gcpo.policy import LoraOptions, load_policy, load_tokenizer, merged_state_items, save_policy
-from lit_gcpo.reference import ReferencePolicy
-from lit_gcpo.scoring import CompletionScorer
-from lit_gcpo.step_metrics import (
+from lit_gcpo.algorithms.advantages import group_advantages
+from lit_gcpo.algorithms.losses import grpo_loss, rollout_correction_problem, rollout_correction_weights
+from lit_gcpo.data.batch import OPTIONAL_FIELDS, RolloutBatch
+from lit_gcpo.training.optimizer_step import GuardedOptimizerStep, lr_factor
+from lit_gcpo.training.parallel import gradient_sync, is_sharded, shard_causal_lm, unsupported_option
+from lit_gcpo.training.policy import LoraOptions, load_policy, load_tokenizer, merged_state_items, save_policy
+from lit_gcpo.training.reference import ReferencePolicy
+from lit_gcpo.training.scoring import CompletionScorer
+from lit_gcpo.training.step_metrics import (
     log_step_scalars,
     logs_this_step,
     mean_over_ranks,
@@ -210,7 +210,7 @@ class GRPOModule(L.LightningModule):
         self.uses_lora = lora is not None
         self.scorer = CompletionScorer(self.policy, logprob_chunk_size)
         # With LoRA the reference is the base model with the adapters disabled; otherwise a frozen copy that is
-        # not a submodule (never checkpointed), placed by `setup` like the policy (see lit_gcpo.reference).
+        # not a submodule (never checkpointed), placed by `setup` like the policy (see lit_gcpo.training.reference).
         self.reference: ReferencePolicy | None = None
         if beta > 0 and not self.uses_lora:
             self.reference = ReferencePolicy(model, dtype, logprob_chunk_size, self.scorer.plain_head)
@@ -280,7 +280,7 @@ class GRPOModule(L.LightningModule):
         micro-batches and under the precision context of ``training_step`` (bitwise the same forward).
 
         ``with_reference``: a training batch (the reference and the loss's own needs count). ``fields``: the
-        optional fields the callbacks read (``lit_gcpo.batch.requested_fields``); None: all of them. What nobody
+        optional fields the callbacks read (``lit_gcpo.data.batch.requested_fields``); None: all of them. What nobody
         reads is not computed, and with nothing to compute there is no forward pass at all.
         """
         start = time.perf_counter()
@@ -535,7 +535,7 @@ class GRPOModule(L.LightningModule):
         self._eval_step(batch, "test")
 
     def predict_step(self, batch: RolloutBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        # The DataModule generated and scored the batch; lit_gcpo.prediction.PredictionWriter writes it.
+        # The DataModule generated and scored the batch; lit_gcpo.running.prediction.PredictionWriter writes it.
         return None
 
     # ------------------------------------------------------------------------------------ optimizers

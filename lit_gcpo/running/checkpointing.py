@@ -33,7 +33,7 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from lit_gcpo.sharded_checkpoint import META_FILE, read_sharded_checkpoint
+from lit_gcpo.running.sharded_checkpoint import META_FILE, read_sharded_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from lightning.fabric.strategies.fsdp import _is_sharded_checkpoint
 from lightning.fabric.strategies.model_parallel import _is_full_checkpoint, _load_checkpoint
 from lightning.pytorch.strategies import ModelParallelStrategy, ParallelStrategy, Strategy, StrategyRegistry
 
-from lit_gcpo.sharded_checkpoint import load_sharded, read_meta
+from lit_gcpo.running.sharded_checkpoint import load_sharded, read_meta
 
 # Trainer precisions the module honours: mixed bf16 (fp32 master weights) or one dtype throughout.
 SUPPORTED_PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "64-true", "64")
@@ -91,7 +91,7 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     def _load_sharded_checkpoint(self, path: Path) -> dict[str, Any]:
         """Lightning's loading of a sharded checkpoint (weights, then each optimizer, then ``meta.pt``), read
-        through ``lit_gcpo.sharded_checkpoint``: Lightning's own reads the shards' index with plain pickle and
+        through ``lit_gcpo.running.sharded_checkpoint``: Lightning's own reads the shards' index with plain pickle and
         their non-tensor items with ``weights_only=False``, which runs code a crafted checkpoint holds."""
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,

@@ -1,7 +1,7 @@
 """Semantic clusters of every group of a step (METHODS.md §3).
 
 Two clusterers, both returning ``cluster_ids [N]`` local to each group (0, 1, ... in order of first
-appearance within the group), the form ``lit_gcpo.uncertainty`` accepts:
+appearance within the group), the form ``lit_gcpo.algorithms.uncertainty`` accepts:
 
 - ``embedding_clusters``: unit-normalised embeddings; completions i, j of the same group are linked when
   ``cos(e_i, e_j) >= tau``; clusters are the connected components of the links. One FAISS range search
@@ -19,7 +19,7 @@ appearance within the group), the form ``lit_gcpo.uncertainty`` accepts:
   and connected components. Range search on a few thousand 384-d vectors is milliseconds on CPU, so
   the CPU index is kept even when training on GPU.
 - ``answer_clusters``: final answers compared with an injectable equivalence (default
-  ``lit_gcpo.answers.answers_equivalent``, math-verify). Within each group, each answer joins the first
+  ``lit_gcpo.rewards.answers.answers_equivalent``, math-verify). Within each group, each answer joins the first
   cluster whose representative (its first member) is equivalent, else opens a new cluster; a ``None``
   answer is its own singleton (SEED-GRPO's rule). Equivalence is taken as symmetric; checks are cached
   per call on the stripped string pair and identical strings short-circuit. Greedy assignment against
@@ -139,7 +139,7 @@ def embedding_clusters_reference(embeddings: Tensor, group_ids: Tensor, tau: flo
 
 
 def _default_equivalence() -> Equivalence:
-    from lit_gcpo.answers import answers_equivalent
+    from lit_gcpo.rewards.answers import answers_equivalent
 
     return answers_equivalent
 
@@ -150,7 +150,7 @@ def answer_clusters(answers: Sequence[str | None], group_ids: Tensor, equivalent
     Args:
         answers: ``[N]`` extracted final answers; ``None`` = no answer (a singleton cluster).
         group_ids: ``[N]`` group of each completion.
-        equivalent: ``(a, b) -> bool``; default ``lit_gcpo.answers.answers_equivalent`` (math-verify,
+        equivalent: ``(a, b) -> bool``; default ``lit_gcpo.rewards.answers.answers_equivalent`` (math-verify,
             time-bounded, never evaluates model text).
     """
     if len(answers) != group_ids.numel():

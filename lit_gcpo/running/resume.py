@@ -15,7 +15,8 @@ The rule here (project's choice):
   continues at the same prompt, converted (``convert_data_position``); the group size and the rewards are
   compared and printed like every other setting.
 
-Single-file and sharded checkpoints are compared alike (the sharded ones read by ``lit_gcpo.sharded_checkpoint``).
+Single-file and sharded checkpoints are compared alike (the sharded ones read by
+``lit_gcpo.running.sharded_checkpoint``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 
 import torch
 
-from lit_gcpo.sharded_checkpoint import read_sharded_checkpoint
+from lit_gcpo.running.sharded_checkpoint import read_sharded_checkpoint
 
 IDENTITY = ("model", "tokenizer", "dtype", "lora")
 """Module settings that define which model the weights belong to."""

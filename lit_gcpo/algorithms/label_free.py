@@ -1,8 +1,8 @@
 """Label-free rewards computed from a group of completions (METHODS.md §7), as pure tensor functions.
 
 Completions are flat (``N``), ``group_ids [N]`` names the prompt of each (``B = num_groups``), and per-group
-reductions are segment operations as in ``lit_gcpo.uncertainty``. Each function returns ``(rewards [N] float32,
-metrics)`` (``empo_rewards`` also a keep mask over prompts); metrics are detached 0-d tensors.
+reductions are segment operations as in ``lit_gcpo.algorithms.uncertainty``. Each function returns
+``(rewards [N] float32, metrics)`` (``empo_rewards`` also a keep mask over prompts); metrics are detached 0-d tensors.
 
 - ``ttrl`` (Zuo et al. 2025, TTRL, arXiv 2504.16084, its majority-voting reward): r_i = 1 when o_i's
   extracted answer equals the group's majority answer, else 0. The paper's pseudo-code (and its code,
@@ -24,7 +24,7 @@ metrics)`` (``empo_rewards`` also a keep mask over prompts); metrics are detache
   groups, whose rewards are all equal (no advantage) anyway. Missing answers are singletons and get r = 0.
 - ``self_certainty`` (Zhao et al. 2025, Intuitor, arXiv 2505.19590, "self-certainty"): r_i = mean over o_i's
   tokens of KL(U || p_t) = -log V - (1/V) sum_v log p_t(v), from the per-token ``mean_logprob`` of
-  ``lit_gcpo.token_distribution``. Intuitor's code drops the constant -log V (it cancels in the group
+  ``lit_gcpo.algorithms.token_distribution``. Intuitor's code drops the constant -log V (it cancels in the group
   normalisation); the project keeps it, so the reward is the KL itself (>= 0).
 - ``rent`` (Prabhudesai et al. 2025, RENT, arXiv 2505.22660): r_i = - mean over o_i's tokens of the
   token entropy H(p_t). The paper compares which tokens to use and finds the final (answer) tokens matter
@@ -32,7 +32,7 @@ metrics)`` (``empo_rewards`` also a keep mask over prompts); metrics are detache
   (``last_k=None``, the released code), ``last_k = k`` for the mean over each completion's last k tokens.
 
 The token-distribution rewards read ``[N, T]`` per-token summaries from the memory-bounded log-prob pass at the
-loss temperature, never an ``[N, T, V]`` tensor (see ``lit_gcpo.token_distribution``).
+loss temperature, never an ``[N, T, V]`` tensor (see ``lit_gcpo.algorithms.token_distribution``).
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lit_gcpo.registry import Registry
-from lit_gcpo.uncertainty import global_cluster_index, group_sizes, semantic_entropy
-from lit_gcpo.weighting import signal_statistics
+from lit_gcpo.algorithms.registry import Registry
+from lit_gcpo.algorithms.uncertainty import global_cluster_index, group_sizes, semantic_entropy
+from lit_gcpo.algorithms.weighting import signal_statistics
 
 Metrics = dict[str, Tensor]
 

@@ -32,7 +32,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrai
 from lit_gcpo.tasks.arithmetic import ArithmeticProblem
 
 TINY_MODEL_NAME = "lit-gcpo/tiny-arith"
-TINY_MODEL_PATH = str(Path(__file__).resolve().parent / "assets" / "tiny-arith")
+TINY_MODEL_PATH = str(Path(__file__).resolve().parent / "tiny-arith")
 """Directory of the shipped warm-started model (package data)."""
 
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "<s>", "</s>", "<unk>"

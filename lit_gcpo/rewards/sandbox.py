@@ -18,7 +18,7 @@ alarm. So the grading runs in a child interpreter started with ``python -I <this
   ``MemoryError`` instead of eating the machine's memory;
 * besides comparisons, the child answers extraction requests: the answer Math-Verify's LaTeX extraction
   finds in a whole completion (``GraderProcess.extract``, the ``math_verify`` fallback of
-  ``lit_gcpo.answers.unboxed_answer``), under the same bounds.
+  ``lit_gcpo.rewards.answers.unboxed_answer``), under the same bounds.
 
 Numbers far below 1: Math-Verify compares two numbers after rounding them to 6 decimals, so
 ``2.88 \\times 10^{-19}`` "equals" ``1.325 \\times 10^{-27}`` and ``-5 \\times 10^{-19}``. When both sides parse

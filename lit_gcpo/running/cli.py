@@ -1,6 +1,6 @@
 """``lit-gcpo fit|validate|test|predict``: LightningCLI over GRPOModule and RolloutDataModule.
 
-``predict`` writes completions of ``data.predict`` as JSON lines (``lit_gcpo.prediction``).
+``predict`` writes completions of ``data.predict`` as JSON lines (``lit_gcpo.running.prediction``).
 
 The uncertainty callback and the checkpoints are ordinary Trainer callbacks in the config files.
 """
@@ -25,23 +25,23 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lit_gcpo.checkpointing import (
+from lit_gcpo.algorithms.losses import rollout_correction_problem
+from lit_gcpo.data.datamodule import RolloutDataModule
+from lit_gcpo.rewards.combine import RewardError
+from lit_gcpo.running.checkpointing import (
     AtomicCheckpointIO,
     check_checkpoint,
     newest_complete_checkpoint,
     remove_stale_temporary_files,
 )
-from lit_gcpo.data.datamodule import RolloutDataModule
-from lit_gcpo.last_checkpoint import SIGTERM_EXIT_CODE, take_over_save_last
-from lit_gcpo.losses import rollout_correction_problem
-from lit_gcpo.module import GRPOModule
-from lit_gcpo.parallel import unsupported_option
-from lit_gcpo.prediction import PredictionWriter
-from lit_gcpo.progress import StepProgressBar
-from lit_gcpo.resume import check_resume
-from lit_gcpo.rewards.combine import RewardError
-from lit_gcpo.run_dir import RunDirectoryTakenError, claim_directory, claim_logger_directory, release_directory
-from lit_gcpo.sharded_checkpoint import META_FILE
+from lit_gcpo.running.last_checkpoint import SIGTERM_EXIT_CODE, take_over_save_last
+from lit_gcpo.running.prediction import PredictionWriter
+from lit_gcpo.running.progress import StepProgressBar
+from lit_gcpo.running.resume import check_resume
+from lit_gcpo.running.run_dir import RunDirectoryTakenError, claim_directory, claim_logger_directory, release_directory
+from lit_gcpo.running.sharded_checkpoint import META_FILE
+from lit_gcpo.training.module import GRPOModule
+from lit_gcpo.training.parallel import unsupported_option
 
 DESCRIPTION = (
     "lit-gcpo: uncertainty-aware reinforcement learning of language models (GRPO, Dr. GRPO, SEED-GRPO, GCPO) on "
@@ -136,14 +136,14 @@ class GCPOCLI(LightningCLI):
     """LightningCLI for lit-gcpo runs, made safe against lost or silently changed work:
 
     - ``seed_everything`` is the one seed: ``data.seed`` follows it unless set (the saved config shows it);
-    - the run claims its log directory before writing (``lit_gcpo.run_dir``): never another run's;
-    - checkpoints are written atomically (``lit_gcpo.checkpointing``), ``--ckpt_path last`` is the newest
+    - the run claims its log directory before writing (``lit_gcpo.running.run_dir``): never another run's;
+    - checkpoints are written atomically (``lit_gcpo.running.checkpointing``), ``--ckpt_path last`` is the newest
       complete checkpoint of this configuration's runs (:func:`runs_directory`) and a checkpoint is checked
-      before use (a sharded one without running code, ``lit_gcpo.sharded_checkpoint``);
+      before use (a sharded one without running code, ``lit_gcpo.running.sharded_checkpoint``);
     - ``last.ckpt`` is always the newest checkpoint, and SIGTERM stops a fit with one and exit status 143
-      (``lit_gcpo.last_checkpoint``); a run that fails before writing anything gives its directory back;
+      (``lit_gcpo.running.last_checkpoint``); a run that fails before writing anything gives its directory back;
     - with ``--ckpt_path`` the settings come from the configuration and contradictions with the checkpoint are
-      refused (``lit_gcpo.resume``).
+      refused (``lit_gcpo.running.resume``).
     """
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
@@ -190,7 +190,7 @@ class GCPOCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         """Replaces LightningCLI's copying of the checkpoint's hyper-parameters over the parsed settings (which
-        dropped explicit ones silently) by ``lit_gcpo.resume``'s rule: settings from the configuration, state
+        dropped explicit ones silently) by ``lit_gcpo.running.resume``'s rule: settings from the configuration, state
         from the checkpoint, contradictions refused, and what came from where printed."""
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None

@@ -1,4 +1,4 @@
-"""Lightning callbacks of lit-gcpo, importable as ``lit_gcpo.callbacks`` (reusable outside lit-gcpo)."""
+"""Lightning callbacks of lit-gcpo (``lit_gcpo.callbacks``), reusable outside lit-gcpo: each reads only the batch."""
 
 from __future__ import annotations
 

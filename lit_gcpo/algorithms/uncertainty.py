@@ -21,9 +21,9 @@ Sources and the project's readings:
 - Centring (METHODS.md §5.1.1, project's reading): learned representations are anisotropic (one shared
   direction dominates), which squeezes every cosine towards 1 and every geometric signal towards 0, so CD
   and BoT are computed on embeddings minus the mean embedding of the whole step (all completions of all
-  prompts, all ranks through ``reduce``). Embedding *clustering* (``lit_gcpo.clustering``) keeps the raw
+  prompts, all ranks through ``reduce``). Embedding *clustering* (``lit_gcpo.algorithms.clustering``) keeps the raw
   embeddings: its threshold tau is a cosine of the encoder's own space.
-- Advantage weights (METHODS.md §5, §5.1) live in ``lit_gcpo.weighting`` and are re-exported here.
+- Advantage weights (METHODS.md §5, §5.1) live in ``lit_gcpo.algorithms.weighting`` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lit_gcpo.weighting import (
+from lit_gcpo.algorithms.weighting import (
     ADVANTAGE_WEIGHTINGS,
     GEOMETRIC_SIGNALS,
     SCALES,

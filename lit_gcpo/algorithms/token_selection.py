@@ -1,8 +1,8 @@
 """Token selection for the policy loss: which tokens carry the gradient, and which get a penalty (METHODS.md §7).
 
 Three methods choose tokens from the batch and change only their loss; each is a pure function returning a
-token tensor that composes with ``lit_gcpo.losses.policy_loss`` / ``grpo_loss`` (one concern: selecting tokens,
-hence one module):
+token tensor that composes with ``lit_gcpo.algorithms.losses.policy_loss`` / ``grpo_loss`` (one concern: selecting
+tokens, hence one module):
 
 - ``high_entropy_tokens`` (Wang et al. 2025, "Beyond the 80/20 Rule", arXiv 2506.01939; TRL 1.16's
   ``GRPOConfig.top_entropy_quantile``): the policy-gradient loss is kept only on the tokens whose entropy is
@@ -28,7 +28,7 @@ hence one module):
 Data parallelism (project's reading). verl computes everything per micro-batch on each rank, TRL gathers the
 entropies of every rank for the quantile. Here the batch-wide statistics are global: the quantile through
 ``gather`` (concatenates every rank's 1-D tensor; the identity on one process) and the covariance means through
-``reduce`` (sums over ranks, as in ``lit_gcpo.weighting``). The number of tokens chosen by Clip-Cov / KL-Cov
+``reduce`` (sums over ranks, as in ``lit_gcpo.algorithms.weighting``). The number of tokens chosen by Clip-Cov / KL-Cov
 stays per call, ``int(ratio * this call's mask tokens)``, among this call's tokens, as verl does per rank.
 """
 
@@ -41,8 +41,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lit_gcpo.registry import Registry
-from lit_gcpo.weighting import Reduce, no_reduce
+from lit_gcpo.algorithms.registry import Registry
+from lit_gcpo.algorithms.weighting import Reduce, no_reduce
 
 Metrics = dict[str, Tensor]
 Gather = Callable[[Tensor], Tensor]

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from lit_gcpo.parallel import shard_causal_lm
-from lit_gcpo.policy import load_policy
-from lit_gcpo.scoring import CompletionScorer
+from lit_gcpo.training.parallel import shard_causal_lm
+from lit_gcpo.training.policy import load_policy
+from lit_gcpo.training.scoring import CompletionScorer
 
 # The dtype the whole reference is held in under "true" precisions (absent: as loaded).
 _TRUE_DTYPES = {"bf16-true": torch.bfloat16, "64-true": torch.float64, "64": torch.float64}

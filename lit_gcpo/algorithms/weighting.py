@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lit_gcpo.registry import Registry
+from lit_gcpo.algorithms.registry import Registry
 
 Reduce = Callable[[Tensor], Tensor]
 """Sums a tensor over the data-parallel ranks (the identity on one process)."""

@@ -3,16 +3,16 @@
 Token-distribution methods need more than the sampled token's log-prob: RENT (arXiv 2505.22660) rewards low
 token entropy, Intuitor (arXiv 2505.19590) rewards the self-certainty KL(U || p_t), and the high-entropy-token
 mask ("Beyond the 80/20 rule", arXiv 2506.01939) selects tokens by entropy. All three are functions of three
-numbers per token, so the memory-bounded log-prob pass (``lit_gcpo.logprobs``) can compute them chunk by chunk
-and drop the ``[chunk, V]`` logits, never holding an ``[N, T, V]`` tensor:
+numbers per token, so the memory-bounded log-prob pass (``lit_gcpo.algorithms.logprobs``) can compute them chunk by
+chunk and drop the ``[chunk, V]`` logits, never holding an ``[N, T, V]`` tensor:
 
 - ``lse = logsumexp_v z_v`` with ``z = logits / T`` (T the temperature the loss uses);
 - ``entropy = H(p_t) = lse - sum_v p_v z_v``;
 - ``mean_logprob = (1/V) sum_v log p_v = mean_v z_v - lse``, from which
-  ``KL(U || p_t) = -log V - mean_logprob`` (``lit_gcpo.label_free.self_certainty_rewards``).
+  ``KL(U || p_t) = -log V - mean_logprob`` (``lit_gcpo.algorithms.label_free.self_certainty_rewards``).
 
 Project's reading: the summaries are of the temperature-scaled distribution the rollout sampled from (before
-top-k / top-p truncation), as the log-probs of ``lit_gcpo.logprobs`` are. Intuitor's released code computes
+top-k / top-p truncation), as the log-probs of ``lit_gcpo.algorithms.logprobs`` are. Intuitor's released code computes
 self-certainty on the raw logits (T = 1); at T = 1 the two agree. Everything runs without gradient, in float32
 (float64 for float64 logits), like the log-prob path.
 """

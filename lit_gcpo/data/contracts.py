@@ -1,6 +1,6 @@
 """The services one component asks of another, declared once and checked once (in ``setup``).
 
-Data flows one way: the rollout DataModule builds a ``RolloutBatch`` (``lit_gcpo.batch``) that carries everything
+Data flows one way: the rollout DataModule builds a ``RolloutBatch`` (``lit_gcpo.data.batch``) that carries everything
 the module and the callbacks read. Where a component needs another's *service* (not data), it is named here:
 
 - ``RolloutPolicy``: what the rollout DataModule asks of the LightningModule: the tokenizer and the policy the
@@ -21,7 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from lit_gcpo.batch import RolloutBatch
+from lit_gcpo.data.batch import RolloutBatch
 from lit_gcpo.engines.base import SamplingConfig
 
 
@@ -109,5 +109,5 @@ def check_implements(obj: object, protocol: type, role: str) -> None:
     if missing:
         raise TypeError(
             f"{role} {type(obj).__name__} lacks {', '.join(missing)}: it must implement "
-            f"lit_gcpo.contracts.{protocol.__name__}"
+            f"lit_gcpo.data.contracts.{protocol.__name__}"
         )

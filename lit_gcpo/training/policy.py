@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from lit_gcpo.checkpointing import atomic_directory
+from lit_gcpo.running.checkpointing import atomic_directory
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -32,7 +32,7 @@ class LoraOptions:
 
 def resolve(name_or_path: str) -> str:
     """Map the embedded model's alias to its packaged directory; anything else is returned as is."""
-    from lit_gcpo.tiny_model import resolve_model_path
+    from lit_gcpo.assets.tiny_model import resolve_model_path
 
     return resolve_model_path(name_or_path)
 
@@ -80,7 +80,7 @@ def merged_state_items(policy: torch.nn.Module, uses_lora: bool) -> Iterator[tup
     For a LoRA layer the merged weight is ``W + scale * B @ A``, computed on the fly. FSDP2 shards (DTensors)
     are gathered to full tensors one at a time, a collective: every rank must iterate in step.
     """
-    from lit_gcpo.parallel import full_tensor
+    from lit_gcpo.training.parallel import full_tensor
 
     if not uses_lora:
         for name, tensor in policy.state_dict().items():

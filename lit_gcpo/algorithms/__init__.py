@@ -1,0 +1,1 @@
+"""Pure algorithms: tensors and plain numbers in, ``(value, metrics)`` out (METHODS.md)."""

@@ -1,0 +1,1 @@
+"""Running a job: the ``lit-gcpo`` command, checkpoints, resume, run directories, predictions."""

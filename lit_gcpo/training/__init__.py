@@ -1,0 +1,1 @@
+"""The training step: the LightningModule and the pieces it orders (scoring, optimizer step, parallel)."""
