@@ -90,8 +90,11 @@ def digit_share(prompts: list[str], completions: list[str], **columns: list[Any]
     return [sum(ch.isdigit() for ch in text) / len(text) if text else 0.0 for text in completions]
 
 
-if DIGIT_SHARE not in REWARDS:
-    REWARDS.add(DIGIT_SHARE, digit_share)
+def register_rewards() -> None:
+    """Make ``digit_share`` a reward by name (``DIGIT_SHARE``) in this process: done by ``run``, not on import, so
+    that importing this file (as the tests do) leaves the project's reward registry as it was."""
+    if DIGIT_SHARE not in REWARDS:
+        REWARDS.add(DIGIT_SHARE, digit_share)
 
 
 @dataclass(frozen=True)
@@ -630,6 +633,7 @@ def prepare_policy(plan: Plan, work_dir: Path) -> tuple[Policy, dict[str, Any]]:
 def run(plan: Plan, work_dir: Path) -> dict[str, Any]:
     """Every part of the plan; a part that raises fails its checks and the others still run."""
     started = time.perf_counter()
+    register_rewards()
     report: dict[str, Any] = {
         "mode": plan.mode,
         "started_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -79,6 +79,9 @@ def test_registry_basics():
         reg.get("c")
     with pytest.raises(ValueError, match="already registered"):
         reg.add("a", 3)
+    assert reg.remove("a") == 1 and reg.names() == ["b"] and "a" not in reg
+    with pytest.raises(ValueError, match="unknown thing 'a'; valid names: b"):
+        reg.remove("a")
     assert ADVANTAGE_MODES.names() == ["dr_grpo", "grpo"]
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lit_gcpo.rewards.loading import REWARDS
+
 ROOT = Path(__file__).parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 sys.path.insert(0, str(SCRIPT.parent))
@@ -215,7 +217,15 @@ def test_random_policy_and_padded_tokenizer_sample_through_the_module(small_qwen
     assert len(set(gpu_check.digit_share([""] * 4, texts))) > 1
 
 
-def test_gpu_plan_parts_pass_on_the_small_qwen_policy(small_qwen, tmp_path):
+@pytest.fixture
+def digit_share_reward():
+    """gpu_check's reward registered for one in-process test, then taken out: the registry stays the project's."""
+    gpu_check.register_rewards()
+    yield
+    REWARDS.remove(gpu_check.DIGIT_SHARE)
+
+
+def test_gpu_plan_parts_pass_on_the_small_qwen_policy(small_qwen, tmp_path, digit_share_reward):
     """Each part of the GPU run, on the random Qwen2 policy with the padded tokenizer (the smoke uses the tiny Llama):
     random completions run to the limit, the digit-share reward gives every step a gradient, the resume is exact and
     the fsdp2 step shards this architecture too."""

@@ -51,6 +51,12 @@ class Registry(Generic[T]):
             raise ValueError(f"{self.kind} {name!r} is already registered")
         self._entries[name] = obj
 
+    def remove(self, name: str) -> T:
+        """Take ``name`` out (a plug-in or a test that registered it for a while); returns what it stored."""
+        if name not in self._entries:
+            raise ValueError(f"unknown {self.kind} {name!r}; valid names: {', '.join(self.names())}")
+        return self._entries.pop(name)
+
     def get(self, name: str) -> T:
         """The entry called ``name``; raises ``ValueError`` listing the valid names when it is unknown."""
         try:
