@@ -21,3 +21,24 @@ def tiny_model_dir(tmp_path_factory) -> str:
     build_tiny_model(config, seed=0).save_pretrained(path)
     build_char_tokenizer().save_pretrained(path)
     return str(path)
+
+
+_DISTRIBUTED_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK")
+
+
+@pytest.fixture(autouse=True)
+def _no_process_group_leaks_out_of_a_test():
+    """A test that trains in this process with a distributed strategy (fsdp2 or ddp on one device) leaves a process
+    group whose store keeps MASTER_PORT bound, and MASTER_PORT in os.environ: the 2-rank fits that later tests start
+    as subprocesses inherited that port and failed with EADDRINUSE. Destroy the group and restore those variables."""
+    import torch.distributed as dist
+
+    before = {name: os.environ.get(name) for name in _DISTRIBUTED_ENV}
+    yield
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
