@@ -201,7 +201,9 @@ def plot_curves(records: Sequence[Mapping[str, Any]], path: Path) -> None:
             axis.plot(steps, mean, color=f"C{index}", label=f"{method} (n = {len(curves)})")
             if len(curves) > 1:
                 half = stats.t.ppf(0.975, len(curves) - 1) * accuracy.std(0, ddof=1) / math.sqrt(len(curves))
-                axis.fill_between(steps, mean - half, mean + half, color=f"C{index}", alpha=0.15)
+                # accuracies lie in [0, 1]: the t-band of a few seeds overshoots
+                low, high = np.clip(mean - half, 0, 1), np.clip(mean + half, 0, 1)
+                axis.fill_between(steps, low, high, color=f"C{index}", alpha=0.15)
         axis.set_title(labels[key], fontsize=9)
         axis.set_xlabel("optimizer step")
         axis.set_ylabel("greedy validation accuracy")
