@@ -23,7 +23,6 @@ group) and ``compare_forest.png`` (the paired contrasts, primary highlighted) in
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -36,6 +35,7 @@ from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import FIGURES, RESULTS, write_results_section
+from compare_methods import read_records
 
 from lit_gcpo.evaluation.comparison import PRIMARY, ContrastRow, contrast_table, group_records, method_outcomes
 
@@ -48,11 +48,12 @@ FLAT_WEIGHTS = 0.02  # METHODS.md §5.1: a weighting whose weight std stays belo
 
 
 def load_records(path: Path) -> list[dict[str, Any]]:
-    """The records of a JSONL results file (blank lines skipped)."""
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    if not lines:
+    """The records of a JSONL results file, read as the runner reads them (``compare_methods.read_records``: blank
+    lines and a line torn by a kill mid-write skipped)."""
+    records = read_records(path)
+    if not records:
         raise ValueError(f"{path} holds no records")
-    return [json.loads(line) for line in lines]
+    return records
 
 
 def _mean_std(values: np.ndarray, digits: int = 3, signed: bool = False) -> str:
