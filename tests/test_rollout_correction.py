@@ -13,9 +13,9 @@ import torch
 from test_training import CaptureBatches, make_pair, trainer
 
 from lit_gcpo.algorithms.advantages import group_advantages
-from lit_gcpo.algorithms.losses import (
+from lit_gcpo.algorithms.losses import grpo_loss
+from lit_gcpo.algorithms.rollout_correction import (
     ROLLOUT_CORRECTIONS,
-    grpo_loss,
     off_policy_sequence_mask,
     rollout_correction_problem,
     rollout_correction_weights,

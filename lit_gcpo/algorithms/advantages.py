@@ -75,16 +75,7 @@ def group_advantages(
         ``advantage_abs_mean``.
     """
     mode_fn = ADVANTAGE_MODES.get(mode)
-    if scale not in ADVANTAGE_SCALES:
-        raise ValueError(f"unknown advantage scale {scale!r}; valid names: {', '.join(ADVANTAGE_SCALES)}")
-    if rewards.ndim != 1 or rewards.numel() == 0:
-        raise ValueError(f"rewards must be a non-empty 1-D tensor [N], got shape {tuple(rewards.shape)}")
-    if group_ids.shape != rewards.shape:
-        raise ValueError(
-            f"group_ids must have the shape of rewards {tuple(rewards.shape)}, got {tuple(group_ids.shape)}"
-        )
-    if group_ids.dtype != torch.long:
-        raise ValueError(f"group_ids must be torch.long, got {group_ids.dtype}")
+    _check_inputs(rewards, group_ids, scale)
     if num_groups is None:
         num_groups = int(group_ids.max().item()) + 1
 
@@ -112,25 +103,53 @@ def group_advantages(
         sq = zeros_g.index_add(0, group_ids, centered.square())  # [G]
         std = (sq / (counts - 1).clamp_min(1)).sqrt()[group_ids]  # [N] unbiased
     else:
-        # moments of the finite rewards, summed over ranks when asked: [count, sum, sum of squares]
-        moments = torch.stack([finite_f.sum(), r.sum(), r.square().sum()])  # [3]
-        if all_reduce_sum is not None:
-            moments = all_reduce_sum(moments)
-        n_finite, total, total_sq = moments.unbind()
-        batch_var = (total_sq - total.square() / n_finite.clamp_min(1)).clamp_min(0) / (n_finite - 1).clamp_min(1)
-        std = batch_var.sqrt().expand_as(r)  # [N]
+        std = _batch_std(r, finite_f, all_reduce_sum).expand_as(r)  # [N]
 
     raw = mode_fn(centered, std, eps)  # [N]
     keep = finite & has_spread[group_ids]  # [N]
     advantages = torch.where(keep, raw, torch.zeros_like(raw))  # [N]
 
+    metrics = _metrics(advantages, r, finite, has_spread, members > 0)
+    return advantages, metrics
+
+
+def _check_inputs(rewards: Tensor, group_ids: Tensor, scale: str) -> None:
+    """Raise ``ValueError`` naming the argument unless ``rewards`` is ``[N]`` (N > 0), ``group_ids`` a long ``[N]``
+    and ``scale`` one of ``ADVANTAGE_SCALES``."""
+    if scale not in ADVANTAGE_SCALES:
+        raise ValueError(f"unknown advantage scale {scale!r}; valid names: {', '.join(ADVANTAGE_SCALES)}")
+    if rewards.ndim != 1 or rewards.numel() == 0:
+        raise ValueError(f"rewards must be a non-empty 1-D tensor [N], got shape {tuple(rewards.shape)}")
+    if group_ids.shape != rewards.shape:
+        raise ValueError(
+            f"group_ids must have the shape of rewards {tuple(rewards.shape)}, got {tuple(group_ids.shape)}"
+        )
+    if group_ids.dtype != torch.long:
+        raise ValueError(f"group_ids must be torch.long, got {group_ids.dtype}")
+
+
+def _batch_std(r: Tensor, finite_f: Tensor, all_reduce_sum: Callable[[Tensor], Tensor] | None) -> Tensor:
+    """The unbiased std ``[]`` of the finite rewards (``r`` ``[N]`` with 0 where ``finite_f`` is 0), over every
+    rank's when ``all_reduce_sum`` is given: from the summed moments [count, sum, sum of squares]."""
+    moments = torch.stack([finite_f.sum(), r.sum(), r.square().sum()])  # [3]
+    if all_reduce_sum is not None:
+        moments = all_reduce_sum(moments)
+    n_finite, total, total_sq = moments.unbind()
+    batch_var = (total_sq - total.square() / n_finite.clamp_min(1)).clamp_min(0) / (n_finite - 1).clamp_min(1)
+    return batch_var.sqrt()
+
+
+def _metrics(advantages: Tensor, r: Tensor, finite: Tensor, has_spread: Tensor, nonempty: Tensor) -> dict[str, Tensor]:
+    """``group_advantages``' metrics (its docstring) from the advantages ``[N]``, the rewards ``r`` ``[N]`` (0 where
+    not ``finite``), and per group ``[G]`` whether it has spread and any member."""
+    dtype = r.dtype
     with torch.no_grad():
-        nonempty = members > 0  # [G]
+        finite_f = finite.to(dtype)  # [N]
         n_finite = finite_f.sum()
         reward_mean = r.sum() / n_finite.clamp_min(1)
         reward_var = torch.where(finite, r - reward_mean, 0.0).square().sum() / (n_finite - 1).clamp_min(1)
         adv = advantages.detach()
-        metrics = {
+        return {
             "zero_spread_frac": (~has_spread & nonempty).to(dtype).sum() / nonempty.to(dtype).sum(),
             "nonfinite_rewards": (~finite).to(dtype).sum(),
             "reward_mean": reward_mean,
@@ -141,4 +160,3 @@ def group_advantages(
             "advantage_max": adv.max(),
             "advantage_abs_mean": adv.abs().mean(),
         }
-    return advantages, metrics

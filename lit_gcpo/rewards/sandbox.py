@@ -297,50 +297,81 @@ def default_pool() -> GraderPool:
 
 
 # ------------------------------------------------------------------------------------------ the child
+# Everything below runs in the grading process only; sympy and math_verify are imported there, never here.
+
+
+class _Alarm(BaseException):  # not an Exception: Math-Verify's `except Exception` must not swallow it
+    pass
+
+
+def _on_alarm(signum: int, frame: object) -> None:  # pragma: no cover - runs in the child interpreter
+    raise _Alarm
+
+
+def _relatively_close(gold: list, pred: list) -> bool:  # pragma: no cover - runs in the child interpreter
+    """False only for two real numbers further apart than ``RELATIVE_TOLERANCE`` of the larger."""
+    import sympy
+
+    a, b = gold[0], pred[0]
+    if not (isinstance(a, sympy.Expr) and isinstance(b, sympy.Expr) and a.is_number and b.is_number):
+        return True  # sets, tuples, equations, symbols: Math-Verify's verdict stands
+    x, y = a.evalf(30), b.evalf(30)
+    if not (x.is_real and y.is_real):
+        return True
+    scale = max(abs(x), abs(y))
+    return bool(scale == 0 or abs(x - y) <= RELATIVE_TOLERANCE * scale)
+
+
+def _extract(text: str, timeout: float, config: list) -> str | None:  # pragma: no cover - runs in the child
+    """The string Math-Verify extracted from a whole text (``parse`` gives ``[expression, string]``)."""
+    from math_verify import parse
+
+    try:
+        signal.setitimer(signal.ITIMER_REAL, timeout)
+        try:
+            found = parse(text, extraction_config=config, parsing_timeout=None)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except (_Alarm, Exception):
+        return None
+    return str(found[-1]) if len(found) >= 2 else None
+
+
+def _grade(gold_text: str, pred_text: str, timeout: float, config: list) -> dict[str, bool]:  # pragma: no cover
+    """``{"equal", "timed_out"}`` for one request: Math-Verify's verdict on the two answers (as LaTeX math), within
+    ``timeout`` seconds, and real numbers also relatively close (``_relatively_close``)."""
+    from math_verify import parse, verify
+
+    equal, timed_out = False, False
+    try:
+        signal.setitimer(signal.ITIMER_REAL, timeout)
+        try:
+            gold = parse(f"${gold_text}$", extraction_config=config, parsing_timeout=None)
+            pred = parse(f"${pred_text}$", extraction_config=config, parsing_timeout=None)
+            equal = bool(gold) and bool(pred) and bool(verify(gold, pred, timeout_seconds=None))
+            equal = equal and _relatively_close(gold, pred)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except _Alarm:
+        timed_out = True
+    except Exception:
+        equal = False
+    return {"equal": equal, "timed_out": timed_out}
+
+
 def _child_main() -> None:  # pragma: no cover - runs in the child interpreter
     import logging
     import resource
 
-    # An expression that expands without bound hits MemoryError (caught below) instead of the machine's RAM.
+    # An expression that expands without bound hits MemoryError (caught in _grade) instead of the machine's RAM.
     resource.setrlimit(resource.RLIMIT_AS, (CHILD_MEMORY_LIMIT_BYTES, CHILD_MEMORY_LIMIT_BYTES))
 
     out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # anything a library prints must not corrupt the protocol on stdout
     logging.disable(logging.CRITICAL)
-    import sympy
     from math_verify import LatexExtractionConfig, parse, verify
 
     config = [LatexExtractionConfig()]
-
-    def _relatively_close(gold: list, pred: list) -> bool:
-        """False only for two real numbers further apart than ``RELATIVE_TOLERANCE`` of the larger."""
-        a, b = gold[0], pred[0]
-        if not (isinstance(a, sympy.Expr) and isinstance(b, sympy.Expr) and a.is_number and b.is_number):
-            return True  # sets, tuples, equations, symbols: Math-Verify's verdict stands
-        x, y = a.evalf(30), b.evalf(30)
-        if not (x.is_real and y.is_real):
-            return True
-        scale = max(abs(x), abs(y))
-        return bool(scale == 0 or abs(x - y) <= RELATIVE_TOLERANCE * scale)
-
-    class _Alarm(BaseException):  # not an Exception: Math-Verify's `except Exception` must not swallow it
-        pass
-
-    def _on_alarm(signum: int, frame: object) -> None:
-        raise _Alarm
-
-    def _extract(text: str, timeout: float) -> str | None:
-        """The string Math-Verify extracted from a whole text (``parse`` gives ``[expression, string]``)."""
-        try:
-            signal.setitimer(signal.ITIMER_REAL, timeout)
-            try:
-                found = parse(text, extraction_config=config, parsing_timeout=None)
-            finally:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-        except (_Alarm, Exception):
-            return None
-        return str(found[-1]) if len(found) >= 2 else None
-
     signal.signal(signal.SIGALRM, _on_alarm)
     # Math-Verify builds its parser and regexes lazily: pay that before "ready", not in the first request.
     verify(parse("$\\frac{1}{2}$", extraction_config=config), parse("$0.5$", extraction_config=config))
@@ -349,24 +380,10 @@ def _child_main() -> None:  # pragma: no cover - runs in the child interpreter
     for line in sys.stdin:
         request = json.loads(line)
         if "extract" in request:
-            out.write(json.dumps({"answer": _extract(request["extract"], float(request["timeout"]))}) + "\n")
-            out.flush()
-            continue
-        equal, timed_out = False, False
-        try:
-            signal.setitimer(signal.ITIMER_REAL, float(request["timeout"]))
-            try:
-                gold = parse(f"${request['gold']}$", extraction_config=config, parsing_timeout=None)
-                pred = parse(f"${request['pred']}$", extraction_config=config, parsing_timeout=None)
-                equal = bool(gold) and bool(pred) and bool(verify(gold, pred, timeout_seconds=None))
-                equal = equal and _relatively_close(gold, pred)
-            finally:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-        except _Alarm:
-            timed_out = True
-        except Exception:
-            equal = False
-        out.write(json.dumps({"equal": equal, "timed_out": timed_out}) + "\n")
+            reply = {"answer": _extract(request["extract"], float(request["timeout"]), config)}
+        else:
+            reply = _grade(request["gold"], request["pred"], float(request["timeout"]), config)
+        out.write(json.dumps(reply) + "\n")
         out.flush()
 
 

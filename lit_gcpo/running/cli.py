@@ -25,7 +25,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lit_gcpo.algorithms.losses import rollout_correction_problem
+from lit_gcpo.algorithms.rollout_correction import rollout_correction_problem
 from lit_gcpo.data.datamodule import RolloutDataModule
 from lit_gcpo.rewards.combine import RewardError
 from lit_gcpo.running.checkpointing import (

@@ -1,21 +1,19 @@
 """The GRPO-family LightningModule: a policy (and, when beta > 0, a frozen reference) trained on rollouts.
 
-The math lives in ``advantages``, ``losses`` and ``logprobs``, the pieces of a step in their own files
-(``scoring``: the log-prob forward; ``reference``: the frozen reference; ``optimizer_step``: the guarded step;
-``step_metrics``: merging metrics over micro-batches and ranks; ``parallel``: FSDP2 and gradient sync). This
-class is the list of Lightning hooks that orders them:
+The math lives in ``lit_gcpo.algorithms`` (advantages, losses, rollout correction, log-probs), the pieces of a
+step in their own files of this package: ``loss_step`` (the loss settings; a step's advantages, mask, counts and
+rollout-correction weights; one micro-batch's loss), ``rollout_scoring`` (which no-grad passes a fresh rollout
+needs), ``scoring`` (the log-prob forward), ``reference``, ``optimizer_step`` (the guarded step and the default
+schedule), ``step_metrics`` (merging metrics over micro-batches and ranks), ``validation`` (the starting policy's
+baseline), ``parallel`` (FSDP2 and gradient sync). This class is the list of Lightning hooks that orders them.
 
 Everything the step reads about its batch comes with the ``RolloutBatch``: how it was sampled (the temperature
 whose distribution the log-probs are recomputed under, ``L_max``, whether the engine is the policy itself) and
 which completions are correct; the module keeps no copy of the sampling settings and never reads the DataModule.
 
-- ``score_rollout`` (called by the rollout DataModule before callbacks see the batch) makes one no-grad
-  forward pass of the policy, under the same precision context as ``training_step`` (so that on the first
-  iteration the ratio is exactly 1 under bf16-mixed too), giving the generating policy's log-probs
-  ``old_logprobs`` and the mean-pooled last hidden state of each completion (``embeddings``), and the
-  reference log-probs when beta > 0. Only what is read is computed: on-policy (an engine that samples from
-  the policy itself, one optimizer step per rollout) the old log-probs are the training pass's own,
-  detached, so without a callback that asks for embeddings or sequence log-probs there is no such pass.
+- ``score_rollout`` (called by the rollout DataModule before callbacks see the batch) fills what is read of
+  ``old_logprobs``, ``embeddings`` and ``ref_logprobs`` under the same precision context as ``training_step``
+  (so that on the first iteration the ratio is exactly 1 under bf16-mixed too).
 - ``training_step`` uses manual optimization: ``num_iterations`` optimizer steps per rollout batch, each over
   micro-batches with the loss normalised by the whole batch's (all ranks') counts, so the gradient does not
   depend on the micro-batch size or the number of devices. Gradients are reduced over ranks on the last
@@ -31,27 +29,25 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-import warnings
 from collections.abc import Collection, Iterator
-from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
-import torchmetrics
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from lit_gcpo.algorithms.advantages import group_advantages
-from lit_gcpo.algorithms.losses import grpo_loss, rollout_correction_problem, rollout_correction_weights
-from lit_gcpo.data.batch import OPTIONAL_FIELDS, RolloutBatch
-from lit_gcpo.training.optimizer_step import GuardedOptimizerStep, lr_factor
+from lit_gcpo.data.batch import RolloutBatch
+from lit_gcpo.training.loss_step import LossStep, StepPlan
+from lit_gcpo.training.optimizer_step import GuardedOptimizerStep, default_scheduler
+from lit_gcpo.training.options import check_options, resolve_rollout_correction
 from lit_gcpo.training.parallel import gradient_sync, is_sharded, shard_causal_lm, unsupported_option
 from lit_gcpo.training.policy import LoraOptions, load_policy, load_tokenizer, merged_state_items, save_policy
 from lit_gcpo.training.reference import ReferencePolicy
+from lit_gcpo.training.rollout_scoring import ScoringPasses, fill_rollout_scores
 from lit_gcpo.training.scoring import CompletionScorer
 from lit_gcpo.training.step_metrics import (
     log_step_scalars,
@@ -61,26 +57,9 @@ from lit_gcpo.training.step_metrics import (
     rollout_metrics,
     sample_text,
 )
+from lit_gcpo.training.validation import StartingPolicyBaseline, log_eval_batch, validation_summary
 
 log = logging.getLogger(__name__)
-
-
-def _from_tis_cap(tis_cap: float | None, mode: str | None, c_max: float | None) -> tuple[str | None, float | None]:
-    """``(rollout_correction, rollout_correction_max)`` given the deprecated ``tis_cap`` (None: not given), the C of
-    ``token_truncate`` before the other modes existed, 0 turning the correction off."""
-    if tis_cap is None:
-        return mode, c_max
-    warnings.warn(
-        "model.tis_cap is deprecated: use model.rollout_correction_max (and rollout_correction null for tis_cap 0)",
-        FutureWarning,
-        stacklevel=3,
-    )
-    if mode != "token_truncate" or c_max not in (2.0, tis_cap):
-        raise ValueError(
-            f"model.tis_cap {tis_cap} is the deprecated C_max of token_truncate; with rollout_correction {mode!r} and "
-            f"rollout_correction_max {c_max} set, drop tis_cap"
-        )
-    return (None, c_max) if tis_cap == 0 else (mode, tis_cap)
 
 
 def default_optimizer(params: Iterator[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -181,27 +160,14 @@ class GRPOModule(L.LightningModule):
         export_dir: str | None = "auto",
     ) -> None:
         super().__init__()
-        checks = {
-            "beta": beta >= 0,
-            "num_iterations": num_iterations >= 1,
-            "micro_batch_size": micro_batch_size >= 0,
-            "eps_low": 0 <= eps_low < 1,
-            "eps_high": eps_high >= 0,
-            "max_grad_norm": max_grad_norm >= 0,
-            "warmup_steps": warmup_steps >= 0,
-            "min_lr_ratio": 0 <= min_lr_ratio <= 1,
-            "off_policy_mask_threshold": off_policy_mask_threshold is None or off_policy_mask_threshold > 0,
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"invalid value for {name}: {locals()[name]!r}")
-        rollout_correction, rollout_correction_max = _from_tis_cap(tis_cap, rollout_correction, rollout_correction_max)
+        check_options(locals())
+        rollout_correction, rollout_correction_max = resolve_rollout_correction(
+            tis_cap, rollout_correction, rollout_correction_min, rollout_correction_max
+        )
         tis_cap = None  # saved as resolved
-        problem = rollout_correction_problem(rollout_correction, rollout_correction_min, rollout_correction_max)
-        if problem is not None:
-            raise ValueError(problem)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.automatic_optimization = False
+        self.loss_step = LossStep.from_hparams(self.hparams)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.tokenizer = load_tokenizer(tokenizer or model)
         self.policy = load_policy(model, dtype=dtype, lora=lora, disable_dropout=disable_dropout)
@@ -216,9 +182,7 @@ class GRPOModule(L.LightningModule):
             self.reference = ReferencePolicy(model, dtype, logprob_chunk_size, self.scorer.plain_head)
         self.guarded_step = GuardedOptimizerStep(max_grad_norm, max_consecutive_skips)
         self.validation_history: list[tuple[int, float]] = []  # (step, val/accuracy), kept across resume
-        self._baseline = torch.nn.ModuleDict(
-            {"val/accuracy": torchmetrics.MeanMetric(), "val/reward_mean": torchmetrics.MeanMetric()}
-        )
+        self._baseline = StartingPolicyBaseline()
 
     @property
     def skipped_steps(self) -> int:
@@ -284,49 +248,15 @@ class GRPOModule(L.LightningModule):
         reads is not computed, and with nothing to compute there is no forward pass at all.
         """
         start = time.perf_counter()
-        wanted = set(OPTIONAL_FIELDS if fields is None else fields)
-        # embeddings and sequence log-probs the engine already reported need no pass of their own
-        with_hidden = "embeddings" in wanted and batch.embeddings is None
-        with_policy = (
-            with_hidden
-            or "old_logprobs" in wanted
-            or ("seq_logprobs" in wanted and batch.engine_logprobs is None)
-            or (with_reference and self._needs_old_logprobs(batch))
+        passes = ScoringPasses.needed(
+            batch,
+            fields,
+            loss_needs_old=with_reference and self.loss_step.needs_old_logprobs(batch),
+            with_reference_model=with_reference and self.hparams.beta > 0,
         )
-        with_ref_model = with_reference and self.hparams.beta > 0
-        old, ref, embeddings = [], [], []
-        length, temperature = batch.completion_mask.shape[1], batch.logprob_temperature
         with self._precision_context():
-            for rows in self._micro_batches(batch.num_completions) if with_policy or with_ref_model else []:
-                ids, attn, mask = batch.input_ids[rows], batch.attention_mask[rows], batch.completion_mask[rows]
-                if with_policy:
-                    logprobs, _, hidden = self.completion_logprobs(
-                        ids, attn, length, temperature=temperature, with_hidden=with_hidden
-                    )
-                    old.append(logprobs)
-                    if hidden is not None:  # mean over completion tokens: one vector per completion
-                        pooled = (hidden.float() * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
-                        embeddings.append(pooled)  # [n, H]
-                if with_ref_model:
-                    ref.append(self.completion_logprobs(ids, attn, length, temperature=temperature, reference=True)[0])
-        batch.old_logprobs = torch.cat(old) if old else None  # [N, L]
-        batch.embeddings = torch.cat(embeddings) if embeddings else batch.embeddings
-        batch.ref_logprobs = torch.cat(ref) if ref else None
+            fill_rollout_scores(batch, passes, self._micro_batches(batch.num_completions), self.completion_logprobs)
         batch.metrics["time/score_s"] = time.perf_counter() - start
-
-    def _needs_old_logprobs(self, batch: RolloutBatch) -> bool:
-        """Whether the loss needs the generating policy's log-probs before training: several optimizer steps per
-        rollout (the policy moves between them), or an engine other than the policy with the importance
-        correction on (it compares them with the engine's). Otherwise they are the training pass's own."""
-        return self.hparams.num_iterations > 1 or self._importance_corrected(batch)
-
-    def _importance_corrected(self, batch: RolloutBatch) -> bool:
-        """Whether the loss weighs tokens by the importance ratio of trainer to engine log-probs."""
-        return self.hparams.rollout_correction is not None and self._engine_logprobs(batch) is not None
-
-    def _engine_logprobs(self, batch: RolloutBatch) -> torch.Tensor | None:
-        """The engine's log-probs when the engine is another copy of the policy (vLLM), else None."""
-        return batch.engine_logprobs if batch.engine_logprobs is not None and not batch.samples_from_policy else None
 
     def _precision_context(self) -> Any:
         if self._trainer is None:
@@ -346,122 +276,36 @@ class GRPOModule(L.LightningModule):
     # ------------------------------------------------------------------------------------- training
     def training_step(self, batch: RolloutBatch, batch_idx: int) -> None:
         start = time.perf_counter()
-        hp = self.hparams
-        advantages, mask, adv_metrics = self._advantages_and_mask(batch)  # [N], [N, L]
-        if batch.old_logprobs is None and self._needs_old_logprobs(batch):
-            raise ValueError(
-                "this batch has no old_logprobs, which the loss needs (num_iterations > 1 or an importance-corrected "
-                "engine): call score_rollout on it first (the RolloutDataModule does)"
-            )
-        # Global counts, so that micro-batches and ranks add up to the whole batch's loss.
-        counts = self._reduce(torch.stack([mask.sum(), torch.tensor(float(mask.shape[0]), device=mask.device)]), "sum")
-        num_tokens, num_seqs = counts.clamp(min=1).unbind()  # no tokens (all masked): a zero loss, not 0/0
-        is_weights, tis_metrics = None, {}
-        if self._importance_corrected(batch):
-            is_weights, tis_metrics = rollout_correction_weights(
-                batch.old_logprobs,
-                batch.engine_logprobs,
-                mask,
-                hp.rollout_correction,
-                hp.rollout_correction_min,
-                hp.rollout_correction_max,
-            )
-        loss_of = partial(
-            self._micro_batch_loss,
-            batch,
-            advantages=advantages,
-            mask=mask,
-            is_weights=is_weights,
-            # the off-policy mask compares with what sampled the tokens: the engine, else the old log-probs (TRL's)
-            behaviour=self._engine_logprobs(batch),
-            counts=(num_tokens, num_seqs),
-            # entropy is only logged (unless it is in the loss): computed on the steps that write logs
-            with_entropy=hp.entropy_coef != 0 or logs_this_step(self._trainer),
-        )
+        plan, plan_metrics = self.loss_step.plan(batch, self._reduce, logs_this_step(self._trainer))
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         micro = self._micro_batches(batch.num_completions)
         parts: list[tuple[dict[str, Any], torch.Tensor]] = []
-        for _ in range(hp.num_iterations):
-            step_loss = torch.zeros((), device=mask.device)  # this rank's share of the global loss
+        for _ in range(self.hparams.num_iterations):
+            step_loss = torch.zeros((), device=plan.mask.device)  # this rank's share of the global loss
             for index, rows in enumerate(micro):
                 with gradient_sync(self.trainer.strategy, self.policy, enabled=index == len(micro) - 1):
-                    loss, metrics = loss_of(rows)
+                    loss, metrics = self._micro_batch_loss(batch, rows, plan)
                     # DDP and FSDP average gradients over ranks, hence the world-size factor on each rank's share
                     self.manual_backward(loss * self.trainer.world_size)
                 step_loss = step_loss + loss.detach()
-                parts.append((metrics, mask[rows].sum()))
+                parts.append((metrics, plan.mask[rows].sum()))
             self.guarded_step(optimizer, scheduler, step_loss, all_reduce=self._reduce, step=self.global_step)
-        step_metrics = merge_step_metrics(parts, hp.num_iterations, self._reduce)  # global values
-        self._log_step(batch, batch_idx, step_metrics, {**adv_metrics, **tis_metrics}, time.perf_counter() - start)
-
-    def _advantages_and_mask(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-        """The group advantages ``[N]`` (times the callback's weights), the loss mask ``[N, L]`` (truncated
-        completions left out when asked) and the advantages' metrics."""
-        hp = self.hparams
-        advantages, metrics = group_advantages(
-            batch.rewards,
-            batch.group_ids,
-            batch.num_groups,
-            mode=hp.advantage,
-            scale=hp.advantage_scale,
-            all_reduce_sum=lambda t: self._reduce(t, "sum"),
-        )  # [N]
-        if batch.advantage_weights is not None:
-            advantages = advantages * batch.advantage_weights.to(advantages.dtype)  # [N], constant within a group
-        mask = batch.completion_mask  # [N, L]
-        if hp.mask_truncated_completions and batch.truncated is not None:
-            mask = mask * (~batch.truncated.bool()).unsqueeze(-1).to(mask.dtype)  # [N, L]
-        return advantages, mask, metrics
+        step_metrics = merge_step_metrics(parts, self.hparams.num_iterations, self._reduce)  # global values
+        self._log_step(batch, batch_idx, step_metrics, plan_metrics, time.perf_counter() - start)
 
     def _micro_batch_loss(
-        self,
-        batch: RolloutBatch,
-        rows: slice,
-        *,
-        advantages: torch.Tensor,
-        mask: torch.Tensor,
-        is_weights: torch.Tensor | None,
-        behaviour: torch.Tensor | None,
-        counts: tuple[torch.Tensor, torch.Tensor],
-        with_entropy: bool,
+        self, batch: RolloutBatch, rows: slice, plan: StepPlan
     ) -> tuple[torch.Tensor, dict[str, Any]]:
-        """This micro-batch's share of the batch's loss (normalised by the global ``counts`` of tokens and
-        sequences), and its metrics."""
-        hp = self.hparams
+        """This micro-batch's share of the batch's loss and its metrics: the policy's forward over ``rows``, then
+        the loss step's loss (``lit_gcpo.training.loss_step``)."""
         logprobs, entropy, _ = self.completion_logprobs(
             batch.input_ids[rows],
             batch.attention_mask[rows],
-            mask.shape[1],
+            plan.mask.shape[1],
             temperature=batch.logprob_temperature,
-            with_entropy=with_entropy,
+            with_entropy=plan.with_entropy,
         )  # [n, L]
-        # on-policy with one step per rollout: the generating policy is this very forward
-        old = logprobs.detach() if batch.old_logprobs is None else batch.old_logprobs[rows]
-        loss, metrics = grpo_loss(
-            logprobs,
-            old,
-            advantages[rows],
-            mask[rows],
-            ref_logp=None if batch.ref_logprobs is None else batch.ref_logprobs[rows],
-            beta=hp.beta,
-            kl_estimator=hp.kl_estimator,
-            entropy=entropy,
-            entropy_coef=hp.entropy_coef,
-            eps_low=hp.eps_low,
-            eps_high=hp.eps_high,
-            dual_clip=hp.dual_clip,
-            ratio_level=hp.ratio_level,
-            is_weights=None if is_weights is None else is_weights[rows],
-            off_policy_threshold=hp.off_policy_mask_threshold,
-            behaviour_logp=None if behaviour is None else behaviour[rows],
-            aggregation=hp.loss_aggregation,
-            num_tokens=counts[0],
-            num_seqs=counts[1],
-            max_len=batch.max_new_tokens,
-        )
-        if "entropy_mean" in metrics:  # grpo_loss's masked mean of `entropy`
-            metrics["entropy"] = metrics.pop("entropy_mean")
-        return loss, metrics
+        return self.loss_step.micro_batch_loss(batch, rows, logprobs, entropy, plan)
 
     def _log_step(
         self,
@@ -472,39 +316,25 @@ class GRPOModule(L.LightningModule):
         train_s: float,
     ) -> None:
         """``global_metrics`` are reduced over ranks already; ``rank_metrics`` and the rest are averaged."""
-        accuracy = batch.correct
-        values = {f"train/{k}": v for k, v in rank_metrics.items()} | rollout_metrics(batch, accuracy)
+        values = {f"train/{k}": v for k, v in rank_metrics.items()} | rollout_metrics(batch, batch.correct)
         values["time/train_s"] = train_s
-        reduced = {f"train/{k}": v for k, v in global_metrics.items()}
-        reduced["train/skipped_steps"] = float(self.guarded_step.skipped)
-        reduced["train/grad_norm"] = self.guarded_step.last_grad_norm
-        reduced["train/lr"] = self.optimizers().param_groups[0]["lr"]
+        optimizer_state = {**self.guarded_step.metrics(), "lr": self.optimizers().param_groups[0]["lr"]}
+        reduced = {f"train/{k}": v for k, v in (global_metrics | optimizer_state).items()}
         averaged = mean_over_ranks(values, self._reduce, self.trainer.world_size, self.device)
         log_step_scalars(self.trainer, averaged | reduced)
         self.log("reward", values["reward/mean"], prog_bar=True, logger=False, batch_size=batch.num_groups)
-        if accuracy is not None:
+        if batch.correct is not None:
             self.log("acc", values["train/accuracy"], prog_bar=True, logger=False, batch_size=batch.num_groups)
         every = self.hparams.log_samples_every_n_steps
-        if every and batch_idx % every == 0:
-            self._log_samples(batch)
-
-    def _log_samples(self, batch: RolloutBatch) -> None:
-        if isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero:
+        writes_text = isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero
+        if every and batch_idx % every == 0 and writes_text:
             self.logger.experiment.add_text("samples", sample_text(batch), global_step=self.global_step)
 
     # ----------------------------------------------------------------------------------- evaluation
     def _eval_step(self, batch: RolloutBatch, stage: str) -> None:
-        accuracy = batch.correct
-        finite = batch.rewards.nan_to_num(0.0)
-        n = batch.num_completions
-        self.log(f"{stage}/reward_mean", finite.mean(), batch_size=n, sync_dist=True, prog_bar=False)
-        if accuracy is not None:
-            self.log(f"{stage}/accuracy", accuracy.mean(), batch_size=n, sync_dist=True, prog_bar=True)
-        self.log(f"{stage}/completion_length", batch.completion_mask.sum(-1).mean(), batch_size=n, sync_dist=True)
+        finite, accuracy = log_eval_batch(self.log, batch, stage)
         if stage == "val" and self.trainer.sanity_checking:
-            self._baseline["val/reward_mean"].update(finite)
-            if accuracy is not None:
-                self._baseline["val/accuracy"].update(accuracy)
+            self._baseline.update(finite, accuracy)
 
     def on_validation_epoch_end(self) -> None:
         """Lightning discards what is logged during the sanity check; with ``num_sanity_val_steps: -1`` that
@@ -515,17 +345,9 @@ class GRPOModule(L.LightningModule):
             if accuracy is not None:
                 self.validation_history.append((self.global_step, float(accuracy)))
             return
-        values = {}
-        for name, metric in self._baseline.items():
-            if metric.update_count:
-                values[name] = float(metric.compute())  # reduced over data-parallel ranks
-            metric.reset()
-        for logger in self.loggers:
-            logger.log_metrics(values, step=self.global_step)
+        values = self._baseline.write(self.loggers, self.global_step)
         if "val/accuracy" in values:
             self.validation_history.append((self.global_step, values["val/accuracy"]))
-        if values:
-            rank_zero_info("starting policy: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
 
     def validation_step(self, batch: RolloutBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, "val")
@@ -545,20 +367,11 @@ class GRPOModule(L.LightningModule):
             scheduler = self.scheduler_factory(optimizer)
         else:
             hp = self.hparams
-            total = self._decay_horizon() if hp.lr_decay != "constant" else 0
-            factor = partial(lr_factor, warmup=hp.warmup_steps, total=total, decay=hp.lr_decay, floor=hp.min_lr_ratio)
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def _decay_horizon(self) -> int:
-        """The optimizer step at which the default schedule's decay ends: ``trainer.max_steps``."""
-        max_steps = self.trainer.max_steps if self._trainer is not None else -1
-        if max_steps is None or max_steps <= 0:
-            raise ValueError(
-                f"model.lr_decay {self.hparams.lr_decay!r} decays to trainer.max_steps, which is not set: set "
-                "trainer.max_steps, or model.lr_decay constant"
+            max_steps = self.trainer.max_steps if self._trainer is not None else -1
+            scheduler = default_scheduler(
+                optimizer, warmup=hp.warmup_steps, decay=hp.lr_decay, floor=hp.min_lr_ratio, max_steps=max_steps
             )
-        return max_steps
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------------------ weights export
     def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -577,14 +390,7 @@ class GRPOModule(L.LightningModule):
         self.exported_to = target
         summary = f"policy exported to {target}"
         if self.validation_history:
-            (first_step, first), (best_step, best) = (
-                self.validation_history[0],
-                max(self.validation_history, key=lambda item: item[1]),
-            )
-            summary += (
-                f"; validation accuracy {first:.3f} (step {first_step}) -> best {best:.3f} (step {best_step}), "
-                f"last {self.validation_history[-1][1]:.3f}"
-            )
+            summary += "; " + validation_summary(self.validation_history)
         rank_zero_info(summary)
 
     # ---------------------------------------------------------------------------------- checkpoints

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -44,6 +45,23 @@ def lr_factor(step: int, *, warmup: int, total: int, decay: str, floor: float = 
     return floor + (1.0 - floor) * shape
 
 
+def default_scheduler(
+    optimizer: torch.optim.Optimizer, *, warmup: int, decay: str, floor: float, max_steps: int | None
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """``lr_factor``'s schedule, decaying (``decay`` linear or cosine) to ``floor`` at ``max_steps``, which must
+    then be set (``trainer.max_steps``; None or <= 0: not set)."""
+    total = 0
+    if decay != "constant":
+        if max_steps is None or max_steps <= 0:
+            raise ValueError(
+                f"model.lr_decay {decay!r} decays to trainer.max_steps, which is not set: set trainer.max_steps, or "
+                "model.lr_decay constant"
+            )
+        total = max_steps
+    factor = partial(lr_factor, warmup=warmup, total=total, decay=decay, floor=floor)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 class GuardedOptimizerStep:
     """Steps the optimizer and scheduler unless the loss or the global gradient norm is not finite.
 
@@ -57,6 +75,10 @@ class GuardedOptimizerStep:
         self.skipped = 0
         self.consecutive = 0
         self.last_grad_norm = torch.zeros(())
+
+    def metrics(self) -> dict[str, Any]:
+        """``skipped_steps`` (so far) and ``grad_norm`` (of the last step), as the module logs them."""
+        return {"skipped_steps": float(self.skipped), "grad_norm": self.last_grad_norm}
 
     def __call__(
         self,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lit_gcpo.engines.vllm import _policy_state_names, _save_policy, checkpoint_spec
+from lit_gcpo.engines.vllm_checkpoint import checkpoint_spec, policy_state_names, write_policy
 
 pytestmark = pytest.mark.vllm
 
@@ -24,7 +24,7 @@ def test_peft_policy_is_saved_merged_with_plain_names(tmp_path, tokenizer):
             parameter.data.normal_()
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
 
-    _save_policy(model, tokenizer, str(tmp_path))
+    write_policy(model, tokenizer, str(tmp_path))
     saved = load_file(str(tmp_path / "model.safetensors"))
 
     assert not any("lora_" in name or "base_layer" in name for name in saved)
@@ -36,5 +36,5 @@ def test_peft_policy_is_saved_merged_with_plain_names(tmp_path, tokenizer):
     for name, tensor in model.state_dict().items():  # the trained model is untouched
         assert torch.equal(tensor, before[name]), name
     # The trainer's merged names: the checkpoint's plus the tied head, which save_pretrained omits.
-    assert _policy_state_names(model) - set(checkpoint_spec(str(tmp_path))) == {"lm_head.weight"}
+    assert policy_state_names(model) - set(checkpoint_spec(str(tmp_path))) == {"lm_head.weight"}
     assert checkpoint_spec(str(tmp_path))["model.layers.0.self_attn.q_proj.weight"] == ((64, 64), torch.float32)

@@ -1,0 +1,168 @@
+"""The loss side of a training step: ``GRPOModule``'s loss settings and what a step computes with them.
+
+A step over a ``RolloutBatch`` is planned once (``LossStep.plan``: the group advantages times the callback's
+weights, the loss mask, the global token and sequence counts every micro-batch's loss is normalised by, and the
+rollout-correction weights when the engine is another copy of the policy) and its loss is then computed per
+micro-batch from the policy's log-probs (``LossStep.micro_batch_loss``, ``lit_gcpo.algorithms.losses.grpo_loss``).
+The module owns the forward pass, the backward pass and the optimizer; this file owns which loss they follow.
+Everything read about the batch (how it was sampled, the engine's log-probs) is on the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+from lit_gcpo.algorithms.advantages import group_advantages
+from lit_gcpo.algorithms.losses import grpo_loss
+from lit_gcpo.algorithms.rollout_correction import rollout_correction_weights
+from lit_gcpo.data.batch import RolloutBatch
+
+# reduce(tensor, op) with op in {"sum", "min", "max"}: over data-parallel ranks (identity on one device)
+Reduce = Callable[[torch.Tensor, str], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What every micro-batch and iteration of one step shares (rows: completions of the batch)."""
+
+    advantages: torch.Tensor  # [N], times the callback's weights
+    mask: torch.Tensor  # [N, L], truncated completions left out when asked
+    is_weights: torch.Tensor | None  # [N, L] or [N, 1]: rollout-correction weights, None when not corrected
+    behaviour: torch.Tensor | None  # [N, L]: the engine's log-probs when it is another copy of the policy
+    counts: tuple[torch.Tensor, torch.Tensor]  # global (all ranks) tokens and sequences, at least 1 each
+    with_entropy: bool
+
+
+@dataclass(frozen=True)
+class LossStep:
+    """The loss settings of ``GRPOModule`` (its arguments of the same names, documented there)."""
+
+    advantage: str
+    advantage_scale: str
+    loss_aggregation: str
+    eps_low: float
+    eps_high: float
+    dual_clip: float | None
+    ratio_level: str
+    rollout_correction: str | None
+    rollout_correction_min: float | None
+    rollout_correction_max: float | None
+    off_policy_mask_threshold: float | None
+    beta: float
+    kl_estimator: str
+    entropy_coef: float
+    num_iterations: int
+    mask_truncated_completions: bool
+
+    @classmethod
+    def from_hparams(cls, hparams: Mapping[str, Any]) -> LossStep:
+        return cls(**{field.name: hparams[field.name] for field in fields(cls)})
+
+    def engine_logprobs(self, batch: RolloutBatch) -> torch.Tensor | None:
+        """The engine's log-probs when the engine is another copy of the policy (vLLM), else None."""
+        return batch.engine_logprobs if batch.engine_logprobs is not None and not batch.samples_from_policy else None
+
+    def importance_corrected(self, batch: RolloutBatch) -> bool:
+        """Whether the loss weighs tokens by the importance ratio of trainer to engine log-probs."""
+        return self.rollout_correction is not None and self.engine_logprobs(batch) is not None
+
+    def needs_old_logprobs(self, batch: RolloutBatch) -> bool:
+        """Whether the loss needs the generating policy's log-probs before training: several optimizer steps per
+        rollout (the policy moves between them), or an engine other than the policy with the importance
+        correction on (it compares them with the engine's). Otherwise they are the training pass's own."""
+        return self.num_iterations > 1 or self.importance_corrected(batch)
+
+    def advantages_and_mask(
+        self, batch: RolloutBatch, reduce: Reduce
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """The group advantages ``[N]`` (times the callback's weights), the loss mask ``[N, L]`` (truncated
+        completions left out when asked) and the advantages' metrics."""
+        advantages, metrics = group_advantages(
+            batch.rewards,
+            batch.group_ids,
+            batch.num_groups,
+            mode=self.advantage,
+            scale=self.advantage_scale,
+            all_reduce_sum=lambda t: reduce(t, "sum"),
+        )  # [N]
+        if batch.advantage_weights is not None:
+            advantages = advantages * batch.advantage_weights.to(advantages.dtype)  # [N], constant within a group
+        mask = batch.completion_mask  # [N, L]
+        if self.mask_truncated_completions and batch.truncated is not None:
+            mask = mask * (~batch.truncated.bool()).unsqueeze(-1).to(mask.dtype)  # [N, L]
+        return advantages, mask, metrics
+
+    def plan(self, batch: RolloutBatch, reduce: Reduce, logs_this_step: bool) -> tuple[StepPlan, dict[str, Any]]:
+        """The step's shared inputs, and the metrics of its advantages and rollout correction."""
+        advantages, mask, adv_metrics = self.advantages_and_mask(batch, reduce)  # [N], [N, L]
+        if batch.old_logprobs is None and self.needs_old_logprobs(batch):
+            raise ValueError(
+                "this batch has no old_logprobs, which the loss needs (num_iterations > 1 or an importance-corrected "
+                "engine): call score_rollout on it first (the RolloutDataModule does)"
+            )
+        # Global counts, so that micro-batches and ranks add up to the whole batch's loss.
+        counts = reduce(torch.stack([mask.sum(), torch.tensor(float(mask.shape[0]), device=mask.device)]), "sum")
+        num_tokens, num_seqs = counts.clamp(min=1).unbind()  # no tokens (all masked): a zero loss, not 0/0
+        is_weights, tis_metrics = None, {}
+        if self.importance_corrected(batch):
+            is_weights, tis_metrics = rollout_correction_weights(
+                batch.old_logprobs,
+                batch.engine_logprobs,
+                mask,
+                self.rollout_correction,
+                self.rollout_correction_min,
+                self.rollout_correction_max,
+            )
+        plan = StepPlan(
+            advantages=advantages,
+            mask=mask,
+            is_weights=is_weights,
+            # the off-policy mask compares with what sampled the tokens: the engine, else the old log-probs (TRL's)
+            behaviour=self.engine_logprobs(batch),
+            counts=(num_tokens, num_seqs),
+            # entropy is only logged (unless it is in the loss): computed on the steps that write logs
+            with_entropy=self.entropy_coef != 0 or logs_this_step,
+        )
+        return plan, {**adv_metrics, **tis_metrics}
+
+    def micro_batch_loss(
+        self,
+        batch: RolloutBatch,
+        rows: slice,
+        logprobs: torch.Tensor,
+        entropy: torch.Tensor | None,
+        plan: StepPlan,
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """This micro-batch's share of the batch's loss (normalised by the plan's global counts of tokens and
+        sequences) from the policy's ``logprobs`` ``[n, L]`` of its ``rows``, and its metrics."""
+        # on-policy with one step per rollout: the generating policy is this very forward
+        old = logprobs.detach() if batch.old_logprobs is None else batch.old_logprobs[rows]
+        loss, metrics = grpo_loss(
+            logprobs,
+            old,
+            plan.advantages[rows],
+            plan.mask[rows],
+            ref_logp=None if batch.ref_logprobs is None else batch.ref_logprobs[rows],
+            beta=self.beta,
+            kl_estimator=self.kl_estimator,
+            entropy=entropy,
+            entropy_coef=self.entropy_coef,
+            eps_low=self.eps_low,
+            eps_high=self.eps_high,
+            dual_clip=self.dual_clip,
+            ratio_level=self.ratio_level,
+            is_weights=None if plan.is_weights is None else plan.is_weights[rows],
+            off_policy_threshold=self.off_policy_mask_threshold,
+            behaviour_logp=None if plan.behaviour is None else plan.behaviour[rows],
+            aggregation=self.loss_aggregation,
+            num_tokens=plan.counts[0],
+            num_seqs=plan.counts[1],
+            max_len=batch.max_new_tokens,
+        )
+        if "entropy_mean" in metrics:  # grpo_loss's masked mean of `entropy`
+            metrics["entropy"] = metrics.pop("entropy_mean")
+        return loss, metrics

@@ -1,0 +1,72 @@
+"""The no-grad passes that fill a fresh rollout's model-dependent fields (``GRPOModule.score_rollout``).
+
+A ``RolloutBatch`` leaves the collector with tokens, rewards and (depending on the engine) the engine's own
+log-probs and embeddings. What the loss or a callback still needs from the models is filled here: the
+generating policy's log-probs ``old_logprobs``, the mean-pooled last hidden state of each completion
+(``embeddings``) and the reference log-probs ``ref_logprobs``. Only what is read is computed: on-policy with one
+optimizer step per rollout the old log-probs are the training pass's own, so without a callback that asks for
+embeddings or sequence log-probs there is no pass at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+
+import torch
+
+from lit_gcpo.data.batch import OPTIONAL_FIELDS, RolloutBatch
+
+# forward(input_ids, attention_mask, completion_length, *, temperature, with_hidden, reference)
+#   -> (logprobs [n, L], entropy or None, hidden [n, L, H] or None): GRPOModule.completion_logprobs
+Forward = Callable[..., tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]
+
+
+@dataclass(frozen=True)
+class ScoringPasses:
+    """Which passes a rollout needs: the policy's (log-probs, and hidden states for embeddings), the reference's."""
+
+    policy: bool
+    hidden: bool
+    reference: bool
+
+    @classmethod
+    def needed(
+        cls, batch: RolloutBatch, fields: Collection[str] | None, loss_needs_old: bool, with_reference_model: bool
+    ) -> ScoringPasses:
+        """``fields``: the optional fields the callbacks read (None: all); ``loss_needs_old``: the loss needs the
+        generating policy's log-probs before training; ``with_reference_model``: a training batch with beta > 0."""
+        wanted = set(OPTIONAL_FIELDS if fields is None else fields)
+        # embeddings and sequence log-probs the engine already reported need no pass of their own
+        hidden = "embeddings" in wanted and batch.embeddings is None
+        policy = (
+            hidden
+            or "old_logprobs" in wanted
+            or ("seq_logprobs" in wanted and batch.engine_logprobs is None)
+            or loss_needs_old
+        )
+        return cls(policy=policy, hidden=hidden, reference=with_reference_model)
+
+
+def mean_pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean of ``hidden`` ``[n, L, H]`` over the completion tokens of ``mask`` ``[n, L]``: ``[n, H]`` float32."""
+    return (hidden.float() * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+
+
+def fill_rollout_scores(batch: RolloutBatch, passes: ScoringPasses, micro: list[slice], forward: Forward) -> None:
+    """Run ``passes`` over the ``micro`` batches of ``batch`` (the caller holds the precision context) and set
+    ``old_logprobs``, ``embeddings`` (when a hidden pass ran; else kept) and ``ref_logprobs`` (None when not run)."""
+    old, ref, embeddings = [], [], []
+    length, temperature = batch.completion_mask.shape[1], batch.logprob_temperature
+    for rows in micro if passes.policy or passes.reference else []:
+        ids, attn, mask = batch.input_ids[rows], batch.attention_mask[rows], batch.completion_mask[rows]
+        if passes.policy:
+            logprobs, _, hidden = forward(ids, attn, length, temperature=temperature, with_hidden=passes.hidden)
+            old.append(logprobs)
+            if hidden is not None:  # one vector per completion
+                embeddings.append(mean_pooled(hidden, mask))  # [n, H]
+        if passes.reference:
+            ref.append(forward(ids, attn, length, temperature=temperature, reference=True)[0])
+    batch.old_logprobs = torch.cat(old) if old else None  # [N, L]
+    batch.embeddings = torch.cat(embeddings) if embeddings else batch.embeddings
+    batch.ref_logprobs = torch.cat(ref) if ref else None
