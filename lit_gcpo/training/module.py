@@ -113,6 +113,10 @@ class GRPOModule(L.LightningModule):
         micro_batch_size: completions per forward/backward pass (0: the whole batch).
         max_grad_norm: gradient-norm clipping (0: off).
         logprob_chunk_size: tokens per chunk of the memory-bounded log-prob computation.
+        padding_free: run every log-prob pass (the loss's, the old and the reference log-probs) over each
+            micro-batch's real tokens packed into one row, position ids restarting per sequence and attention kept
+            within each (flash-attention's varlen kernel; sdpa / eager: a block-diagonal mask), instead of over
+            completions padded to the longest; the same loss and gradients, less work when lengths vary.
         mask_truncated_completions: leave completions that hit ``max_new_tokens`` out of the loss (DAPO's overlong
             filtering): a truncated completion's reward says nothing about an answer it never finished.
         log_samples_every_n_steps: write a few prompts, completions and rewards as TensorBoard text.
@@ -154,6 +158,7 @@ class GRPOModule(L.LightningModule):
         micro_batch_size: NonNegativeInt = 0,
         max_grad_norm: NonNegativeFloat = 1.0,
         logprob_chunk_size: PositiveInt = 4096,
+        padding_free: bool = False,
         mask_truncated_completions: bool = False,
         log_samples_every_n_steps: NonNegativeInt = 50,
         max_consecutive_skips: PositiveInt = 20,
@@ -174,12 +179,12 @@ class GRPOModule(L.LightningModule):
         if gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.uses_lora = lora is not None
-        self.scorer = CompletionScorer(self.policy, logprob_chunk_size)
+        self.scorer = CompletionScorer(self.policy, logprob_chunk_size, padding_free=padding_free)
         # With LoRA the reference is the base model with the adapters disabled; otherwise a frozen copy that is
         # not a submodule (never checkpointed), placed by `setup` like the policy (see lit_gcpo.training.reference).
         self.reference: ReferencePolicy | None = None
         if beta > 0 and not self.uses_lora:
-            self.reference = ReferencePolicy(model, dtype, logprob_chunk_size, self.scorer.plain_head)
+            self.reference = ReferencePolicy(model, dtype, logprob_chunk_size, self.scorer.plain_head, padding_free)
         self.guarded_step = GuardedOptimizerStep(max_grad_norm, max_consecutive_skips)
         self.validation_history: list[tuple[int, float]] = []  # (step, val/accuracy), kept across resume
         self._baseline = StartingPolicyBaseline()

@@ -11,7 +11,16 @@ gathered weights; the results travel on the model's output, where FSDP registers
 The chunked path equals the model's logits only when its ``forward`` is ``lm_head(decoder(x))``. Models
 that transform the logits there (Gemma-2's ``final_logit_softcapping``, Cohere's ``logit_scale``, Granite's
 ``logits_scaling``) would be silently wrong, so :func:`has_plain_head` compares the two on a few tokens
-once, and such models use their own logits (``logits_to_keep = L + 1``), log-softmaxed chunk by chunk.
+once, and such models use their own logits (``logits_to_keep``: the predicting positions), log-softmaxed chunk
+by chunk.
+
+Padding-free passes (``padding_free``): the micro-batch's real tokens run as one row, position ids restarting per
+sequence and no attention mask, with flash-attention's boundary kwargs (``cu_seq_lens_q`` ...), transformers'
+own padding-free inputs (what ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)`` gives it). Flash-attention
+runs its variable-length kernel on the boundaries; sdpa, eager and flex attention (transformers 5.x,
+``masking_utils.find_packed_sequence_indices``) build a block-diagonal causal mask from the restarting position ids
+when no mask and no cache is given. Scores are gathered back into the padded ``[n, L]`` layout
+(``lit_gcpo.algorithms.packing``).
 """
 
 from __future__ import annotations
@@ -22,7 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lit_gcpo.algorithms.logprobs import logprobs_from_logits, token_logprobs
+from lit_gcpo.algorithms.logprobs import PLAIN_LOGITS_ELEMENTS, logprobs_from_logits, token_logprobs
+from lit_gcpo.algorithms.packing import pack, pack_layout, unpack_completions
 
 
 def base_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -70,12 +80,29 @@ class CompletionScorer:
         model: a transformers causal LM, or a peft model wrapping one.
         chunk_size: tokens per chunk of the memory-bounded log-softmax.
         plain_head: whether the chunked path is exact for this model; None checks it (:func:`has_plain_head`).
+        padding_free: run each pass over the real tokens only, packed into one row (``lit_gcpo.algorithms.packing``);
+            checked once here on two short sequences (:func:`packing_problem`), a ValueError if the model's
+            attention does not keep packed sequences apart.
+        max_plain_elements: the largest ``tokens x vocabulary`` that ``token_logprobs`` computes in one piece.
     """
 
-    def __init__(self, model: torch.nn.Module, chunk_size: int, plain_head: bool | None = None) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        chunk_size: int,
+        plain_head: bool | None = None,
+        padding_free: bool = False,
+        max_plain_elements: int = PLAIN_LOGITS_ELEMENTS,
+    ) -> None:
         self.model = model
         self.chunk_size = chunk_size
         self.plain_head = has_plain_head(model) if plain_head is None else plain_head
+        self.max_plain_elements = max_plain_elements
+        self.padding_free = padding_free
+        if padding_free:
+            problem = packing_problem(self)
+            if problem is not None:
+                raise ValueError(problem)
 
     def __call__(
         self,
@@ -89,52 +116,91 @@ class CompletionScorer:
     ) -> ScoredTokens:
         """Score the last ``completion_length`` columns of ``input_ids [n, P + L]`` under ``log_softmax(logits /
         temperature)`` (the sampling distribution: ``lit_gcpo.engines.base.logprob_temperature``)."""
-        base = base_model(self.model)
+        options = {"temperature": temperature, "with_entropy": with_entropy, "with_hidden": with_hidden}
+        if self.padding_free:
+            return self._packed(input_ids, attention_mask, completion_length, **options)
         prompt_length = input_ids.shape[1] - completion_length
-        targets = input_ids[:, prompt_length:]  # [n, L]
+        # the token at column P + j is predicted from the hidden state at column P + j - 1
+        predictors = torch.arange(prompt_length - 1, input_ids.shape[1] - 1, device=input_ids.device)  # [L]
+        inputs = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0),  # [n, P + L], as generation computes them
+        }
+        return self._score(inputs, predictors, input_ids[:, prompt_length:], **options)
+
+    def _packed(
+        self, input_ids: Tensor, attention_mask: Tensor, completion_length: int, **options: Any
+    ) -> ScoredTokens:
+        """The padding-free pass: the micro-batch's real tokens in one row ``[1, S]``, scored, scattered back."""
+        layout = pack_layout(attention_mask, completion_length)
+        ids = pack(input_ids, layout).unsqueeze(0)  # [1, S]
+        inputs = {
+            "input_ids": ids,
+            # no attention mask: transformers' sdpa / eager / flex masks then keep attention within the blocks of
+            # restarting position ids, and flash-attention runs its varlen kernel on the boundaries given here
+            "position_ids": layout.position_ids.unsqueeze(0),  # [1, S]
+            "cu_seq_lens_q": layout.cu_seqlens,
+            "cu_seq_lens_k": layout.cu_seqlens,
+            "max_length_q": layout.max_seqlen,
+            "max_length_k": layout.max_seqlen,
+        }
+        scored = self._score(inputs, layout.predictors, ids[:, layout.predictors + 1], **options)  # [1, M, ...]
+        return ScoredTokens(
+            logprobs=unpack_completions(scored.logprobs[0], layout),  # [n, L]
+            entropy=None if scored.entropy is None else unpack_completions(scored.entropy[0], layout),
+            hidden=None if scored.hidden is None else unpack_completions(scored.hidden[0], layout),  # [n, L, H]
+        )
+
+    def _score(
+        self,
+        inputs: dict[str, Any],
+        predictors: Tensor,
+        targets: Tensor,
+        *,
+        temperature: float,
+        with_entropy: bool,
+        with_hidden: bool,
+    ) -> ScoredTokens:
+        """One forward ``model(**inputs)``; the log-probs of ``targets [b, t]`` from the hidden states (or the
+        model's own logits) at sequence positions ``predictors [t]``, the token's own hidden state one further."""
+        base = base_model(self.model)
         captured: dict[str, Tensor] = {}
 
         def keep_hidden(_module: Any, _args: Any, output: Any) -> None:
-            captured["hidden"] = output.last_hidden_state  # [n, P + L, H], after the final norm
+            captured["hidden"] = output.last_hidden_state  # [b, T, H], after the final norm
 
         def score(_module: Any, _args: Any, _kwargs: Any, output: Any) -> Any:
             hidden = captured.pop("hidden")
             if self.plain_head:
                 head = base.get_output_embeddings()
-                # the token at column P + j is predicted from the hidden state at column P + j - 1
                 logprobs, entropy = token_logprobs(
-                    hidden[:, prompt_length - 1 : -1],
+                    hidden[:, predictors],  # [b, t, H]
                     head.weight,
                     targets,
                     temperature=temperature,
                     chunk_size=self.chunk_size,
                     with_entropy=with_entropy,
                     lm_head_bias=head.bias,
+                    max_plain_elements=self.max_plain_elements,
                 )
-            else:  # the model's own logits of columns P - 1 .. P + L - 2
+            else:  # the model's own logits at the predicting positions (logits_to_keep below)
                 logprobs, entropy = logprobs_from_logits(
-                    output.logits[:, :-1], targets, temperature, self.chunk_size, with_entropy
+                    output.logits, targets, temperature, self.chunk_size, with_entropy
                 )
             output["completion_logprobs"] = logprobs
             if entropy is not None:
                 output["completion_entropy"] = entropy
             if with_hidden:
-                output["completion_hidden"] = hidden[:, prompt_length:]
+                output["completion_hidden"] = hidden[:, predictors + 1]
             return output
 
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [n, P + L], as generation computes them
         hooks = [
             base.get_decoder().register_forward_hook(keep_hidden),
             base.register_forward_hook(score, with_kwargs=True, prepend=True),
         ]
         try:
-            output = self.model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                use_cache=False,
-                logits_to_keep=1 if self.plain_head else completion_length + 1,
-            )
+            output = self.model(**inputs, use_cache=False, logits_to_keep=1 if self.plain_head else predictors)
         finally:
             for hook in hooks:
                 hook.remove()
@@ -143,3 +209,40 @@ class CompletionScorer:
             entropy=output.get("completion_entropy"),
             hidden=output.get("completion_hidden"),
         )
+
+
+@torch.no_grad()
+def packing_problem(scorer: CompletionScorer) -> str | None:
+    """Why ``scorer``'s model cannot run padding-free passes (None: it can).
+
+    Scores two short sequences (the second with a one-token prompt, left-padded, after a longer first one) padded
+    and packed: the model's attention must keep packed sequences apart, which transformers does from the position
+    ids (sdpa, eager, flex) or the boundaries (flash-attention); a model whose attention ignores both (linear
+    attention or convolutions without the boundary kwargs, custom code) would let the second sequence see the
+    first, and its log-probs would move. Tolerance: 1e-4 in float32 / float64 weights, 5e-2 in 16-bit ones.
+    """
+    base = base_model(scorer.model)
+    first = next(base.parameters())
+    vocab = base.get_output_embeddings().weight.shape[0]
+    ids = (torch.arange(2 * 11, device=first.device) * 7 + 3).remainder(vocab).view(2, 11)  # [2, P + L], P = 4
+    attention_mask = torch.ones_like(ids)
+    attention_mask[1, :3] = 0  # the second prompt: one token, left-padded
+    attention_mask[1, 6:] = 0  # the second completion: two tokens, right-padded
+    was_training = base.training
+    base.eval()
+    try:
+        padded = CompletionScorer(scorer.model, scorer.chunk_size, scorer.plain_head)(ids, attention_mask, 7)
+        packed = scorer._packed(ids, attention_mask, 7, temperature=1.0, with_entropy=False, with_hidden=False)
+    finally:
+        base.train(was_training)
+    scored = attention_mask[:, 4:].bool()  # [2, L]
+    gap = float((padded.logprobs - packed.logprobs)[scored].abs().max())
+    tolerance = 1e-4 if first.dtype in (torch.float32, torch.float64) else 5e-2
+    if not gap <= tolerance:  # NaN fails too
+        implementation = getattr(base.config, "_attn_implementation", None)
+        return (
+            f"model.padding_free: {type(base).__name__} with attn_implementation {implementation!r} does not keep "
+            f"packed sequences apart (log-probs of a sequence move by {gap:.3g} when another precedes it in the "
+            "row); set padding_free false"
+        )
+    return None
