@@ -339,3 +339,12 @@ def test_the_option_is_in_help_and_a_bad_value_is_refused_at_parse_time(capsys):
         main(["fit", "--model.padding_free", "sometimes"])
     assert exit_info.value.code == 2
     assert 'Parser key "model.padding_free"' in capsys.readouterr().err
+
+
+def test_the_attention_implementation_reaches_the_policy_and_the_reference(tiny_model_dir):
+    module = GRPOModule(model=tiny_model_dir, attn_implementation="eager", beta=0.1, padding_free=True, export_dir=None)
+    assert module.policy.config._attn_implementation == "eager"
+    assert module.reference.model.config._attn_implementation == "eager"
+    assert module.scorer.padding_free and module.reference.scorer.padding_free
+    default = GRPOModule(model=tiny_model_dir, export_dir=None)
+    assert default.policy.config._attn_implementation == "sdpa" and not default.scorer.padding_free

@@ -75,6 +75,8 @@ class GRPOModule(L.LightningModule):
         model: a Hugging Face model name or path, or ``lit-gcpo/tiny-arith`` (the embedded tiny model).
         tokenizer: tokenizer name or path (default: the model's).
         dtype: dtype of the policy weights (``float32``, ``bfloat16``); keep float32 with ``bf16-mixed``.
+        attn_implementation: transformers' attention (``sdpa``, ``eager``, ``flash_attention_2``, ...; None: its
+            default) of the policy and the reference.
         lora: train LoRA adapters instead of the full model (needs ``peft``).
         gradient_checkpointing: recompute activations in backward to save memory.
         disable_dropout: set every dropout to 0 (the usual choice for RL of LMs).
@@ -130,6 +132,7 @@ class GRPOModule(L.LightningModule):
         model: str = "lit-gcpo/tiny-arith",
         tokenizer: str | None = None,
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        attn_implementation: str | None = None,
         lora: LoraOptions | None = None,
         gradient_checkpointing: bool = False,
         disable_dropout: bool = True,
@@ -175,7 +178,7 @@ class GRPOModule(L.LightningModule):
         self.loss_step = LossStep.from_hparams(self.hparams)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.tokenizer = load_tokenizer(tokenizer or model)
-        self.policy = load_policy(model, dtype=dtype, lora=lora, disable_dropout=disable_dropout)
+        self.policy = load_policy(model, dtype, lora, disable_dropout, attn_implementation)
         if gradient_checkpointing:
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.uses_lora = lora is not None
@@ -184,7 +187,9 @@ class GRPOModule(L.LightningModule):
         # not a submodule (never checkpointed), placed by `setup` like the policy (see lit_gcpo.training.reference).
         self.reference: ReferencePolicy | None = None
         if beta > 0 and not self.uses_lora:
-            self.reference = ReferencePolicy(model, dtype, logprob_chunk_size, self.scorer.plain_head, padding_free)
+            self.reference = ReferencePolicy(
+                model, dtype, logprob_chunk_size, self.scorer.plain_head, padding_free, attn_implementation
+            )
         self.guarded_step = GuardedOptimizerStep(max_grad_norm, max_consecutive_skips)
         self.validation_history: list[tuple[int, float]] = []  # (step, val/accuracy), kept across resume
         self._baseline = StartingPolicyBaseline()

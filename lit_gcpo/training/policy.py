@@ -45,11 +45,18 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 
 
 def load_policy(
-    name_or_path: str, dtype: str = "float32", lora: LoraOptions | None = None, disable_dropout: bool = True
+    name_or_path: str,
+    dtype: str = "float32",
+    lora: LoraOptions | None = None,
+    disable_dropout: bool = True,
+    attn_implementation: str | None = None,
 ) -> torch.nn.Module:
+    """The causal LM ``name_or_path`` in ``dtype``, with transformers' ``attn_implementation`` (None: its default,
+    sdpa where the model supports it), dropout off when asked, LoRA adapters when given."""
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    model = AutoModelForCausalLM.from_pretrained(resolve(name_or_path), dtype=_DTYPES[dtype])
+    options = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    model = AutoModelForCausalLM.from_pretrained(resolve(name_or_path), dtype=_DTYPES[dtype], **options)
     if disable_dropout:
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):

@@ -35,10 +35,19 @@ class ReferencePolicy:
         chunk_size: tokens per chunk of the memory-bounded log-softmax.
         plain_head: whether the chunked path is exact for this architecture (the policy's check).
         padding_free: score packed rows without padding (the policy's option; checked again on this copy).
+        attn_implementation: transformers' attention implementation (the policy's).
     """
 
-    def __init__(self, model: str, dtype: str, chunk_size: int, plain_head: bool, padding_free: bool = False) -> None:
-        self.model = load_policy(model, dtype=dtype, lora=None, disable_dropout=True).eval().requires_grad_(False)
+    def __init__(
+        self,
+        model: str,
+        dtype: str,
+        chunk_size: int,
+        plain_head: bool,
+        padding_free: bool = False,
+        attn_implementation: str | None = None,
+    ) -> None:
+        self.model = load_policy(model, dtype, None, True, attn_implementation).eval().requires_grad_(False)
         self.scorer = CompletionScorer(self.model, chunk_size, plain_head=plain_head, padding_free=padding_free)
 
     def place(self, device: torch.device, precision: str, mesh: object | None = None) -> None:
