@@ -348,3 +348,33 @@ def test_the_attention_implementation_reaches_the_policy_and_the_reference(tiny_
     assert module.scorer.padding_free and module.reference.scorer.padding_free
     default = GRPOModule(model=tiny_model_dir, export_dir=None)
     assert default.policy.config._attn_implementation == "sdpa" and not default.scorer.padding_free
+
+
+def test_lora_policy_and_its_adapter_free_reference_pack_alike(tiny_model_dir):
+    """Under LoRA the reference is the policy with its adapters disabled, through the same (packed) scorer."""
+    from lit_gcpo.training.policy import LoraOptions
+
+    module = GRPOModule(model=tiny_model_dir, lora=LoraOptions(r=4, alpha=8), beta=0.1, padding_free=True)
+    with torch.no_grad():  # adapters that change the output (peft initialises B to 0)
+        generator = torch.Generator().manual_seed(3)
+        for name, param in module.policy.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.5 * torch.randn(param.shape, generator=generator))
+    input_ids, attention_mask, mask = ragged_batch(module.policy.config.vocab_size)
+    keep, results = mask.bool(), {}
+    for packed in (False, True):
+        module.scorer.padding_free = packed
+        module.policy.zero_grad()
+        logprobs, _, _ = module.completion_logprobs(input_ids, attention_mask, 30)
+        (logprobs * mask).sum().div(mask.sum()).backward()
+        with torch.no_grad():
+            reference, _, _ = module.completion_logprobs(input_ids, attention_mask, 30, reference=True)
+        grads = [p.grad.clone() for p in module.policy.parameters() if p.requires_grad]
+        results[packed] = (logprobs.detach(), reference, grads)
+    for padded, packed in zip(results[False], results[True], strict=True):
+        if isinstance(padded, list):
+            for a, b in zip(padded, packed, strict=True):
+                torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+        else:
+            torch.testing.assert_close(packed[keep], padded[keep], atol=1e-5, rtol=0)
+    assert (results[True][0] - results[True][1])[keep].abs().max() > 1e-2  # the adapters are on in the policy only
