@@ -75,8 +75,7 @@ class GRPOModule(L.LightningModule):
         model: a Hugging Face model name or path, or ``lit-gcpo/tiny-arith`` (the embedded tiny model).
         tokenizer: tokenizer name or path (default: the model's).
         dtype: dtype of the policy weights (``float32``, ``bfloat16``); keep float32 with ``bf16-mixed``.
-        attn_implementation: transformers' attention (``sdpa``, ``eager``, ``flash_attention_2``, ...; None: its
-            default) of the policy and the reference.
+        attn_implementation: transformers' attention (``sdpa``, ``flash_attention_2``, ...; None: its default).
         lora: train LoRA adapters instead of the full model (needs ``peft``).
         gradient_checkpointing: recompute activations in backward to save memory.
         disable_dropout: set every dropout to 0 (the usual choice for RL of LMs).
@@ -115,10 +114,8 @@ class GRPOModule(L.LightningModule):
         micro_batch_size: completions per forward/backward pass (0: the whole batch).
         max_grad_norm: gradient-norm clipping (0: off).
         logprob_chunk_size: tokens per chunk of the memory-bounded log-prob computation.
-        padding_free: run every log-prob pass (the loss's, the old and the reference log-probs) over each
-            micro-batch's real tokens packed into one row, position ids restarting per sequence and attention kept
-            within each (flash-attention's varlen kernel; sdpa / eager: a block-diagonal mask), instead of over
-            completions padded to the longest; the same loss and gradients, less work when lengths vary.
+        padding_free: every log-prob pass over each micro-batch's sequences packed into one row without padding,
+            attention kept within each (``lit_gcpo.training.scoring``): the same loss, less work.
         mask_truncated_completions: leave completions that hit ``max_new_tokens`` out of the loss (DAPO's overlong
             filtering): a truncated completion's reward says nothing about an answer it never finished.
         log_samples_every_n_steps: write a few prompts, completions and rewards as TensorBoard text.
@@ -187,9 +184,7 @@ class GRPOModule(L.LightningModule):
         # not a submodule (never checkpointed), placed by `setup` like the policy (see lit_gcpo.training.reference).
         self.reference: ReferencePolicy | None = None
         if beta > 0 and not self.uses_lora:
-            self.reference = ReferencePolicy(
-                model, dtype, logprob_chunk_size, self.scorer.plain_head, padding_free, attn_implementation
-            )
+            self.reference = ReferencePolicy(model, dtype, attn_implementation, like=self.scorer)
         self.guarded_step = GuardedOptimizerStep(max_grad_norm, max_consecutive_skips)
         self.validation_history: list[tuple[int, float]] = []  # (step, val/accuracy), kept across resume
         self._baseline = StartingPolicyBaseline()

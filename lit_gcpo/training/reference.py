@@ -32,23 +32,16 @@ class ReferencePolicy:
     Args:
         model: the policy's model name or path (the reference is its starting weights).
         dtype: the dtype it is loaded in (the policy's ``dtype``); :meth:`place` may cast it.
-        chunk_size: tokens per chunk of the memory-bounded log-softmax.
-        plain_head: whether the chunked path is exact for this architecture (the policy's check).
-        padding_free: score packed rows without padding (the policy's option; checked again on this copy).
         attn_implementation: transformers' attention implementation (the policy's).
+        like: the policy's scorer, whose settings this one's takes (chunk size, its plain-head check, padding-free
+            passes, the latter checked again on this copy).
     """
 
-    def __init__(
-        self,
-        model: str,
-        dtype: str,
-        chunk_size: int,
-        plain_head: bool,
-        padding_free: bool = False,
-        attn_implementation: str | None = None,
-    ) -> None:
+    def __init__(self, model: str, dtype: str, attn_implementation: str | None, like: CompletionScorer) -> None:
         self.model = load_policy(model, dtype, None, True, attn_implementation).eval().requires_grad_(False)
-        self.scorer = CompletionScorer(self.model, chunk_size, plain_head=plain_head, padding_free=padding_free)
+        self.scorer = CompletionScorer(
+            self.model, like.chunk_size, like.plain_head, like.padding_free, like.max_plain_elements
+        )
 
     def place(self, device: torch.device, precision: str, mesh: object | None = None) -> None:
         """Move to ``device`` in the dtype of ``precision``, and shard over ``mesh`` (FSDP2) when given."""
