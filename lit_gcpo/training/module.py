@@ -195,8 +195,9 @@ class GRPOModule(L.LightningModule):
 
     # ---------------------------------------------------------------------------------- placement
     def configure_model(self) -> None:
-        """Under ``fsdp2``, shard the policy (each decoder layer a unit, the model the root)."""
-        if is_sharded(self.trainer.strategy):
+        """Under ``fsdp2``, shard the policy (each decoder layer a unit, the model the root). Without a Trainer
+        (``load_from_checkpoint``) there is nothing to shard."""
+        if self._trainer is not None and is_sharded(self.trainer.strategy):
             if self.uses_lora:
                 raise ValueError("lora with trainer.strategy fsdp2 is not supported; use ddp for LoRA training")
             shard_causal_lm(self.policy, self.device_mesh["data_parallel"])

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from lit_gcpo.moved import allow_unpickling
 from lit_gcpo.running.checkpointing import atomic_directory
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -28,6 +29,9 @@ class LoraOptions:
     alpha: int = 32
     dropout: float = 0.0
     target_modules: list[str] | str = field(default_factory=lambda: "all-linear")
+
+
+allow_unpickling(LoraOptions)  # a LoRA run's checkpoint holds it in its hyper-parameters
 
 
 def resolve(name_or_path: str) -> str:
