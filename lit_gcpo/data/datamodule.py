@@ -30,8 +30,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from lit_gcpo.algorithms.clustering import answer_clusters
-from lit_gcpo.data.batch import PromptBatch, requested_fields
+from lit_gcpo.data.batch import PromptBatch, RolloutBatch, requested_fields
 from lit_gcpo.data.contracts import RolloutPolicy, check_implements
+from lit_gcpo.data.dynamic_sampling import DynamicSampling, TorchExchange, fill_rollout
 from lit_gcpo.data.evaluation_passes import TestPasses, skipped_items, too_long_items
 from lit_gcpo.data.preparation import complete_rows, fit_to_context
 from lit_gcpo.data.rollout import RolloutCollector
@@ -110,6 +111,11 @@ class RolloutDataModule(L.LightningDataModule):
         seed: seeds the prompt order and the sampler (each prompt from its position in the stream: the same
             completions whatever the batch size and the number of ranks); None (the default): the run's
             ``seed_everything``.
+        dynamic_sampling: DAPO's dynamic sampling (``lit_gcpo.data.dynamic_sampling``): groups without reward
+            spread are dropped and more batches of the stream sampled until ``batch_size`` groups per rank (over
+            all ranks) have spread or ``max_rounds`` batches were drawn; the data position counts every batch
+            drawn. None (the default): off. The rounds read the stream at this DataModule's position (the
+            dataloader's batch only clocks the step: it was fetched before the previous step drew its rounds).
     """
 
     def __init__(
@@ -136,6 +142,7 @@ class RolloutDataModule(L.LightningDataModule):
         val_temperature: float = 0.0,
         val_batch_size: PositiveInt = 64,
         seed: int | None = None,
+        dynamic_sampling: DynamicSampling | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -149,6 +156,12 @@ class RolloutDataModule(L.LightningDataModule):
             raise ValueError(f"reward_weights has {len(reward_weights)} entries for {len(rewards)} rewards")
         if accuracy_reward is not None and accuracy_reward not in rewards:
             raise ValueError(f"accuracy_reward {accuracy_reward!r} is not one of rewards {rewards}")
+        if isinstance(dynamic_sampling, dict):
+            dynamic_sampling = DynamicSampling(**dynamic_sampling)
+        if dynamic_sampling is not None and dynamic_sampling.reward not in (None, *rewards):
+            raise ValueError(f"dynamic_sampling.reward {dynamic_sampling.reward!r} is not one of rewards {rewards}")
+        self.dynamic_sampling = dynamic_sampling
+        self._train_stream: PromptStream | None = None  # the rounds of dynamic sampling read it
         self.train_source, self.val_source = train, val
         self.test_sources: list[PromptSource] = [test] if isinstance(test, PromptSource) else list(test or [])
         self.predict_source = predict
@@ -254,7 +267,8 @@ class RolloutDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rows, prompts = self._datasets["train"]
-        return self._shard(PromptStream(rows, prompts, self.batch_size, self.seed, lambda: self.consumed_batches))
+        self._train_stream = PromptStream(rows, prompts, self.batch_size, self.seed, lambda: self.consumed_batches)
+        return self._shard(self._train_stream)
 
     def val_dataloader(self) -> DataLoader | list:
         if "val" not in self._datasets:
@@ -323,13 +337,7 @@ class RolloutDataModule(L.LightningDataModule):
         # the engine gathers the policy's embeddings while sampling when it can (then no scoring pass is needed)
         embed = "embeddings" in fields
         if training:
-            sampling = replace(self.sampling, seed=None)
-            seeds = self._prompt_seeds("train", batch)
-            rollout = self.collector.collect(
-                batch, self.group_size, sampling, policy.device, seeds=seeds, with_embeddings=embed
-            )
-            self.collector.engine.sleep()  # vLLM sleep mode frees its memory for the optimizer steps
-            self.consumed_batches += 1
+            rollout = self._train_rollout(batch, policy, embed)
         else:
             sampling, samples = self.eval_settings(dataloader_idx)
             seeds = self._prompt_seeds(self._eval_stream(dataloader_idx), batch)
@@ -346,6 +354,31 @@ class RolloutDataModule(L.LightningDataModule):
         policy.score_rollout(rollout, with_reference=training, fields=fields)
         if clusters is not None:
             rollout.answer_clusters, rollout.metrics["time/answer_clusters_s"] = clusters.result()
+        return rollout
+
+    def _train_rollout(self, batch: PromptBatch, policy: RolloutPolicy, embed: bool) -> RolloutBatch:
+        """The step's scored groups: of ``batch``, or with dynamic sampling of as many batches as it draws."""
+        sampling = replace(self.sampling, seed=None)
+
+        def collect(prompts: PromptBatch) -> RolloutBatch:
+            seeds = self._prompt_seeds("train", prompts)
+            rollout = self.collector.collect(
+                prompts, self.group_size, sampling, policy.device, seeds=seeds, with_embeddings=embed
+            )
+            self.consumed_batches += 1
+            return rollout
+
+        if self.dynamic_sampling is None:
+            rollout = collect(batch)
+        else:
+            assert self._train_stream is not None, "train_dataloader() was not called"
+            stream, exchange = self._train_stream, TorchExchange(self.trainer.global_rank, self.trainer.world_size)
+
+            def draw() -> RolloutBatch:  # the stream's next batch, at the position the previous rounds reached
+                return collect(stream.batch(self.consumed_batches))
+
+            rollout = fill_rollout(draw, self.dynamic_sampling, self.batch_size, exchange, self.collector.pad_token_id)
+        self.collector.engine.sleep()  # vLLM sleep mode frees its memory for the optimizer steps
         return rollout
 
     def teardown(self, stage: str) -> None:
