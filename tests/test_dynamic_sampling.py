@@ -273,3 +273,23 @@ def test_invalid_settings_name_the_option():
 
     with pytest.raises(ValueError, match=r"dynamic_sampling\.reward 'acc' is not one of rewards"):
         RolloutDataModule(rewards=["math_accuracy"], dynamic_sampling={"reward": "acc"})
+
+
+def test_the_cli_parses_the_typed_option_documents_it_and_refuses_bad_values(monkeypatch, capsys):
+    from pathlib import Path
+
+    from lit_gcpo.running.cli import main
+
+    monkeypatch.chdir(Path(__file__).parents[1])
+    config = ["fit", "--config", "configs/quickstart.yaml"]
+    cli = main([*config[1:], "--data.dynamic_sampling.max_rounds", "3"], run=False)  # run=False: no subcommand
+    assert cli.datamodule.dynamic_sampling == DynamicSampling(max_rounds=3, min_reward_std=1e-6, reward=None)
+    assert main(config[1:], run=False).datamodule.dynamic_sampling is None  # off by default
+    for option, value in [("max_rounds", "0"), ("min_reward_std", "-1")]:
+        with pytest.raises(SystemExit):
+            main([*config, f"--data.dynamic_sampling.{option}", value])
+        err = capsys.readouterr().err
+        assert "data.dynamic_sampling" in err and option in err
+    with pytest.raises(SystemExit):
+        main([*config, "--data.dynamic_sampling.help", "DynamicSampling"])
+    assert "at most this many batches of prompts per training step" in capsys.readouterr().out
