@@ -293,3 +293,43 @@ def test_the_cli_parses_the_typed_option_documents_it_and_refuses_bad_values(mon
     with pytest.raises(SystemExit):
         main([*config, "--data.dynamic_sampling.help", "DynamicSampling"])
     assert "at most this many batches of prompts per training step" in capsys.readouterr().out
+
+
+def test_a_resume_that_turns_dynamic_sampling_on_off_or_changes_it_is_printed():
+    from lit_gcpo.data.datamodule import RolloutDataModule
+    from lit_gcpo.running.resume import compare_with_checkpoint
+
+    saved = RolloutDataModule(dynamic_sampling=DynamicSampling(max_rounds=8)).state_dict()
+    assert saved["dynamic_sampling"] == {"max_rounds": 8, "min_reward_std": 1e-6, "reward": None}
+    checkpoint = {"RolloutDataModule": saved}
+    same = {"data": {"dynamic_sampling": {"max_rounds": 8, "min_reward_std": 1e-6, "reward": None}}}
+    assert compare_with_checkpoint(checkpoint, same) == ([], [])
+    fewer = {"data": {"dynamic_sampling": {"max_rounds": 2, "min_reward_std": 1e-6, "reward": None}}}
+    assert compare_with_checkpoint(checkpoint, fewer)[1] == [
+        "data.dynamic_sampling: {'max_rounds': 2, 'min_reward_std': 1e-06, 'reward': None} (the checkpoint has "
+        "{'max_rounds': 8, 'min_reward_std': 1e-06, 'reward': None})"
+    ]
+    off = compare_with_checkpoint(checkpoint, {"data": {"dynamic_sampling": None}})[1]
+    assert off == [
+        "data.dynamic_sampling: None (the checkpoint has {'max_rounds': 8, 'min_reward_std': 1e-06, 'reward': None})"
+    ]
+    assert compare_with_checkpoint({"RolloutDataModule": {}}, {"data": {"dynamic_sampling": None}}) == ([], [])
+
+
+def test_the_stream_gives_any_batch_by_index():
+    """Dynamic sampling reads batches by index, out of step with the dataloader's iterator and across epochs (7
+    rows, batches of 3: batches 2 and 4 span two epochs). Expected: position p is row order_e[p mod 7] of epoch
+    e = p // 7, order_e the permutation seeded by seed * 100003 + e (the stream's documented order)."""
+    rows = [{"i": i} for i in range(7)]
+    stream = PromptStream(rows, [f"p{i}" for i in range(7)], batch_size=3, seed=2, start=lambda: 0)
+
+    def row_at(position: int) -> int:
+        generator = torch.Generator().manual_seed(2 * 100_003 + position // 7)
+        return torch.randperm(7, generator=generator).tolist()[position % 7]
+
+    for index in [9, 2, 11, 0, 4, 4, 7, 1, 30]:
+        batch = stream.batch(index)
+        assert batch.positions == list(range(3 * index, 3 * index + 3))
+        assert batch.indices == [row_at(p) for p in batch.positions]
+    iterator = iter(stream)
+    assert [next(iterator).indices for _ in range(5)] == [stream.batch(i).indices for i in range(5)]

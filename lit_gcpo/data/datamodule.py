@@ -419,6 +419,8 @@ class RolloutDataModule(L.LightningDataModule):
         settings = {"batch_size": int(self.batch_size), "world_size": world_size, "group_size": int(self.group_size)}
         weights = None if self.reward_weights is None else [float(weight) for weight in self.reward_weights]
         rewards = {"rewards": [str(name) for name in self.reward_names], "reward_weights": weights}
+        dynamic = self.dynamic_sampling
+        rewards["dynamic_sampling"] = None if dynamic is None else dynamic.plain()
         return {"consumed_batches": self.consumed_batches, "seed": self.seed, "engine": engine, **settings, **rewards}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

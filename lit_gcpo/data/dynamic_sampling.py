@@ -76,6 +76,11 @@ class DynamicSampling:
         if not self.min_reward_std >= 0:
             raise ValueError(f"dynamic_sampling.min_reward_std must be >= 0, got {self.min_reward_std}")
 
+    def plain(self) -> dict[str, Any]:
+        """The settings as plain Python values (a checkpoint read with ``weights_only`` refuses jsonargparse's
+        ``PositiveInt``), for the comparison on resume."""
+        return {"max_rounds": int(self.max_rounds), "min_reward_std": float(self.min_reward_std), "reward": self.reward}
+
 
 def groups_with_spread(
     rewards: torch.Tensor, group_ids: torch.Tensor, num_groups: int, min_std: float
@@ -172,6 +177,18 @@ def _my_slice(parts: list[RolloutBatch], start: int, stop: int) -> list[RolloutB
     return sliced
 
 
+@dataclass
+class _Round:
+    """One round on this rank: how many groups it sampled, those with spread (the others are let go at once), every
+    completion's total reward and the round's metrics (what the step logs), and how many groups each rank kept."""
+
+    sampled: int
+    kept: RolloutBatch
+    rewards: torch.Tensor
+    metrics: dict[str, float]
+    kept_per_rank: list[int]
+
+
 def fill_rollout(
     draw: Callable[[], RolloutBatch],
     settings: DynamicSampling,
@@ -185,39 +202,44 @@ def fill_rollout(
     merged metrics and ``rollout/rounds``, ``prompts_sampled``, ``groups_dropped``, ``groups_surplus``,
     ``groups_trained``, ``groups_missing`` (global counts), ``sampled_reward_mean`` (this rank's rounds)."""
     target = batch_size * exchange.world_size
-    rounds: list[tuple[RolloutBatch, list[int]]] = []
-    kept_counts: list[list[int]] = []
-    while not kept_counts or (sum(map(sum, kept_counts)) < target and len(kept_counts) < settings.max_rounds):
+    rounds: list[_Round] = []
+    while not rounds or (sum(sum(r.kept_per_rank) for r in rounds) < target and len(rounds) < settings.max_rounds):
         rollout = draw()
         keep = _spread_groups(rollout, settings)
-        rounds.append((rollout, keep))
-        kept_counts.append([int(count) for count in exchange.all_gather(len(keep))])
-    plan = fill_plan(kept_counts, target)
-    sampled = sum(rollout.num_groups for rollout, _ in rounds) * exchange.world_size
+        counts = [int(count) for count in exchange.all_gather(len(keep))]
+        rounds.append(
+            _Round(rollout.num_groups, select_groups(rollout, keep), rollout.rewards, rollout.metrics, counts)
+        )
+    plan = fill_plan([r.kept_per_rank for r in rounds], target)
+    sampled = sum(r.sampled for r in rounds) * exchange.world_size  # every rank samples batch_size a round
     if plan.trained == 0:
         raise RuntimeError(
             f"dynamic sampling: {len(rounds)} rounds (data.dynamic_sampling.max_rounds) of {sampled} prompts gave "
             f"{plan.available} groups with reward spread over {exchange.world_size} rank(s): nothing to train on. The "
             "policy gets every prompt all right or all wrong; raise max_rounds or train on other prompts"
         )
-    mine = [select_groups(rollout, keep[: plan.taken[k][exchange.rank]]) for k, (rollout, keep) in enumerate(rounds)]
-    device = rounds[0][0].rewards.device
-    if exchange.world_size > 1:
-        gathered = exchange.all_gather([batch_to(part, "cpu") for part in mine])  # [W][K] parts
-        ordered = [gathered[rank][k] for k in range(len(rounds)) for rank in range(exchange.world_size)]
-        share = plan.trained // exchange.world_size
-        start = exchange.rank * share
-        mine = [batch_to(part, device) for part in _my_slice(ordered, start, start + share)]
-    batch = concat_groups(mine, pad_token_id)
-    batch.metrics = merge_round_metrics([rollout.metrics for rollout, _ in rounds]) | _fill_metrics(
-        rounds, plan, sampled, target
-    )
+    batch = concat_groups(_this_ranks_share(rounds, plan, exchange), pad_token_id)
+    batch.metrics = merge_round_metrics([r.metrics for r in rounds]) | _fill_metrics(rounds, plan, sampled, target)
     if plan.trained < target:
         rank_zero_warn(  # once: rollout/groups_missing counts every step's shortfall
             "dynamic sampling: data.dynamic_sampling.max_rounds rounds did not fill the batch with groups with reward "
             "spread; the step trains on fewer groups (logged per step as rollout/groups_missing)"
         )
     return batch
+
+
+def _this_ranks_share(rounds: list[_Round], plan: FillPlan, exchange: RankExchange) -> list[RolloutBatch]:
+    """The parts of this rank's batch: its groups of the plan on one process; on several, every rank's groups of
+    the plan gathered in stream order (round, then rank) and this rank's contiguous equal slice of them."""
+    mine = [select_groups(r.kept, list(range(plan.taken[k][exchange.rank]))) for k, r in enumerate(rounds)]
+    if exchange.world_size == 1:
+        return mine
+    device = rounds[0].rewards.device
+    gathered = exchange.all_gather([batch_to(part, "cpu") for part in mine])  # [W][K] parts
+    ordered = [gathered[rank][k] for k in range(len(rounds)) for rank in range(exchange.world_size)]
+    share = plan.trained // exchange.world_size
+    start = exchange.rank * share
+    return [batch_to(part, device) for part in _my_slice(ordered, start, start + share)]
 
 
 def _spread_groups(rollout: RolloutBatch, settings: DynamicSampling) -> list[int]:
@@ -229,10 +251,8 @@ def _spread_groups(rollout: RolloutBatch, settings: DynamicSampling) -> list[int
     return keep.nonzero().flatten().tolist()
 
 
-def _fill_metrics(
-    rounds: list[tuple[RolloutBatch, list[int]]], plan: FillPlan, sampled: int, target: int
-) -> dict[str, float]:
-    rewards = torch.cat([rollout.rewards for rollout, _ in rounds])  # [K N]
+def _fill_metrics(rounds: list[_Round], plan: FillPlan, sampled: int, target: int) -> dict[str, float]:
+    rewards = torch.cat([r.rewards for r in rounds])  # [K N]
     finite = rewards[torch.isfinite(rewards)]
     return {
         "rollout/rounds": float(len(rounds)),

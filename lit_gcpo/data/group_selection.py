@@ -9,6 +9,7 @@ below by its shape; a field added to the contract without a class here is an err
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import fields
 from typing import Any
 
@@ -41,12 +42,17 @@ def _check_classified() -> None:
         raise TypeError(f"lit_gcpo.data.group_selection does not know how to select RolloutBatch fields {unknown}")
 
 
-def completion_rows(group_ids: torch.Tensor, groups: list[int]) -> torch.Tensor:
-    """``[n]`` the rows of the completions of ``groups``, group by group in the order given, each group's
-    completions in their order in the batch."""
+def completion_rows(group_ids: torch.Tensor, groups: list[int]) -> tuple[torch.Tensor, list[int]]:
+    """``([n] rows, sizes)``: the rows of the completions of ``groups``, group by group in the order given, each
+    group's completions in their order in the batch, and each group's size (one host sync in all)."""
     if not groups:
-        return torch.zeros(0, dtype=torch.long, device=group_ids.device)
-    return torch.cat([(group_ids == group).nonzero().flatten() for group in groups])  # [n]
+        return torch.zeros(0, dtype=torch.long, device=group_ids.device), []
+    counts = torch.bincount(group_ids, minlength=max(groups) + 1)  # [B]
+    order = torch.argsort(group_ids, stable=True)  # [N] the rows sorted by group, stable within each
+    sizes = counts.tolist()
+    starts = [0, *itertools.accumulate(sizes)]
+    rows = torch.cat([order[starts[g] : starts[g] + sizes[g]] for g in groups])  # [n]
+    return rows, [sizes[g] for g in groups]
 
 
 def select_groups(batch: RolloutBatch, groups: list[int]) -> RolloutBatch:
@@ -55,7 +61,7 @@ def select_groups(batch: RolloutBatch, groups: list[int]) -> RolloutBatch:
     _check_classified()
     if any(not 0 <= group < batch.num_groups for group in groups):
         raise ValueError(f"select_groups: groups {groups} outside the batch's {batch.num_groups} groups")
-    rows = completion_rows(batch.group_ids, groups)  # [n]
+    rows, sizes = completion_rows(batch.group_ids, groups)  # [n]
     picked = rows.tolist()
     values: dict[str, Any] = {name: [getattr(batch, name)[g] for g in groups] for name in GROUP_LISTS}
     for name in COMPLETION_LISTS:
@@ -64,8 +70,8 @@ def select_groups(batch: RolloutBatch, groups: list[int]) -> RolloutBatch:
     for name in (*SEQUENCE_TENSORS, *TOKEN_TENSORS, *COMPLETION_TENSORS):
         tensor = getattr(batch, name)
         values[name] = None if tensor is None else tensor[rows]
-    sizes = torch.tensor([int((batch.group_ids == g).sum()) for g in groups], dtype=torch.long)  # [len(groups)]
-    values["group_ids"] = torch.arange(len(groups)).repeat_interleave(sizes).to(batch.group_ids.device)  # [n]
+    values["group_ids"] = torch.arange(len(groups)).repeat_interleave(torch.tensor(sizes, dtype=torch.long))
+    values["group_ids"] = values["group_ids"].to(batch.group_ids.device)  # [n]
     values["reward_components"] = {name: value[rows] for name, value in batch.reward_components.items()}
     values.update({name: getattr(batch, name) for name in SAMPLING_SETTINGS}, metrics=dict(batch.metrics))
     return RolloutBatch(**values)

@@ -25,12 +25,13 @@ class PromptStream(IterableDataset):
         self.rows, self.prompts, self.batch_size, self.seed = rows, prompts, batch_size, seed
         self.start = start  # callable giving the first batch index when iteration begins (resume)
         self.rank, self.world_size = 0, 1
-        self._orders: dict[int, list[int]] = {}  # the epochs' row orders last used (at most two)
+        self._orders: dict[int, list[int]] = {}  # the row orders of the epochs last computed (at most four)
 
     def _order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
+            if len(self._orders) >= 4:  # the dataloader's iterator and dynamic sampling may read different epochs
+                self._orders.pop(next(iter(self._orders)))
             generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._orders = {key: value for key, value in self._orders.items() if key == epoch - 1}
             self._orders[epoch] = torch.randperm(len(self.rows), generator=generator).tolist()
         return self._orders[epoch]
 
