@@ -111,11 +111,8 @@ class RolloutDataModule(L.LightningDataModule):
         seed: seeds the prompt order and the sampler (each prompt from its position in the stream: the same
             completions whatever the batch size and the number of ranks); None (the default): the run's
             ``seed_everything``.
-        dynamic_sampling: DAPO's dynamic sampling (``lit_gcpo.data.dynamic_sampling``): groups without reward
-            spread are dropped and more batches of the stream sampled until ``batch_size`` groups per rank (over
-            all ranks) have spread or ``max_rounds`` batches were drawn; the data position counts every batch
-            drawn. None (the default): off. The rounds read the stream at this DataModule's position (the
-            dataloader's batch only clocks the step: it was fetched before the previous step drew its rounds).
+        dynamic_sampling: drop groups without reward spread and draw more batches of the stream until the batch
+            is full (DAPO; ``lit_gcpo.data.dynamic_sampling``). None (the default): off.
     """
 
     def __init__(
@@ -156,11 +153,7 @@ class RolloutDataModule(L.LightningDataModule):
             raise ValueError(f"reward_weights has {len(reward_weights)} entries for {len(rewards)} rewards")
         if accuracy_reward is not None and accuracy_reward not in rewards:
             raise ValueError(f"accuracy_reward {accuracy_reward!r} is not one of rewards {rewards}")
-        if isinstance(dynamic_sampling, dict):
-            dynamic_sampling = DynamicSampling(**dynamic_sampling)
-        if dynamic_sampling is not None and dynamic_sampling.reward not in (None, *rewards):
-            raise ValueError(f"dynamic_sampling.reward {dynamic_sampling.reward!r} is not one of rewards {rewards}")
-        self.dynamic_sampling = dynamic_sampling
+        self.dynamic_sampling = DynamicSampling.checked(dynamic_sampling, rewards)
         self._train_stream: PromptStream | None = None  # the rounds of dynamic sampling read it
         self.train_source, self.val_source = train, val
         self.test_sources: list[PromptSource] = [test] if isinstance(test, PromptSource) else list(test or [])
@@ -178,11 +171,7 @@ class RolloutDataModule(L.LightningDataModule):
         self.engine_name, self.engine_options = engine, engine_options or EngineOptions()
         self.engine_options.for_engine(engine)  # another engine's option is an error now, not at setup
         self.sampling = sampling or SamplingConfig()
-        self.val_samples, self.val_temperature, self.val_batch_size = (
-            val_samples,
-            val_temperature,
-            val_batch_size,
-        )
+        self.val_samples, self.val_temperature, self.val_batch_size = val_samples, val_temperature, val_batch_size
         self.seed = seed
         self._executor: ThreadPoolExecutor | None = None  # answer clustering; from setup to teardown
         self.consumed_batches = 0  # training prompt batches turned into rollouts (resume position)
@@ -357,27 +346,21 @@ class RolloutDataModule(L.LightningDataModule):
         return rollout
 
     def _train_rollout(self, batch: PromptBatch, policy: RolloutPolicy, embed: bool) -> RolloutBatch:
-        """The step's scored groups: of ``batch``, or with dynamic sampling of as many batches as it draws."""
+        """The step's scored groups: ``batch``'s, or with dynamic sampling those of the stream's batches it draws
+        from this DataModule's position on (the dataloader fetched ``batch`` before the last step's rounds)."""
         sampling = replace(self.sampling, seed=None)
 
-        def collect(prompts: PromptBatch) -> RolloutBatch:
-            seeds = self._prompt_seeds("train", prompts)
-            rollout = self.collector.collect(
-                prompts, self.group_size, sampling, policy.device, seeds=seeds, with_embeddings=embed
-            )
+        def collect(prompts: PromptBatch) -> RolloutBatch:  # a batch of the stream, consumed
             self.consumed_batches += 1
-            return rollout
+            seeds = self._prompt_seeds("train", prompts)
+            return self.collector.collect(prompts, self.group_size, sampling, policy.device, seeds, embed)
 
-        if self.dynamic_sampling is None:
-            rollout = collect(batch)
-        else:
-            assert self._train_stream is not None, "train_dataloader() was not called"
-            stream, exchange = self._train_stream, TorchExchange(self.trainer.global_rank, self.trainer.world_size)
+        def draw() -> RolloutBatch:
+            return collect(self._train_stream.batch(self.consumed_batches))
 
-            def draw() -> RolloutBatch:  # the stream's next batch, at the position the previous rounds reached
-                return collect(stream.batch(self.consumed_batches))
-
-            rollout = fill_rollout(draw, self.dynamic_sampling, self.batch_size, exchange, self.collector.pad_token_id)
+        ranks = TorchExchange(self.trainer.global_rank, self.trainer.world_size)
+        fill, pad = self.dynamic_sampling, self.collector.pad_token_id
+        rollout = collect(batch) if fill is None else fill_rollout(draw, fill, self.batch_size, ranks, pad)
         self.collector.engine.sleep()  # vLLM sleep mode frees its memory for the optimizer steps
         return rollout
 
@@ -419,8 +402,7 @@ class RolloutDataModule(L.LightningDataModule):
         settings = {"batch_size": int(self.batch_size), "world_size": world_size, "group_size": int(self.group_size)}
         weights = None if self.reward_weights is None else [float(weight) for weight in self.reward_weights]
         rewards = {"rewards": [str(name) for name in self.reward_names], "reward_weights": weights}
-        dynamic = self.dynamic_sampling
-        rewards["dynamic_sampling"] = None if dynamic is None else dynamic.plain()
+        rewards["dynamic_sampling"] = None if self.dynamic_sampling is None else self.dynamic_sampling.plain()
         return {"consumed_batches": self.consumed_batches, "seed": self.seed, "engine": engine, **settings, **rewards}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -76,6 +76,14 @@ class DynamicSampling:
         if not self.min_reward_std >= 0:
             raise ValueError(f"dynamic_sampling.min_reward_std must be >= 0, got {self.min_reward_std}")
 
+    @classmethod
+    def checked(cls, value: DynamicSampling | dict[str, Any] | None, rewards: list[str]) -> DynamicSampling | None:
+        """``value`` (settings, a dict of them from Python, or None: off), its ``reward`` one of ``rewards``."""
+        settings = cls(**value) if isinstance(value, dict) else value
+        if settings is not None and settings.reward not in (None, *rewards):
+            raise ValueError(f"dynamic_sampling.reward {settings.reward!r} is not one of rewards {rewards}")
+        return settings
+
     def plain(self) -> dict[str, Any]:
         """The settings as plain Python values (a checkpoint read with ``weights_only`` refuses jsonargparse's
         ``PositiveInt``), for the comparison on resume."""
