@@ -17,7 +17,7 @@ Where the paper and its implementations leave a choice, the project chooses:
   advantages are computed from; a failed reward, NaN, is left out as the advantages leave it out) must exceed
   ``min_reward_std`` (1e-6 by default), and a group needs two finite rewards. Binary rewards all equal have std 0;
   the epsilon also drops groups whose rewards differ only by float noise of a sum of weighted rewards (verl and
-  NeMo-RL compare with exactly 0, which keeps such a group at a GRPO advantage of noise / (noise + 1e-4)). With
+  NeMo-RL compare with exactly 0, which keeps such a group, at GRPO advantages of about noise / 1e-4). With
   ``reward`` naming one reward function, that reward must have spread too: DAPO filters on accuracy (verl's
   ``metric: acc``), which keeps an all-wrong group whose shaping rewards differ out of the batch.
 - **Rounds**: a round is one batch of the stream, not a larger generation batch (verl's ``gen_batch_size``), so
@@ -33,7 +33,8 @@ Where the paper and its implementations leave a choice, the project chooses:
   uncertainty callback's means (the ``batch_mean`` scale and the normalisation of the weights to mean 1) are over
   the groups with reward spread of every rank, which are now all the trained groups.
 - **Nothing to train on**: fewer kept groups than ranks after ``max_rounds`` is an error naming the setting (verl
-  raises too): a policy that no longer gets any prompt partly right cannot be trained by GRPO on this data.
+  raises whenever ``max_num_gen_batches`` leaves the batch short; here a short batch trains): a policy that no
+  longer gets any prompt partly right cannot be trained by GRPO on this data.
 """
 
 from __future__ import annotations
