@@ -6,7 +6,9 @@ Options (JSON): devices, strategy (auto / ddp / fsdp2), batch_size (prompts per 
 steps), max_grad_norm, poison_rollout (the rollout whose second half of completions gets NaN old log-probs:
 on 2 ranks that is all of rank 1's), save (a checkpoint path written at the end), resume (a checkpoint to
 resume from), momentum (of the SGD optimizer, 0.5; 0 keeps no optimizer state), warmup_steps, tag (the output
-file's prefix). With 2 devices Lightning re-runs this script for rank 1.
+file's prefix), rewards (the reward functions, default digit_fraction), dynamic (data.dynamic_sampling's settings, a
+dict; then every trained batch and its rollout metrics are saved under "trained"). With 2 devices Lightning re-runs
+this script for rank 1.
 """
 
 from __future__ import annotations
@@ -64,6 +66,27 @@ class RecordFirstBatch(L.Callback):
             }
 
 
+class RecordingModule(GRPOModule):
+    """Keeps, of every batch ``training_step`` receives, what the dynamic-sampling tests inspect."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.trained: list[dict] = []
+
+    def training_step(self, batch, batch_idx):
+        self.trained.append(
+            {
+                "prompts": list(batch.prompts),
+                "completions": list(batch.completions),
+                "rewards": batch.rewards.clone(),
+                "group_ids": batch.group_ids.clone(),
+                "advantage_weights": None if batch.advantage_weights is None else batch.advantage_weights.clone(),
+                "metrics": {k: v for k, v in batch.metrics.items() if k.startswith("rollout/")},
+            }
+        )
+        return super().training_step(batch, batch_idx)
+
+
 class CountAllReduces(L.Callback):
     """Counts DDP's gradient all-reduce calls (one per bucket per synced backward)."""
 
@@ -87,7 +110,7 @@ class CountAllReduces(L.Callback):
 if __name__ == "__main__":
     model_dir, out_dir, options = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
     L.seed_everything(0)
-    module = GRPOModule(
+    module = RecordingModule(
         model=model_dir,
         optimizer=functools.partial(sgd, momentum=options.get("momentum", 0.5)),
         num_iterations=2,
@@ -103,10 +126,11 @@ if __name__ == "__main__":
         train=ArithmeticTask("train", num_train=64, num_val=8, seed=1),
         batch_size=options["batch_size"],
         group_size=4,
-        rewards=["toy_rewards:digit_fraction"],
+        rewards=options.get("rewards", ["toy_rewards:digit_fraction"]),
         accuracy_reward=None,
         sampling=SamplingConfig(max_new_tokens=6),
         seed=3,
+        dynamic_sampling=options.get("dynamic"),
     )
     counter = CountAllReduces()
     callbacks: list[L.Callback] = [counter]
@@ -144,6 +168,7 @@ if __name__ == "__main__":
             "allreduces": counter.calls,
             "loss": float(trainer.logged_metrics["train/loss"]),
             "first_batch": recorder.record,
+            "trained": module.trained,
         },
         out_dir / f"{options.get('tag', 'run')}-rank{trainer.global_rank}.pt",
     )

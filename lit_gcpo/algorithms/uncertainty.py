@@ -263,6 +263,15 @@ def reward_dispersion(
     low, high = reward_range
     if not high > low:
         raise ValueError(f"reward_range must be (min, max) with max > min, got {reward_range}")
+    std, _ = finite_group_std(rewards, group_ids, num_groups)  # [B]
+    dispersion = (std / ((high - low) / 2.0)).clamp(0.0, 1.0)  # [B]
+    metrics = {**_summary("rd", dispersion), "nonfinite_rewards": (~torch.isfinite(rewards)).sum().detach()}
+    return dispersion.float(), metrics
+
+
+def finite_group_std(rewards: Tensor, group_ids: Tensor, num_groups: int) -> tuple[Tensor, Tensor]:
+    """``(std [B], counts [B])``: the population std of each group's finite rewards (0 for a group without any) and
+    how many they are, in float64 with a two-pass variance (reward dispersion; dynamic sampling's spread test)."""
     values = rewards.detach().double()  # [N]
     finite = torch.isfinite(values)  # [N]
     values = torch.where(finite, values, 0.0)
@@ -271,9 +280,7 @@ def reward_dispersion(
     means = values.new_zeros(num_groups).index_add_(0, group_ids, values * weight) / counts.clamp(min=1.0)
     centred = (values - means[group_ids]) * weight  # [N] two-pass variance for precision
     variance = values.new_zeros(num_groups).index_add_(0, group_ids, centred * centred) / counts.clamp(min=1.0)
-    dispersion = (variance.sqrt() / ((high - low) / 2.0)).clamp(0.0, 1.0)  # [B]
-    metrics = {**_summary("rd", dispersion), "nonfinite_rewards": (~finite).sum().detach()}
-    return dispersion.float(), metrics
+    return variance.sqrt(), counts
 
 
 def uncertainty_signals(

@@ -30,8 +30,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from lit_gcpo.algorithms.clustering import answer_clusters
-from lit_gcpo.data.batch import PromptBatch, requested_fields
+from lit_gcpo.data.batch import PromptBatch, RolloutBatch, requested_fields
 from lit_gcpo.data.contracts import RolloutPolicy, check_implements
+from lit_gcpo.data.dynamic_sampling import DynamicSampling, TorchExchange, fill_rollout
 from lit_gcpo.data.evaluation_passes import TestPasses, skipped_items, too_long_items
 from lit_gcpo.data.preparation import complete_rows, fit_to_context
 from lit_gcpo.data.rollout import RolloutCollector
@@ -110,6 +111,8 @@ class RolloutDataModule(L.LightningDataModule):
         seed: seeds the prompt order and the sampler (each prompt from its position in the stream: the same
             completions whatever the batch size and the number of ranks); None (the default): the run's
             ``seed_everything``.
+        dynamic_sampling: drop groups without reward spread and draw more batches of the stream until the batch
+            is full (DAPO; ``lit_gcpo.data.dynamic_sampling``). None (the default): off.
     """
 
     def __init__(
@@ -136,6 +139,7 @@ class RolloutDataModule(L.LightningDataModule):
         val_temperature: float = 0.0,
         val_batch_size: PositiveInt = 64,
         seed: int | None = None,
+        dynamic_sampling: DynamicSampling | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -149,6 +153,8 @@ class RolloutDataModule(L.LightningDataModule):
             raise ValueError(f"reward_weights has {len(reward_weights)} entries for {len(rewards)} rewards")
         if accuracy_reward is not None and accuracy_reward not in rewards:
             raise ValueError(f"accuracy_reward {accuracy_reward!r} is not one of rewards {rewards}")
+        self.dynamic_sampling = DynamicSampling.checked(dynamic_sampling, rewards)
+        self._train_stream: PromptStream | None = None  # the rounds of dynamic sampling read it
         self.train_source, self.val_source = train, val
         self.test_sources: list[PromptSource] = [test] if isinstance(test, PromptSource) else list(test or [])
         self.predict_source = predict
@@ -165,11 +171,7 @@ class RolloutDataModule(L.LightningDataModule):
         self.engine_name, self.engine_options = engine, engine_options or EngineOptions()
         self.engine_options.for_engine(engine)  # another engine's option is an error now, not at setup
         self.sampling = sampling or SamplingConfig()
-        self.val_samples, self.val_temperature, self.val_batch_size = (
-            val_samples,
-            val_temperature,
-            val_batch_size,
-        )
+        self.val_samples, self.val_temperature, self.val_batch_size = val_samples, val_temperature, val_batch_size
         self.seed = seed
         self._executor: ThreadPoolExecutor | None = None  # answer clustering; from setup to teardown
         self.consumed_batches = 0  # training prompt batches turned into rollouts (resume position)
@@ -254,7 +256,8 @@ class RolloutDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rows, prompts = self._datasets["train"]
-        return self._shard(PromptStream(rows, prompts, self.batch_size, self.seed, lambda: self.consumed_batches))
+        self._train_stream = PromptStream(rows, prompts, self.batch_size, self.seed, lambda: self.consumed_batches)
+        return self._shard(self._train_stream)
 
     def val_dataloader(self) -> DataLoader | list:
         if "val" not in self._datasets:
@@ -323,13 +326,7 @@ class RolloutDataModule(L.LightningDataModule):
         # the engine gathers the policy's embeddings while sampling when it can (then no scoring pass is needed)
         embed = "embeddings" in fields
         if training:
-            sampling = replace(self.sampling, seed=None)
-            seeds = self._prompt_seeds("train", batch)
-            rollout = self.collector.collect(
-                batch, self.group_size, sampling, policy.device, seeds=seeds, with_embeddings=embed
-            )
-            self.collector.engine.sleep()  # vLLM sleep mode frees its memory for the optimizer steps
-            self.consumed_batches += 1
+            rollout = self._train_rollout(batch, policy, embed)
         else:
             sampling, samples = self.eval_settings(dataloader_idx)
             seeds = self._prompt_seeds(self._eval_stream(dataloader_idx), batch)
@@ -346,6 +343,25 @@ class RolloutDataModule(L.LightningDataModule):
         policy.score_rollout(rollout, with_reference=training, fields=fields)
         if clusters is not None:
             rollout.answer_clusters, rollout.metrics["time/answer_clusters_s"] = clusters.result()
+        return rollout
+
+    def _train_rollout(self, batch: PromptBatch, policy: RolloutPolicy, embed: bool) -> RolloutBatch:
+        """The step's scored groups: ``batch``'s, or with dynamic sampling those of the stream's batches it draws
+        from this DataModule's position on (the dataloader fetched ``batch`` before the last step's rounds)."""
+        sampling = replace(self.sampling, seed=None)
+
+        def collect(prompts: PromptBatch) -> RolloutBatch:  # a batch of the stream, consumed
+            self.consumed_batches += 1
+            seeds = self._prompt_seeds("train", prompts)
+            return self.collector.collect(prompts, self.group_size, sampling, policy.device, seeds, embed)
+
+        def draw() -> RolloutBatch:
+            return collect(self._train_stream.batch(self.consumed_batches))
+
+        ranks = TorchExchange(self.trainer.global_rank, self.trainer.world_size)
+        fill, pad = self.dynamic_sampling, self.collector.pad_token_id
+        rollout = collect(batch) if fill is None else fill_rollout(draw, fill, self.batch_size, ranks, pad)
+        self.collector.engine.sleep()  # vLLM sleep mode frees its memory for the optimizer steps
         return rollout
 
     def teardown(self, stage: str) -> None:
@@ -386,6 +402,7 @@ class RolloutDataModule(L.LightningDataModule):
         settings = {"batch_size": int(self.batch_size), "world_size": world_size, "group_size": int(self.group_size)}
         weights = None if self.reward_weights is None else [float(weight) for weight in self.reward_weights]
         rewards = {"rewards": [str(name) for name in self.reward_names], "reward_weights": weights}
+        rewards["dynamic_sampling"] = None if self.dynamic_sampling is None else self.dynamic_sampling.plain()
         return {"consumed_batches": self.consumed_batches, "seed": self.seed, "engine": engine, **settings, **rewards}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

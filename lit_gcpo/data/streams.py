@@ -25,29 +25,34 @@ class PromptStream(IterableDataset):
         self.rows, self.prompts, self.batch_size, self.seed = rows, prompts, batch_size, seed
         self.start = start  # callable giving the first batch index when iteration begins (resume)
         self.rank, self.world_size = 0, 1
+        self._orders: dict[int, list[int]] = {}  # the row orders of the epochs last computed (at most four)
 
     def _order(self, epoch: int) -> list[int]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return torch.randperm(len(self.rows), generator=generator).tolist()
+        if epoch not in self._orders:
+            if len(self._orders) >= 4:  # the dataloader's iterator and dynamic sampling may read different epochs
+                self._orders.pop(next(iter(self._orders)))
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._orders[epoch] = torch.randperm(len(self.rows), generator=generator).tolist()
+        return self._orders[epoch]
+
+    def batch(self, index: int) -> PromptBatch:
+        """This rank's batch ``index`` of the stream (what iteration yields after ``index`` batches). Dynamic
+        sampling reads the rounds of a step through it (``lit_gcpo.data.dynamic_sampling``)."""
+        n = len(self.rows)
+        first = (index * self.world_size + self.rank) * self.batch_size
+        positions = list(range(first, first + self.batch_size))
+        indices = [self._order(position // n)[position % n] for position in positions]
+        return PromptBatch(
+            prompts=[self.prompts[i] for i in indices],
+            rows=[self.rows[i] for i in indices],
+            indices=indices,
+            positions=positions,
+        )
 
     def __iter__(self) -> Iterator[PromptBatch]:
-        n = len(self.rows)
         batch_index = self.start()
-        orders: dict[int, list[int]] = {}
         while True:
-            first = (batch_index * self.world_size + self.rank) * self.batch_size
-            indices = []
-            for position in range(first, first + self.batch_size):
-                epoch = position // n
-                if epoch not in orders:
-                    orders = {epoch: self._order(epoch)}
-                indices.append(orders[epoch][position % n])
-            yield PromptBatch(
-                prompts=[self.prompts[i] for i in indices],
-                rows=[self.rows[i] for i in indices],
-                indices=indices,
-                positions=list(range(first, first + self.batch_size)),
-            )
+            yield self.batch(batch_index)
             batch_index += 1
 
 

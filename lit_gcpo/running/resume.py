@@ -100,7 +100,7 @@ def _optimizer_class_mismatch(optimizer: Any, group: Mapping[str, Any]) -> str |
     )
 
 
-DATA_SETTINGS = ("batch_size", "group_size", "rewards", "reward_weights")
+DATA_SETTINGS = ("batch_size", "group_size", "rewards", "reward_weights", "dynamic_sampling")
 """``data`` settings stored with the data position (``RolloutDataModule.state_dict``) and compared on resume."""
 
 
@@ -163,7 +163,8 @@ def compare_with_checkpoint(
         applied.append(f"data.seed: {seed} (the checkpoint has {data_state['seed']}; the prompt order changes)")
     for name in DATA_SETTINGS if data is not None else ():
         value = _plain(data.get(name))
-        if name in data_state and value is not None and value != _plain(data_state[name]):
+        given = value is not None or name == "dynamic_sampling"  # None: not given, or dynamic sampling off
+        if name in data_state and given and value != _plain(data_state[name]):
             note = "; the data position is converted to the new batches" if name == "batch_size" else ""
             applied.append(f"data.{name}: {value!r} (the checkpoint has {data_state[name]!r}){note}")
     return refused, applied
