@@ -16,11 +16,13 @@ Remote paths (``s3://``...) keep Lightning's own writer.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import logging
 import os
 import re
 import shutil
+import sys
 import time
 import zipfile
 from collections.abc import Callable, Iterator
@@ -33,7 +35,11 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from lit_gcpo.running.sharded_checkpoint import META_FILE, read_sharded_checkpoint
+from lit_gcpo.running.sharded_checkpoint import (
+    IncompleteCheckpointError,
+    check_sharded_checkpoint,
+    read_sharded_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +51,7 @@ def _temporary_name(target: Path) -> str:
     return f".{target.name}.tmp-"
 
 
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -76,7 +82,7 @@ def atomic_write(target: str | Path, write: Callable[[BinaryIO], Any]) -> None:
                 errno.ENOSPC, f"no space left on the device writing checkpoint {target} ({kept}); free space"
             ) from error
         raise
-    _fsync_directory(target.parent)
+    fsync_directory(target.parent)
 
 
 class NoSpaceLeftError(OSError):
@@ -103,45 +109,118 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     as it was (absent, or the previous complete one), never half written. Temporary directories left by killed
     writers are removed first."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(_temporary_name(target) + "*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    temporary = target.parent / f"{_temporary_name(target)}{os.getpid()}"
-    temporary.mkdir()
+    temporary = new_temporary_directory(target)
     try:
         yield temporary
-        if target.exists():  # a directory cannot be replaced by a rename: the old one is moved aside first
-            previous = target.parent / f"{_temporary_name(target)}old-{os.getpid()}"
-            os.replace(target, previous)
-            os.replace(temporary, target)
-            shutil.rmtree(previous, ignore_errors=True)
-        else:
-            os.replace(temporary, target)
+        replace_directory(temporary, target)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
-    _fsync_directory(target.parent)
+
+
+def new_temporary_directory(target: Path) -> Path:
+    """An empty ``.<name>.tmp-<pid>`` next to ``target``, to fill and then :func:`replace_directory` onto it. The
+    temporary siblings of ``target`` that killed writers left are removed first (an aside of a previous ``target``
+    whose replacement was cut short is put back in its place, see :func:`replace_directory`)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _restore_aside(target)
+    for stale in target.parent.glob(_temporary_name(target) + "*"):
+        _remove(stale)
+    temporary = target.parent / f"{_temporary_name(target)}{os.getpid()}"
+    temporary.mkdir()
+    return temporary
+
+
+def replace_directory(source: Path, target: Path) -> None:
+    """Put the complete directory ``source`` in the place of ``target`` (absent, a directory or a file), such that
+    ``target`` is at every moment either the previous one or the new one, then remove the previous one.
+
+    A directory cannot be renamed onto another: where the filesystem can (Linux: ext4, xfs, btrfs, tmpfs), the two
+    are swapped by one ``renameat2(RENAME_EXCHANGE)``; elsewhere (e.g. NFS) the previous ``target`` is renamed to
+    ``.<name>.tmp-old-<pid>`` first, and a kill between the two renames leaves no ``target``: the next writer of
+    ``target`` and the next fit (:func:`remove_stale_temporary_files`) put that aside back."""
+    if not os.path.lexists(target):
+        os.replace(source, target)
+    elif _exchange(source, target):
+        _remove(source)  # now the previous one
+    else:
+        aside = target.parent / f"{_temporary_name(target)}old-{os.getpid()}"
+        os.replace(target, aside)
+        os.replace(source, target)
+        _remove(aside)
+    fsync_directory(target.parent)
+
+
+_RENAME_EXCHANGE, _AT_FDCWD = 2, -100  # <linux/fs.h>, <fcntl.h>
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the paths ``a`` and ``b`` atomically; False where the system or filesystem cannot (nothing moved)."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None) if sys.platform == "linux" else None
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, f"swapping {a} and {b}: {os.strerror(code)}")
+
+
+ASIDE = re.compile(r"^\.(.+)\.tmp-old-(\d+)$")
+"""``.<name>.tmp-old-<pid>``: the previous ``<name>``, moved aside by :func:`replace_directory` without an exchange."""
+
+
+def _restore_aside(target: Path) -> bool:
+    """Put back the previous ``target`` that a writer killed between its two renames left aside; True if it did."""
+    if os.path.lexists(target):
+        return False
+    for aside in target.parent.glob(f"{_temporary_name(target)}old-*"):
+        os.replace(aside, target)
+        return True
+    return False
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 TEMPORARY_FILE = re.compile(r"^\..+\.tmp-(\d+)$")
-"""``.<name>.tmp-<pid>``: a checkpoint being written by process ``pid`` (:func:`atomic_write`)."""
+"""``.<name>.tmp-<pid>``: a checkpoint (a file, or a sharded checkpoint's directory) being written by process ``pid``
+(:func:`atomic_write`, :func:`new_temporary_directory`)."""
 
 
 def remove_stale_temporary_files(root: str | Path, min_age_s: float = 60.0) -> list[Path]:
-    """Remove the temporary checkpoint files below ``root`` that killed writers left: their process is gone and
-    they have not changed for ``min_age_s`` (a writer on another host of a shared filesystem keeps its file
-    changing). Returns the removed files. A resumed run writes into a new version directory, so the old one's
-    temporary files were never cleaned by the next write of the same checkpoint."""
+    """Remove the temporary checkpoint files and directories below ``root`` that killed writers left: their process
+    is gone and nothing in them has changed for ``min_age_s`` (a writer on another host of a shared filesystem keeps
+    them changing). A previous checkpoint left aside by a writer killed while replacing it is put back (see
+    :func:`replace_directory`). Returns the removed paths. A resumed run writes into a new version directory, so the
+    old one's temporary files were never cleaned by the next write of the same checkpoint."""
     removed = []
-    for file in Path(root).rglob(".*.tmp-*"):
-        match = TEMPORARY_FILE.match(file.name)
-        if match is None or not file.is_file() or _process_alive(int(match.group(1))):
+    for path in sorted(Path(root).rglob(".*.tmp-*")):
+        aside = ASIDE.match(path.name)
+        if aside is not None and not _process_alive(int(aside.group(2))):
+            target = path.parent / aside.group(1)
+            if _restore_aside(target):
+                log.warning("put back %s, left aside by a writer killed while replacing it", target)
+            continue
+        match = TEMPORARY_FILE.match(path.name)
+        if match is None or not path.exists() or _process_alive(int(match.group(1))):
             continue
         with contextlib.suppress(OSError):
-            if time.time() - file.stat().st_mtime >= min_age_s:
-                file.unlink()
-                removed.append(file)
+            if time.time() - _last_change(path) >= min_age_s:
+                _remove(path)
+                removed.append(path)
     return removed
+
+
+def _last_change(path: Path) -> float:
+    """The newest modification time of ``path`` and, for a directory, of the files in it."""
+    times = [path.stat().st_mtime] + ([item.stat().st_mtime for item in path.rglob("*")] if path.is_dir() else [])
+    return max(times)
 
 
 def _process_alive(pid: int) -> bool:
@@ -174,7 +253,11 @@ def check_checkpoint(path: str) -> None:
     if path in KEYWORDS or path.startswith("registry:"):
         return
     file = Path(path)
-    if file.is_dir() and (file / META_FILE).is_file():  # a sharded checkpoint: a directory of one file per rank
+    if file.is_dir():  # a sharded checkpoint: a directory of one file per rank
+        try:
+            check_sharded_checkpoint(file)
+        except IncompleteCheckpointError as error:
+            raise IncompleteCheckpointError(f"ckpt_path: {error}") from error
         read_sharded_checkpoint(file)  # refuses one crafted to run code when loaded
         return
     if not file.is_file():
@@ -204,7 +287,7 @@ def newest_complete_checkpoint(root: str) -> str:
     for candidate in candidates:
         try:
             check_checkpoint(str(candidate))
-        except (ValueError, FileNotFoundError) as error:  # torn, or a sharded directory without its metadata
+        except (ValueError, FileNotFoundError) as error:  # torn, or a sharded directory missing a file
             log.warning("skipping %s", error)
             continue
         return str(candidate)

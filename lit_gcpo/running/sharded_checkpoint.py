@@ -1,7 +1,10 @@
-"""Sharded (``save_distributed_checkpoint``) checkpoints read without running code from them.
+"""Sharded (``save_distributed_checkpoint``) checkpoints: checked complete, and read without running code from them.
 
 A sharded checkpoint is a directory: ``meta.pt`` (Lightning's loops, callbacks, hyper-parameters), ``.metadata``
-(torch.distributed.checkpoint's index of the shards) and one ``__<rank>_0.distcp`` file per rank. PyTorch's
+(torch.distributed.checkpoint's index of the shards) and one ``__<rank>_0.distcp`` file per rank.
+``FSDP2Strategy.save_checkpoint`` (``lit_gcpo.training.parallel``) writes them into a temporary sibling, ``meta.pt``
+last, and renames that into place once every rank's shard is written; :func:`check_sharded_checkpoint` names what an
+incomplete one (a partial copy, a directory half removed) lacks. PyTorch's
 reader unpickles ``.metadata`` with plain ``pickle`` and every non-tensor item in the shards (an optimizer's
 ``lr``, ``betas``...) with ``torch.load(weights_only=False)``: a crafted directory given to ``--ckpt_path`` ran
 any code it held. Here:
@@ -55,6 +58,43 @@ checkpoint's path). Each only builds a value from its arguments."""
 
 class UnsafeCheckpointError(ValueError):
     """A checkpoint file holds something other than the data a checkpoint holds (e.g. code to run)."""
+
+
+class IncompleteCheckpointError(ValueError):
+    """A sharded checkpoint lacks a file, or holds a truncated one."""
+
+
+def missing_parts(directory: Path) -> list[str]:
+    """What the sharded checkpoint ``directory`` lacks, in words (empty when it is complete): ``meta.pt``,
+    ``.metadata``, a shard file its index names, or a shard shorter than the end of the last item the index places
+    in it. A crafted ``.metadata`` is refused (:func:`read_metadata`) before anything else is read."""
+    problems = [] if (directory / META_FILE).is_file() else [f"{META_FILE} (the loops' state, written last)"]
+    index = directory / ".metadata"
+    if not index.is_file():
+        return [*problems, ".metadata (the index of the shards)"]
+    storage = read_metadata(index).storage_data
+    ends: dict[str, int] = {}  # shard file -> the end of its last item, in bytes
+    for info in storage.values() if isinstance(storage, dict) else ():
+        if isinstance(getattr(info, "relative_path", None), str) and getattr(info, "length", -1) >= 0:
+            ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        file = directory / name
+        if not file.is_file():
+            problems.append(f"{name} (a shard the index names)")
+        elif file.stat().st_size < end:
+            problems.append(f"{name} (truncated: {file.stat().st_size} bytes, its items end at byte {end})")
+    return problems
+
+
+def check_sharded_checkpoint(directory: str | Path) -> None:
+    """Raise :class:`IncompleteCheckpointError` naming each missing or truncated file of the sharded checkpoint
+    ``directory``."""
+    problems = missing_parts(Path(directory))
+    if problems:
+        raise IncompleteCheckpointError(
+            f"{directory} is not a complete sharded checkpoint; missing: {'; '.join(problems)}. It was not completely "
+            "written or copied: resume from another checkpoint (e.g. another one in the same directory)"
+        )
 
 
 class _MetadataUnpickler(pickle.Unpickler):

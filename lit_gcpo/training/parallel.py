@@ -14,18 +14,27 @@ single-file checkpoints by default; it is registered as ``--trainer.strategy fsd
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import shutil
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies.fsdp import _is_sharded_checkpoint
 from lightning.fabric.strategies.model_parallel import _is_full_checkpoint, _load_checkpoint
 from lightning.pytorch.strategies import ModelParallelStrategy, ParallelStrategy, Strategy, StrategyRegistry
+from torch.distributed.checkpoint import FileSystemWriter
 
-from lit_gcpo.running.sharded_checkpoint import load_sharded, read_meta
+from lit_gcpo.running.checkpointing import (
+    atomic_torch_save,
+    fsync_directory,
+    new_temporary_directory,
+    replace_directory,
+)
+from lit_gcpo.running.sharded_checkpoint import META_FILE, check_sharded_checkpoint, load_sharded, read_meta
 
 # Trainer precisions the module honours: mixed bf16 (fp32 master weights) or one dtype throughout.
 SUPPORTED_PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "64-true", "64")
@@ -63,12 +72,51 @@ class FSDP2Strategy(ModelParallelStrategy):
         self._data_parallel_size = self.num_nodes * self.num_processes  # every rank shards the model
         super().setup_environment()
 
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        """Lightning's writer, except that a sharded checkpoint is complete or absent, as a single file is (Lightning
+        wrote the shards into the target directory itself: a kill during the write left the previous checkpoint's
+        files mixed with the new ones, which ``--ckpt_path last`` then took for complete).
+
+        Every rank writes its shard into a temporary sibling of the target (``.<name>.tmp-<pid of rank 0>``), rank 0
+        then ``meta.pt``, the last file, and renames the directory into place (``replace_directory``: the previous
+        one stays in place until then). The ranks agree after each stage; when one fails, every rank raises and the
+        temporary directory is removed; a kill leaves it for the next fit to remove."""
+        if not self._save_distributed_checkpoint or storage_options is not None:
+            super().save_checkpoint(checkpoint, filepath, storage_options)
+            return
+        target = Path(self.broadcast(str(filepath)))
+        made: list[Path] = []
+        self._on_every_rank(lambda: made.append(new_temporary_directory(target)) if self.is_global_zero else None)
+        temporary = Path(self.broadcast(str(made[0]) if made else None))
+        state = {"state_dict": checkpoint.pop("state_dict")}
+        state.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
+        try:
+            self._on_every_rank(lambda: dcp.save(state, storage_writer=FileSystemWriter(temporary)))
+            self._on_every_rank(lambda: self.is_global_zero and _complete(checkpoint, temporary, target))
+        except BaseException:
+            if self.is_global_zero:
+                shutil.rmtree(temporary, ignore_errors=True)
+            raise
+
+    def _on_every_rank(self, stage: Callable[[], Any]) -> None:
+        """Run ``stage`` here, then agree with the other ranks: if it failed on any, raise on every one (the error
+        itself where it happened)."""
+        error: Exception | None = None
+        try:
+            stage()
+        except Exception as failure:
+            error = failure
+        if not self.reduce_boolean_decision(error is None, all=True):
+            raise error or SharedWriteError("writing a sharded checkpoint failed on another rank (see its error)")
+
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         """Lightning's loader, except for a single-file checkpoint whose optimizers saved no state (plain SGD, or
         no step taken yet): Lightning's loader fails on those (``IndexError``: it reads the first state entry
         to tell how the state is keyed). There is no state to load then: the weights load as usual and each
         optimizer's hyperparameters (``lr``, ...) come from its saved param groups."""
         path = Path(self.broadcast(checkpoint_path))
+        if path.is_dir():
+            check_sharded_checkpoint(path)  # names a missing or truncated file (Lightning's loader did not)
         if _is_sharded_checkpoint(path):
             return self._load_sharded_checkpoint(path)
         if not _is_full_checkpoint(path):
@@ -112,6 +160,18 @@ class FSDP2Strategy(ModelParallelStrategy):
             options = StateDictOptions(cpu_offload=True)
             set_optimizer_state_dict(module, optimizer, optim_state_dict=state[key], options=options)
         return read_meta(path)
+
+
+class SharedWriteError(RuntimeError):
+    """Another rank failed its part of writing a sharded checkpoint."""
+
+
+def _complete(checkpoint: dict[str, Any], temporary: Path, target: Path) -> None:
+    """Rank 0's end of a sharded write: ``meta.pt`` (the file a sharded checkpoint is recognised by) into the
+    directory that holds every shard, the directory synced, then renamed onto ``target``."""
+    atomic_torch_save(checkpoint, temporary / META_FILE)
+    fsync_directory(temporary)  # the shards' and the index's names (torch.distributed.checkpoint synced their data)
+    replace_directory(temporary, target)
 
 
 if "fsdp2" not in StrategyRegistry:
