@@ -27,7 +27,14 @@ class _TokenizerOnly(L.LightningModule):
 
 
 def test_members_are_read_from_the_protocol():
-    assert protocol_members(RolloutPolicy) == ["tokenizer", "policy", "device", "export_weights", "score_rollout"]
+    assert protocol_members(RolloutPolicy) == [
+        "tokenizer",
+        "policy",
+        "device",
+        "export_weights",
+        "precision_context",
+        "score_rollout",
+    ]
     assert set(protocol_members(EvaluationData)) == {
         "val_batch_size",
         "seed",
@@ -49,7 +56,9 @@ def test_lit_gcpo_classes_implement_the_protocols(tiny_model_dir):
 def test_datamodule_names_what_the_module_lacks():
     data = RolloutDataModule(train=ArithmeticTask("train", num_train=8, num_val=2))
     data.trainer = SimpleNamespace(lightning_module=_TokenizerOnly())
-    with pytest.raises(TypeError, match=r"_TokenizerOnly lacks export_weights, score_rollout: .*RolloutPolicy"):
+    with pytest.raises(
+        TypeError, match=r"_TokenizerOnly lacks export_weights, precision_context, score_rollout: .*RolloutPolicy"
+    ):
         data.setup("fit")
 
 

@@ -30,7 +30,7 @@ sys.path.insert(0, {benchmarks!r})
 import gpu_check
 from lit_gcpo.data.datamodule import RolloutDataModule
 from lit_gcpo.training.module import GRPOModule
-GRPOModule._precision_context = lambda self: torch.autocast("cpu", enabled=False)
+GRPOModule.precision_context = lambda self: torch.autocast("cpu", enabled=False)
 RolloutDataModule.load_state_dict = lambda self, state: None
 sys.exit(gpu_check.main(["--cpu-smoke", "--out", {out!r}]))
 """

@@ -4,8 +4,9 @@ Data flows one way: the rollout DataModule builds a ``RolloutBatch`` (``lit_gcpo
 the module and the callbacks read. Where a component needs another's *service* (not data), it is named here:
 
 - ``RolloutPolicy``: what the rollout DataModule asks of the LightningModule: the tokenizer and the policy the
-  engine is built from, the device batches go to, the policy's weights for the engine's sync, and the scoring pass
-  that fills the batch's fields only the policy can compute (old and reference log-probs, embeddings).
+  engine is built from, the device batches go to, the policy's weights for the engine's sync, the precision its
+  forward passes run in (an engine sampling from the policy itself samples in it), and the scoring pass that fills
+  the batch's fields only the policy can compute (old and reference log-probs, embeddings).
 - ``EvaluationData``: what the ``BenchmarkReport`` callback asks of the DataModule: how each evaluation pass is
   named, sampled and batched, its prompts, the items its sources left out, and leaving out the batches an
   interrupted run finished.
@@ -17,6 +18,7 @@ the module and the callbacks read. Where a component needs another's *service* (
 from __future__ import annotations
 
 from collections.abc import Collection, Iterator
+from contextlib import AbstractContextManager
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -44,6 +46,10 @@ class RolloutPolicy(Protocol):
 
     def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The policy's full weights with Hugging Face names, for the engine's sync (a collective under FSDP2)."""
+        ...
+
+    def precision_context(self) -> AbstractContextManager[Any]:
+        """The context the policy's forward passes run in (the trainer's precision: autocast under bf16-mixed)."""
         ...
 
     def score_rollout(

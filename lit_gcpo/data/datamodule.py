@@ -221,8 +221,9 @@ class RolloutDataModule(L.LightningDataModule):
             engine = build_engine(self.engine_name, module.policy, tokenizer, **options)
             use_chat = self._renderer(None, tokenizer).use_chat
             self.collector = RolloutCollector(
-                engine, tokenizer, rewards, add_special_tokens=not use_chat, accuracy_reward=self.accuracy_reward
-            )
+                engine, tokenizer, rewards, add_special_tokens=not use_chat, accuracy_reward=self.accuracy_reward,
+                policy_precision=module.precision_context,  # the hf engine samples in it (see RolloutCollector)
+            )  # fmt: skip
 
     def _renderer(self, source: PromptSource | None, tokenizer: Any) -> PromptRenderer:
         template = (source.template if source is not None else None) or self.template

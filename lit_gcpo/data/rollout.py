@@ -5,7 +5,10 @@ Kept apart from the DataModule so that it can be driven without a Trainer (bench
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -44,6 +47,11 @@ class RolloutCollector:
         rewards: scores completions (``lit_gcpo.rewards.RewardSet``).
         add_special_tokens: whether the tokenizer adds its special tokens (BOS) to the rendered prompts.
         accuracy_reward: the reward whose value above 0.5 marks a completion correct (``batch.correct``); None: none.
+        policy_precision: the policy's precision context (``RolloutPolicy.precision_context``: autocast under
+            bf16-mixed). An engine that samples with the trained policy itself (``samples_from_policy``, for which
+            no rollout correction applies) generates in it, so that it samples from the very distribution the
+            scoring and training passes compute; with the fp32 weights outside autocast it sampled from another
+            (per-token log-prob gaps up to 0.08 on the tiny test policy). None: no context.
     """
 
     def __init__(
@@ -53,13 +61,28 @@ class RolloutCollector:
         rewards: Any,
         add_special_tokens: bool = True,
         accuracy_reward: str | None = None,
+        policy_precision: Callable[[], AbstractContextManager[Any]] | None = None,
     ) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.rewards = rewards
         self.add_special_tokens = add_special_tokens
         self.accuracy_reward = accuracy_reward
+        self.policy_precision = policy_precision if engine.samples_from_policy else None
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    @contextlib.contextmanager
+    def _sampling_context(self) -> Iterator[None]:
+        """The policy's precision context (``policy_precision``) with torch's default dtype kept: under bf16-true
+        Lightning's context makes bf16 the default dtype, which would turn the engine's own float buffers (pooled
+        embeddings) into bf16, while the weights are bf16 already and compute alike either way."""
+        if self.policy_precision is None:
+            yield
+            return
+        default = torch.get_default_dtype()
+        with self.policy_precision():
+            torch.set_default_dtype(default)  # the context puts back its own on exit
+            yield
 
     def tokenize(self, prompts: list[str]) -> list[list[int]]:
         return [self.tokenizer(p, add_special_tokens=self.add_special_tokens)["input_ids"] for p in prompts]
@@ -80,7 +103,8 @@ class RolloutCollector:
         prompt_ids = self.tokenize(batch.prompts)
         start = time.perf_counter()
         extra = {"with_embeddings": True} if with_embeddings and self.engine.reports_embeddings else {}
-        generation = self.engine.generate(prompt_ids, group_size, sampling, seeds=seeds, **extra)
+        with self._sampling_context():
+            generation = self.engine.generate(prompt_ids, group_size, sampling, seeds=seeds, **extra)
         generate_s = time.perf_counter() - start
         completions = self.tokenizer.batch_decode(generation.completion_ids, skip_special_tokens=True)
 

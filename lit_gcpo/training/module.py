@@ -260,11 +260,12 @@ class GRPOModule(L.LightningModule):
             loss_needs_old=with_reference and self.loss_step.needs_old_logprobs(batch),
             with_reference_model=with_reference and self.hparams.beta > 0,
         )
-        with self._precision_context():
+        with self.precision_context():
             fill_rollout_scores(batch, passes, self._micro_batches(batch.num_completions), self.completion_logprobs)
         batch.metrics["time/score_s"] = time.perf_counter() - start
 
-    def _precision_context(self) -> Any:
+    def precision_context(self) -> Any:
+        """The trainer's precision (autocast under bf16-mixed): training, scoring and hf sampling run in it."""
         if self._trainer is None:
             return torch.autocast("cpu", enabled=False)
         return self._trainer.precision_plugin.forward_context()
