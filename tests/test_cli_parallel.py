@@ -70,3 +70,61 @@ def test_readme_sharded_checkpoint_option_parses_after_the_strategy_name(tmp_pat
         trainer = _parse(tmp_path, *given).trainer
         assert isinstance(trainer.strategy, FSDP2Strategy) and trainer.strategy._save_distributed_checkpoint
     assert not _parse(tmp_path, "--trainer.strategy", "fsdp2").trainer.strategy._save_distributed_checkpoint
+
+
+@pytest.mark.parametrize(
+    ("config", "option", "read"),
+    [
+        ("trainer: {strategy: fsdp2}", "save_distributed_checkpoint", lambda s: s._save_distributed_checkpoint),
+        # the registry's own option of "ddp" (start_method popen) is kept next to the refinement
+        ("trainer: {strategy: ddp}", "find_unused_parameters", lambda s: s._ddp_kwargs["find_unused_parameters"]),
+    ],
+)
+def test_a_strategy_name_from_a_config_file_is_refined_on_the_command_line(tmp_path, config, option, read):
+    """``strategy: fsdp2`` in a config file, ``--trainer.strategy.<option>`` on the command line: jsonargparse took the
+    name for a plain string and exited 2 ("Expected a dot import path string: fsdp2")."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from lit_gcpo.training.parallel import FSDP2Strategy
+
+    path = tmp_path / "strategy.yaml"
+    path.write_text(config + "\n")
+    refinement = [f"--trainer.strategy.{option}", "true"]
+    for given in (["--config", str(path)], [f"--config={path}"], ["--config", config]):  # a file, or YAML text
+        strategy = _parse(tmp_path, *given, *refinement).trainer.strategy
+        assert isinstance(strategy, FSDP2Strategy if "fsdp2" in config else DDPStrategy)
+        assert read(strategy) is True
+    if "ddp" in config:
+        assert strategy._start_method == "popen"
+    # a later --trainer.strategy wins over the file, as jsonargparse reads them: in order
+    later = ["--trainer.strategy", "fsdp2", "--trainer.strategy.process_group_backend", "gloo"]
+    strategy = _parse(tmp_path, "--config", str(path), *later).trainer.strategy
+    assert isinstance(strategy, FSDP2Strategy) and strategy._process_group_backend == "gloo"
+
+
+def test_a_strategy_name_before_the_subcommand_is_refined_after_it(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text("fit:\n  trainer:\n    strategy: fsdp2\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(path), "fit", "--config", "configs/quickstart.yaml",
+              "--trainer.strategy.save_distributed_checkpoint", "true", "--print_config"])  # fmt: skip
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "class_path: lit_gcpo.training.parallel.FSDP2Strategy" in printed
+    assert "save_distributed_checkpoint: true" in printed
+
+
+@pytest.mark.parametrize(
+    ("config", "shown"), [(None, "unset (Lightning's 'auto')"), ("trainer: {strategy: auto}", "'auto'")]
+)
+def test_a_strategy_option_without_a_strategy_class_says_how_to_write_it(tmp_path, capsys, config, shown):
+    given = []
+    if config is not None:
+        (tmp_path / "auto.yaml").write_text(config + "\n")
+        given = ["--config", str(tmp_path / "auto.yaml")]
+    with pytest.raises(SystemExit) as exit_info:
+        _parse(tmp_path, *given, "--trainer.strategy.save_distributed_checkpoint", "true")
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert f"--trainer.strategy.save_distributed_checkpoint: trainer.strategy is {shown}" in message
+    assert "--trainer.strategy fsdp2 --trainer.strategy.save_distributed_checkpoint VALUE" in message

@@ -8,7 +8,6 @@ The uncertainty callback and the checkpoints are ordinary Trainer callbacks in t
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import sys
 from pathlib import Path
@@ -22,7 +21,6 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO
-from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_gcpo.algorithms.rollout_correction import rollout_correction_problem
@@ -40,6 +38,7 @@ from lit_gcpo.running.progress import StepProgressBar
 from lit_gcpo.running.resume import check_resume
 from lit_gcpo.running.run_dir import RunDirectoryTakenError, claim_directory, claim_logger_directory, release_directory
 from lit_gcpo.running.sharded_checkpoint import META_FILE
+from lit_gcpo.running.strategy_options import StrategyOptionError, strategy_names_as_classes
 from lit_gcpo.training.module import GRPOModule
 from lit_gcpo.training.parallel import unsupported_option
 
@@ -81,34 +80,6 @@ def missing_model_path(value: str | None) -> str | None:
     if path.is_file():
         return f"{value} is a file; give the directory that holds the model's config.json"
     return None
-
-
-def strategy_names_as_classes(args: list[str]) -> list[str]:
-    """``--trainer.strategy NAME`` followed by ``--trainer.strategy.OPTION``: NAME (a registered strategy, e.g.
-    ``fsdp2``) becomes its class path, with the registry's own options as nested arguments. jsonargparse applies
-    nested options only to a class, and refused the README's ``--trainer.strategy fsdp2
-    --trainer.strategy.save_distributed_checkpoint true`` (exit 2, "Expected a dot import path string: fsdp2")."""
-    if not any(arg.startswith("--trainer.strategy.") for arg in args):
-        return args
-    result: list[str] = []
-    index = 0
-    while index < len(args):
-        arg, index = args[index], index + 1
-        if arg == "--trainer.strategy" and index < len(args):
-            name, index = args[index], index + 1
-        elif arg.startswith("--trainer.strategy="):
-            name = arg.partition("=")[2]
-        else:
-            result.append(arg)
-            continue
-        if name not in StrategyRegistry:
-            result += ["--trainer.strategy", name]
-            continue
-        strategy = StrategyRegistry[name]["strategy"]
-        result += ["--trainer.strategy", f"{strategy.__module__}.{strategy.__qualname__}"]
-        for option, value in StrategyRegistry[name]["init_params"].items():
-            result += [f"--trainer.strategy.{option}", value if isinstance(value, str) else json.dumps(value)]
-    return result
 
 
 def runs_directory(trainer: Any) -> Path:
@@ -153,7 +124,10 @@ class GCPOCLI(LightningCLI):
             if name in MOVED_SETTINGS:
                 parser.error(f"{name} is no longer an option: {MOVED_SETTINGS[name]}")
         if args is None or isinstance(args, (list, tuple)):
-            args = strategy_names_as_classes(list(given))
+            try:
+                args = strategy_names_as_classes(list(given))
+            except StrategyOptionError as error:
+                parser.error(str(error))
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         if subcommand and self.config[subcommand].trainer.get("gradient_clip_val"):
