@@ -165,7 +165,7 @@ def test_grader_process_kills_a_hung_child_and_restarts() -> None:
         start = time.monotonic()
         result = worker.grade("\\frac{1}{2}", "0.5", timeout_s=1.0)
         assert time.monotonic() - start < 3 * 1.0
-        assert result.timed_out and not result.equal
+        assert result.timed_out and not result.equal and result.error is None  # still running at the bound
         assert worker.pid != frozen
         assert worker.grade("\\frac{1}{2}", "0.5", timeout_s=5.0).equal
     finally:
@@ -195,7 +195,8 @@ def test_forked_child_gets_its_own_grading_process() -> None:
 
 def test_grader_process_crash_mid_request_is_a_no_verdict_not_an_error() -> None:
     # A child that dies on an input (here: killed while expanding a huge power) must not raise: that
-    # comparison gets no verdict and the next one is served by a replacement.
+    # comparison gets no verdict, reported as the crash it is (not as a timeout), and the next one is served by
+    # a replacement.
     worker = GraderProcess()
     try:
         assert worker.grade("1", "1", timeout_s=1.0).equal
@@ -209,7 +210,11 @@ def test_grader_process_crash_mid_request_is_a_no_verdict_not_an_error() -> None
         os.kill(crashed, signal.SIGKILL)
         thread.join(30)
         assert time.monotonic() - start < 10.0  # returned on the crash, not at the 20 s bound
-        assert results[0].timed_out and not results[0].equal
+        assert not results[0].timed_out and not results[0].equal
+        assert results[0].error == (
+            "the grading process was killed by signal 9 (SIGKILL: what the kernel's out-of-memory killer sends) "
+            "during the comparison"
+        )
         assert worker.pid != crashed
         assert worker.grade("\\frac{1}{2}", "0.5", timeout_s=5.0).equal
     finally:

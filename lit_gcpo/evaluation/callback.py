@@ -33,7 +33,14 @@ from lit_gcpo.data.batch import RolloutBatch
 from lit_gcpo.data.contracts import EvaluationData, check_implements
 from lit_gcpo.evaluation.paper import format_paper_table
 from lit_gcpo.evaluation.progress import EvaluationProgress
-from lit_gcpo.evaluation.results import Record, format_table, rollout_records, summarise, write_results
+from lit_gcpo.evaluation.results import (
+    Record,
+    format_table,
+    missing_verdicts,
+    rollout_records,
+    summarise,
+    write_results,
+)
 from lit_gcpo.rewards.answers import FALLBACKS
 
 log = logging.getLogger(__name__)
@@ -215,6 +222,13 @@ class BenchmarkReport(pl.Callback):
             for benchmark, ids in skipped.items():
                 if ids:
                     log.warning("%s: %d items left out for an unreadable gold: %s", benchmark, len(ids), ids[:10])
+            for benchmark, problems in missing_verdicts(records).items():
+                log.warning(
+                    "%s: no Math-Verify verdict for %d completions, graded wrong: %s",
+                    benchmark,
+                    len(problems),
+                    "; ".join(problems[:10]),
+                )
             for benchmark, ids in too_long.items():
                 if ids:
                     log.warning(

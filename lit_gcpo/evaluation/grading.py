@@ -6,8 +6,9 @@ An empty last box (``\\boxed{}``) is no answer for either kind: it is graded wro
   listed right before it (``lit_gcpo.rewards.answers.final_answer``: ``\\boxed{3}, \\boxed{5}`` is the answer
   ``3, 5``); a completion without a box has no answer unless a ``fallback`` reads one
   (``lit_gcpo.rewards.answers.unboxed_answer``: the last number, or Math-Verify's extraction). It is correct when
-  Math-Verify finds it equivalent to the gold (``lit_gcpo.rewards.answers.answers_equivalent``, gold first, the
-  ``math_accuracy`` reward's time bound).
+  Math-Verify finds it equivalent to the gold (``lit_gcpo.rewards.answers.compare_answers``, gold first, the
+  ``math_accuracy`` reward's time bound); a comparison without a verdict (timeout, exception, crash) is graded
+  wrong and its reason kept in ``Grade.problem``.
 * qa: the answer is ``lit_gcpo.rewards.qa.extract_qa_answer`` (last box, else the text after the last
   "Answer:", else the whole completion); it is correct on a SQuAD exact match with any reference, and
   its token F1 is the best over the references.
@@ -29,8 +30,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from lit_gcpo.evaluation.metrics import Equivalence, majority_answer
-from lit_gcpo.rewards.answers import answers_equivalent, final_answer, gold_answer, unboxed_answer
-from lit_gcpo.rewards.math_reward import GRADING_TIMEOUT_S, completion_text
+from lit_gcpo.rewards.answers import (
+    answers_equivalent,
+    compare_answers,
+    final_answer,
+    gold_answer,
+    report_missing_verdicts,
+    unboxed_answer,
+)
+from lit_gcpo.rewards.math_reward import GRADING_TIMEOUT_S, completion_text, row_name
 from lit_gcpo.rewards.qa import exact_match, extract_qa_answer, normalize_answer, references, token_f1
 
 KINDS = ("math", "qa")
@@ -38,11 +46,13 @@ KINDS = ("math", "qa")
 
 @dataclass(frozen=True)
 class Grade:
-    """One completion's grade: the extracted answer (None: none found), correctness and QA token F1."""
+    """One completion's grade: the extracted answer (None: none found), correctness and QA token F1; ``problem``:
+    why Math-Verify gave no verdict (graded wrong; ``lit_gcpo.rewards.answers.Verdict``)."""
 
     answer: str | None
     correct: bool
     f1: float | None = None
+    problem: str | None = None
 
 
 def _check_kind(kind: str) -> None:
@@ -97,8 +107,10 @@ def grade_answer(kind: str, answer: str | None, gold: Any) -> Grade:
     """Grade an extracted answer against the gold (math: equivalence; QA: best EM and F1 over references)."""
     refs = gold_references(kind, gold)
     if kind == "math":
-        correct = answer is not None and bool(refs) and math_equivalent(refs[0], answer)
-        return Grade(answer, correct)
+        if answer is None or not refs:
+            return Grade(answer, False)
+        verdict = compare_answers(refs[0], answer, GRADING_TIMEOUT_S)
+        return Grade(answer, verdict.equal, problem=verdict.problem)
     if answer is None or not refs:
         return Grade(answer, False, 0.0)
     em = max(exact_match(answer, ref) for ref in refs)
@@ -124,10 +136,15 @@ def benchmark_correctness(prompts: list[str], completions: list[Any], **columns:
     kinds = columns.get("kind") or ["math"] * len(completions)
     golds = columns.get("gold") or [None] * len(completions)
     scores: list[float | None] = []
-    for completion, kind, gold in zip(completions, kinds, golds, strict=True):
+    problems: list[str] = []
+    for index, (completion, kind, gold) in enumerate(zip(completions, kinds, golds, strict=True)):
         kind = kind or "math"
         if not gold_references(kind, gold):
             scores.append(None)
             continue
-        scores.append(float(grade_completion(kind, completion_text(completion), gold).correct))
+        grade = grade_completion(kind, completion_text(completion), gold)
+        if grade.problem is not None:
+            problems.append(f"{row_name(index, columns)} (answer {grade.answer!r:.80}): {grade.problem}")
+        scores.append(float(grade.correct))
+    report_missing_verdicts("benchmark_correctness", problems, len(completions))
     return scores

@@ -6,7 +6,11 @@ A record is one prompt (benchmark item) with its k completions::
     {"benchmark", "variant", "kind", "id", "index", "prompt", "prompt_tokens", "over_context", "gold",
      "completions": [k str], "answers": [k str | None], "correct": [k bool], "f1": [k float] | None,
      "lengths": [k int], "truncated": [k bool] | None,
-     "majority_answer": str | None, "majority_correct": bool, "signals": {name: float | None}}
+     "majority_answer": str | None, "majority_correct": bool, "signals": {name: float | None},
+     "grading_problems": [k str | None] | None}
+
+``grading_problems``: why Math-Verify gave no verdict on a completion (a timeout, an exception, the grading process
+dying), graded wrong; None when every completion of the item got one.
 
 Records are reported by ``benchmark`` and evaluation pass: ``<benchmark>/<variant>`` when the row names
 a variant (``greedy``/``sampled``, see ``BenchmarkSource``), else ``<benchmark>``.
@@ -135,9 +139,22 @@ def rollout_records(
                 "majority_answer": majority.answer,
                 "majority_correct": majority.correct,
                 "signals": {name: _number(value[b]) for name, value in signals.items()},
+                "grading_problems": [g.problem for g in mine] if any(g.problem for g in mine) else None,
             }
         )
     return records
+
+
+def missing_verdicts(records: Sequence[Record]) -> dict[str, list[str]]:
+    """Per benchmark (and pass), ``item <id> completion <j>: <why>`` for each completion Math-Verify gave no verdict
+    on."""
+    found: dict[str, list[str]] = {}
+    for record in records:
+        name = record["benchmark"] + (f"/{record['variant']}" if record.get("variant") else "")
+        for position, problem in enumerate(record.get("grading_problems") or []):
+            if problem is not None:
+                found.setdefault(name, []).append(f"item {record['id']} completion {position}: {problem}")
+    return found
 
 
 def _number(value: torch.Tensor) -> float | None:

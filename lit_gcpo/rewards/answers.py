@@ -8,18 +8,24 @@
 * ``answers_equivalent`` decides equivalence with Math-Verify (``parse`` + ``verify``) in a separate,
   killable process (``lit_gcpo.rewards.sandbox``) so the time bound holds in any thread and against
   C-level hangs; cheap cases are decided here first (identical strings, two plain integers) and the
-  verdicts (not the timeouts) are cached. Answers are never evaluated as Python.
+  verdicts (not the timeouts and failures) are cached. ``compare_answers`` also says why a comparison got no
+  verdict: a timeout (with the time limit), an exception in Math-Verify (its type and message) or the grading
+  process dying on it; callers report it with the row. Answers are never evaluated as Python.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import re
+from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from typing import Any
 
 from lit_gcpo.rewards.sandbox import default_pool
+
+log = logging.getLogger(__name__)
 
 _BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _MATH_SPACE = r"(?:\s|\$|\\[()\[\]])*"  # whitespace and math delimiters
@@ -241,35 +247,51 @@ def _prepare(answer: str) -> str:
     return text
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """Whether two answers are equivalent; ``problem``: why Math-Verify gave no verdict (``equal`` is then False,
+    the existing policy: such a comparison counts as not equivalent): ``timed out after 1 s (...)``, ``Math-Verify
+    raised ValueError: ...``, or ``the grading process was killed by signal 9 (...) during the comparison``."""
+
+    equal: bool
+    problem: str | None = None
+
+
 def answers_equivalent(a: str, b: str, timeout_s: float = 2.0) -> bool:
-    """Whether two answer strings are mathematically equivalent per Math-Verify.
+    """``compare_answers(a, b, timeout_s).equal``: for callers that have no row to report a missing verdict with."""
+    return compare_answers(a, b, timeout_s).equal
+
+
+def compare_answers(a: str, b: str, timeout_s: float = 2.0) -> Verdict:
+    """Whether two answer strings are mathematically equivalent per Math-Verify, and why there is no verdict.
 
     ``a`` takes Math-Verify's gold role and ``b`` the prediction's (``verify`` is asymmetric only for
     assignments such as ``x = 5`` and equation/interval conversions). Both are answer texts (e.g. the
     content of a ``\\boxed{}``), not whole completions. The call returns within about
     ``1.25 * timeout_s + 0.2`` seconds from any thread (plus the wait for the grading process when
-    another thread is using it, or when it is still starting); a comparison that times out counts as
-    not equivalent (and is not cached, since a loaded machine may be the cause). Raises
+    another thread is using it, or when it is still starting); a comparison without a verdict (a timeout,
+    an exception in Math-Verify, the grading process dying on it) counts as not equivalent, says why in
+    ``problem`` and is not cached (a loaded machine may be the cause). Raises
     ``lit_gcpo.rewards.sandbox.GraderUnavailableError`` when the grading process cannot run at all (an
     infrastructure failure, not a wrong answer).
     """
     if not isinstance(a, str) or not isinstance(b, str):
-        return False
+        return Verdict(False)
     a, b = _prepare(a), _prepare(b)
     if not a or not b:
-        return False
+        return Verdict(False)
     if _PLAIN_NUMBER.fullmatch(a) and _DECIMAL_COMMA.fullmatch(b):
         b = _normalise_number(b.replace(",", "."))  # one number against one: a list "3, 75" cannot match it
     if a == b or _same_percentage(a, b):
-        return True
+        return Verdict(True)
     if len(a) > MAX_ANSWER_CHARS or len(b) > MAX_ANSWER_CHARS:
-        return False
+        return Verdict(False)
     if _is_integer(a) and _is_integer(b):
-        return False  # both canonical integers and different strings
+        return Verdict(False)  # both canonical integers and different strings
     try:
-        return _equivalent_cached(a, b, float(timeout_s))
-    except _GradingTimedOut:
-        return False
+        return Verdict(_equivalent_cached(a, b, float(timeout_s)))
+    except _NoVerdict as missing:
+        return Verdict(False, str(missing))
 
 
 def _same_percentage(a: str, b: str) -> bool:
@@ -289,13 +311,32 @@ def _is_integer(text: str) -> bool:
         return False
 
 
-class _GradingTimedOut(Exception):
-    """Raised through the cache so that timeouts (which may come from a loaded machine) are not cached."""
+class _NoVerdict(Exception):
+    """Raised through the cache so that comparisons without a verdict (a timeout may come from a loaded machine)
+    are not cached; the message says why."""
 
 
 @lru_cache(maxsize=65536)
 def _equivalent_cached(a: str, b: str, timeout_s: float) -> bool:
     result = default_pool().grade(a, b, timeout_s)
     if result.timed_out:
-        raise _GradingTimedOut
+        raise _NoVerdict(f"timed out after {timeout_s:g} s (the time limit of one Math-Verify comparison)")
+    if result.error is not None:
+        raise _NoVerdict(result.error)
     return result.equal
+
+
+def report_missing_verdicts(what: str, problems: list[str], total: int, shown: int = 5) -> None:
+    """One warning for the comparisons of a batch that got no verdict (``problems``: one line each, naming the
+    row), scored as not equivalent."""
+    if not problems:
+        return
+    more = f"; (+{len(problems) - shown} more)" if len(problems) > shown else ""
+    log.warning(
+        "%s: no Math-Verify verdict for %d of %d completions, scored as not equivalent: %s%s",
+        what,
+        len(problems),
+        total,
+        "; ".join(problems[:shown]),
+        more,
+    )

@@ -12,11 +12,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from lit_gcpo.rewards.answers import answers_equivalent, ends_with_box, extract_boxed, final_answer, gold_answer
+from lit_gcpo.rewards.answers import (
+    Verdict,
+    compare_answers,
+    ends_with_box,
+    extract_boxed,
+    final_answer,
+    gold_answer,
+    report_missing_verdicts,
+)
 from lit_gcpo.rewards.loading import REWARDS
 
 GRADING_TIMEOUT_S = 1.0
-"""Seconds one Math-Verify comparison may take (real answers take milliseconds); a timeout scores 0."""
+"""Seconds one Math-Verify comparison may take (real answers take milliseconds). A comparison without a verdict (a
+timeout, an exception in Math-Verify, the grading process dying on it) scores 0 and is reported with its row."""
 
 
 def completion_text(completion: Any) -> str:
@@ -52,15 +61,25 @@ def math_accuracy(prompts: list[str], completions: list[Any], **columns: list[An
     for a row without a readable gold.
     """
     scores: list[float | None] = []
+    problems: list[str] = []  # comparisons without a verdict, by row
     for index, completion in enumerate(completions):
         gold = _row_gold(index, columns)
         if gold is None:
             scores.append(None)
             continue
         predicted = final_answer(completion_text(completion))
-        correct = predicted is not None and answers_equivalent(gold, predicted, timeout_s=GRADING_TIMEOUT_S)
-        scores.append(1.0 if correct else 0.0)
+        verdict = Verdict(False) if predicted is None else compare_answers(gold, predicted, GRADING_TIMEOUT_S)
+        if verdict.problem is not None:
+            problems.append(f"{row_name(index, columns)} (gold {gold!r}, answer {predicted!r:.80}): {verdict.problem}")
+        scores.append(1.0 if verdict.equal else 0.0)
+    report_missing_verdicts("math_accuracy", problems, len(completions))
     return scores
+
+
+def row_name(index: int, columns: dict[str, list[Any]]) -> str:
+    """How a report names completion ``index`` of a batch: its position, and its row's ``id`` when it has one."""
+    ids = columns.get("id")
+    return f"completion {index}" + (f" (row id {ids[index]!r})" if ids and ids[index] is not None else "")
 
 
 @REWARDS.register("math_accuracy_final")

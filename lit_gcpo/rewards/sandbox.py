@@ -12,8 +12,11 @@ alarm. So the grading runs in a child interpreter started with ``python -I <this
 * inside the child a ``setitimer`` alarm stops slow Python-level work after ``timeout_s`` (cheap: the
   process survives);
 * the parent waits ``timeout_s * 1.25 + 0.2`` seconds for the answer; past that (C-level hang) or when
-  the child dies on an input, it kills the child, starts a replacement at once in the background and
-  reports a timeout for that comparison;
+  the child dies on an input, it kills the child and starts a replacement at once in the background; the
+  comparison is reported as a timeout when the child was still running at the bound, and as a crash, with
+  the child's exit status, when it died (``GradeResult``);
+* an exception Math-Verify raises is reported with its type and message (``GradeResult.error``), not taken
+  for a "not equal" verdict;
 * the child's address space is limited (``CHILD_MEMORY_LIMIT_BYTES``) so a runaway expansion raises
   ``MemoryError`` instead of eating the machine's memory;
 * besides comparisons, the child answers extraction requests: the answer Math-Verify's LaTeX extraction
@@ -45,7 +48,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 _T = TypeVar("_T")
 
@@ -71,13 +74,19 @@ class GraderUnavailableError(ChildUnavailableError):
     """The grading process could not be started or died for a reason other than a timeout."""
 
 
+MAX_ERROR_CHARS = 300
+"""How much of an exception's message the grading process reports."""
+
+
 @dataclass(frozen=True)
 class GradeResult:
-    """One comparison: ``equal`` is Math-Verify's verdict; ``timed_out``: no verdict in time (or the child
-    crashed on this input), ``equal`` is then False."""
+    """One comparison: ``equal`` is Math-Verify's verdict. Without one, ``equal`` is False and either
+    ``timed_out`` (no verdict within the time limit) or ``error`` says why: ``Math-Verify raised ValueError:
+    ...``, or ``the grading process was killed by signal 9 (...) during the comparison``."""
 
     equal: bool
     timed_out: bool = False
+    error: str | None = None
 
 
 class ChildProcess:
@@ -225,9 +234,15 @@ class GraderProcess(ChildProcess):
         request = json.dumps({"gold": gold, "pred": pred, "timeout": timeout_s}).encode()
         line = self.request(request, timeout_s * 1.25 + 0.2)
         if line is None:
+            if self.last_exit is not None:  # it died on this input: a crash, not a slow comparison
+                return GradeResult(
+                    False, error=f"the grading process {describe_exit(self.last_exit)} during the comparison"
+                )
             return GradeResult(equal=False, timed_out=True)
         reply = json.loads(line)
-        return GradeResult(equal=bool(reply["equal"]), timed_out=bool(reply["timed_out"]))
+        error = reply.get("error")
+        error = None if error is None else f"Math-Verify raised {error}"
+        return GradeResult(equal=bool(reply["equal"]), timed_out=bool(reply["timed_out"]), error=error)
 
     def extract(self, text: str, timeout_s: float) -> str | None:
         """The answer Math-Verify's LaTeX extraction finds in a whole completion (its "final answer is",
@@ -337,12 +352,13 @@ def _extract(text: str, timeout: float, config: list) -> str | None:  # pragma: 
     return str(found[-1]) if len(found) >= 2 else None
 
 
-def _grade(gold_text: str, pred_text: str, timeout: float, config: list) -> dict[str, bool]:  # pragma: no cover
-    """``{"equal", "timed_out"}`` for one request: Math-Verify's verdict on the two answers (as LaTeX math), within
-    ``timeout`` seconds, and real numbers also relatively close (``_relatively_close``)."""
+def _grade(gold_text: str, pred_text: str, timeout: float, config: list) -> dict[str, Any]:  # pragma: no cover
+    """``{"equal", "timed_out", "error"}`` for one request: Math-Verify's verdict on the two answers (as LaTeX
+    math), within ``timeout`` seconds, and real numbers also relatively close (``_relatively_close``); ``error``:
+    the type and message of an exception it raised instead (a ``MemoryError`` at the address-space limit too)."""
     from math_verify import parse, verify
 
-    equal, timed_out = False, False
+    equal, timed_out, error = False, False, None
     try:
         signal.setitimer(signal.ITIMER_REAL, timeout)
         try:
@@ -354,9 +370,9 @@ def _grade(gold_text: str, pred_text: str, timeout: float, config: list) -> dict
             signal.setitimer(signal.ITIMER_REAL, 0)
     except _Alarm:
         timed_out = True
-    except Exception:
-        equal = False
-    return {"equal": equal, "timed_out": timed_out}
+    except Exception as failure:
+        equal, error = False, " ".join(f"{type(failure).__name__}: {failure}".split())[:MAX_ERROR_CHARS]
+    return {"equal": equal, "timed_out": timed_out, "error": error}
 
 
 def _child_main() -> None:  # pragma: no cover - runs in the child interpreter
