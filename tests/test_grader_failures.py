@@ -9,11 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import lit_gcpo.rewards.answers as answers
 import lit_gcpo.rewards.sandbox as sandbox
-from lit_gcpo.evaluation.grading import benchmark_correctness, grade_answer
-from lit_gcpo.evaluation.results import missing_verdicts
+from lit_gcpo.data.batch import RolloutBatch
+from lit_gcpo.evaluation.grading import Grade, benchmark_correctness, grade_answer
+from lit_gcpo.evaluation.results import missing_verdicts, rollout_records
 from lit_gcpo.rewards.math_reward import math_accuracy
 
 PLANTED = [sys.executable, "-I", str(Path(__file__).parent / "planted_grader.py"), sandbox.__file__]
@@ -75,19 +77,25 @@ def test_math_accuracy_scores_each_missing_verdict_zero_and_reports_it_with_its_
 def test_evaluation_grades_keep_the_reason_and_the_report_names_the_item(planted_pool, caplog):
     grade = grade_answer("math", "13579", "\\frac{1}{2}")
     assert (grade.correct, grade.problem) == (False, RAISED)
-    assert grade_answer("math", "0.5", "\\frac{1}{2}") == answers_grade("0.5")  # a verdict: no problem
-    records = [
-        {"benchmark": "math500", "variant": "sampled", "id": "m-7", "grading_problems": [None, DIED]},
-        {"benchmark": "math500", "variant": "sampled", "id": "m-8", "grading_problems": None},
-    ]
+    assert grade_answer("math", "0.5", "\\frac{1}{2}") == Grade("0.5", True)  # a verdict: no problem
+    rows = [{"id": "m-7", "kind": "math", "benchmark": "math500", "variant": "sampled", "gold": "\\frac{1}{3}"}]
+    rows.append({"id": "m-8", "kind": "math", "benchmark": "math500", "variant": "sampled", "gold": "0.5"})
+    batch = RolloutBatch(
+        prompts=["p", "q"],
+        rows=rows,
+        completions=["\\boxed{\\frac{2}{6}}", "\\boxed{24680}", "\\boxed{0.5}", "\\boxed{\\frac{1}{2}}"],
+        input_ids=torch.zeros(4, 2, dtype=torch.long),
+        attention_mask=torch.ones(4, 2, dtype=torch.long),
+        completion_mask=torch.ones(4, 1),
+        group_ids=torch.tensor([0, 0, 1, 1]),
+        rewards=torch.zeros(4),
+        answers=["\\frac{2}{6}", "24680", "0.5", "\\frac{1}{2}"],
+    )
+    records = rollout_records(batch)
+    assert [r["correct"] for r in records] == [[True, False], [True, True]]  # the crash graded wrong, as before
+    assert [r["grading_problems"] for r in records] == [[None, DIED], None]
     assert missing_verdicts(records) == {"math500/sampled": [f"item m-7 completion 1: {DIED}"]}
     with caplog.at_level(logging.WARNING, logger="lit_gcpo.rewards.answers"):
         scores = benchmark_correctness(["p", "p"], ["\\boxed{13579}", "\\boxed{3}"], gold=["0.5", "3"], id=["a", "b"])
     assert scores == [0.0, 1.0]
     assert any(f"completion 0 (row id 'a') (answer '13579'): {RAISED}" in r.getMessage() for r in caplog.records)
-
-
-def answers_grade(answer: str):
-    from lit_gcpo.evaluation.grading import Grade
-
-    return Grade(answer, True)
