@@ -1,31 +1,42 @@
-"""lit-gcpo against TRL's ``GRPOTrainer`` on the same work, side by side: median step time, its split, peak RSS.
+"""lit-gcpo against TRL's ``GRPOTrainer`` on the same work, side by side, in labelled environments: median step
+time, its split, peak RSS, and whether the machine was quiet.
 
-    .venv/bin/python benchmarks/bench_vs_trl.py [--repeats 3] [--steps 30] [--betas 0 0.04]
-        [--lit-python PATH] [--omp-wait-policy {PASSIVE,ACTIVE,unset}] [--keep] [--no-write]
+    .venv/bin/python benchmarks/bench_vs_trl.py [--sizes tiny 20m] [--environments as-a-user ACTIVE PASSIVE loaded]
+        [--repeats N] [--steps N] [--betas 0] [--lit-python PATH] [--allow-busy] [--keep] [--no-write]
 
-TRL 1.16.0 lives in its own venv, ``.venv-trl`` (ignored by git), which the script makes when it is missing:
-``python -m venv``, ``pip install torch==2.13.0`` (the local CPU wheel), then ``trl==1.16.0``, the project's
-own ``transformers`` version (read from this venv) and ``tensorboard``. The project's dependencies do not
-change. Each run is its own process (``vs_trl_runner.py``): TRL with the TRL venv's python, lit-gcpo with
-this one (``lit_gcpo.running.cli.main``, the ``lit-gcpo`` command, with a timing callback added). Runs are
-interleaved: for each repeat and each beta, TRL then lit-gcpo, the order alternating with the repeat.
+What the lead runs in a quiet window (about 20 minutes on 2 cores): ``.venv/bin/python benchmarks/bench_vs_trl.py``.
 
-The work (``vs_trl_work.py``), identical on both sides:
+Venvs. TRL 1.16.0 lives in its own venv, ``.venv-trl`` (ignored by git), which the script makes when it is
+missing: ``python -m venv``, ``pip install torch==2.13.0`` (the local CPU wheel), then ``trl==1.16.0``, the
+project's own ``transformers`` version (read from this venv) and ``tensorboard``. lit-gcpo runs in ``.venv-lit``
+(``pip install -e .``, no extras; made the same way) unless ``--lit-python`` names another venv's python. Each
+framework runs as a user installs it and nothing else: the project's ``.venv`` holds the dev extras
+(scikit-learn, matplotlib), which transformers and torchmetrics import whenever they are installed (+130 MiB
+of RSS measured), and TRL's venv has none of them (a venv whose ``.pth`` reaches into ``.venv``, such as one
+made by hand in /tmp, is not equal footing).
 
-- policy: a random ``LlamaForCausalLM``, hidden 128, 2 layers, 4 heads, MLP 256, untied embeddings, 99-token
-  character tokenizer (``PreTrainedTokenizerFast``: pad/bos/eos/unk and the 95 printable ASCII characters;
-  no BOS added), 353,664 parameters, float32, dropout 0 (and disabled by both), saved once with
-  ``save_pretrained`` to a temporary directory that both load;
+Runs. Each run is its own process (``vs_trl_runner.py``): TRL with the TRL venv's python, lit-gcpo with
+``lit_gcpo.running.cli.main`` (the ``lit-gcpo`` command) plus a timing callback. Interleaved: per size, per
+repeat, the environments in turn (their order rotating with the repeat), per beta TRL and lit-gcpo (the order
+alternating with the repeat). Environments, the background load and the quiet check: ``vs_trl_env.py``.
+
+The work (``vs_trl_work.py``), identical on both sides, in two sizes (``--sizes``):
+
+- ``tiny``: a random ``LlamaForCausalLM``, hidden 128, 2 layers, 4 heads, MLP 256, 353,664 parameters, at most 32
+  new tokens (per-token overhead dominates); ``20m``: hidden 512, 6 layers, 8 heads, MLP 1536, 20,555,264
+  parameters, at most 128 new tokens (compute dominates). Both: untied embeddings, 99-token character tokenizer
+  (``PreTrainedTokenizerFast``: pad/bos/eos/unk and the 95 printable ASCII characters; no BOS added), float32,
+  dropout 0 (and disabled by both), saved once with ``save_pretrained`` to a temporary directory both load;
 - prompts: the 400 "What is A+B? Answer:" (A, B in [0, 19]) from one JSONL file (lit-gcpo:
   ``LocalFiles``, ``template: "{prompt}"``, ``chat: never``; TRL: ``datasets.load_dataset("json")``);
 - reward: ``vs_trl_work.sum_reward``, 1 when the completion contains the sum as a whole number (lit-gcpo
   loads it by dotted path and, as for every user function, calls it in a child process; TRL in process);
-- per optimizer step: 8 prompts x G = 8 completions of at most 32 new tokens, temperature 1, top-p 1, no
-  top-k, sampled by ``model.generate`` (TRL) / the ``hf`` engine (lit-gcpo);
+- per optimizer step: 8 prompts x G = 8 completions, temperature 1, top-p 1, no top-k, sampled by
+  ``model.generate`` (TRL) / the ``hf`` engine (lit-gcpo);
 - loss: Dr. GRPO: advantages centred on the group mean without std scaling (lit-gcpo ``advantage:
-  dr_grpo``; TRL ``scale_rewards="none"``), token losses summed and divided by completions x 32 (lit-gcpo
-  ``loss_aggregation: seq_mean_token_sum_norm``; TRL ``loss_type="dr_grpo"``), clip 0.2; beta 0 and 0.04
-  with the k3 estimator (TRL ``use_bias_correction_kl=False``: lit-gcpo's KL term is plain k3);
+  dr_grpo``; TRL ``scale_rewards="none"``), token losses summed and divided by completions x the most new
+  tokens (lit-gcpo ``loss_aggregation: seq_mean_token_sum_norm``; TRL ``loss_type="dr_grpo"``), clip 0.2;
+  beta 0 by default (``--betas 0 0.04`` adds the k3 KL term; TRL ``use_bias_correction_kl=False``);
 - one optimizer step per rollout (lit-gcpo ``num_iterations: 1``, one micro-batch; TRL
   ``num_iterations=1``, ``per_device_train_batch_size=64``, ``steps_per_generation=1``,
   ``gradient_accumulation_steps=1``), AdamW (``torch.optim.AdamW``; TRL ``optim="adamw_torch"``) lr 1e-5, no
@@ -34,50 +45,60 @@ The work (``vs_trl_work.py``), identical on both sides:
 - logging: every step, TensorBoard scalars on both sides (lit-gcpo ``TensorBoardLogger``; TRL
   ``report_to="tensorboard"``, ``log_completions=False``); no progress bar; no validation; no checkpoints
   (lit-gcpo ``trainer.enable_checkpointing false``, ``model.export_dir null``; TRL ``save_strategy="no"``);
-  no uncertainty callback. lit-gcpo's other options are its defaults (nothing reads old log-probs, embeddings
-  or answer clusters, so lit-gcpo computes none: one forward pass of the policy per step, as TRL).
-- environment: CPU, torch threads left at their default (both report it), ``OMP_WAIT_POLICY=PASSIVE`` for
-  both: lit-gcpo's CLI sets it itself, and without it TRL's steps on this shared 2-core machine were 5-30x
-  slower (OpenMP threads spinning against other processes), which would measure the machine, not TRL
-  (``--omp-wait-policy unset`` leaves each its own). Each framework runs in a venv of its own installation
-  and nothing else: TRL in ``.venv-trl``, lit-gcpo in ``.venv-lit`` (``pip install -e .``, no extras; made by
-  the script like the TRL venv) unless ``--lit-python`` names another venv's python. Why not the project's
-  ``.venv``: it holds the dev extras (scikit-learn, matplotlib), which transformers and torchmetrics import
-  whenever they are installed (+130 MiB of RSS measured), and TRL's venv has none of them.
+  no uncertainty callback. lit-gcpo's other options are its defaults;
+- CPU, torch threads left at their default (both report it).
 
-Measured per run: the wall time of each optimizer step (between consecutive step ends, logging included),
-median over the steps after the first three; the split of lit-gcpo's step from its logged ``time/*``
-scalars and of TRL's from its own profiling timers (see ``vs_trl_runner.py``); completion tokens per step
-(both must sample the same amount of work); peak RSS (``ru_maxrss``) of the training process, and of the
-child processes it still has at the end (lit-gcpo's reward process). Reported per beta: the median over
-repeats of the per-run medians, and the ratios lit-gcpo / TRL. The table goes to ``benchmarks/RESULTS.md``.
+Measured per run: the wall time and the process's CPU time of each optimizer step (between consecutive step
+ends, logging included), medians over the steps after the size's warm-up steps (tiny 3, 20m 1); the split of
+lit-gcpo's step from its logged ``time/*`` scalars and of TRL's from its own profiling timers (see
+``vs_trl_runner.py``); completion tokens per step (both must sample the same amount of work); peak RSS
+(``ru_maxrss``) of the training process, and of the child processes it still has at the end (lit-gcpo's reward
+process); the 1-minute load average before and after, and the foreign CPU share during the run. Reported per
+size, environment and beta: the median over repeats of the per-run medians, and the ratios lit-gcpo / TRL.
+
+Written to ``benchmarks/RESULTS.md`` (section ``bench_vs_trl``) only when every quiet run was quiet and every
+loaded run was loaded (``vs_trl_env.refused_runs``); otherwise the script names the runs, writes nothing and
+exits with status 3. ``--allow-busy`` writes such a measurement to its own section, ``bench_vs_trl_busy``,
+labelled as taken on a busy machine (the quiet comparison stays as it was).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
-from _common import run_header, write_results_section
+from _common import write_results_section
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from vs_trl_work import GROUP_SIZE, MAX_NEW_TOKENS, PROMPTS_PER_STEP, write_work  # noqa: E402
+from vs_trl_env import (  # noqa: E402
+    ENVIRONMENTS,
+    BackgroundLoad,
+    Environment,
+    foreign_share,
+    read_proc_stat,
+    refused_runs,
+    run_environment,
+)
+from vs_trl_report import report, split_of, summarise  # noqa: E402
+from vs_trl_work import SIZES, Size, write_work  # noqa: E402
 
 TRL_VERSION = "1.16.0"
 TORCH_VERSION = "2.13.0"
-WARMUP_STEPS = 3  # steps left out of each run's median (allocations, first calls, the reward process start)
+DEFAULT_STEPS = {"tiny": 20, "20m": 4}  # with DEFAULT_REPEATS: ~20 minutes for every environment and both sizes
+DEFAULT_REPEATS = {"tiny": 2, "20m": 1}
 
 
 # ------------------------------------------------------------------------------------------------ venvs
@@ -142,184 +163,152 @@ def ensure_lit_venv(venv: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- runs
-def run_once(
-    framework: str, python: Path, work: Path, beta: float, steps: int, out: Path, omp_wait_policy: str
-) -> dict[str, Any]:
-    """One training run in its own process; its record (``vs_trl_runner.finish``). Raises with the log's tail
-    when the run fails or exceeds its time bound. ``omp_wait_policy`` ``unset``: each framework's own
-    (lit-gcpo's CLI sets PASSIVE unless the environment says otherwise; TRL leaves OpenMP's default)."""
-    env = dict(os.environ)
-    env.update(
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")])),
-    )
-    env.pop("OMP_WAIT_POLICY", None)
-    if omp_wait_policy != "unset":
-        env["OMP_WAIT_POLICY"] = omp_wait_policy
-    command = [str(python), str(HERE / "vs_trl_runner.py"), framework, str(work), str(beta), str(steps), str(out)]
+def wait_with_rusage(process: subprocess.Popen, timeout_s: float) -> tuple[int, float] | None:
+    """Wait for ``process``; ``(exit status, its CPU seconds: user + sys, its reaped children's included)``, or
+    None when it ran past ``timeout_s`` (then it is killed)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        if pid:
+            process.returncode = os.waitstatus_to_exitcode(status)
+            return process.returncode, usage.ru_utime + usage.ru_stime
+        if time.monotonic() > deadline:
+            process.kill()
+            process.wait()
+            return None
+        time.sleep(0.05)
+
+
+def run_once(python: Path, work: Path, run: dict[str, Any], size: Size, steps: int, out: Path) -> dict[str, Any]:
+    """One training run in its own process, in ``run['environment']``; its record (``vs_trl_runner.finish``) with
+    the wall time, CPU time, load average before and after and foreign CPU share added. Raises with the log's
+    tail when the run fails or exceeds its time bound."""
+    framework, beta = run["framework"], run["beta"]
+    environment: Environment = ENVIRONMENTS[run["environment"]]
+    base = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    base["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
+    env = run_environment(base, environment, framework)
+    command = [str(python), str(HERE / "vs_trl_runner.py"), framework, str(work), str(beta), str(steps)]
+    command += [str(size.max_new_tokens), str(out)]
+    bound = 180 + 60 * steps * (size.max_new_tokens // 32) ** 2
     log = out.with_suffix(".log")
+    load_before = os.getloadavg()[0]
     with open(log, "w") as handle:
-        try:
-            done = subprocess.run(command, env=env, stdout=handle, stderr=subprocess.STDOUT, timeout=120 + 15 * steps)
-        except subprocess.TimeoutExpired:
-            raise RuntimeError(f"{framework} run (beta {beta}) exceeded {120 + 15 * steps} s; log: {log}") from None
-    if done.returncode != 0 or not out.exists():
-        raise RuntimeError(f"{framework} run (beta {beta}) failed ({done.returncode}):\n{log.read_text()[-3000:]}")
+        stat_before, start = read_proc_stat(), time.perf_counter()
+        process = subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT)
+        waited = wait_with_rusage(process, bound)
+        wall, stat_after = time.perf_counter() - start, read_proc_stat()
+    if waited is None:
+        raise RuntimeError(f"{framework} run {run} exceeded {bound} s; log: {log}")
+    code, own_cpu = waited
+    if code != 0 or not out.exists():
+        raise RuntimeError(f"{framework} run {run} failed ({code}):\n{log.read_text()[-3000:]}")
     record = json.loads(out.read_text())
-    # the same work: one optimizer step per rollout of 64 completions, every step timed
     counts = (record["optimizer_steps"], len(record["phases"]), len(record["completion_tokens"]))
-    if counts != (steps, steps, steps):
-        raise RuntimeError(f"{framework} run (beta {beta}): optimizer steps, timed steps, rollouts {counts} != {steps}")
+    if counts != (steps, steps, steps):  # the same work: one optimizer step per rollout, every step timed
+        raise RuntimeError(f"{framework} run {run}: optimizer steps, timed steps, rollouts {counts} != {steps}")
+    share = foreign_share(stat_before, stat_after, own_cpu, wall, os.cpu_count() or 1, os.sysconf("SC_CLK_TCK"))
+    record.update(run, wall_s=wall, own_cpu_s=own_cpu, foreign_share=share, load_before=load_before)
+    record["load_after"] = os.getloadavg()[0]
     return record
 
 
-def split_of(record: dict[str, Any]) -> dict[str, float]:
-    """Per-phase medians (s) over the steps after the warm-up, in common names; ``rest`` is the wall time not
-    in a phase (logging, the data loader, callbacks)."""
-    walls = record["walls"]  # walls[k]: step k + 2 (1-based), between the ends of steps k + 1 and k + 2
-    rows: list[dict[str, float]] = []
-    for step in range(WARMUP_STEPS + 1, len(walls) + 2):
-        phases, wall = record["phases"][step - 1], walls[step - 2]
-        if record["framework"] == "lit":
-            row = {k: phases.get(k, 0.0) for k in ("generate", "reward", "score", "train")}
-        else:
-            rollout = phases.get("_prepare_inputs", 0.0)
-            row = {
-                "generate": phases.get("transformers.generate", 0.0),
-                "reward": phases.get("_calculate_rewards", 0.0),
-                "train": phases["until_optimizer_step"] - rollout,
-            }
-            row["score"] = rollout - row["generate"] - row["reward"]
-        row["rest"] = wall - sum(row.values())
-        row["step"] = wall
-        rows.append(row)
-    return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+def plan(sizes: list[str], environments: list[str], betas: list[float], repeats: dict[str, int]) -> list[dict]:
+    """The runs in the order they are made: per size and repeat, the environments rotated by the repeat, per
+    beta TRL then lit-gcpo (lit-gcpo first on odd repeats)."""
+    runs = []
+    for size in sizes:
+        for repeat in range(repeats[size]):
+            shift = repeat % len(environments)
+            for environment in environments[shift:] + environments[:shift]:
+                for beta in betas:
+                    for framework in ("trl", "lit") if repeat % 2 == 0 else ("lit", "trl"):
+                        runs.append(
+                            dict(size=size, repeat=repeat, environment=environment, beta=beta, framework=framework)
+                        )
+    return runs
 
 
-def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Medians over repeats of the per-run medians; peak RSS medians too; mean completion tokens per step."""
-    splits = [split_of(r) for r in records]
-    summary = {k: statistics.median(s[k] for s in splits) for k in splits[0]}
-    summary["rss"] = statistics.median(r["peak_rss_mib"] for r in records)
-    summary["rss_children"] = statistics.median(r["children_peak_rss_mib"] for r in records)
-    summary["tokens"] = statistics.fmean(t for r in records for t in r["completion_tokens"])
-    summary["threads"] = records[0]["threads"]
-    summary["runs"] = [s["step"] for s in splits]  # type: ignore[assignment]
-    return summary
-
-
-# ------------------------------------------------------------------------------------------- report
-PHASE_ROWS = (
-    ("generate", "generation"),
-    ("reward", "reward"),
-    ("score", "scoring pass (lit) / rest of the rollout incl. reference pass (TRL)"),
-    ("train", "training: forward, loss, backward, clip, optimizer"),
-    ("rest", "rest: logging, data, callbacks"),
-    ("step", "whole step (median)"),
-)
-
-
-def venv_name(python: Path) -> str:
-    """The venv of ``python`` as the report names it: relative to the repository when inside it."""
-    venv = Path(os.path.abspath(python)).parent.parent
-    return str(venv.relative_to(ROOT)) if venv.is_relative_to(ROOT) else str(venv)
-
-
-def report(results: dict[float, dict[str, dict[str, Any]]], args: argparse.Namespace, versions: dict) -> list[str]:
-    threads = next(iter(results.values()))["lit"]["threads"]
-    lines = [
-        "## lit-gcpo against TRL's GRPOTrainer on the same work (`bench_vs_trl.py`)",
-        "",
-        run_header(threads=threads),
-        f"TRL {versions['trl']}, transformers {versions['transformers']} (both venvs), torch {versions['torch']}; "
-        f"{args.parameters:,}-parameter random Llama, character tokenizer, {PROMPTS_PER_STEP} prompts x G = "
-        f"{GROUP_SIZE} completions of at most {MAX_NEW_TOKENS} tokens per optimizer step, Dr. GRPO, fp32, one "
-        "optimizer step per rollout, TensorBoard scalars every step on both sides, OMP_WAIT_POLICY "
-        f"{args.omp_wait_policy} on both; lit-gcpo ran with `{venv_name(args.lit_python)}` (settings: the script's "
-        f"docstring). {args.repeats} interleaved repeats x {args.steps} steps per beta; per run the median over "
-        f"steps {WARMUP_STEPS + 1}-{args.steps}, then the median over repeats.",
-        "",
-        "| beta | TRL step (s) | lit-gcpo step (s) | lit / TRL | TRL peak RSS (MiB) | lit-gcpo peak RSS (MiB) "
-        "| lit / TRL | tokens/step TRL, lit |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for beta, sides in results.items():
-        trl, lit = sides["trl"], sides["lit"]
-        lit_rss = f"{lit['rss']:.0f} (+{lit['rss_children']:.0f} reward process)"
-        lines.append(
-            f"| {beta:g} | {trl['step']:.3f} | {lit['step']:.3f} | {lit['step'] / trl['step']:.2f}x "
-            f"| {trl['rss']:.0f} | {lit_rss} | {lit['rss'] / trl['rss']:.2f}x "
-            f"| {trl['tokens']:.0f}, {lit['tokens']:.0f} |"
+def measure(args: argparse.Namespace, pythons: dict[str, Path], work_root: Path) -> tuple[list[dict], dict]:
+    """Make every run of the plan; the records and each size's parameter count."""
+    runs = plan(args.sizes, args.environments, args.betas, args.repeats)
+    parameters, files = {}, {}
+    for size in args.sizes:
+        files[size], parameters[size] = write_work(work_root / size, SIZES[size])
+    records = []
+    for index, run in enumerate(runs):
+        size = SIZES[run["size"]]
+        name = f"{run['size']}-{run['environment']}-beta{run['beta']:g}-{run['framework']}-r{run['repeat']}.json"
+        python = pythons[run["framework"]]
+        loaded = ENVIRONMENTS[run["environment"]].loaded
+        with BackgroundLoad(os.cpu_count() or 1) if loaded else contextlib.nullcontext():
+            record = run_once(python, files[run["size"]].root, run, size, args.steps[run["size"]], work_root / name)
+        records.append(record)
+        step = split_of(record, size.warmup_steps)["step"]
+        print(
+            f"[{index + 1}/{len(runs)}] {name[:-5]}: median step {step:.3f} s, foreign share "
+            f"{record['foreign_share']:.2f}, load {record['load_before']:.1f} -> {record['load_after']:.1f}",
+            flush=True,
         )
-    lines.append("")
-    for beta, sides in results.items():
-        runs = "; ".join(f"{fw} " + ", ".join(f"{m:.3f}" for m in sides[fw]["runs"]) for fw in ("trl", "lit"))
-        lines.append(f"Per-run median steps (s) at beta {beta:g}, in repeat order: {runs}.  ")
-    lines += ["", "Split of the step (median s over steps and repeats):", ""]
-    header = " | ".join(f"TRL b={b:g} | lit b={b:g}" for b in results)
-    lines += [f"| phase | {header} |", "| --- |" + " ---: |" * (2 * len(results))]
-    for key, label in PHASE_ROWS:
-        cells = " | ".join(f"{s['trl'][key]:.3f} | {s['lit'][key]:.3f}" for s in results.values())
-        lines.append(f"| {label} | {cells} |")
-    lines += [
-        "",
-        "TRL's split comes from its own profiling timers (`transformers.generate`, `_calculate_rewards`, "
-        "`_prepare_inputs`) and the trainer's step/optimizer callbacks; lit-gcpo's from its `time/*` scalars. "
-        "Peak RSS is `ru_maxrss` of the training process; lit-gcpo runs a user's reward function in a child "
-        "process, whose peak is given in parentheses (TRL calls it in process).",
-    ]
-    return lines
+    return records, parameters
 
 
-def main(argv: list[str] | None = None) -> None:
+def per_size(value: list[str] | None, default: dict[str, int], sizes: list[str], option: str) -> dict[str, int]:
+    """``--steps`` / ``--repeats``: one number for every size, or ``size=N`` items; the defaults otherwise."""
+    result = {size: default[size] for size in sizes}
+    for item in value or []:
+        name, _, number = item.rpartition("=")
+        if not number.isdigit() or (name and name not in SIZES):
+            raise SystemExit(f"{option} {item!r}: give N or SIZE=N with SIZE one of {sorted(SIZES)}")
+        for size in [name] if name else sizes:
+            result[size] = int(number)
+    return result
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--betas", type=float, nargs="+", default=[0.0, 0.04])
+    parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["tiny", "20m"])
+    parser.add_argument("--environments", nargs="+", choices=list(ENVIRONMENTS), default=list(ENVIRONMENTS))
+    parser.add_argument("--repeats", nargs="+", help=f"N or SIZE=N (default {DEFAULT_REPEATS})")
+    parser.add_argument("--steps", nargs="+", help=f"N or SIZE=N (default {DEFAULT_STEPS})")
+    parser.add_argument("--betas", type=float, nargs="+", default=[0.0])
     parser.add_argument("--trl-venv", type=Path, default=ROOT / ".venv-trl")
     parser.add_argument("--lit-venv", type=Path, default=ROOT / ".venv-lit")
-    parser.add_argument(
-        "--lit-python",
-        type=Path,
-        default=None,
-        help="the python of the venv lit-gcpo runs in (default: --lit-venv's, made as `pip install -e .`)",
-    )
-    parser.add_argument(
-        "--omp-wait-policy",
-        default="PASSIVE",
-        choices=["PASSIVE", "ACTIVE", "unset"],
-        help="OMP_WAIT_POLICY of both runs (unset: each framework's own)",
-    )
-    parser.add_argument("--keep", action="store_true", help="keep the work directory (model, runs, logs)")
-    parser.add_argument("--no-write", action="store_true", help="print the table, leave RESULTS.md alone")
+    parser.add_argument("--lit-python", type=Path, default=None, help="the python of the venv lit-gcpo runs in")
+    parser.add_argument("--allow-busy", action="store_true", help="write a busy machine's measurement, labelled")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (models, runs, logs)")
+    parser.add_argument("--no-write", action="store_true", help="print the tables, leave RESULTS.md alone")
     args = parser.parse_args(argv)
-    if args.steps < WARMUP_STEPS + 2:
-        parser.error(f"--steps must be at least {WARMUP_STEPS + 2} (the first {WARMUP_STEPS} are warm-up)")
+    args.steps = per_size(args.steps, DEFAULT_STEPS, args.sizes, "--steps")
+    args.repeats = per_size(args.repeats, DEFAULT_REPEATS, args.sizes, "--repeats")
+    for size in args.sizes:
+        if args.steps[size] < SIZES[size].warmup_steps + 2:
+            parser.error(f"--steps for {size} must be at least {SIZES[size].warmup_steps + 2} (warm-up + 2)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     versions = ensure_trl_venv(args.trl_venv)
     if args.lit_python is None:
         args.lit_python = ensure_lit_venv(args.lit_venv)
     work = Path(tempfile.mkdtemp(prefix="bench_vs_trl_"))
     try:
-        files, args.parameters = write_work(work)
-        print(f"policy: {args.parameters:,} parameters; work directory {work}")
         pythons = {"trl": venv_python(args.trl_venv), "lit": args.lit_python}
-        records: dict[float, dict[str, list[dict[str, Any]]]] = {b: {"trl": [], "lit": []} for b in args.betas}
-        for repeat in range(args.repeats):
-            order = ("trl", "lit") if repeat % 2 == 0 else ("lit", "trl")
-            for beta in args.betas:
-                for framework in order:
-                    out = work / f"{framework}-beta{beta:g}-r{repeat}.json"
-                    python = pythons[framework]
-                    record = run_once(framework, python, files.root, beta, args.steps, out, args.omp_wait_policy)
-                    records[beta][framework].append(record)
-                    print(f"repeat {repeat} beta {beta:g} {framework}: median step {split_of(record)['step']:.3f} s")
-        results = {b: {fw: summarise(runs) for fw, runs in sides.items()} for b, sides in records.items()}
-        lines = report(results, args, versions)
-        if not args.no_write:
-            write_results_section("bench_vs_trl", lines)
+        records, args.parameters = measure(args, pythons, work)
+        results = summarise(records, args.sizes, args.environments, args.betas)
+        refusals = refused_runs(records, ENVIRONMENTS)
+        lines = report(results, records, args, versions, refusals)
         print("\n".join(lines))
+        if refusals:
+            print("\n".join(["not a quiet (or not a loaded) measurement:", *refusals]))
+        if args.no_write:
+            return 0
+        if refusals and not args.allow_busy:
+            print("RESULTS.md left as it was (--allow-busy writes it to the section bench_vs_trl_busy, labelled)")
+            return 3
+        write_results_section("bench_vs_trl_busy" if refusals else "bench_vs_trl", lines)
+        return 0
     finally:
         if args.keep:
             print(f"kept {work}")
@@ -328,4 +317,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

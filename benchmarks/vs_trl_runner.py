@@ -1,12 +1,14 @@
 """One timed training run of ``bench_vs_trl.py``, as its own process: TRL's ``GRPOTrainer`` (run with the TRL
 venv's python) or ``lit-gcpo fit`` (the project's), on the work of ``vs_trl_work``.
 
-    python vs_trl_runner.py {trl,lit} WORK_DIR BETA STEPS OUT.json
+    python vs_trl_runner.py {trl,lit} WORK_DIR BETA STEPS MAX_NEW_TOKENS OUT.json
 
-Writes ``OUT.json``: the wall time of every optimizer step (between consecutive step ends, so logging is in),
+Writes ``OUT.json``: the wall time of every optimizer step (between consecutive step ends, so logging is in) and
+the process's CPU time over the same interval (all its threads: ``time.process_time``),
 each step's split, completion tokens per step, the process's peak RSS (``ru_maxrss``) and that of its child
-processes still alive at the end (``VmHWM``: lit-gcpo's reward process), and torch's thread count (left at its
-default on both sides).
+processes still alive at the end (``VmHWM``: lit-gcpo's reward process), torch's thread count (left at its
+default on both sides) and the ``OMP_WAIT_POLICY`` the process ran under (after the framework's imports: lit-gcpo's
+CLI decides it when the environment does not).
 
 Splits. lit-gcpo: its logged ``time/generate_s``, ``time/reward_s``, ``time/score_s`` (the no-grad scoring
 pass: old log-probs, embeddings, reference log-probs) and ``time/train_s`` (forward, backward, optimizer).
@@ -54,6 +56,7 @@ def finish(
     out: Path,
     framework: str,
     walls: list[float],
+    cpus: list[float],
     phases: list[dict[str, float]],
     tokens: list[float],
     optimizer_steps: int,
@@ -64,17 +67,19 @@ def finish(
         "framework": framework,
         "optimizer_steps": optimizer_steps,
         "walls": walls,
+        "cpus": cpus,
         "phases": phases,
         "completion_tokens": tokens,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "children_peak_rss_mib": children_peak_mib(),
         "threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
     }
     out.write_text(json.dumps(record))
 
 
 # ------------------------------------------------------------------------------------------------ TRL
-def run_trl(files: WorkFiles, beta: float, steps: int, out: Path) -> None:
+def run_trl(files: WorkFiles, beta: float, steps: int, max_new_tokens: int, out: Path) -> None:
     import datasets
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -87,12 +92,14 @@ def run_trl(files: WorkFiles, beta: float, steps: int, out: Path) -> None:
 
     profiling.ProfilingContext._log_metrics = record
     walls: list[float] = []
+    cpus: list[float] = []
     phases: list[dict[str, float]] = []
     tokens: list[float] = []
 
     class StepClock(TrainerCallback):
         def __init__(self) -> None:
             self.last: float | None = None
+            self.last_cpu = 0.0
             self.begin = self.stepped = 0.0
 
         def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -102,10 +109,11 @@ def run_trl(files: WorkFiles, beta: float, steps: int, out: Path) -> None:
             self.stepped = time.perf_counter()
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            now = time.perf_counter()
+            now, cpu = time.perf_counter(), time.process_time()
             if self.last is not None:
                 walls.append(now - self.last)
-            self.last = now
+                cpus.append(cpu - self.last_cpu)
+            self.last, self.last_cpu = now, cpu
             # training_step (rollout, forward, backward) plus clipping and the optimizer step
             phases.append({**current, "until_optimizer_step": self.stepped - self.begin})
             current.clear()
@@ -115,7 +123,7 @@ def run_trl(files: WorkFiles, beta: float, steps: int, out: Path) -> None:
                 tokens.append(logs["completions/mean_length"] * PROMPTS_PER_STEP * GROUP_SIZE)
 
     dataset = datasets.load_dataset("json", data_files=str(files.prompts), split="train")
-    config = GRPOConfig(**trl_config_kwargs(beta, steps, out.parent / f"{out.stem}-trl"))
+    config = GRPOConfig(**trl_config_kwargs(beta, steps, out.parent / f"{out.stem}-trl", max_new_tokens))
     trainer = GRPOTrainer(
         model=str(files.model),
         reward_funcs=[sum_reward],
@@ -124,47 +132,50 @@ def run_trl(files: WorkFiles, beta: float, steps: int, out: Path) -> None:
         callbacks=[StepClock()],
     )
     trainer.train()
-    finish(out, "trl", walls, phases, tokens, trainer.state.global_step)
+    finish(out, "trl", walls, cpus, phases, tokens, trainer.state.global_step)
 
 
 # ------------------------------------------------------------------------------------------- lit-gcpo
 LIT_PHASES = ("time/generate_s", "time/reward_s", "time/score_s", "time/train_s", "time/answer_clusters_s")
 
 
-def run_lit(files: WorkFiles, beta: float, steps: int, out: Path) -> None:
+def run_lit(files: WorkFiles, beta: float, steps: int, max_new_tokens: int, out: Path) -> None:
     import lightning as L
 
     from lit_gcpo.running.cli import main as cli_main
 
     walls: list[float] = []
+    cpus: list[float] = []
     phases: list[dict[str, float]] = []
     tokens: list[float] = []
 
     class StepClock(L.Callback):
         def __init__(self) -> None:
             self.last: float | None = None
+            self.last_cpu = 0.0
 
         def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-            now = time.perf_counter()
+            now, cpu = time.perf_counter(), time.process_time()
             if self.last is not None:
                 walls.append(now - self.last)
-            self.last = now
+                cpus.append(cpu - self.last_cpu)
+            self.last, self.last_cpu = now, cpu
             metrics = trainer.callback_metrics
             phases.append(
                 {k.removeprefix("time/").removesuffix("_s"): float(metrics[k]) for k in LIT_PHASES if k in metrics}
             )
             tokens.append(float(batch.completion_mask.sum()))
 
-    cli = cli_main(lit_args(files, beta, steps, out.parent / f"{out.stem}-lit")[1:], run=False)
+    cli = cli_main(lit_args(files, beta, steps, out.parent / f"{out.stem}-lit", max_new_tokens)[1:], run=False)
     cli.trainer.callbacks.append(StepClock())
     cli.trainer.fit(cli.model, cli.datamodule)
-    finish(out, "lit", walls, phases, tokens, cli.trainer.global_step)
+    finish(out, "lit", walls, cpus, phases, tokens, cli.trainer.global_step)
 
 
 def main(argv: list[str]) -> None:
-    framework, work_dir, beta, steps, out = argv
+    framework, work_dir, beta, steps, max_new_tokens, out = argv
     run = {"trl": run_trl, "lit": run_lit}[framework]
-    run(WorkFiles(Path(work_dir)), float(beta), int(steps), Path(out))
+    run(WorkFiles(Path(work_dir)), float(beta), int(steps), int(max_new_tokens), Path(out))
 
 
 if __name__ == "__main__":

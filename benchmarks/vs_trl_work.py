@@ -5,10 +5,12 @@ lit-gcpo command line) and the TRL venv ``.venv-trl`` (which only needs ``sum_re
 ``GRPOConfig`` arguments). So the top level imports nothing beyond the standard library; lit-gcpo and
 transformers are imported inside the functions that need them.
 
-The work: a random ``LlamaForCausalLM`` (hidden 128, 2 layers, 4 heads, MLP 256, untied embeddings, a
-99-token character vocabulary: printable ASCII plus pad/bos/eos/unk; 353,664 parameters); the 400 prompts
+The work: a random ``LlamaForCausalLM`` with untied embeddings over a 99-token character vocabulary (printable
+ASCII plus pad/bos/eos/unk), in one of two sizes (``SIZES``): ``tiny`` (hidden 128, 2 layers, 4 heads, MLP 256;
+353,664 parameters; at most 32 new tokens), where per-token overhead dominates, and ``20m`` (hidden 512, 6
+layers, 8 heads, MLP 1536; 20,555,264 parameters; at most 128 new tokens), where compute does; the 400 prompts
 "What is A+B? Answer:" with A, B in [0, 19]; a reward of 1 when the completion contains the sum as a whole
-number; 8 prompts x 8 completions of at most 32 tokens per optimizer step.
+number; 8 prompts x 8 completions per optimizer step.
 """
 
 from __future__ import annotations
@@ -22,16 +24,48 @@ from typing import Any
 
 PROMPTS_PER_STEP = 8
 GROUP_SIZE = 8
-MAX_NEW_TOKENS = 32
 LEARNING_RATE = 1e-5
 MAX_GRAD_NORM = 1.0
 TEMPERATURE = 1.0
 TOP_P = 1.0
 SEED = 0
-MODEL_SHAPE = {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "intermediate_size": 256}
-# 2 layers x (attention 4 x 128^2 + MLP 3 x 128 x 256 + two norms 2 x 128) + final norm 128
-# + embeddings and LM head 2 x 99 x 128 = 2 x 164,096 + 128 + 25,344
-EXPECTED_PARAMETERS = 353_664
+
+
+@dataclass(frozen=True)
+class Size:
+    """One work size: the policy's shape, the most new tokens per completion and the warm-up steps left out of a
+    run's median (allocations, first calls, the reward process start)."""
+
+    name: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    max_new_tokens: int
+    warmup_steps: int
+    parameters: int  # stated, checked against the built model by tests/test_bench_vs_trl.py
+
+    @property
+    def shape(self) -> dict[str, int]:
+        return {
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "intermediate_size": self.intermediate_size,
+        }
+
+
+SIZES = {
+    # 2 layers x (attention 4 x 128^2 + MLP 3 x 128 x 256 + two norms 2 x 128) + final norm 128
+    # + embeddings and LM head 2 x 99 x 128 = 2 x 164,096 + 128 + 25,344
+    "tiny": Size("tiny", 128, 2, 4, 256, max_new_tokens=32, warmup_steps=3, parameters=353_664),
+    # 6 x (4 x 512^2 + 3 x 512 x 1536 + 2 x 512) + 512 + 2 x 99 x 512 = 6 x 3,408,896 + 512 + 101,376;
+    # a step is ~50x the tiny one's, so one warm-up step is enough
+    "20m": Size("20m", 512, 6, 8, 1536, max_new_tokens=128, warmup_steps=1, parameters=20_555_264),
+}
+TINY = SIZES["tiny"]
+MAX_NEW_TOKENS = TINY.max_new_tokens  # the tiny size's (the default)
+EXPECTED_PARAMETERS = TINY.parameters
 CHARACTERS = tuple(string.printable[:95])  # digits, letters, punctuation, space: the 95 printable ASCII
 REWARD_PATH = "vs_trl_work:sum_reward"  # lit-gcpo loads it by dotted path (benchmarks/ on PYTHONPATH)
 
@@ -73,20 +107,20 @@ def build_tokenizer() -> Any:
     return build_char_tokenizer((*SPECIAL_TOKENS, *CHARACTERS))
 
 
-def build_model(seed: int = SEED) -> Any:
+def build_model(seed: int = SEED, size: Size = TINY) -> Any:
     """The random policy both frameworks train (dropout is 0 in the config)."""
     from lit_gcpo.assets.tiny_model import SPECIAL_TOKENS, build_tiny_config, build_tiny_model
 
-    config = build_tiny_config(**MODEL_SHAPE, vocab_tokens=(*SPECIAL_TOKENS, *CHARACTERS))
+    config = build_tiny_config(**size.shape, vocab_tokens=(*SPECIAL_TOKENS, *CHARACTERS))
     config.tie_word_embeddings = False  # as in most released models: a separate LM head
     return build_tiny_model(config, seed=seed)
 
 
-def write_work(root: Path) -> tuple[WorkFiles, int]:
-    """Save the model and tokenizer (``save_pretrained``) and the prompts under ``root``; returns the files
-    and the model's parameter count."""
+def write_work(root: Path, size: Size = TINY) -> tuple[WorkFiles, int]:
+    """Save the model of ``size`` and the tokenizer (``save_pretrained``) and the prompts under ``root``; returns
+    the files and the model's parameter count."""
     files = WorkFiles(Path(root))
-    model = build_model()
+    model = build_model(size=size)
     model.save_pretrained(files.model)
     build_tokenizer().save_pretrained(files.model)
     with open(files.prompts, "w", encoding="utf-8") as handle:
@@ -95,7 +129,9 @@ def write_work(root: Path) -> tuple[WorkFiles, int]:
     return files, sum(p.numel() for p in model.parameters())
 
 
-def lit_args(files: WorkFiles, beta: float, steps: int, run_dir: Path) -> list[str]:
+def lit_args(
+    files: WorkFiles, beta: float, steps: int, run_dir: Path, max_new_tokens: int = MAX_NEW_TOKENS
+) -> list[str]:
     """``lit-gcpo fit`` arguments for the work (the subcommand included). TensorBoard scalars every step like a
     user run; no checkpoints, no exported policy, no validation, no progress bar."""
     return [
@@ -144,11 +180,13 @@ def lit_args(files: WorkFiles, beta: float, steps: int, run_dir: Path) -> list[s
         f"--data.sampling.temperature={TEMPERATURE}",
         f"--data.sampling.top_p={TOP_P}",
         "--data.sampling.top_k=-1",
-        f"--data.sampling.max_new_tokens={MAX_NEW_TOKENS}",
+        f"--data.sampling.max_new_tokens={max_new_tokens}",
     ]
 
 
-def trl_config_kwargs(beta: float, steps: int, output_dir: Path) -> dict[str, Any]:
+def trl_config_kwargs(
+    beta: float, steps: int, output_dir: Path, max_new_tokens: int = MAX_NEW_TOKENS
+) -> dict[str, Any]:
     """``trl.GRPOConfig`` arguments for the same work (TRL 1.16 names; defaults that differ from lit-gcpo's
     or from the work are set explicitly: TRL defaults to bf16, gradient checkpointing, the DAPO loss and
     group-std scaling)."""
@@ -164,7 +202,7 @@ def trl_config_kwargs(beta: float, steps: int, output_dir: Path) -> dict[str, An
         "steps_per_generation": 1,  # generation batch = the 64 completions of one step
         "num_generations": GROUP_SIZE,
         "num_iterations": 1,
-        "max_completion_length": MAX_NEW_TOKENS,
+        "max_completion_length": max_new_tokens,
         "temperature": TEMPERATURE,
         "top_p": TOP_P,
         "top_k": 0,  # 0: no top-k in TRL 1.16

@@ -1,5 +1,6 @@
-"""The parts of benchmarks/bench_vs_trl.py that can be wrong without TRL: the work (model size, tokenizer,
-reward), the lit-gcpo command line and the TRL arguments it must match, and the step-split arithmetic."""
+"""The parts of benchmarks/bench_vs_trl.py that can be wrong without TRL: the work (model sizes, tokenizer,
+reward), the lit-gcpo command line and the TRL arguments it must match, the step-split arithmetic, the
+environments, the foreign CPU share and the rule that refuses a busy machine's rows."""
 
 from __future__ import annotations
 
@@ -10,10 +11,21 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-from bench_vs_trl import WARMUP_STEPS, split_of
+from bench_vs_trl import per_size, plan
+from vs_trl_env import (
+    ENVIRONMENTS,
+    LOADED_SHARE,
+    QUIET_SHARE,
+    busy_ticks,
+    foreign_share,
+    refused_runs,
+    run_environment,
+)
+from vs_trl_report import split_of
 from vs_trl_work import (
     EXPECTED_PARAMETERS,
     REWARD_PATH,
+    SIZES,
     build_model,
     build_tokenizer,
     lit_args,
@@ -22,6 +34,21 @@ from vs_trl_work import (
     trl_config_kwargs,
     write_work,
 )
+
+
+def test_20m_policy_has_the_stated_parameter_count() -> None:
+    size = SIZES["20m"]
+    # Per layer: q, k, v, o 4 x 512^2 = 1,048,576; gate, up, down 3 x 512 x 1536 = 2,359,296; two norms 1,024
+    # -> 3,408,896; six layers 20,453,376; final norm 512; embeddings + separate LM head 2 x 99 x 512 = 101,376.
+    assert size.parameters == 6 * (4 * 512**2 + 3 * 512 * 1536 + 2 * 512) + 512 + 2 * 99 * 512 == 20_555_264
+    config = build_model(size=size).config
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (512, 6, 8)
+    with torch.device("meta"):  # the count without allocating the weights
+        from transformers import LlamaForCausalLM
+
+        meta = LlamaForCausalLM(config)
+    assert sum(p.numel() for p in meta.parameters()) == size.parameters
+    assert size.max_new_tokens == 128 and SIZES["tiny"].max_new_tokens == 32
 
 
 def test_tiny_policy_has_the_stated_parameter_count() -> None:
@@ -111,8 +138,7 @@ def test_split_leaves_out_the_warmup_steps_and_pairs_walls_with_their_step() -> 
         {"generate": 1.0, "reward": 0.1, "score": 0.1, "train": 0.4},  # step 5: rest 2.0 - 1.6 = 0.4
         {"generate": 3.0, "reward": 0.1, "score": 0.1, "train": 0.6},  # step 6: rest 4.0 - 3.8 = 0.2
     ]
-    assert WARMUP_STEPS == 3
-    split = split_of({"framework": "lit", "walls": walls, "phases": lit_phases})
+    split = split_of({"framework": "lit", "walls": walls, "phases": lit_phases}, warmup_steps=3)
     assert split["step"] == pytest.approx(2.0) and split["generate"] == pytest.approx(1.0)
     assert split["train"] == pytest.approx(0.4) and split["rest"] == pytest.approx(0.2)
     # TRL: the rollout (_prepare_inputs) holds generation and rewards; training is the time from the step's
@@ -121,6 +147,76 @@ def test_split_leaves_out_the_warmup_steps_and_pairs_walls_with_their_step() -> 
     trl_phases = [{"transformers.generate": 5.0, "_calculate_rewards": 0.0, "_prepare_inputs": 5.0}] * 3 + [
         {"transformers.generate": 0.4, "_calculate_rewards": 0.1, "_prepare_inputs": 0.6, "until_optimizer_step": 0.9}
     ]
-    split = split_of({"framework": "trl", "walls": [9.0, 9.0, 1.0], "phases": trl_phases})
-    expected = {"generate": 0.4, "reward": 0.1, "score": 0.1, "train": 0.3, "rest": 0.1, "step": 1.0}
+    record = {"framework": "trl", "walls": [9.0, 9.0, 1.0], "cpus": [5.0, 5.0, 1.5], "phases": trl_phases}
+    split = split_of(record, warmup_steps=3)
+    expected = {"generate": 0.4, "reward": 0.1, "score": 0.1, "train": 0.3, "rest": 0.1, "step": 1.0, "cpu": 1.5}
     assert split == pytest.approx(expected)
+
+
+# --------------------------------------------------------------------------------------------- environments
+def test_environments_set_the_wait_policy_each_framework_gets() -> None:
+    base = {"PATH": "/bin", "OMP_WAIT_POLICY": "ACTIVE"}  # a value inherited from the shell must not leak in
+    as_user = {fw: run_environment(base, ENVIRONMENTS["as-a-user"], fw) for fw in ("trl", "lit")}
+    assert all("OMP_WAIT_POLICY" not in env and env["PATH"] == "/bin" for env in as_user.values())
+    for policy in ("ACTIVE", "PASSIVE"):
+        assert {run_environment(base, ENVIRONMENTS[policy], fw)["OMP_WAIT_POLICY"] for fw in ("trl", "lit")} == {policy}
+    loaded = ENVIRONMENTS["loaded"]
+    assert loaded.loaded and loaded.wait_policy == ENVIRONMENTS["as-a-user"].wait_policy
+    assert [e for e, env in ENVIRONMENTS.items() if env.loaded] == ["loaded"]
+    assert next(iter(ENVIRONMENTS)) == "as-a-user"  # the row quoted first
+
+
+def test_plan_interleaves_environments_and_alternates_who_goes_first() -> None:
+    runs = plan(["tiny"], ["as-a-user", "ACTIVE", "loaded"], [0.0], {"tiny": 2})
+    order = [(r["repeat"], r["environment"], r["framework"]) for r in runs]
+    assert order == [
+        (0, "as-a-user", "trl"), (0, "as-a-user", "lit"), (0, "ACTIVE", "trl"), (0, "ACTIVE", "lit"),
+        (0, "loaded", "trl"), (0, "loaded", "lit"),
+        (1, "ACTIVE", "lit"), (1, "ACTIVE", "trl"), (1, "loaded", "lit"), (1, "loaded", "trl"),
+        (1, "as-a-user", "lit"), (1, "as-a-user", "trl"),
+    ]  # fmt: skip
+    assert per_size(None, {"tiny": 20, "20m": 6}, ["tiny", "20m"], "--steps") == {"tiny": 20, "20m": 6}
+    assert per_size(["8", "20m=3"], {"tiny": 20, "20m": 6}, ["tiny", "20m"], "--steps") == {"tiny": 8, "20m": 3}
+    with pytest.raises(SystemExit, match="--steps 'huge=3'"):
+        per_size(["huge=3"], {"tiny": 20}, ["tiny"], "--steps")
+
+
+STAT = (
+    "cpu  {user} {nice} {system} {idle} {iowait} {irq} {softirq} {steal} {guest} 0\ncpu0 1 2 3 4 5 6 7 8 9 0\nintr 5\n"
+)
+
+
+def _stat(user: int, system: int, idle: int, iowait: int = 0, guest: int = 0) -> str:
+    return STAT.format(
+        user=user, nice=0, system=system, idle=idle, iowait=iowait, irq=0, softirq=0, steal=0, guest=guest
+    )
+
+
+def test_busy_ticks_leave_out_idle_iowait_and_guest_counted_twice() -> None:
+    # user 100 + system 50 busy; idle 800 and iowait 30 not; guest 40 is already inside user: not added again
+    assert busy_ticks(_stat(100, 50, 800, iowait=30, guest=40)) == (150, 980)
+    with pytest.raises(ValueError, match="no aggregate 'cpu' line"):
+        busy_ticks("cpu0 1 2 3 4 5 6 7 8\n")
+
+
+def test_foreign_share_is_busy_time_minus_the_runs_own_over_wall_times_cores() -> None:
+    # 10 s on 2 cores at 100 ticks/s: busy ticks 300 -> 1,700 = 14 s busy; the run used 9 s itself, so 5 s were
+    # others': 5 / (10 x 2) = 0.25.
+    before, after = _stat(200, 100, 5000), _stat(1200, 500, 5600)
+    assert foreign_share(before, after, own_cpu_s=9.0, wall_s=10.0, cores=2, ticks_per_s=100) == pytest.approx(0.25)
+    # a quiet machine: busy 14 s, the run 14.3 s (the clocks are sampled a moment apart): 0, not negative
+    assert foreign_share(before, after, own_cpu_s=14.3, wall_s=10.0, cores=2, ticks_per_s=100) == 0.0
+
+
+def test_busy_quiet_runs_and_unloaded_loaded_runs_are_refused_by_name() -> None:
+    def run(environment: str, share: float, framework: str = "trl") -> dict:
+        return {"environment": environment, "size": "tiny", "beta": 0.0, "framework": framework, "repeat": 1,
+                "foreign_share": share}  # fmt: skip
+
+    ok = [run("as-a-user", QUIET_SHARE), run("PASSIVE", 0.0, "lit"), run("loaded", LOADED_SHARE)]
+    assert refused_runs(ok, ENVIRONMENTS) == []
+    messages = refused_runs([*ok, run("ACTIVE", 0.31, "lit"), run("loaded", 0.2)], ENVIRONMENTS)
+    assert messages == [
+        "ACTIVE tiny beta 0 lit repeat 1: foreign CPU share 0.31 > 0.1 (the machine was not quiet)",
+        "loaded tiny beta 0 trl repeat 1: foreign CPU share 0.20 < 0.5 (the load was not there)",
+    ]

@@ -267,3 +267,65 @@ def test_a_small_policy_samples_on_one_thread_and_training_keeps_torchs_setting(
         torch.set_num_threads(before)
     with pytest.raises(ValueError, match="decode_threads"):
         HFEngine(model, tokenizer, decode_threads=-1)
+
+
+def test_preallocated_cache_gives_the_dynamic_caches_logits_bit_for_bit(model_and_tokenizer):
+    """The engine's cache writes into buffers allocated once; the attention must read the very numbers the
+    concatenating DynamicCache gives it, through padded prompts and rows leaving the batch twice."""
+    from transformers import DynamicCache
+
+    from lit_gcpo.engines.kv_cache import PreallocatedLayer, preallocated_cache
+
+    model, _ = model_and_tokenizer
+    generator = torch.Generator().manual_seed(0)
+    n, width, steps = 6, 5, 9
+    ids = torch.randint(4, model.config.vocab_size, (n, width), generator=generator)
+    mask = torch.ones(n, width + steps, dtype=torch.long)
+    mask[:2, :2] = 0  # two left-padded rows
+    runs = []
+    for cache in (DynamicCache(config=model.config), preallocated_cache(model.config, width + steps)):
+        logits, step, positions, rows = [], ids, (mask[:, :width].cumsum(-1) - 1).clamp(min=0), torch.arange(n)
+        with torch.no_grad():
+            for t in range(steps):
+                out = model(
+                    input_ids=step,
+                    attention_mask=mask[rows, : width + t],
+                    position_ids=positions,
+                    past_key_values=cache,
+                    use_cache=True,
+                ).logits[:, -1]
+                logits.append(out)
+                step, positions = out.argmax(-1, keepdim=True), positions[:, -1:] + 1
+                if t in (3, 6):  # rows leave: 0, 2, 4 stay, then the first and the last of those
+                    kept = torch.tensor([0, 2, 4]) if t == 3 else torch.tensor([0, 2])
+                    cache.batch_select_indices(kept)
+                    rows, step, positions = rows[kept], step[kept], positions[kept]
+        runs.append(logits)
+    assert all(isinstance(layer, PreallocatedLayer) for layer in cache.layers)
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+    layer = cache.layers[0]
+    assert layer.get_seq_length() == width + steps - 1  # the prompt and 8 fed tokens; one column left
+    two = layer.keys[:, :, :2].clone()
+    with pytest.raises(RuntimeError, match="holds 14 columns; writing column 15 overflows it"):
+        layer.update(two, two)
+
+
+def test_rows_leave_together_without_changing_what_they_sample(model_and_tokenizer, monkeypatch):
+    """Finished rows stay in the batch (fed a pad) until they are COMPACT_SHARE of it: the completions equal
+    those of rows leaving at once (share 0) and of rows never leaving (share above 1)."""
+    import lit_gcpo.engines.decoding as decoding
+
+    model, tokenizer = model_and_tokenizer
+    prompts = _ids(tokenizer, ["1+2=", "13+4=", "7*8=", "9-3="])
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=12, stop=["1", "2"])
+    outs = []
+    for share in (0.0, decoding.COMPACT_SHARE, 2.0):
+        monkeypatch.setattr(decoding, "COMPACT_SHARE", share)
+        outs.append(HFEngine(model, tokenizer).generate(prompts, 4, sampling, seeds=[1, 2, 3, 4], with_embeddings=True))
+    lengths = [len(c) for c in outs[0].completion_ids]
+    assert len(set(lengths)) > 3 and min(lengths) < 6  # rows ended at many steps, some early
+    for out in outs[1:]:
+        assert out.completion_ids == outs[0].completion_ids and out.truncated == outs[0].truncated
+        for mine, theirs in zip(out.logprobs, outs[0].logprobs, strict=True):
+            torch.testing.assert_close(torch.tensor(mine), torch.tensor(theirs), atol=1e-5, rtol=0)
+        torch.testing.assert_close(out.embeddings, outs[0].embeddings, atol=1e-5, rtol=0)

@@ -15,7 +15,8 @@ of its own rather than ``model.generate``:
 - **Sharded policies** (FSDP2): every forward pass gathers weights from all ranks, so a rank whose
   sequences all ended keeps stepping until every rank's have.
 
-Top-k and top-p use transformers' logits warpers, the KV cache its ``DynamicCache``. Stop strings are matched
+Top-k and top-p use transformers' logits warpers; the KV cache is transformers' ``DynamicCache`` with its layers
+writing into buffers allocated once (``lit_gcpo.engines.kv_cache``). Stop strings are matched
 in the decoded text, as vLLM does: each row keeps the last characters of its completion's text, extended by
 the new token's text (every vocabulary entry decoded once). transformers' ``StopStringCriteria`` was not used
 because it cannot read a vocabulary without letters (it decodes each token after a letter prefix), such as
@@ -24,22 +25,13 @@ the embedded tiny policy's character tokenizer.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import torch
 from torch.distributed.fsdp import FSDPModule
-from transformers import DynamicCache
-from transformers.generation import TopKLogitsWarper, TopPLogitsWarper
 
-from lit_gcpo.engines.base import (
-    Generation,
-    RolloutEngine,
-    SamplingConfig,
-    end_of_sequence_ids,
-    logprob_temperature,
-    prompt_seeds,
-)
+from lit_gcpo.engines.base import Generation, RolloutEngine, SamplingConfig, end_of_sequence_ids, prompt_seeds
+from lit_gcpo.engines.decoding import Completions, SamplingLoop, TokenSampler, left_padded
 from lit_gcpo.training.scoring import base_model
 
 
@@ -104,21 +96,6 @@ class StopStrings:
             ends.append(any(stop in text for stop in self.stops))
             self.tails[row] = text[len(text) - self.keep :] if self.keep else ""
         return torch.tensor(ends, dtype=torch.bool)
-
-
-@contextlib.contextmanager
-def _last_hidden_states(policy: torch.nn.Module, enabled: bool, captured: list[torch.Tensor]) -> Iterator[None]:
-    """While open (and ``enabled``), append to ``captured`` the decoder's final hidden state (after its last norm)
-    of the last column of every forward pass of ``policy``."""
-    if not enabled:
-        yield
-        return
-    decoder = base_model(policy).get_decoder()
-    hook = decoder.register_forward_hook(lambda _m, _a, out: captured.append(out.last_hidden_state[:, -1]))
-    try:
-        yield
-    finally:
-        hook.remove()
 
 
 SMALL_POLICY_PARAMETERS = 10_000_000
@@ -214,14 +191,6 @@ class HFEngine(RolloutEngine):
             self._texts = texts + [""] * max(0, rows - known)
         return self._texts
 
-    def _any_running(self, running: torch.Tensor, sharded: bool) -> bool:
-        """Whether some row still needs a forward pass, on any rank when the policy is ``sharded`` (FSDP2): each
-        forward pass of a sharded policy gathers weights from all ranks, so the ranks must take the same steps."""
-        flag = running.any().to(torch.int32)
-        if sharded:
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag)
-
     def _uniforms(self, row_seeds: list[tuple[int, int] | None], steps: int, device: torch.device) -> torch.Tensor:
         """``[n, steps]`` uniforms in [0, 1): row ``r`` from the stream of its (prompt seed, sample); a row without
         a seed from a key drawn from torch's global generator."""
@@ -239,102 +208,23 @@ class HFEngine(RolloutEngine):
         with_embeddings: bool = False,
     ) -> Generation:
         device = next(self.policy.parameters()).device
-        n, width, steps = len(sequences), max(len(s) for s in sequences), sampling.max_new_tokens
-        input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)  # [n, P]
-        attention_mask = torch.zeros_like(input_ids)  # [n, P]
-        for row, seq in enumerate(sequences):  # left padding, so that every row continues at the same column
-            input_ids[row, width - len(seq) :] = torch.tensor(seq)
-            attention_mask[row, width - len(seq) :] = 1
-        # the mask of every column the loop will reach, sliced per step (no concatenation per token)
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(n, steps)], dim=-1)  # [n, P + T]
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        greedy = sampling.temperature == 0
-        temperature = logprob_temperature(sampling.temperature)
-        warpers = []
-        if not greedy and sampling.top_k > 0:
-            warpers.append(TopKLogitsWarper(sampling.top_k))
-        if not greedy and sampling.top_p < 1:
-            warpers.append(TopPLogitsWarper(sampling.top_p))
-        stop = StopStrings(self._token_texts(), list(sampling.stop), n) if sampling.stop else None
-        uniforms = None if greedy else self._uniforms(row_seeds, steps, device)  # [n, T]
+        steps = sampling.max_new_tokens
+        prompts = left_padded(sequences, self.pad_token_id, steps, device)
+        stop = StopStrings(self._token_texts(), list(sampling.stop), len(sequences)) if sampling.stop else None
         eos = torch.tensor(self.eos_token_ids, device=device)
-        sharded = isinstance(self.policy, FSDPModule) and torch.distributed.is_initialized()
 
-        tokens = torch.full((n, steps), self.pad_token_id, dtype=torch.long, device=device)  # [n, T]
-        logprobs = torch.zeros((n, steps), dtype=torch.float32, device=device)  # [n, T]
-        lengths = torch.full((n,), steps, dtype=torch.long, device=device)  # [n], = T while running
-        finished = torch.zeros(n, dtype=torch.bool, device=device)  # [n]
-        pooled = torch.zeros(n, 0, device=device)  # [n, H] once the first hidden state is known
-        cache = DynamicCache(config=self.policy.config)
-        positions = (attention_mask[:, :width].cumsum(-1) - 1).clamp(min=0)  # [n, P], as generate() computes them
-        # `rows`: the rows in the cache, in its order. A row leaves once it needs no more forward passes (it ended,
-        # and with embeddings its last token was fed), so the rest of the loop does not compute for it. A sharded
-        # policy keeps every row: its forward passes are collectives, which every rank must make alike.
-        rows = torch.arange(n, device=device)
-        step_ids, step_positions = input_ids, positions
-        captured: list[torch.Tensor] = []  # see _last_hidden_states
-        with _last_hidden_states(self.policy, with_embeddings, captured):
-            # step t feeds token t - 1 (the prompt at t = 0) and samples token t; step T only feeds the last
-            # tokens, for their hidden states
-            for t in range(steps + 1):
-                logits = self.policy(
-                    input_ids=step_ids,
-                    attention_mask=attention_mask[rows, : width + t],
-                    position_ids=step_positions,
-                    past_key_values=cache,
-                    use_cache=True,
-                    logits_to_keep=1,
-                ).logits[:, -1]  # [r, V]
-                if with_embeddings and t > 0:  # the hidden state of token t - 1, summed where it is in the completion
-                    hidden = captured.pop().float() * (t - 1 < lengths[rows]).unsqueeze(-1)  # [r, H]
-                    if pooled.shape[1] == 0:
-                        pooled = torch.zeros(n, hidden.shape[1], device=device)
-                    pooled.index_add_(0, rows, hidden)
-                captured.clear()
-                if t == steps:
-                    break
-                scaled = logits.float() / temperature  # [r, V]
-                log_probs = torch.log_softmax(scaled, dim=-1)  # [r, V]
-                if greedy:
-                    token = scaled.argmax(-1)  # [r]
-                else:
-                    for warp in warpers:
-                        scaled = warp(None, scaled)
-                    cdf = torch.softmax(scaled, dim=-1, dtype=torch.float64).cumsum(-1)  # [r, V]
-                    draw = (uniforms[rows, t] * cdf[:, -1]).unsqueeze(-1)  # [r, 1]
-                    token = torch.searchsorted(cdf, draw).squeeze(-1).clamp(max=cdf.shape[-1] - 1)  # [r]
-                done = finished[rows]  # [r] ended before this step (kept for one more feed, or sharded)
-                token = torch.where(done, self.pad_token_id, token)
-                tokens[rows, t] = token
-                logprobs[rows, t] = log_probs.gather(-1, token.unsqueeze(-1)).squeeze(-1)
-                ends = torch.isin(token, eos)
-                if stop is not None:
-                    ends |= stop(token, done, rows).to(ends.device)
-                newly = ends & ~done  # [r]
-                lengths[rows] = torch.where(newly, t + 1, lengths[rows])
-                finished[rows] = done | newly
-                if t == steps - 1 and not with_embeddings:
-                    break  # the last token: nothing left to sample or to feed
-                # who needs the next forward: the rows still sampling, and (embeddings) those whose token t is new
-                keep = ~done if with_embeddings else ~(done | newly)  # [r]
-                if sharded:
-                    if not self._any_running(keep, sharded):
-                        break
-                    keep = torch.ones_like(keep)
-                elif not keep.any():
-                    break
-                step_ids, step_positions = token.unsqueeze(-1), step_positions[:, -1:] + 1  # [r, 1]
-                if not keep.all():
-                    kept = keep.nonzero().squeeze(-1)  # [r'] positions in the cache
-                    cache.batch_select_indices(kept)
-                    rows, step_ids, step_positions = rows[kept], step_ids[kept], step_positions[kept]
-        embeddings = pooled / lengths.clamp(min=1).unsqueeze(-1).to(pooled.dtype) if with_embeddings else None  # [n, H]
+        def ends(token: torch.Tensor, done: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            hit = torch.isin(token, eos)  # [r]
+            return hit | stop(token, done, rows).to(hit.device) if stop is not None else hit
 
-        lengths_list, finished_list = lengths.tolist(), finished.tolist()
-        tokens_list, logprobs_list = tokens.tolist(), logprobs.tolist()
-        return Generation(
-            completion_ids=[tokens_list[r][: lengths_list[r]] for r in range(n)],
-            logprobs=[logprobs_list[r][: lengths_list[r]] for r in range(n)],
-            truncated=[not f for f in finished_list],
-            embeddings=embeddings,
+        loop = SamplingLoop(
+            policy=self.policy,
+            prompts=prompts,
+            steps=steps,
+            sampler=TokenSampler(sampling),
+            uniforms=None if sampling.temperature == 0 else self._uniforms(row_seeds, steps, device),  # [n, T]
+            completions=Completions(len(sequences), steps, self.pad_token_id, device),
+            ends=ends,
+            sharded=isinstance(self.policy, FSDPModule) and torch.distributed.is_initialized(),
         )
+        return loop.run(with_embeddings)

@@ -13,9 +13,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-# Must precede the first torch import: with vLLM and the trainer in one process, OpenMP busy-waiting
-# between their two thread pools made generation 7x slower (shared/VLLM_NOTES.md).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from lit_gcpo.running.wait_policy import wait_policy_variables
+
+# Must precede the first torch import (OpenMP reads it once): PASSIVE when the vLLM CPU build is installed,
+# OpenMP's default otherwise, the user's value when set (lit_gcpo.running.wait_policy has the measurements).
+os.environ.update(wait_policy_variables(os.environ))
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar
