@@ -70,6 +70,7 @@ import importlib.metadata
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -289,6 +290,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # a SIGTERM unwinds like Ctrl-C: the background load is stopped and the work directory removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     versions = ensure_trl_venv(args.trl_venv)
     if args.lit_python is None:
         args.lit_python = ensure_lit_venv(args.lit_venv)

@@ -35,7 +35,15 @@ QUIET_SHARE = 0.10
 step's noise at that level is within the repeats' spread, a few percent)."""
 LOADED_SHARE = 0.50
 """Least foreign CPU share a ``loaded`` run must show: one of the two cores' worth of the background load."""
-BUSY_LOOP = "while True:\n    pass\n"
+BUSY_LOOP = (
+    "import os, time\n"
+    "parent, end = os.getppid(), time.monotonic() + {lifetime}\n"
+    "while os.getppid() == parent and time.monotonic() < end:\n"
+    "    for _ in range(100_000):\n"
+    "        pass\n"
+)
+"""One core's busy loop; it ends by itself when the script that started it is gone (killed without cleaning
+up) or after its lifetime."""
 
 
 @dataclass(frozen=True)
@@ -129,13 +137,16 @@ def refused_runs(runs: list[dict], environments: dict[str, Environment]) -> list
 
 @dataclass
 class BackgroundLoad:
-    """One single-threaded busy process per core while open (the ``loaded`` environment)."""
+    """One single-threaded busy process per core while open (the ``loaded`` environment), each ending by itself
+    after ``lifetime_s`` at the latest."""
 
     cores: int
+    lifetime_s: float = 7200.0
     processes: list[subprocess.Popen] = field(default_factory=list)
 
     def __enter__(self) -> BackgroundLoad:
-        self.processes = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(self.cores)]
+        code = BUSY_LOOP.format(lifetime=self.lifetime_s)
+        self.processes = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(self.cores)]
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -220,3 +220,35 @@ def test_busy_quiet_runs_and_unloaded_loaded_runs_are_refused_by_name() -> None:
         "ACTIVE tiny beta 0 lit repeat 1: foreign CPU share 0.31 > 0.1 (the machine was not quiet)",
         "loaded tiny beta 0 trl repeat 1: foreign CPU share 0.20 < 0.5 (the load was not there)",
     ]
+
+
+def test_background_load_keeps_each_core_busy_and_stops() -> None:
+    import os
+    import time
+
+    from vs_trl_env import BackgroundLoad
+
+    def cpu_seconds(pid: int) -> float:  # utime + stime: fields 14 and 15 of /proc/PID/stat, in clock ticks
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    with BackgroundLoad(cores=2, lifetime_s=120) as load:
+        assert len(load.processes) == 2
+        deadline = time.monotonic() + 90  # however loaded the machine, each loop keeps running and gains CPU
+        while min(cpu_seconds(p.pid) for p in load.processes) < 1.0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert min(cpu_seconds(p.pid) for p in load.processes) >= 1.0
+        assert all(p.poll() is None for p in load.processes)
+        processes = list(load.processes)
+    assert load.processes == [] and all(p.returncode is not None for p in processes)  # killed and reaped
+
+
+def test_a_busy_loop_ends_when_its_lifetime_is_over() -> None:
+    import subprocess
+    import time
+
+    from vs_trl_env import BUSY_LOOP
+
+    start = time.monotonic()
+    subprocess.run([sys.executable, "-c", BUSY_LOOP.format(lifetime=0.5)], timeout=60, check=True)
+    assert time.monotonic() - start < 30
