@@ -4,7 +4,8 @@ time, its split, peak RSS, and whether the machine was quiet.
     .venv/bin/python benchmarks/bench_vs_trl.py [--sizes tiny 20m] [--environments as-a-user ACTIVE PASSIVE loaded]
         [--repeats N] [--steps N] [--betas 0] [--lit-python PATH] [--allow-busy] [--keep] [--no-write]
 
-What the lead runs in a quiet window (about 20 minutes on 2 cores): ``.venv/bin/python benchmarks/bench_vs_trl.py``.
+The comparison RESULTS.md quotes, on a quiet machine (about 20 minutes on 2 cores): ``.venv/bin/python
+benchmarks/bench_vs_trl.py`` with its defaults.
 
 Venvs. TRL 1.16.0 lives in its own venv, ``.venv-trl`` (ignored by git), which the script makes when it is
 missing: ``python -m venv``, ``pip install torch==2.13.0`` (the local CPU wheel), then ``trl==1.16.0``, the

@@ -218,7 +218,7 @@ def test_busy_quiet_runs_and_unloaded_loaded_runs_are_refused_by_name() -> None:
     messages = refused_runs([*ok, run("ACTIVE", 0.31, "lit"), run("loaded", 0.2)], ENVIRONMENTS)
     assert messages == [
         "ACTIVE tiny beta 0 lit repeat 1: foreign CPU share 0.31 > 0.1 (the machine was not quiet)",
-        "loaded tiny beta 0 trl repeat 1: foreign CPU share 0.20 < 0.5 (the load was not there)",
+        "loaded tiny beta 0 trl repeat 1: foreign CPU share 0.20 < 0.35 (the load was not there)",
     ]
 
 
