@@ -186,12 +186,12 @@ def run_once(python: Path, work: Path, run: dict[str, Any], size: Size, steps: i
     the wall time, CPU time, load average before and after and foreign CPU share added. Raises with the log's
     tail when the run fails or exceeds its time bound."""
     framework, beta = run["framework"], run["beta"]
-    environment: Environment = ENVIRONMENTS[run["environment"]]
+    environment: Environment = run.get("environment_spec") or ENVIRONMENTS[run["environment"]]
     base = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     base["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
     env = run_environment(base, environment, framework)
     command = [str(python), str(HERE / "vs_trl_runner.py"), framework, str(work), str(beta), str(steps)]
-    command += [str(size.max_new_tokens), str(out)]
+    command += [str(size.max_new_tokens), str(out), run.get("engine", "hf")]
     bound = 180 + 60 * steps * (size.max_new_tokens // 32) ** 2
     log = out.with_suffix(".log")
     load_before = os.getloadavg()[0]

@@ -1,7 +1,9 @@
 """One timed training run of ``bench_vs_trl.py``, as its own process: TRL's ``GRPOTrainer`` (run with the TRL
 venv's python) or ``lit-gcpo fit`` (the project's), on the work of ``vs_trl_work``.
 
-    python vs_trl_runner.py {trl,lit} WORK_DIR BETA STEPS MAX_NEW_TOKENS OUT.json
+    python vs_trl_runner.py {trl,lit} WORK_DIR BETA STEPS MAX_NEW_TOKENS OUT.json [ENGINE]
+
+(``ENGINE``: lit-gcpo's ``data.engine``, ``hf`` by default.)
 
 Writes ``OUT.json``: the wall time of every optimizer step (between consecutive step ends, so logging is in) and
 the process's CPU time over the same interval (all its threads: ``time.process_time``),
@@ -79,7 +81,9 @@ def finish(
 
 
 # ------------------------------------------------------------------------------------------------ TRL
-def run_trl(files: WorkFiles, beta: float, steps: int, max_new_tokens: int, out: Path) -> None:
+def run_trl(files: WorkFiles, beta: float, steps: int, max_new_tokens: int, out: Path, engine: str = "hf") -> None:
+    if engine != "hf":
+        raise ValueError(f"TRL generates with model.generate; engine {engine!r} is lit-gcpo's only")
     import datasets
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -139,7 +143,7 @@ def run_trl(files: WorkFiles, beta: float, steps: int, max_new_tokens: int, out:
 LIT_PHASES = ("time/generate_s", "time/reward_s", "time/score_s", "time/train_s", "time/answer_clusters_s")
 
 
-def run_lit(files: WorkFiles, beta: float, steps: int, max_new_tokens: int, out: Path) -> None:
+def run_lit(files: WorkFiles, beta: float, steps: int, max_new_tokens: int, out: Path, engine: str = "hf") -> None:
     import lightning as L
 
     from lit_gcpo.running.cli import main as cli_main
@@ -166,16 +170,17 @@ def run_lit(files: WorkFiles, beta: float, steps: int, max_new_tokens: int, out:
             )
             tokens.append(float(batch.completion_mask.sum()))
 
-    cli = cli_main(lit_args(files, beta, steps, out.parent / f"{out.stem}-lit", max_new_tokens)[1:], run=False)
+    args = lit_args(files, beta, steps, out.parent / f"{out.stem}-lit", max_new_tokens, engine)
+    cli = cli_main(args[1:], run=False)
     cli.trainer.callbacks.append(StepClock())
     cli.trainer.fit(cli.model, cli.datamodule)
     finish(out, "lit", walls, cpus, phases, tokens, cli.trainer.global_step)
 
 
 def main(argv: list[str]) -> None:
-    framework, work_dir, beta, steps, max_new_tokens, out = argv
+    framework, work_dir, beta, steps, max_new_tokens, out, *engine = argv
     run = {"trl": run_trl, "lit": run_lit}[framework]
-    run(WorkFiles(Path(work_dir)), float(beta), int(steps), int(max_new_tokens), Path(out))
+    run(WorkFiles(Path(work_dir)), float(beta), int(steps), int(max_new_tokens), Path(out), *engine)
 
 
 if __name__ == "__main__":

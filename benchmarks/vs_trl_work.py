@@ -129,11 +129,21 @@ def write_work(root: Path, size: Size = TINY) -> tuple[WorkFiles, int]:
     return files, sum(p.numel() for p in model.parameters())
 
 
+VLLM_OPTIONS = '{"dtype": "float32", "max_model_len": 256}'  # the fp32 work in a 256-token context
+
+
 def lit_args(
-    files: WorkFiles, beta: float, steps: int, run_dir: Path, max_new_tokens: int = MAX_NEW_TOKENS
+    files: WorkFiles,
+    beta: float,
+    steps: int,
+    run_dir: Path,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    engine: str = "hf",
 ) -> list[str]:
     """``lit-gcpo fit`` arguments for the work (the subcommand included). TensorBoard scalars every step like a
-    user run; no checkpoints, no exported policy, no validation, no progress bar."""
+    user run; no checkpoints, no exported policy, no validation, no progress bar. ``engine``: ``hf`` (what TRL is
+    compared with) or ``vllm`` (``bench_wait_policy.py``)."""
+    engine_options = ["--data.engine_options", VLLM_OPTIONS] if engine == "vllm" else []
     return [
         "fit",
         f"--seed_everything={SEED}",
@@ -176,7 +186,8 @@ def lit_args(
         f"--data.group_size={GROUP_SIZE}",
         f"--data.rewards=[{REWARD_PATH}]",
         f"--data.accuracy_reward={REWARD_PATH}",
-        "--data.engine=hf",
+        f"--data.engine={engine}",
+        *engine_options,
         f"--data.sampling.temperature={TEMPERATURE}",
         f"--data.sampling.top_p={TOP_P}",
         "--data.sampling.top_k=-1",

@@ -252,3 +252,25 @@ def test_a_busy_loop_ends_when_its_lifetime_is_over() -> None:
     start = time.monotonic()
     subprocess.run([sys.executable, "-c", BUSY_LOOP.format(lifetime=0.5)], timeout=60, check=True)
     assert time.monotonic() - start < 30
+
+
+def test_wait_policy_environments_cover_each_policy_quiet_and_loaded(tmp_path: Path) -> None:
+    from bench_wait_policy import environments
+
+    table = environments()
+    assert list(table) == [
+        "CLI default", "ACTIVE", "PASSIVE", "CLI default, loaded", "ACTIVE, loaded", "PASSIVE, loaded",
+    ]  # fmt: skip
+    base = {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert "OMP_WAIT_POLICY" not in run_environment(base, table["CLI default, loaded"], "lit")
+    assert run_environment({}, table["PASSIVE"], "lit")["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert [label for label, env in table.items() if env.loaded] == [label for label in table if "loaded" in label]
+    files, _ = write_work(tmp_path / "work")
+    hf = lit_args(files, 0.0, 5, tmp_path / "run")
+    vllm = lit_args(files, 0.0, 5, tmp_path / "run", engine="vllm")
+    assert "--data.engine=hf" in hf and "--data.engine_options" not in hf
+    position = vllm.index("--data.engine_options")
+    assert "--data.engine=vllm" in vllm and '"max_model_len": 256' in vllm[position + 1]
+    assert [a for a in vllm if a not in ("--data.engine=vllm", "--data.engine_options", vllm[position + 1])] == [
+        a for a in hf if a != "--data.engine=hf"
+    ]  # nothing else differs
