@@ -144,9 +144,14 @@ LIT_PHASES = ("time/generate_s", "time/reward_s", "time/score_s", "time/train_s"
 
 
 def run_lit(files: WorkFiles, beta: float, steps: int, max_new_tokens: int, out: Path, engine: str = "hf") -> None:
-    import lightning as L
+    # The CLI first, as the `lit-gcpo` command imports it: it decides OMP_WAIT_POLICY before torch is imported,
+    # and OpenMP reads the variable once (importing lightning first left OpenMP's default in force whatever the
+    # CLI then set: 6x the CPU per step under PASSIVE on a busy machine).
+    if "torch" in sys.modules:
+        raise RuntimeError("torch was imported before lit_gcpo.running.cli: its OMP_WAIT_POLICY would not take effect")
+    from lit_gcpo.running.cli import main as cli_main  # isort: skip
 
-    from lit_gcpo.running.cli import main as cli_main
+    import lightning as L
 
     walls: list[float] = []
     cpus: list[float] = []

@@ -269,12 +269,12 @@ def test_a_small_policy_samples_on_one_thread_and_training_keeps_torchs_setting(
         HFEngine(model, tokenizer, decode_threads=-1)
 
 
-def test_preallocated_cache_gives_the_dynamic_caches_logits_bit_for_bit(model_and_tokenizer):
-    """The engine's cache writes into buffers allocated once; the attention must read the very numbers the
+def test_buffered_cache_gives_the_dynamic_caches_logits_bit_for_bit(model_and_tokenizer):
+    """The engine's cache writes into buffers that grow by doubling; the attention must read the very numbers the
     concatenating DynamicCache gives it, through padded prompts and rows leaving the batch twice."""
     from transformers import DynamicCache
 
-    from lit_gcpo.engines.kv_cache import PreallocatedLayer, preallocated_cache
+    from lit_gcpo.engines.kv_cache import BufferedLayer, buffered_cache
 
     model, _ = model_and_tokenizer
     generator = torch.Generator().manual_seed(0)
@@ -283,7 +283,7 @@ def test_preallocated_cache_gives_the_dynamic_caches_logits_bit_for_bit(model_an
     mask = torch.ones(n, width + steps, dtype=torch.long)
     mask[:2, :2] = 0  # two left-padded rows
     runs = []
-    for cache in (DynamicCache(config=model.config), preallocated_cache(model.config, width + steps)):
+    for cache in (DynamicCache(config=model.config), buffered_cache(model.config, width + steps)):
         logits, step, positions, rows = [], ids, (mask[:, :width].cumsum(-1) - 1).clamp(min=0), torch.arange(n)
         with torch.no_grad():
             for t in range(steps):
@@ -301,7 +301,7 @@ def test_preallocated_cache_gives_the_dynamic_caches_logits_bit_for_bit(model_an
                     cache.batch_select_indices(kept)
                     rows, step, positions = rows[kept], step[kept], positions[kept]
         runs.append(logits)
-    assert all(isinstance(layer, PreallocatedLayer) for layer in cache.layers)
+    assert all(isinstance(layer, BufferedLayer) for layer in cache.layers)
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
     layer = cache.layers[0]
     assert layer.get_seq_length() == width + steps - 1  # the prompt and 8 fed tokens; one column left
@@ -329,3 +329,19 @@ def test_rows_leave_together_without_changing_what_they_sample(model_and_tokeniz
         for mine, theirs in zip(out.logprobs, outs[0].logprobs, strict=True):
             torch.testing.assert_close(torch.tensor(mine), torch.tensor(theirs), atol=1e-5, rtol=0)
         torch.testing.assert_close(out.embeddings, outs[0].embeddings, atol=1e-5, rtol=0)
+
+
+def test_buffered_layer_grows_by_doubling_up_to_its_capacity_and_keeps_what_it_holds():
+    from lit_gcpo.engines.kv_cache import BufferedLayer
+
+    layer = BufferedLayer(capacity=10)
+    written = torch.arange(2 * 1 * 10 * 4, dtype=torch.float32).reshape(2, 1, 10, 4)  # [rows, heads, T, dim]
+    held = []
+    for start, end in [(0, 3), (3, 4), (4, 7), (7, 8), (8, 10)]:
+        keys, values = layer.update(written[:, :, start:end], -written[:, :, start:end])
+        held.append(layer._key_buffer.shape[2])
+        assert torch.equal(keys, written[:, :, :end]) and torch.equal(values, -written[:, :, :end])
+    # 3 columns (the prompt), doubled to 6 for the 4th, to 12 for the 7th but capped at the capacity 10
+    assert held == [3, 6, 10, 10, 10]
+    with pytest.raises(RuntimeError, match="holds 10 columns; writing column 11 overflows it"):
+        layer.update(written[:, :, :1], written[:, :, :1])

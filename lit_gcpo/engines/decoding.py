@@ -17,7 +17,7 @@ import torch
 from transformers.generation import TopKLogitsWarper, TopPLogitsWarper
 
 from lit_gcpo.engines.base import Generation, SamplingConfig, logprob_temperature
-from lit_gcpo.engines.kv_cache import preallocated_cache
+from lit_gcpo.engines.kv_cache import buffered_cache
 from lit_gcpo.training.scoring import base_model
 
 EndTest = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -184,7 +184,7 @@ class SamplingLoop:
         self.completions, self.ends, self.sharded = completions, ends, sharded
         self.rows = torch.arange(prompts.input_ids.shape[0], device=prompts.input_ids.device)  # [r]
         self.row_mask, self.row_uniforms = prompts.attention_mask, uniforms  # [r, P + T], [r, T]
-        self.cache = preallocated_cache(policy.config, prompts.width + steps)
+        self.cache = buffered_cache(policy.config, prompts.width + steps)
 
     def run(self, with_embeddings: bool) -> Generation:
         """Sample every row to its end; the completions (with their mean final hidden states when asked)."""

