@@ -13,11 +13,12 @@ or sleep at once (``PASSIVE``). Measured on a 2-core CPU (``benchmarks/bench_vs_
   benchmark's runner imported torch before the CLI set the variable), the training pass's two threads waking from
   sleep at every parallel region; so OpenMP's default is kept there.
 - The ``hf`` engine on a busy machine: OpenMP's default spin costs several times the CPU, the training pass most
-  (2026-12-06, ``bench_wait_policy.py`` on the tiny work, the machine ~90% busy with other jobs: 1.4 s of CPU per
-  step against 0.23 s under ``PASSIVE``, 9.1 s a step against 1.2 s; ``ACTIVE`` worse still), and TRL's step was 6x
-  slower (issue 23). So ``PASSIVE`` when the machine is busy as the run starts: more than ``BUSY_SHARE`` of its CPU
-  time used by other processes over ``SAMPLE_S`` (``/proc/stat``; elsewhere the 1-minute load average over the
-  cores). A load that only comes later is not seen (nor by any other program left at OpenMP's default).
+  (2026-12-06, ``bench_wait_policy.py`` on the tiny work, the machine ~90% busy with other jobs: under OpenMP's
+  default 1.4 s of CPU per step and 6.3 s a step, under ``ACTIVE`` 1.9 s and 9.1 s, under ``PASSIVE`` 0.23 s and
+  1.2 s), and TRL's step was 6x slower (issue 23). So ``PASSIVE`` when the machine is busy as the run starts:
+  more than ``BUSY_SHARE`` of its CPU time used by other processes over ``SAMPLE_S`` (``/proc/stat``; elsewhere
+  the 1-minute load average over the cores). A load that only comes later is not seen (nor by any other program
+  left at OpenMP's default).
 
 The user decides over all of these: an ``OMP_WAIT_POLICY`` already in the environment is left as it is.
 
