@@ -59,8 +59,8 @@ def test_prompt_seeds_are_distinct_per_prompt_and_stream():
     from lit_gcpo.data.batch import PromptBatch
 
     batch = PromptBatch(prompts=["a", "b", "c"], rows=[{}, {}, {}], indices=[0, 1, 2], positions=[0, 1, 2])
-    val = data._prompt_seeds("val/0", batch)
+    val = data.prompt_seeds("val/0", batch)
     assert len(set(val)) == 3
-    assert not set(val) & set(data._prompt_seeds("test/gsm8k/greedy", batch))
-    assert val == data._prompt_seeds("val/0", batch)
+    assert not set(val) & set(data.prompt_seeds("test/gsm8k/greedy", batch))
+    assert val == data.prompt_seeds("val/0", batch)
     assert torch.tensor(val).dtype == torch.long

@@ -33,7 +33,8 @@ from lit_gcpo.algorithms.clustering import answer_clusters
 from lit_gcpo.data.batch import PromptBatch, RolloutBatch, requested_fields
 from lit_gcpo.data.contracts import RolloutPolicy, check_implements
 from lit_gcpo.data.dynamic_sampling import DynamicSampling, TorchExchange, fill_rollout
-from lit_gcpo.data.evaluation_passes import TestPasses, skipped_items, too_long_items
+from lit_gcpo.data.evaluation_passes import EvaluationAccess, TestPasses
+from lit_gcpo.data.off_policy import one_step_off
 from lit_gcpo.data.preparation import complete_rows, fit_to_context
 from lit_gcpo.data.rollout import RolloutCollector
 from lit_gcpo.data.sources import PromptSource
@@ -75,7 +76,7 @@ def _timed_answer_clusters(answers: list[str | None] | None, group_ids: torch.Te
     return clusters, time.perf_counter() - start
 
 
-class RolloutDataModule(L.LightningDataModule):
+class RolloutDataModule(EvaluationAccess, L.LightningDataModule):
     """Streams groups of completions for GRPO-family training, and evaluation prompts.
 
     Args:
@@ -113,6 +114,10 @@ class RolloutDataModule(L.LightningDataModule):
             ``seed_everything``.
         dynamic_sampling: drop groups without reward spread and draw more batches of the stream until the batch
             is full (DAPO; ``lit_gcpo.data.dynamic_sampling``). None (the default): off.
+        off_policy: one-step-off-policy rollouts: batch t+1 is sampled, by a copy of the policy in a worker thread,
+            while batch t trains, with weights one optimizer step old; the loss corrects with the module's
+            ``rollout_correction`` (``lit_gcpo.data.off_policy``). False (the default): sampled at each step with the
+            current weights. ``hf`` engine and one process only; not with ``dynamic_sampling``.
     """
 
     def __init__(
@@ -140,6 +145,7 @@ class RolloutDataModule(L.LightningDataModule):
         val_batch_size: PositiveInt = 64,
         seed: int | None = None,
         dynamic_sampling: DynamicSampling | None = None,
+        off_policy: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -154,6 +160,9 @@ class RolloutDataModule(L.LightningDataModule):
         if accuracy_reward is not None and accuracy_reward not in rewards:
             raise ValueError(f"accuracy_reward {accuracy_reward!r} is not one of rewards {rewards}")
         self.dynamic_sampling = DynamicSampling.checked(dynamic_sampling, rewards)
+        if off_policy and (dynamic_sampling is not None or engine != "hf"):
+            raise ValueError("data.off_policy works with data.engine hf and without data.dynamic_sampling (for now)")
+        self.off_policy, self._off_policy = off_policy, None  # the option; the in-flight batch, from setup on
         self._train_stream: PromptStream | None = None  # the rounds of dynamic sampling read it
         self.train_source, self.val_source = train, val
         self.test_sources: list[PromptSource] = [test] if isinstance(test, PromptSource) else list(test or [])
@@ -224,6 +233,8 @@ class RolloutDataModule(L.LightningDataModule):
                 engine, tokenizer, rewards, add_special_tokens=not use_chat, accuracy_reward=self.accuracy_reward,
                 policy_precision=module.precision_context,  # the hf engine samples in it (see RolloutCollector)
             )  # fmt: skip
+        if self.off_policy and self._off_policy is None and stage == "fit":
+            self._off_policy = one_step_off(self, module)
 
     def _renderer(self, source: PromptSource | None, tokenizer: Any) -> PromptRenderer:
         template = (source.template if source is not None else None) or self.template
@@ -282,39 +293,6 @@ class RolloutDataModule(L.LightningDataModule):
             raise ValueError("lit-gcpo predict needs prompts: set data.predict (e.g. a LocalFiles source)")
         return self._shard(EvalPrompts(*self._datasets["predict"], self.val_batch_size))
 
-    def test_names(self) -> list[str]:
-        """A name for each test dataloader: its source's ``describe()``, and ``/<variant>`` for a pass."""
-        if self._test_passes.passes:
-            return self._test_passes.names()
-        return [source.describe() for source in (self.test_sources or [self.val_source]) if source is not None]
-
-    def eval_settings(self, dataloader_idx: int) -> tuple[SamplingConfig, int]:
-        """How evaluation dataloader ``dataloader_idx`` samples: ``(sampling, completions per prompt)``."""
-        passes = self._test_passes.passes
-        if self.trainer is not None and self.trainer.testing and dataloader_idx < len(passes):
-            return passes[dataloader_idx].sampling, passes[dataloader_idx].samples
-        return replace(self.sampling, temperature=self.val_temperature), self.val_samples
-
-    def test_prompts(self) -> dict[str, list[str]]:
-        """The prompts of each test dataloader, by its name (``test_names``)."""
-        return self._test_passes.prompts()
-
-    def skipped_items(self, stage: str) -> dict[str, list[str]]:
-        """Ids the evaluation sources of ``stage`` (``test``: the test sources, else the validation source) left out
-        for an unreadable gold, by benchmark name (sources with ``name`` and ``skipped``: ``BenchmarkSource``)."""
-        sources = list(self.test_sources) if stage == "test" else []
-        return skipped_items(sources or [self.val_source])  # testing without test sources tests on validation's
-
-    def too_long_items(self, stage: str) -> dict[str, list[str]]:
-        """Ids of the items of ``stage`` left out for a prompt longer than the context (``long_prompts: skip``),
-        by benchmark: a row's own ``benchmark`` field, else its test source's name (``test``) or ``<stage>0``."""
-        return too_long_items(stage, self.dropped_long_rows, list(self.test_sources))
-
-    def skip_test_batches(self, done: dict[str, set[tuple[int, ...]]]) -> None:
-        """Leave out of the test dataloaders the batches already evaluated (a resumed run), given as
-        ``{test name: {row positions of a batch}}``; call before the test dataloaders are built."""
-        self._test_passes.done = {name: set(batches) for name, batches in done.items()}
-
     # --------------------------------------------------------------------------------------- rollout
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if not isinstance(batch, PromptBatch):
@@ -322,6 +300,8 @@ class RolloutDataModule(L.LightningDataModule):
         assert self.collector is not None and self._policy is not None, "setup() was not called"
         policy = self._policy
         training = self.trainer.training
+        if self._off_policy is not None and not training:
+            self._off_policy.wait()  # the worker's sampling is done before evaluation samples
         self._sync_engine(policy)  # also before evaluation: a restored checkpoint, the current weights
         fields = requested_fields(self.trainer.callbacks, _stage(self.trainer))
         # the engine gathers the policy's embeddings while sampling when it can (then no scoring pass is needed)
@@ -330,7 +310,7 @@ class RolloutDataModule(L.LightningDataModule):
             rollout = self._train_rollout(batch, policy, embed)
         else:
             sampling, samples = self.eval_settings(dataloader_idx)
-            seeds = self._prompt_seeds(self._eval_stream(dataloader_idx), batch)
+            seeds = self.prompt_seeds(self._eval_stream(dataloader_idx), batch)
             rollout = self.collector.collect(
                 batch, samples, replace(sampling, seed=None), policy.device, seeds=seeds, with_embeddings=embed
             )
@@ -350,10 +330,12 @@ class RolloutDataModule(L.LightningDataModule):
         """The step's scored groups: ``batch``'s, or with dynamic sampling those of the stream's batches it draws
         from this DataModule's position on (the dataloader fetched ``batch`` before the last step's rounds)."""
         sampling = replace(self.sampling, seed=None)
+        if self._off_policy is not None:
+            return self._off_policy_rollout(policy)
 
         def collect(prompts: PromptBatch) -> RolloutBatch:  # a batch of the stream, consumed
             self.consumed_batches += 1
-            seeds = self._prompt_seeds("train", prompts)
+            seeds = self.prompt_seeds("train", prompts)
             return self.collector.collect(prompts, self.group_size, sampling, policy.device, seeds, embed)
 
         def draw() -> RolloutBatch:
@@ -365,8 +347,22 @@ class RolloutDataModule(L.LightningDataModule):
         self.collector.engine.sleep()  # vLLM sleep mode frees its memory for the optimizer steps
         return rollout
 
+    def _off_policy_rollout(self, policy: RolloutPolicy) -> RolloutBatch:
+        """This position's batch, sampled one step before (``lit_gcpo.data.off_policy``); the next one submitted."""
+        engine = self._off_policy.engine
+
+        def sync() -> int:
+            engine.sync_weights(policy.export_weights())
+            return self.trainer.global_step
+
+        rollout = self._off_policy.rollout(self.consumed_batches, self._train_stream.batch, sync)
+        self.consumed_batches += 1
+        return rollout
+
     def teardown(self, stage: str) -> None:
-        """Stop the answer-clustering thread (a later ``setup`` starts a new one)."""
+        """Stop the answer-clustering thread and the off-policy worker (a later ``setup`` starts new ones)."""
+        if self._off_policy is not None:
+            self._off_policy.close()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
@@ -380,15 +376,7 @@ class RolloutDataModule(L.LightningDataModule):
             self.collector.engine.sync_weights(policy.export_weights())
             self._synced_step = step
 
-    def _eval_stream(self, dataloader_idx: int) -> str:
-        """The name that seeds an evaluation dataloader's prompts: the test pass (benchmark and variant), so the
-        same row of two benchmarks or passes draws differently; validation by its dataloader index."""
-        passes = self._test_passes.passes
-        if self.trainer.testing and dataloader_idx < len(passes):
-            return f"test/{passes[dataloader_idx].seed_key}"
-        return f"val/{dataloader_idx}"
-
-    def _prompt_seeds(self, stream: str, batch: PromptBatch) -> list[int]:
+    def prompt_seeds(self, stream: str, batch: PromptBatch) -> list[int]:
         """One sampler seed per prompt, from ``seed``, the stream and the prompt's position in it: the same
         whatever the batch size or the number of ranks, distinct for every prompt."""
         positions = batch.positions if batch.positions is not None else batch.indices
@@ -404,6 +392,7 @@ class RolloutDataModule(L.LightningDataModule):
         weights = None if self.reward_weights is None else [float(weight) for weight in self.reward_weights]
         rewards = {"rewards": [str(name) for name in self.reward_names], "reward_weights": weights}
         rewards["dynamic_sampling"] = None if self.dynamic_sampling is None else self.dynamic_sampling.plain()
+        rewards["off_policy"] = {} if self._off_policy is None else self._off_policy.state_dict()  # in flight
         return {"consumed_batches": self.consumed_batches, "seed": self.seed, "engine": engine, **settings, **rewards}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -415,3 +404,5 @@ class RolloutDataModule(L.LightningDataModule):
             rank_zero_warn(change)
         if self.collector is not None:  # built in setup, which Lightning runs before restoring
             self.collector.engine.load_state_dict(state_dict.get("engine", {}))
+        if self._off_policy is not None:
+            self._off_policy.load_state_dict(state_dict.get("off_policy", {}))

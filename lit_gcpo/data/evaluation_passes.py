@@ -11,7 +11,7 @@ prompt, seed key and prompts, and the batches a resumed run already evaluated. `
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from lit_gcpo.data.sources import PromptSource
@@ -92,3 +92,49 @@ def too_long_items(
             name = str(row.get("benchmark") or default)
             too_long.setdefault(name, []).append(str(row.get("id", f"row {index}")))
     return too_long
+
+
+class EvaluationAccess:
+    """``RolloutDataModule``'s evaluation accessors (``lit_gcpo.data.contracts.EvaluationData``): its test passes,
+    sources and sampling settings, read from the attributes of the same names that the DataModule sets."""
+
+    def test_names(self) -> list[str]:
+        """A name for each test dataloader: its source's ``describe()``, and ``/<variant>`` for a pass."""
+        if self._test_passes.passes:
+            return self._test_passes.names()
+        return [source.describe() for source in (self.test_sources or [self.val_source]) if source is not None]
+
+    def eval_settings(self, dataloader_idx: int) -> tuple[SamplingConfig, int]:
+        """How evaluation dataloader ``dataloader_idx`` samples: ``(sampling, completions per prompt)``."""
+        passes = self._test_passes.passes
+        if self.trainer is not None and self.trainer.testing and dataloader_idx < len(passes):
+            return passes[dataloader_idx].sampling, passes[dataloader_idx].samples
+        return replace(self.sampling, temperature=self.val_temperature), self.val_samples
+
+    def test_prompts(self) -> dict[str, list[str]]:
+        """The prompts of each test dataloader, by its name (``test_names``)."""
+        return self._test_passes.prompts()
+
+    def skipped_items(self, stage: str) -> dict[str, list[str]]:
+        """Ids the evaluation sources of ``stage`` (``test``: the test sources, else the validation source) left out
+        for an unreadable gold, by benchmark name (sources with ``name`` and ``skipped``: ``BenchmarkSource``)."""
+        sources = list(self.test_sources) if stage == "test" else []
+        return skipped_items(sources or [self.val_source])  # testing without test sources tests on validation's
+
+    def too_long_items(self, stage: str) -> dict[str, list[str]]:
+        """Ids of the items of ``stage`` left out for a prompt longer than the context (``long_prompts: skip``),
+        by benchmark: a row's own ``benchmark`` field, else its test source's name (``test``) or ``<stage>0``."""
+        return too_long_items(stage, self.dropped_long_rows, list(self.test_sources))
+
+    def skip_test_batches(self, done: dict[str, set[tuple[int, ...]]]) -> None:
+        """Leave out of the test dataloaders the batches already evaluated (a resumed run), given as
+        ``{test name: {row positions of a batch}}``; call before the test dataloaders are built."""
+        self._test_passes.done = {name: set(batches) for name, batches in done.items()}
+
+    def _eval_stream(self, dataloader_idx: int) -> str:
+        """The name that seeds an evaluation dataloader's prompts: the test pass (benchmark and variant), so the
+        same row of two benchmarks or passes draws differently; validation by its dataloader index."""
+        passes = self._test_passes.passes
+        if self.trainer.testing and dataloader_idx < len(passes):
+            return f"test/{passes[dataloader_idx].seed_key}"
+        return f"val/{dataloader_idx}"

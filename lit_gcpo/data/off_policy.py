@@ -1,0 +1,187 @@
+"""One-step-off-policy rollouts (``data.off_policy``; verl's one_step_off, TRL's async GRPO, NeMo-RL async).
+
+Batch t+1 is generated while batch t trains, with the weights of the step before. At ``on_after_batch_transfer`` of
+step t (the optimizer has made t steps, the weights are ``w_t``):
+
+1. take the in-flight batch of this stream position (submitted at step t-1, sampled with ``w_{t-1}``); at the first
+   step of a fit without a saved one, generate it now with ``w_t``;
+2. copy ``w_t`` into the engine's own copy of the policy (``SnapshotEngine``);
+3. submit the generation of the next stream position to the worker thread;
+4. return batch t, which the module scores (``old_logprobs`` under ``w_t``) and trains on.
+
+So every batch is sampled with weights at most one optimizer step old (``rollout/weight_lag`` is 0 or 1, and
+``rollout/weight_version`` is the step whose weights sampled it). The prompts of a position and their seeds are
+those of the synchronous run (``PromptStream.batch``); the dataloader only clocks the steps.
+
+Choices (the papers and peers leave them open):
+
+- **The engine samples from its own copy of the weights**, never from the live module: the optimizer changes the
+  module while the worker samples. Its log-probs are the behaviour log-probs (``engine_logprobs``, recorded at
+  sampling time) and the batch says ``samples_from_policy=False``, so the loss weighs trainer against engine with
+  the module's ``rollout_correction`` mode (item 2; ``sequence_mask`` suits a whole stale sequence). Embeddings
+  (GCPO) come from the scoring pass under the current weights, not from the engine's stale ones.
+- **Exact resume: the in-flight batch is saved** in the DataModule's state (waited for, its tensors on the CPU).
+  It cannot be regenerated: that needs the previous step's weights, which the checkpoint does not hold.
+- **Validation and checkpoints wait** for the in-flight batch; validation samples with the live policy (``hf``).
+- **Not yet**: several ranks (DDP / FSDP2), dynamic sampling (its per-round gathers would run in the worker,
+  interleaved with the trainer's collectives; refused when the DataModule is built) and the ``vllm`` engine.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import fields, replace
+from typing import Any
+
+import torch
+
+from lit_gcpo.data.batch import PromptBatch, RolloutBatch
+from lit_gcpo.data.rollout import RolloutCollector
+from lit_gcpo.engines.hf import HFEngine
+
+
+class SnapshotEngine(HFEngine):
+    """The ``hf`` sampling loop over an unsharded copy of the policy, loaded by ``sync_weights`` (not the live
+    module), so it can sample while the trainer steps. ``weight_version`` is the optimizer step of the weights it
+    holds (set by whoever syncs it; -1: the copy's initial weights)."""
+
+    samples_from_policy = False
+
+    def __init__(self, policy: torch.nn.Module, tokenizer: Any, **options: Any) -> None:
+        snapshot = copy.deepcopy(policy)
+        if hasattr(snapshot, "merge_and_unload"):  # LoRA: the engine holds merged weights (export_weights' names)
+            snapshot = snapshot.merge_and_unload()
+        snapshot.requires_grad_(False)
+        super().__init__(snapshot, tokenizer, **options)
+        self.weight_version = -1
+
+    @torch.no_grad()
+    def sync_weights(self, named_parameters: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy the policy's weights (Hugging Face names) into the copy; each of its parameters must be given."""
+        own = dict(self.policy.named_parameters())
+        missing = set(own)
+        for name, tensor in named_parameters:
+            if name in own:
+                own[name].copy_(tensor)
+                missing.discard(name)
+        if missing:
+            raise ValueError(f"off-policy engine sync: the policy's weights lack {sorted(missing)[:5]}")
+
+
+def plain_rollout(batch: RolloutBatch) -> dict[str, Any]:
+    """``batch`` as plain types with its tensors on the CPU (a checkpoint loaded with ``weights_only``)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.detach().cpu().clone()
+        if isinstance(value, dict):
+            return {str(key): plain(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [plain(item) for item in value]
+        return value
+
+    return {field.name: plain(getattr(batch, field.name)) for field in fields(RolloutBatch)}
+
+
+class OneStepOff:
+    """The in-flight batch and the worker thread that generates it (see the module docstring).
+
+    Args:
+        engine: the engine of ``collect`` (its ``weight_version`` is stamped on each batch).
+        collect: generates and rewards the groups of one prompt batch (runs in the worker thread).
+        device: where a restored in-flight batch's tensors go.
+    """
+
+    def __init__(
+        self, engine: SnapshotEngine, collect: Callable[[PromptBatch], RolloutBatch], device: torch.device
+    ) -> None:
+        self.engine, self.collect, self.device = engine, collect, device
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: tuple[int, int, Future] | None = None  # (stream position, weight version, its generation)
+        self._restored: tuple[int, int, RolloutBatch] | None = None  # from a checkpoint
+
+    def rollout(self, position: int, prompts: Callable[[int], PromptBatch], sync: Callable[[], int]) -> RolloutBatch:
+        """The batch of stream ``position`` (in flight, else generated now after syncing), after which the engine
+        holds the current weights (``sync`` copies them and returns their step) and position + 1 is submitted."""
+        taken = self._take(position)
+        version = sync()
+        self.engine.weight_version = version
+        if taken is None:  # the first step of a fit (nothing saved): sampled now, on-policy
+            taken = (version, self.collect(prompts(position)))
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="off-policy-rollout")
+        self._pending = (position + 1, version, self._executor.submit(self.collect, prompts(position + 1)))
+        sampled_with, batch = taken
+        batch.metrics["rollout/weight_version"] = float(sampled_with)
+        batch.metrics["rollout/weight_lag"] = float(version - sampled_with)
+        return batch
+
+    def _take(self, position: int) -> tuple[int, RolloutBatch] | None:
+        """The in-flight (or restored) batch of ``position`` and its weight version; None when there is none. One
+        of another position (the stream was moved) is dropped."""
+        if self._restored is not None:
+            restored, self._restored = self._restored, None
+            return (restored[1], restored[2]) if restored[0] == position else None
+        if self._pending is None:
+            return None
+        (pending_position, version, future), self._pending = self._pending, None
+        batch = future.result()
+        return (version, batch) if pending_position == position else None
+
+    def wait(self) -> None:
+        """Block until the in-flight generation is done (before validation, a checkpoint, the end of a fit)."""
+        if self._pending is not None:
+            self._pending[2].result()
+
+    def close(self) -> None:
+        """Wait for the in-flight batch (kept for ``state_dict``) and stop the worker thread."""
+        self.wait()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The in-flight batch, saved: ``{position, weight_version, rollout}`` (empty when there is none)."""
+        if self._restored is not None:
+            position, version, batch = self._restored
+        elif self._pending is not None:
+            position, version, future = self._pending
+            batch = future.result()
+        else:
+            return {}
+        return {"position": position, "weight_version": version, "rollout": plain_rollout(batch)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict``'s batch as the next step's (the in-flight generation, if any, is dropped)."""
+        self.close()
+        self._pending = None
+        self._restored = None
+        if state:
+            rollout = {
+                key: value.to(self.device) if isinstance(value, torch.Tensor) else value
+                for key, value in state["rollout"].items()
+            }
+            components = rollout["reward_components"]
+            rollout["reward_components"] = {name: value.to(self.device) for name, value in components.items()}
+            self._restored = (int(state["position"]), int(state["weight_version"]), RolloutBatch(**rollout))
+
+
+def one_step_off(data: Any, module: Any) -> OneStepOff:
+    """The ``OneStepOff`` of the ``RolloutDataModule`` ``data`` (set up, its collector built) whose LightningModule is
+    ``module``: a ``SnapshotEngine`` of the policy with the ``hf`` engine options, and a collector like ``data``'s
+    (same tokenizer, rewards, prompts' special tokens) that samples a prompt batch as the synchronous run does (the
+    same per-position seeds), without embeddings (the scoring pass computes them under the current weights)."""
+    if data.trainer.world_size > 1:
+        raise ValueError(f"data.off_policy runs on one process only for now (world size {data.trainer.world_size})")
+    engine = SnapshotEngine(module.policy, module.tokenizer, **data.engine_options.for_engine("hf"))
+    own = data.collector
+    collector = RolloutCollector(engine, own.tokenizer, own.rewards, own.add_special_tokens, own.accuracy_reward)
+    sampling, device = replace(data.sampling, seed=None), module.device
+
+    def collect(prompts: PromptBatch) -> RolloutBatch:
+        seeds = data.prompt_seeds("train", prompts)
+        return collector.collect(prompts, data.group_size, sampling, device, seeds, with_embeddings=False)
+
+    return OneStepOff(engine, collect, device)
