@@ -49,17 +49,17 @@ class Record(L.Callback):
         self.steps[-1]["loss"] = float(trainer.callback_metrics["train/loss"])
 
 
-def fit(model_dir: str, root, max_steps: int, ckpt: str | None = None, save: str | None = None):
+def fit(model_dir: str, root, max_steps: int, ckpt: str | None = None, save: str | None = None, **module_options):
     L.seed_everything(0)
+    correction = {"rollout_correction": "sequence_mask", "rollout_correction_min": C_MIN}
+    correction["rollout_correction_max"] = C_MAX
     module = GRPOModule(
         model=model_dir,
         optimizer=lambda params: torch.optim.SGD(params, lr=0.05),
         max_grad_norm=0.0,
-        rollout_correction="sequence_mask",
-        rollout_correction_min=C_MIN,
-        rollout_correction_max=C_MAX,
         log_samples_every_n_steps=0,
         export_dir=None,
+        **{**correction, **module_options},
     )
     data = RolloutDataModule(
         train=_task(),
@@ -178,3 +178,26 @@ def test_resume_with_the_in_flight_batch_saved_equals_the_uninterrupted_run(tiny
 def test_off_policy_refuses_what_it_does_not_support_yet(options, words):
     with pytest.raises(ValueError, match=words):
         RolloutDataModule(train=_task(), off_policy=True, **options)
+
+
+def test_off_policy_without_a_rollout_correction_is_refused_at_setup(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"data\.off_policy needs model\.rollout_correction"):
+        fit(tiny_model_dir, tmp_path, 1, rollout_correction=None)
+
+
+def test_the_cli_parses_the_option_documents_it_and_refuses_bad_values(monkeypatch, capsys):
+    from pathlib import Path
+
+    from lit_gcpo.running.cli import main
+
+    monkeypatch.chdir(Path(__file__).parents[1])
+    config = ["--config", "configs/quickstart.yaml"]
+    assert main([*config, "--data.off_policy", "true"], run=False).datamodule.off_policy is True
+    assert main(config, run=False).datamodule.off_policy is False  # off by default
+    with pytest.raises(SystemExit):
+        main(["fit", *config, "--data.off_policy", "sometimes"])
+    assert "data.off_policy" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--data.off_policy" in help_text and "one-step-off-policy rollouts" in help_text

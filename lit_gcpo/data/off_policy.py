@@ -175,6 +175,8 @@ def one_step_off(data: Any, module: Any) -> OneStepOff:
     same per-position seeds), without embeddings (the scoring pass computes them under the current weights)."""
     if data.trainer.world_size > 1:
         raise ValueError(f"data.off_policy runs on one process only for now (world size {data.trainer.world_size})")
+    if module.loss_step.rollout_correction is None:  # the stale batch would be trained as if on-policy
+        raise ValueError("data.off_policy needs model.rollout_correction (e.g. sequence_mask); it is None")
     engine = SnapshotEngine(module.policy, module.tokenizer, **data.engine_options.for_engine("hf"))
     own = data.collector
     collector = RolloutCollector(engine, own.tokenizer, own.rewards, own.add_special_tokens, own.accuracy_reward)
