@@ -1,6 +1,8 @@
 """Helpers shared by the benchmark scripts.
 
 - ``write_results_section``: replace (or append) one marked section of ``benchmarks/RESULTS.md``.
+- ``paired_by_seed``, ``add_paired_arguments``: the closing sentence and the common command-line options of an A/B
+  run of the quickstart paired by seed.
 - ``resolve_policy``: the path of a policy to load. The alias ``lit-gcpo/tiny-arith`` maps to the shipped
   warm-started asset when it exists; while it does not (it is built separately), a stand-in is made here:
   ``build_tiny_model`` plus a short supervised fine-tuning on worked solutions of the arithmetic task,
@@ -16,6 +18,7 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -41,6 +44,24 @@ def write_results_section(name: str, lines: list[str], path: Path | None = None)
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.write_text(text)
+
+
+def paired_by_seed(contrast: str, accuracy_differences: list[float], time_ratios: list[float]) -> str:
+    """``Paired by seed, <contrast>: final accuracy +x, ... points; step time xr, ....`` (differences in [0, 1])."""
+    points = ", ".join(f"{100 * difference:+.1f}" for difference in accuracy_differences)
+    ratios = ", x".join(f"{ratio:.2f}" for ratio in time_ratios)
+    return f"Paired by seed, {contrast}: final accuracy {points} points; step time x{ratios}."
+
+
+def add_paired_arguments(parser: Any, out: Path, seeds: list[int]) -> None:
+    """The options of a paired quickstart benchmark: ``--seeds``, ``--steps``, ``--out``, ``--timeout``,
+    ``--collect-only`` and ``--no-write`` (``parser``: an ``argparse.ArgumentParser``)."""
+    parser.add_argument("--seeds", type=int, nargs="+", default=seeds)
+    parser.add_argument("--steps", type=int, default=100, help="trainer.max_steps of every run")
+    parser.add_argument("--out", type=Path, default=out)
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds one run may take")
+    parser.add_argument("--collect-only", action="store_true", help="read the runs in --out, train nothing")
+    parser.add_argument("--no-write", action="store_true", help="print the table, leave RESULTS.md alone")
 
 
 def run_header(threads: int | None = None) -> str:

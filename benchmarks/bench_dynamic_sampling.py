@@ -19,9 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from pathlib import Path
 
-from _common import run_header, write_results_section
+from _common import add_paired_arguments, paired_by_seed, run_header, write_results_section
 from bench_quickstart import REPO, latest_version, read_scalars, run_seed, summarise
 
 SECTION = "dynamic_sampling"
@@ -78,14 +77,9 @@ def table(runs: list[dict]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    add_paired_arguments(parser, REPO / "runs" / "bench_dynamic_sampling", seeds=[0])
     parser.add_argument("--max-rounds", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=100, help="trainer.max_steps of every run")
-    parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_dynamic_sampling")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of each run (OMP_NUM_THREADS)")
-    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds one run may take")
-    parser.add_argument("--collect-only", action="store_true", help="read the runs in --out, train nothing")
-    parser.add_argument("--no-write", action="store_true", help="print the table, leave RESULTS.md alone")
     args = parser.parse_args()
 
     runs = []
@@ -111,11 +105,7 @@ def main() -> None:
         "",
         *table(runs),
         "",
-        "Paired by seed, dynamic sampling minus off: final accuracy "
-        + ", ".join(f"{100 * d:+.1f}" for d in final)
-        + " points; step time x"
-        + ", x".join(f"{r:.2f}" for r in time_ratio)
-        + ".",
+        paired_by_seed("dynamic sampling minus off", final, time_ratio),
     ]
     print("\n".join(lines))
     if not args.no_write:
