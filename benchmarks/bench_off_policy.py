@@ -38,7 +38,11 @@ def run_arm(seed: int, arm: str, args: argparse.Namespace) -> dict:
         run_seed(seed, run_dir, threads, args.timeout, extra)
     log_dir = latest_version(run_dir)
     summary, scalars = summarise(log_dir), read_scalars(log_dir)
-    lags = [value for _, _, value in scalars.get("rollout/weight_lag", [])]
+
+    def mean(tag: str) -> float:
+        values = [value for _, _, value in scalars.get(tag, [])]
+        return statistics.fmean(values) if values else 0.0
+
     return {
         "seed": seed,
         "arm": arm,
@@ -46,22 +50,24 @@ def run_arm(seed: int, arm: str, args: argparse.Namespace) -> dict:
         "wall_s": json.loads((run_dir / "wall.json").read_text())["wall_s"],
         "step_s": summary.step_s,
         "validations": summary.validations,
-        "lag": statistics.fmean(lags) if lags else 0.0,
+        "lag": mean("rollout/weight_lag"),
+        "generate_s": mean("time/generate_s"),
+        "score_s": mean("time/score_s"),
     }
 
 
 def table(runs: list[dict]) -> list[str]:
     lines = [
-        "| seed | rollouts | torch threads | wall (s) | s/step | mean weight lag "
+        "| seed | rollouts | torch threads | wall (s) | s/step | generate s/batch | score s/step | mean weight lag "
         "| val accuracy after N steps (N: acc) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in runs:
         trajectory = ", ".join(f"{step}: {value:.3f}" for step, value in run["validations"])
         threads = f"{run['threads']} + 1 worker" if run["arm"] == "off" else str(run["threads"])
         lines.append(
             f"| {run['seed']} | {run['arm']} | {threads} | {run['wall_s']:.0f} | {run['step_s']:.2f} "
-            f"| {run['lag']:.2f} | {trajectory} |"
+            f"| {run['generate_s']:.2f} | {run['score_s']:.3f} | {run['lag']:.2f} | {trajectory} |"
         )
     return lines
 
@@ -89,7 +95,9 @@ def main() -> None:
         f"`configs/quickstart.yaml` for {args.steps} steps with `--model.rollout_correction sequence_mask`, per seed "
         f"once synchronous ({args.threads_sync} torch threads) and once with `--data.off_policy true` "
         f"({args.threads_off} trainer thread(s) + the generation worker), sequentially. s/step: median wall time of a "
-        "training step; weight lag: mean `rollout/weight_lag` (1 but for the first step). Greedy validation "
+        "training step; generate: `time/generate_s` (in the worker thread, overlapping training, when off-policy); "
+        "score: `time/score_s` (the no-grad pass for old log-probs and embeddings); weight lag: mean "
+        "`rollout/weight_lag` (1 but for the first step). Greedy validation "
         "accuracy on 256 problems (standard error about 3 points).",
         "",
         *table(runs),

@@ -158,7 +158,7 @@ def test_resume_with_the_in_flight_batch_saved_equals_the_uninterrupted_run(tiny
     record, module = straight
     checkpoint = str(tmp_path / "stopped.ckpt")
     fit(tiny_model_dir, tmp_path / "first", 2, save=checkpoint)
-    saved = torch.load(checkpoint, weights_only=True)["RolloutDataModule"]["off_policy"]
+    saved = torch.load(checkpoint, weights_only=True)["RolloutDataModule"]["off_policy_in_flight"]
     assert saved["position"] == 2 and saved["weight_version"] == 1
     resumed, resumed_module = fit(tiny_model_dir, tmp_path / "second", STEPS, ckpt=checkpoint)
     assert [s["step"] for s in resumed.steps] == [2, 3]

@@ -392,7 +392,7 @@ class RolloutDataModule(EvaluationAccess, L.LightningDataModule):
         weights = None if self.reward_weights is None else [float(weight) for weight in self.reward_weights]
         rewards = {"rewards": [str(name) for name in self.reward_names], "reward_weights": weights}
         rewards["dynamic_sampling"] = None if self.dynamic_sampling is None else self.dynamic_sampling.plain()
-        rewards["off_policy"] = {} if self._off_policy is None else self._off_policy.state_dict()  # in flight
+        rewards["off_policy_in_flight"] = {} if self._off_policy is None else self._off_policy.state_dict()
         return {"consumed_batches": self.consumed_batches, "seed": self.seed, "engine": engine, **settings, **rewards}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -405,4 +405,4 @@ class RolloutDataModule(EvaluationAccess, L.LightningDataModule):
         if self.collector is not None:  # built in setup, which Lightning runs before restoring
             self.collector.engine.load_state_dict(state_dict.get("engine", {}))
         if self._off_policy is not None:
-            self._off_policy.load_state_dict(state_dict.get("off_policy", {}))
+            self._off_policy.load_state_dict(state_dict.get("off_policy_in_flight", {}))
