@@ -40,6 +40,10 @@ class Record(L.Callback):
 
     def __init__(self) -> None:
         self.steps: list[dict] = []
+        self.val_batches = 0
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.val_batches += 1
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         weights = {name: value.detach().clone() for name, value in pl_module.policy.state_dict().items()}
@@ -49,7 +53,7 @@ class Record(L.Callback):
         self.steps[-1]["loss"] = float(trainer.callback_metrics["train/loss"])
 
 
-def fit(model_dir: str, root, max_steps: int, ckpt: str | None = None, save: str | None = None, **module_options):
+def fit(model_dir: str, root, max_steps: int, ckpt=None, save=None, validate: bool = False, **module_options):
     L.seed_everything(0)
     correction = {"rollout_correction": "sequence_mask", "rollout_correction_min": C_MIN}
     correction["rollout_correction_max"] = C_MAX
@@ -70,9 +74,11 @@ def fit(model_dir: str, root, max_steps: int, ckpt: str | None = None, save: str
         sampling=SAMPLING,
         seed=SEED,
         off_policy=True,
+        val=ArithmeticTask("validation", num_train=64, num_val=8, seed=1) if validate else None,
     )
     record = Record()
-    trainer = make_trainer(root, max_steps, log_every_n_steps=1, callbacks=[record])
+    evaluation = {"val_check_interval": 1, "limit_val_batches": 1, "num_sanity_val_steps": 0} if validate else {}
+    trainer = make_trainer(root, max_steps, log_every_n_steps=1, callbacks=[record], **evaluation)
     trainer.fit(module, data, ckpt_path=ckpt)
     if save is not None:
         trainer.save_checkpoint(save)
@@ -169,6 +175,18 @@ def test_resume_with_the_in_flight_batch_saved_equals_the_uninterrupted_run(tiny
         assert ours["loss"] == theirs["loss"]
     for name, value in module.policy.state_dict().items():
         assert torch.equal(resumed_module.policy.state_dict()[name], value), name
+
+
+def test_validation_between_steps_leaves_the_training_batches_alone(tiny_model_dir, tmp_path, straight):
+    """Validation after every step (it waits for the in-flight batch, then samples with the live policy and the
+    shared rewards): the 3 training batches are bit-equal to those of the run without validation."""
+    record, _ = straight
+    validated, _ = fit(tiny_model_dir, tmp_path, 3, validate=True)
+    assert validated.val_batches == 3
+    for ours, theirs in zip(validated.steps, record.steps[:3], strict=True):
+        assert torch.equal(ours["batch"].input_ids, theirs["batch"].input_ids)
+        assert torch.equal(ours["batch"].engine_logprobs, theirs["batch"].engine_logprobs)
+        assert ours["loss"] == theirs["loss"]
 
 
 @pytest.mark.parametrize(
