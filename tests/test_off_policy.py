@@ -219,3 +219,16 @@ def test_the_cli_parses_the_option_documents_it_and_refuses_bad_values(monkeypat
         main(["fit", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "--data.off_policy" in help_text and "one-step-off-policy rollouts" in help_text
+
+
+def test_a_resume_that_turns_off_policy_on_or_off_is_printed():
+    """Turned on: the first step samples its own batch; turned off: the saved in-flight batch is not used and its
+    position is sampled with the current weights. Either way the run continues from the same data position."""
+    from lit_gcpo.running.resume import compare_with_checkpoint
+
+    checkpoint = {"RolloutDataModule": RolloutDataModule(off_policy=True).state_dict()}
+    assert checkpoint["RolloutDataModule"]["off_policy"] is True
+    assert compare_with_checkpoint(checkpoint, {"data": {"off_policy": True}}) == ([], [])
+    assert compare_with_checkpoint(checkpoint, {"data": {"off_policy": False}})[1] == [
+        "data.off_policy: False (the checkpoint has True)"
+    ]

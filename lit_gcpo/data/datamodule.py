@@ -392,6 +392,7 @@ class RolloutDataModule(EvaluationAccess, L.LightningDataModule):
         weights = None if self.reward_weights is None else [float(weight) for weight in self.reward_weights]
         rewards = {"rewards": [str(name) for name in self.reward_names], "reward_weights": weights}
         rewards["dynamic_sampling"] = None if self.dynamic_sampling is None else self.dynamic_sampling.plain()
+        rewards["off_policy"] = bool(self.off_policy)  # and its in-flight batch, saved (lit_gcpo.data.off_policy):
         rewards["off_policy_in_flight"] = {} if self._off_policy is None else self._off_policy.state_dict()
         return {"consumed_batches": self.consumed_batches, "seed": self.seed, "engine": engine, **settings, **rewards}
 

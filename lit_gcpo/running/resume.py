@@ -100,7 +100,7 @@ def _optimizer_class_mismatch(optimizer: Any, group: Mapping[str, Any]) -> str |
     )
 
 
-DATA_SETTINGS = ("batch_size", "group_size", "rewards", "reward_weights", "dynamic_sampling")
+DATA_SETTINGS = ("batch_size", "group_size", "rewards", "reward_weights", "dynamic_sampling", "off_policy")
 """``data`` settings stored with the data position (``RolloutDataModule.state_dict``) and compared on resume."""
 
 
