@@ -10,7 +10,8 @@ step t (the optimizer has made t steps, the weights are ``w_t``):
 4. return batch t, which the module scores (``old_logprobs`` under ``w_t``) and trains on.
 
 So every batch is sampled with weights at most one optimizer step old (``rollout/weight_lag`` is 0 or 1, and
-``rollout/weight_version`` is the step whose weights sampled it). The prompts of a position and their seeds are
+``rollout/weight_version`` is the step whose weights sampled it; with ``num_iterations`` k > 1 a rollout is k
+optimizer steps and the lag is k). The prompts of a position and their seeds are
 those of the synchronous run (``PromptStream.batch``); the dataloader only clocks the steps.
 
 Choices (the papers and peers leave them open):
