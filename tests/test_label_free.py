@@ -10,8 +10,8 @@ import torch
 
 from lit_gcpo.algorithms.label_free import (
     LABEL_FREE_REWARDS,
-    EMPOOptions,
-    RENTOptions,
+    EMPO,
+    RENT,
     answer_clusters,
     empo_rewards,
     rent_rewards,
@@ -189,18 +189,44 @@ def test_token_distribution_stats_match_the_dense_computation(dtype: torch.dtype
 
 def test_options_are_refused_at_construction_naming_the_option() -> None:
     assert LABEL_FREE_REWARDS.names() == ["empo", "rent", "self_certainty", "ttrl"]
-    assert LABEL_FREE_REWARDS.get("empo")(0.1, 0.9) == EMPOOptions(delta_lo=0.1, delta_hi=0.9)
+    assert LABEL_FREE_REWARDS.get("empo")(0.1, 0.9) == EMPO(delta_lo=0.1, delta_hi=0.9)
     with pytest.raises(ValueError, match="delta_lo < delta_hi"):
-        EMPOOptions(delta_lo=0.5, delta_hi=0.5)
+        EMPO(delta_lo=0.5, delta_hi=0.5)
     with pytest.raises(ValueError, match="delta_lo < delta_hi"):
-        EMPOOptions(delta_lo=0.8, delta_hi=0.2)
+        EMPO(delta_lo=0.8, delta_hi=0.2)
     with pytest.raises(ValueError, match="delta_lo < 1"):
-        EMPOOptions(delta_lo=1.0, delta_hi=2.0)
+        EMPO(delta_lo=1.0, delta_hi=2.0)
     with pytest.raises(ValueError, match="delta_lo < delta_hi"):
         empo_rewards(torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), 1, torch.ones(2).bool(), 1, 0)
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match="last_k"):
-            RENTOptions(last_k=bad)
-    assert RENTOptions(last_k=4).last_k == 4
+            RENT(last_k=bad)
+    assert RENT(last_k=4).last_k == 4
     with pytest.raises(ValueError, match="answered"):
         ttrl_rewards(torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), 1, torch.ones(2))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 64])
+def test_chunked_distribution_stats_equal_the_dense_ones_and_stay_in_chunks(chunk_size: int) -> None:
+    from lit_gcpo.algorithms.token_distribution import hidden_distribution_stats, logits_distribution_stats
+
+    torch.manual_seed(0)
+    hidden, weight, bias = torch.randn(3, 5, 8), torch.randn(11, 8), torch.randn(11)
+    logits = hidden @ weight.T + bias  # [3, 5, 11]
+    dense = token_distribution_stats(logits.reshape(15, 11), temperature=0.5)
+    from_hidden = hidden_distribution_stats(hidden, weight, 0.5, chunk_size, bias)
+    from_logits = logits_distribution_stats(logits, 0.5, chunk_size)
+    for stats in (from_hidden, from_logits):
+        for name in ("lse", "entropy", "mean_logprob"):
+            torch.testing.assert_close(getattr(stats, name), getattr(dense, name).view(3, 5), atol=1e-5, rtol=0)
+    # a chunk never holds more than chunk_size rows of logits (never [N * T, V] at once)
+    from lit_gcpo.algorithms.token_distribution import chunked_distribution_stats
+
+    rows_seen: list[int] = []
+
+    def logits_of(rows: slice) -> torch.Tensor:
+        rows_seen.append(rows.stop - rows.start)
+        return logits.reshape(15, 11)[rows]
+
+    chunked_distribution_stats(logits_of, 15, 1.0, chunk_size)
+    assert max(rows_seen) == min(chunk_size, 15) and sum(rows_seen) == 15

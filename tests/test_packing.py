@@ -16,6 +16,7 @@ from transformers.masking_utils import AttentionMaskInterface, find_packed_seque
 from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 
 from lit_gcpo.algorithms.packing import pack, pack_layout, unpack_completions
+from lit_gcpo.algorithms.token_distribution import TokenDistributionStats
 from lit_gcpo.data.batch import RolloutBatch
 from lit_gcpo.data.rollout import pack_sequences
 from lit_gcpo.running.cli import main
@@ -89,10 +90,18 @@ class LoopScorer:
         self.model = model
 
     def __call__(
-        self, input_ids, attention_mask, completion_length, *, temperature=1.0, with_entropy=False, with_hidden=False
+        self,
+        input_ids,
+        attention_mask,
+        completion_length,
+        *,
+        temperature=1.0,
+        with_entropy=False,
+        with_hidden=False,
+        with_distribution=False,
     ) -> ScoredTokens:
         prompt_width = input_ids.shape[1] - completion_length
-        logps, entropies, hiddens = [], [], []
+        logps, entropies, hiddens, lses, means = [], [], [], [], []
         for row in range(input_ids.shape[0]):
             real = attention_mask[row].bool()
             ids = input_ids[row, real].unsqueeze(0)  # [1, len]
@@ -101,13 +110,20 @@ class LoopScorer:
             log_probs = torch.log_softmax(logits.float() / temperature, -1)  # [c, V]
             logps.append(pad(log_probs.gather(-1, ids[0, p:, None])[:, 0], (0, completion_length - c)))
             entropies.append(pad(-(log_probs.exp() * log_probs).sum(-1), (0, completion_length - c)))
+            lses.append(pad(torch.logsumexp(logits.float() / temperature, -1), (0, completion_length - c)))
+            means.append(pad(log_probs.mean(-1), (0, completion_length - c)))  # (1/V) sum_v log p_v
             if with_hidden:
                 hidden = base_model(self.model).get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
                 hiddens.append(pad(hidden[0, p:], (0, 0, 0, completion_length - c)))
+        distribution = None
+        if with_distribution:
+            distribution = TokenDistributionStats(torch.stack(lses), torch.stack(entropies), torch.stack(means))
         return ScoredTokens(
             torch.stack(logps),
             torch.stack(entropies) if with_entropy else None,
             torch.stack(hiddens) if with_hidden else None,
+            distribution=distribution,
+            vocab_size=base_model(self.model).get_output_embeddings().weight.shape[0] if with_distribution else None,
         )
 
 
@@ -316,7 +332,7 @@ def test_module_scores_loss_and_gradients_equal_padded_and_a_plain_loop(tiny_mod
     assert loop_logged["train/kl_mean"] > 1e-4 and abs(loop_logged["train/loss"]) > 1e-4  # both terms are there
     for name in ("padded", "packed"):
         module, batch, logged = runs[name]
-        for field in ("old_logprobs", "ref_logprobs", "embeddings"):
+        for field in ("old_logprobs", "ref_logprobs", "embeddings", "token_entropy", "token_mean_logprob"):
             got, want = getattr(batch, field), getattr(loop_batch, field)
             rows = keep if field != "embeddings" else slice(None)
             torch.testing.assert_close(got[rows], want[rows], atol=1e-5, rtol=0, msg=f"{name} {field}")

@@ -78,3 +78,28 @@ def test_scorer_gradients_equal_the_models_own_logits():
     torch.log_softmax(logits.float(), -1).gather(-1, input_ids[:, 4:].unsqueeze(-1)).sum().backward()
     for name, param in model.named_parameters():
         torch.testing.assert_close(chunked[name], param.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize(("kind", "plain"), [("llama", True), ("gemma2", False)])
+def test_scorer_distribution_equals_the_models_own_logits(kind, plain):
+    """The entropy and the mean log-prob over the vocabulary at each completion position, from the same forward as
+    the log-probs, chunk by chunk, equal those of ``softmax(model(x).logits / T)`` computed densely here."""
+    model = _model(kind)
+    input_ids = torch.randint(1, 50, (3, 9))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :3] = 0  # a left-padded prompt
+    scorer = CompletionScorer(model, chunk_size=5)  # 12 completion tokens: chunks of 5, 5 and 2
+    assert scorer.plain_head is plain
+    with torch.no_grad():
+        scored = scorer(input_ids, attention_mask, 4, temperature=0.7, with_distribution=True)
+        logits = model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0)
+        ).logits
+    log_p = torch.log_softmax(logits[:, 4:-1].double() / 0.7, -1)  # [3, 4, V]
+    torch.testing.assert_close(scored.distribution.entropy.double(), -(log_p.exp() * log_p).sum(-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(scored.distribution.mean_logprob.double(), log_p.mean(-1), atol=1e-5, rtol=0)
+    assert scored.vocab_size == 50
+    # the sampled tokens' log-probs are those of the pass without the summaries: the loss's ratio stays exactly 1
+    with torch.no_grad():
+        plain_pass = scorer(input_ids, attention_mask, 4, temperature=0.7)
+    assert torch.equal(plain_pass.logprobs, scored.logprobs) and plain_pass.distribution is None

@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -217,19 +218,34 @@ def rent_rewards(entropy: Tensor, mask: Tensor, last_k: int | None = None) -> tu
 
 
 @dataclass(frozen=True)
-class TTRLOptions:
-    """``ttrl``: no options (majority over section 3's answer clusters)."""
+class LabelFreeReward:
+    """A label-free reward (``data.label_free``): one of the subclasses below, each named in ``LABEL_FREE_REWARDS``
+    and validated on construction (so at parse time from a config). ``needs`` is what it reads from the batch."""
+
+    name: ClassVar[str] = ""
+    needs: ClassVar[frozenset[str]] = frozenset()
 
 
 @dataclass(frozen=True)
-class EMPOOptions:
-    """``empo``'s band on normalised semantic entropy.
+class TTRL(LabelFreeReward):
+    """``ttrl``: TTRL's majority vote over section 3's answer clusters (no options)."""
+
+    name: ClassVar[str] = "ttrl"
+    needs: ClassVar[frozenset[str]] = frozenset({"answer_clusters"})
+
+
+@dataclass(frozen=True)
+class EMPO(LabelFreeReward):
+    """``empo``: the share of the group in a completion's answer cluster, on prompts whose normalised semantic
+    entropy lies in a band (the others get r = 0, hence no advantage, as EMPO's code filters them).
 
     Args:
         delta_lo: keep a prompt only when SE_n > delta_lo.
         delta_hi: keep a prompt only when SE_n < delta_hi.
     """
 
+    name: ClassVar[str] = "empo"
+    needs: ClassVar[frozenset[str]] = frozenset({"answer_clusters"})
     delta_lo: float = 0.0
     delta_hi: float = 1.0
 
@@ -238,27 +254,31 @@ class EMPOOptions:
 
 
 @dataclass(frozen=True)
-class SelfCertaintyOptions:
-    """``self_certainty``: no options (every completion token, the loss temperature)."""
+class SelfCertainty(LabelFreeReward):
+    """``self_certainty``: Intuitor's mean KL(U || p_t) over every completion token, at the loss temperature (no
+    options)."""
+
+    name: ClassVar[str] = "self_certainty"
+    needs: ClassVar[frozenset[str]] = frozenset({"token_mean_logprob"})
 
 
 @dataclass(frozen=True)
-class RENTOptions:
-    """``rent``'s token range.
+class RENT(LabelFreeReward):
+    """``rent``: minus the mean token entropy at the loss temperature, over every completion token or the last k.
 
     Args:
         last_k: None averages the entropy over every completion token; k >= 1 over the final k tokens.
     """
 
+    name: ClassVar[str] = "rent"
+    needs: ClassVar[frozenset[str]] = frozenset({"token_entropy"})
     last_k: int | None = None
 
     def __post_init__(self) -> None:
         validate_last_k(self.last_k)
 
 
-LABEL_FREE_REWARDS: Registry[type] = Registry("label-free reward")
+LABEL_FREE_REWARDS: Registry[type[LabelFreeReward]] = Registry("label-free reward")
 """Method name -> its options dataclass (validated on construction, i.e. at parse time)."""
-LABEL_FREE_REWARDS.add("ttrl", TTRLOptions)
-LABEL_FREE_REWARDS.add("empo", EMPOOptions)
-LABEL_FREE_REWARDS.add("self_certainty", SelfCertaintyOptions)
-LABEL_FREE_REWARDS.add("rent", RENTOptions)
+for _reward in (TTRL, EMPO, SelfCertainty, RENT):
+    LABEL_FREE_REWARDS.add(_reward.name, _reward)

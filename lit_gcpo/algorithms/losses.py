@@ -11,6 +11,8 @@
   exactly. GSPO's paper uses a far smaller clip range (3e-4 / 4e-4) than the token-level default.
 - Rollout correction and off-policy sequence masking: ``lit_gcpo.algorithms.rollout_correction``; the
   weights and the keep indicator they give multiply the clipped-surrogate token loss here.
+- Token selection (``lit_gcpo.algorithms.token_selection``): keep masks multiplied into ``is_weights``, and
+  KL-Cov's penalty added to the policy-gradient token loss (``token_penalty``).
 - KL to the reference (Schulman's "Approximating KL divergence" note): k1, k2, k3 (default, GRPO eq. 4).
 - Entropy bonus: token loss -= c_H * H_t.
 
@@ -263,6 +265,7 @@ def grpo_loss(
     dual_clip: float | None = None,
     ratio_level: str = "token",
     is_weights: Tensor | None = None,
+    token_penalty: Tensor | None = None,
     off_policy_threshold: float | None = None,
     behaviour_logp: Tensor | None = None,
     aggregation: str = "token_mean",
@@ -279,7 +282,9 @@ def grpo_loss(
     ``off_policy_threshold`` (delta, None: off) drops negative-advantage sequences whose ``behaviour_logp``
     (default ``old_logp``, as TRL falls back to its old log-probs) are more than delta away from ``logp``
     (``off_policy_sequence_mask``; its shares are of ``num_tokens`` / ``num_seqs``); the keep indicator
-    multiplies ``is_weights``.
+    multiplies ``is_weights``. ``token_penalty`` (``[N, L]``, with gradient; KL-Cov's
+    ``lit_gcpo.algorithms.token_selection.kl_cov_penalty``) is added to the policy-gradient token loss before the
+    weights, so ``is_weights`` multiply it too, as verl applies its rollout weights to KL-Cov's penalised loss.
 
     Returns:
         ``(loss, metrics)``: the 0-d loss, and the metrics of ``policy_loss`` and ``kl_penalty`` plus
@@ -306,6 +311,9 @@ def grpo_loss(
     pg, metrics = policy_loss(
         logp, old_logp, advantages, mask, eps_low, eps_high, dual_clip, ratio_level, is_weights
     )  # [N, L]
+    if token_penalty is not None:
+        check_token_shapes({"logp": logp, "token_penalty": token_penalty})
+        pg = pg + (token_penalty if is_weights is None else token_penalty * is_weights.detach())  # [N, L]
     metrics.update(off_policy_metrics)
     pg_loss = aggregate(pg)
     loss = pg_loss

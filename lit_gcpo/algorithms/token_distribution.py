@@ -19,6 +19,7 @@ self-certainty on the raw logits (T = 1); at T = 1 the two agree. Everything run
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -57,3 +58,51 @@ def token_distribution_stats(logits: Tensor, temperature: float = 1.0) -> TokenD
         probs = (z - lse.unsqueeze(-1)).exp_()  # [n, V]
         entropy = lse - probs.mul_(z).sum(dim=-1)  # [n]  H = lse - sum_v p_v z_v
     return TokenDistributionStats(lse, entropy, mean_logprob)
+
+
+def chunked_distribution_stats(
+    logits_of: Callable[[slice], Tensor], num_tokens: int, temperature: float, chunk_size: int
+) -> TokenDistributionStats:
+    """``token_distribution_stats`` of ``num_tokens`` tokens whose logits ``logits_of(rows) -> [c, V]`` are made one
+    chunk of ``chunk_size`` rows at a time: peak extra memory a few ``[chunk_size, V]`` buffers, never ``[M, V]``.
+
+    Returns three ``[M]`` tensors (float32, float64 for float64 logits), detached.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    parts = [
+        token_distribution_stats(logits_of(slice(start, min(start + chunk_size, num_tokens))), temperature)
+        for start in range(0, num_tokens, chunk_size)
+    ]
+    if not parts:  # no tokens: empty summaries of the dtype a chunk would have had
+        empty = logits_of(slice(0, 0))
+        parts = [token_distribution_stats(empty, temperature)]
+    return TokenDistributionStats(*(torch.cat(values) for values in zip(*parts, strict=True)))
+
+
+def hidden_distribution_stats(
+    hidden: Tensor, lm_head_weight: Tensor, temperature: float, chunk_size: int, lm_head_bias: Tensor | None = None
+) -> TokenDistributionStats:
+    """Summaries ``[N, T]`` of ``softmax((hidden @ W.T + b) / T)`` from final hidden states ``[N, T, H]`` and the
+    output projection ``W [V, H]`` (``b [V]``), the logits made chunk by chunk (the head matmul in the inputs'
+    dtype, the rest in float32, as ``lit_gcpo.algorithms.logprobs.token_logprobs`` does)."""
+    n, t, h = hidden.shape
+    flat = hidden.detach().reshape(n * t, h)  # [M, H]
+    weight = lm_head_weight.detach()
+    bias = None if lm_head_bias is None else lm_head_bias.detach()
+
+    def logits_of(rows: slice) -> Tensor:
+        return flat[rows] @ weight.T if bias is None else torch.addmm(bias, flat[rows], weight.T)  # [c, V]
+
+    with torch.no_grad():
+        stats = chunked_distribution_stats(logits_of, n * t, temperature, chunk_size)
+    return TokenDistributionStats(*(values.view(n, t) for values in stats))
+
+
+def logits_distribution_stats(logits: Tensor, temperature: float, chunk_size: int) -> TokenDistributionStats:
+    """Summaries ``[N, T]`` from logits that exist already ``[N, T, V]`` (models whose forward transforms them),
+    upcast chunk by chunk."""
+    n, t, v = logits.shape
+    flat = logits.detach().reshape(n * t, v)  # [M, V], a view
+    stats = chunked_distribution_stats(lambda rows: flat[rows], n * t, temperature, chunk_size)
+    return TokenDistributionStats(*(values.view(n, t) for values in stats))

@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -245,13 +246,22 @@ def kl_cov_penalty(
 
 
 @dataclass(frozen=True)
-class HighEntropyTokens:
+class TokenSelection:
+    """A token-selection method of the policy loss (``model.token_selection``): one of the subclasses below, each
+    named in ``TOKEN_SELECTIONS`` and validated on construction (so at parse time from a config)."""
+
+    name: ClassVar[str] = ""
+
+
+@dataclass(frozen=True)
+class HighEntropyTokens(TokenSelection):
     """``high_entropy_tokens``: the policy gradient on the top-``rho`` tokens by entropy.
 
     Args:
         rho: kept share of tokens, in (0, 1] (TRL's ``top_entropy_quantile``; the paper's 0.2).
     """
 
+    name: ClassVar[str] = "high_entropy_tokens"
     rho: float = 0.2
 
     def __post_init__(self) -> None:
@@ -259,7 +269,7 @@ class HighEntropyTokens:
 
 
 @dataclass(frozen=True)
-class ClipCov:
+class ClipCov(TokenSelection):
     """``clip_cov``: detach a random share of the tokens with covariance in (lb, ub).
 
     Args:
@@ -269,6 +279,7 @@ class ClipCov:
         seed: seed of the random choice (the caller seeds a ``torch.Generator`` with it and the step number).
     """
 
+    name: ClassVar[str] = "clip_cov"
     ratio: float = 2e-4
     lb: float = 1.0
     ub: float = 5.0
@@ -279,7 +290,7 @@ class ClipCov:
 
 
 @dataclass(frozen=True)
-class KLCov:
+class KLCov(TokenSelection):
     """``kl_cov``: a |log-ratio| penalty on the top share of tokens by covariance, unclipped surrogate.
 
     Args:
@@ -287,6 +298,7 @@ class KLCov:
         coef: the penalty coefficient (verl's ``ppo_kl_coef``).
     """
 
+    name: ClassVar[str] = "kl_cov"
     ratio: float = 2e-4
     coef: float = 1.0
 
@@ -294,8 +306,7 @@ class KLCov:
         validate_kl_cov(self.ratio, self.coef)
 
 
-TOKEN_SELECTIONS: Registry[type] = Registry("token selection")
+TOKEN_SELECTIONS: Registry[type[TokenSelection]] = Registry("token selection")
 """Method name -> its options dataclass (validated on construction, i.e. at parse time)."""
-TOKEN_SELECTIONS.add("high_entropy_tokens", HighEntropyTokens)
-TOKEN_SELECTIONS.add("clip_cov", ClipCov)
-TOKEN_SELECTIONS.add("kl_cov", KLCov)
+for _selection in (HighEntropyTokens, ClipCov, KLCov):
+    TOKEN_SELECTIONS.add(_selection.name, _selection)

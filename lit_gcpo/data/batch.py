@@ -14,10 +14,19 @@ import torch
 
 from lit_gcpo.engines.base import logprob_temperature
 
-OPTIONAL_FIELDS = ("old_logprobs", "seq_logprobs", "embeddings", "answer_clusters")
+OPTIONAL_FIELDS = (
+    "old_logprobs",
+    "seq_logprobs",
+    "embeddings",
+    "answer_clusters",
+    "token_entropy",
+    "token_mean_logprob",
+)
 """The fields of a ``RolloutBatch`` that may cost work of their own (a scoring forward pass of the policy,
 math-verify clustering) and are filled only when something reads them. ``seq_logprobs`` and ``embeddings`` come
-from the engine when it reports them (the ``hf`` engine: the policy itself), else from the scoring pass."""
+from the engine when it reports them (the ``hf`` engine: the policy itself), else from the scoring pass;
+``token_entropy`` and ``token_mean_logprob`` always from the scoring pass (the trainer's policy, whatever the
+engine), both at once."""
 
 
 def requested_fields(callbacks: Iterable[Any], stage: str) -> set[str]:
@@ -89,6 +98,13 @@ class RolloutBatch:
         old_logprobs: the trainer's log-probs of the sampled tokens under the generating policy, ``[N, L]``.
         ref_logprobs: the frozen reference model's log-probs, ``[N, L]`` or None when beta = 0.
         embeddings: one vector per completion for geometric uncertainty, ``[N, d]`` or None.
+        token_entropy: entropy of the trainer's policy distribution at each completion position, at
+            ``logprob_temperature`` (the loss's), ``[N, L]`` float32 or None; from the scoring pass, never the
+            engine's, so with vLLM too it is the distribution the loss trains.
+        token_mean_logprob: mean over the vocabulary of that distribution's log-probs, ``(1/V) sum_v log p_t(v)``,
+            ``[N, L]`` or None (self-certainty is ``-log V - token_mean_logprob``).
+        vocab_size: V, the size of that distribution's support (the policy's lm-head rows), set with
+            ``token_mean_logprob``.
         advantage_weights: per-completion multiplier of the advantages written by the uncertainty
             callback (the weight of the completion's group), ``[N]`` or None (= all ones).
         temperature: the temperature the completions were sampled at (0: greedy), stamped by the collector; the
@@ -117,6 +133,9 @@ class RolloutBatch:
     old_logprobs: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
     embeddings: torch.Tensor | None = None
+    token_entropy: torch.Tensor | None = None
+    token_mean_logprob: torch.Tensor | None = None
+    vocab_size: int | None = None
     advantage_weights: torch.Tensor | None = None
     temperature: float = 1.0
     max_new_tokens: int | None = None

@@ -30,10 +30,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from lit_gcpo.algorithms.clustering import answer_clusters
+from lit_gcpo.algorithms.label_free import LabelFreeReward
 from lit_gcpo.data.batch import PromptBatch, RolloutBatch, requested_fields
 from lit_gcpo.data.contracts import RolloutPolicy, check_implements
 from lit_gcpo.data.dynamic_sampling import DynamicSampling, TorchExchange, fill_rollout
 from lit_gcpo.data.evaluation_passes import EvaluationAccess, TestPasses
+from lit_gcpo.data.label_free import apply_label_free, label_free_problem, reward_sets
 from lit_gcpo.data.off_policy import one_step_off
 from lit_gcpo.data.preparation import complete_rows, fit_to_context
 from lit_gcpo.data.rollout import RolloutCollector
@@ -102,6 +104,9 @@ class RolloutDataModule(EvaluationAccess, L.LightningDataModule):
         reward_weights: weight of each reward in the total (default 1 each).
         reward_timeout: seconds one reward function may take for one batch before its scores count as failed.
         accuracy_reward: the reward whose value (1 = correct) is reported as accuracy.
+        label_free: train without gold answers (``lit_gcpo.data.label_free``): ``TTRL``, ``EMPO``, ``SelfCertainty``
+            or ``RENT`` (``--data.label_free.help EMPO``: its options); ``rewards`` are then extra rewards that may not
+            read a gold, and validation and test grade with ``accuracy_reward``. None: the rewards read the golds.
         engine: the rollout engine, ``hf`` or ``vllm``.
         engine_options: options of the engine (``lit_gcpo.engines.options.EngineOptions``; a dict of them is
             accepted from Python), e.g. ``gpu_memory_utilization`` for vllm; unset: the engine's defaults.
@@ -137,6 +142,7 @@ class RolloutDataModule(EvaluationAccess, L.LightningDataModule):
         reward_weights: list[float] | None = None,
         reward_timeout: PositiveFloat = 10.0,
         accuracy_reward: str | None = "math_accuracy",
+        label_free: LabelFreeReward | None = None,
         engine: Literal["hf", "vllm"] = "hf",
         engine_options: EngineOptions | None = None,
         sampling: SamplingConfig | None = None,
@@ -154,16 +160,20 @@ class RolloutDataModule(EvaluationAccess, L.LightningDataModule):
             raise ValueError(f"group_size must be >= 2 (group advantages need a group), got {group_size}")
         if val_samples < 1:
             raise ValueError(f"val_samples must be >= 1, got {val_samples}")
-        rewards = list(rewards or ["math_accuracy"])
+        rewards = list(rewards or ([] if label_free is not None else ["math_accuracy"]))  # label-free: extras only
         if reward_weights is not None and len(reward_weights) != len(rewards):
             raise ValueError(f"reward_weights has {len(reward_weights)} entries for {len(rewards)} rewards")
-        if accuracy_reward is not None and accuracy_reward not in rewards:
+        if accuracy_reward is not None and accuracy_reward not in rewards and label_free is None:
             raise ValueError(f"accuracy_reward {accuracy_reward!r} is not one of rewards {rewards}")
         self.dynamic_sampling = DynamicSampling.checked(dynamic_sampling, rewards)
         if off_policy and (dynamic_sampling is not None or engine != "hf"):
             raise ValueError("data.off_policy works with data.engine hf and without data.dynamic_sampling (for now)")
         self.off_policy, self._off_policy = off_policy, None  # the option; the in-flight batch, from setup on
         self._train_stream: PromptStream | None = None  # the rounds of dynamic sampling read it
+        problem = label_free_problem(label_free, rewards, accuracy_reward, dynamic_sampling is not None)
+        if problem is not None:
+            raise ValueError(problem)
+        self.label_free = label_free
         self.train_source, self.val_source = train, val
         self.test_sources: list[PromptSource] = [test] if isinstance(test, PromptSource) else list(test or [])
         self.predict_source = predict
@@ -186,6 +196,7 @@ class RolloutDataModule(EvaluationAccess, L.LightningDataModule):
         self.consumed_batches = 0  # training prompt batches turned into rollouts (resume position)
         self.skipped_rows: dict[str, int] = {}
         self.collector: RolloutCollector | None = None
+        self.train_rewards: Any = None  # the reward set of training batches, from setup on
         self._datasets: dict[str, tuple[list[dict[str, Any]], list[str]]] = {}
         self._test_passes = TestPasses()  # what each test dataloader is, from test_dataloader on
         self._synced_step: int | None = None
@@ -223,9 +234,9 @@ class RolloutDataModule(EvaluationAccess, L.LightningDataModule):
                 source.bind_tokenizer(tokenizer)  # sources that budget their text in tokens
                 self._datasets[split] = self._prepare(split, source, self._renderer(source, tokenizer))
         if self.collector is None:
-            from lit_gcpo.rewards import RewardSet
-
-            rewards = RewardSet.from_names(self.reward_names, self.reward_weights, timeout=self.reward_timeout)
+            self.train_rewards, rewards = reward_sets(
+                self.reward_names, self.reward_weights, self.reward_timeout, self.label_free, self.accuracy_reward
+            )
             options = self.engine_options.for_engine(self.engine_name)
             engine = build_engine(self.engine_name, module.policy, tokenizer, **options)
             use_chat = self._renderer(None, tokenizer).use_chat
@@ -244,7 +255,8 @@ class RolloutDataModule(EvaluationAccess, L.LightningDataModule):
         self, split: str, source: PromptSource, renderer: PromptRenderer
     ) -> tuple[list[dict[str, Any]], list[str]]:
         """The rows and prompts of ``split`` (``lit_gcpo.data.preparation``), with their counts recorded."""
-        selected = complete_rows(split, source, renderer, self.required_fields)
+        label_free = split == "train" and self.label_free is not None  # label-free training needs no gold
+        selected = complete_rows(split, source, renderer, self.required_fields, needs_gold=not label_free)
         self.skipped_rows[split] = len(selected.skipped)
         if not selected.rows:
             raise ValueError(f"{split}: every row of {source.describe()} lacks a required field")
@@ -304,6 +316,7 @@ class RolloutDataModule(EvaluationAccess, L.LightningDataModule):
             self._off_policy.wait()  # the worker's sampling is done before evaluation samples
         self._sync_engine(policy)  # also before evaluation: a restored checkpoint, the current weights
         fields = requested_fields(self.trainer.callbacks, _stage(self.trainer))
+        fields |= set(self.label_free.needs) if training and self.label_free is not None else set()
         # the engine gathers the policy's embeddings while sampling when it can (then no scoring pass is needed)
         embed = "embeddings" in fields
         if training:
@@ -324,6 +337,8 @@ class RolloutDataModule(EvaluationAccess, L.LightningDataModule):
         policy.score_rollout(rollout, with_reference=training, fields=fields)
         if clusters is not None:
             rollout.answer_clusters, rollout.metrics["time/answer_clusters_s"] = clusters.result()
+        if training and self.label_free is not None:
+            apply_label_free(rollout, self.label_free)
         return rollout
 
     def _train_rollout(self, batch: PromptBatch, policy: RolloutPolicy, embed: bool) -> RolloutBatch:
@@ -336,7 +351,9 @@ class RolloutDataModule(EvaluationAccess, L.LightningDataModule):
         def collect(prompts: PromptBatch) -> RolloutBatch:  # a batch of the stream, consumed
             self.consumed_batches += 1
             seeds = self.prompt_seeds("train", prompts)
-            return self.collector.collect(prompts, self.group_size, sampling, policy.device, seeds, embed)
+            return self.collector.collect(
+                prompts, self.group_size, sampling, policy.device, seeds, embed, rewards=self.train_rewards
+            )
 
         def draw() -> RolloutBatch:
             return collect(self._train_stream.batch(self.consumed_batches))

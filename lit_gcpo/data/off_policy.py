@@ -185,6 +185,9 @@ def one_step_off(data: Any, module: Any) -> OneStepOff:
 
     def collect(prompts: PromptBatch) -> RolloutBatch:
         seeds = data.prompt_seeds("train", prompts)
-        return collector.collect(prompts, data.group_size, sampling, device, seeds, with_embeddings=False)
+        # the training reward set (label-free training has its own: lit_gcpo.data.label_free)
+        return collector.collect(
+            prompts, data.group_size, sampling, device, seeds, with_embeddings=False, rewards=data.train_rewards
+        )
 
     return OneStepOff(engine, collect, device)

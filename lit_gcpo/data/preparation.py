@@ -31,15 +31,16 @@ class CompleteRows:
 
 
 def complete_rows(
-    split: str, source: PromptSource, renderer: PromptRenderer, required_fields: list[str]
+    split: str, source: PromptSource, renderer: PromptRenderer, required_fields: list[str], needs_gold: bool = True
 ) -> CompleteRows:
     """The rows of ``source`` with the template's placeholders and the required fields (``required_fields``
-    unless the source names its own; none for ``predict``, which needs no gold), rendered by ``renderer``."""
+    unless the source names its own; none for ``predict`` or when not ``needs_gold``: label-free training),
+    rendered by ``renderer``."""
     rows = source.load()
     if not rows:
         raise ValueError(f"{split}: the prompt source {source.describe()} has no rows")
     required = required_fields if source.required_fields is None else source.required_fields
-    required = [] if split == "predict" else required  # predictions need no gold
+    required = [] if split == "predict" or not needs_gold else required  # predictions need no gold
     needed = sorted(set(placeholders(renderer.template)) | set(required))
     for name in needed:
         if all(row.get(name) is None for row in rows):

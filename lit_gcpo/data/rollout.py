@@ -95,9 +95,11 @@ class RolloutCollector:
         device: torch.device,
         seeds: list[int] | None = None,
         with_embeddings: bool = False,
+        rewards: Any = None,
     ) -> RolloutBatch:
         """``group_size`` scored completions of each prompt; ``seeds`` (one per prompt) seed their sampling;
-        ``with_embeddings``: the engine's completion embeddings, when it reports them (else left to the module).
+        ``with_embeddings``: the engine's completion embeddings, when it reports them (else left to the module);
+        ``rewards``: the reward set of this batch (default: the collector's; label-free training has its own).
         The batch carries how it was sampled (temperature, ``max_new_tokens``, whether by the policy itself) and
         each completion's correctness: what training reads besides the completions."""
         prompt_ids = self.tokenize(batch.prompts)
@@ -111,7 +113,7 @@ class RolloutCollector:
         expanded_rows = [row for row in batch.rows for _ in range(group_size)]  # [N], group-major
         expanded_prompts = [p for p in batch.prompts for _ in range(group_size)]
         start = time.perf_counter()
-        scores = self.rewards.score(expanded_prompts, completions, expanded_rows)
+        scores = (self.rewards if rewards is None else rewards).score(expanded_prompts, completions, expanded_rows)
         reward_s = time.perf_counter() - start
 
         input_ids, attention_mask, completion_mask = pack_sequences(

@@ -22,6 +22,18 @@ REWARDS: Registry[RewardFn] = Registry("reward function")
 ``qa_f1``)."""
 
 
+def reads_gold(fn: RewardFn) -> RewardFn:
+    """Marks a reward function that reads a row's gold answer (``answer``, ``gold``, ...): label-free training
+    (``data.label_free``) refuses it. Mark your own such functions too, to have them refused there."""
+    fn.reads_gold = True  # type: ignore[attr-defined]
+    return fn
+
+
+def needs_gold(name: str) -> bool:
+    """Whether the reward ``name`` (built-in or dotted path, loaded here) is marked with ``reads_gold``."""
+    return bool(getattr(load_reward(name), "reads_gold", False))
+
+
 def import_object(path: str) -> Any:
     """The object at ``pkg.module:attr`` or ``pkg.module.attr``; errors name the path and what failed."""
     if ":" in path:

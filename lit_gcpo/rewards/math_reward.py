@@ -21,7 +21,7 @@ from lit_gcpo.rewards.answers import (
     gold_answer,
     report_missing_verdicts,
 )
-from lit_gcpo.rewards.loading import REWARDS
+from lit_gcpo.rewards.loading import REWARDS, reads_gold
 
 GRADING_TIMEOUT_S = 1.0
 """Seconds one Math-Verify comparison may take (real answers take milliseconds). A comparison without a verdict (a
@@ -52,6 +52,7 @@ def _row_gold(index: int, columns: dict[str, list[Any]]) -> str | None:
 
 
 @REWARDS.register("math_accuracy")
+@reads_gold
 def math_accuracy(prompts: list[str], completions: list[Any], **columns: list[Any]) -> list[float | None]:
     """1.0 when the last ``\\boxed{}`` of the completion is equivalent to the gold, else 0.0.
 
@@ -83,6 +84,7 @@ def row_name(index: int, columns: dict[str, list[Any]]) -> str:
 
 
 @REWARDS.register("math_accuracy_final")
+@reads_gold
 def math_accuracy_final(prompts: list[str], completions: list[Any], **columns: list[Any]) -> list[float | None]:
     """``math_accuracy``, and 0 unless the completion ends with that box (only whitespace after it).
 

@@ -18,7 +18,7 @@ from collections import Counter
 from typing import Any
 
 from lit_gcpo.rewards.answers import extract_boxed
-from lit_gcpo.rewards.loading import REWARDS
+from lit_gcpo.rewards.loading import REWARDS, reads_gold
 from lit_gcpo.rewards.math_reward import completion_text
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -97,12 +97,14 @@ def _score(completions: list[Any], columns: dict[str, list[Any]], metric: Any) -
 
 
 @REWARDS.register("qa_exact_match")
+@reads_gold
 def qa_exact_match(prompts: list[str], completions: list[Any], **columns: list[Any]) -> list[float | None]:
     """1.0 when the completion's answer equals a reference after normalisation (``gold``/``answer``/``answers``)."""
     return _score(completions, columns, exact_match)
 
 
 @REWARDS.register("qa_f1")
+@reads_gold
 def qa_f1(prompts: list[str], completions: list[Any], **columns: list[Any]) -> list[float | None]:
     """Best token F1 of the completion's answer over the references (``gold``/``answer``/``answers``)."""
     return _score(completions, columns, token_f1)

@@ -19,15 +19,20 @@ from lit_gcpo.running.wait_policy import wait_policy_variables
 # OpenMP's default otherwise, the user's value when set (lit_gcpo.running.wait_policy has the measurements).
 os.environ.update(wait_policy_variables(os.environ))
 
+from jsonargparse import set_parsing_settings
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lit_gcpo.algorithms.label_free import LabelFreeReward
 from lit_gcpo.algorithms.rollout_correction import rollout_correction_problem
+from lit_gcpo.algorithms.token_selection import TokenSelection
 from lit_gcpo.data.datamodule import RolloutDataModule
+from lit_gcpo.data.label_free import label_free_problem
 from lit_gcpo.rewards.combine import RewardError
+from lit_gcpo.rewards.loading import import_object
 from lit_gcpo.running.checkpointing import (
     AtomicCheckpointIO,
     check_checkpoint,
@@ -51,6 +56,10 @@ DESCRIPTION = (
     "rewards where the rows have gold answers, to predictions.jsonl. Set --seed_everything to choose the run's seed."
 )
 
+
+# A method family is an option typed by its base class (``model.token_selection``, ``data.label_free``): each method
+# is a subclass, chosen by ``class_path`` (or its class name), with its own typed options, validated at parse time.
+set_parsing_settings(subclasses_enabled=[TokenSelection, LabelFreeReward])
 
 MOVED_SETTINGS = {
     "model.temperature": "the sampling temperature is set once, in data.sampling.temperature (batches carry it)",
@@ -82,6 +91,33 @@ def missing_model_path(value: str | None) -> str | None:
     if path.is_file():
         return f"{value} is a file; give the directory that holds the model's config.json"
     return None
+
+
+METHOD_OPTIONS = (("model", "token_selection"), ("data", "label_free"))
+"""The options whose value is a method with options of its own (a subclass of the option's type)."""
+
+
+def method_options_problem(config: Any) -> str | None:
+    """Why the methods chosen in ``config`` are refused, naming the option; None when they are fine. Each method of
+    ``METHOD_OPTIONS`` is built from its options (which it validates: rho outside (0, 1], delta_lo >= delta_hi, ...),
+    then label-free training's reward settings are checked (``lit_gcpo.data.label_free.label_free_problem``)."""
+    built: dict[str, Any] = {}
+    for group, option in METHOD_OPTIONS:
+        section = config.get(group)
+        value = section.get(option) if section is not None else None
+        if value is None or not hasattr(value, "class_path"):  # unset, or already an object
+            built[option] = value
+            continue
+        init_args = _plain_namespace(value.get("init_args") or {})
+        try:
+            built[option] = import_object(value.class_path)(**init_args)
+        except (TypeError, ValueError) as error:
+            return f"{group}.{option}: {error}"
+    data = config.get("data")
+    if data is None or built["label_free"] is None:
+        return None
+    rewards, dynamic = list(data.get("rewards") or []), data.get("dynamic_sampling") is not None
+    return label_free_problem(built["label_free"], rewards, data.get("accuracy_reward"), dynamic)
 
 
 def runs_directory(trainer: Any) -> Path:
@@ -152,6 +188,9 @@ class GCPOCLI(LightningCLI):
             problem = rollout_correction_problem(*bounds)
             if problem:
                 parser.error(f"model.{problem}")
+        problem = method_options_problem(config)
+        if problem:
+            parser.error(problem)
         if not subcommand or not self.config[subcommand].get("ckpt_path"):
             return
         config = self.config[subcommand]

@@ -45,6 +45,7 @@ import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
+from lit_gcpo.rewards.loading import reads_gold
 from lit_gcpo.rewards.math_reward import completion_text, math_accuracy
 from lit_gcpo.tasks.arithmetic import ArithmeticTask
 
@@ -97,6 +98,7 @@ def noise_coin(prompt: str, completion: str, position: int, rate: float) -> floa
     return 1.0 if zlib.crc32(key) / 2**32 < rate else 0.0
 
 
+@reads_gold
 def noisy_math_accuracy(prompts: list[str], completions: list[Any], **columns: list[Any]) -> list[float | None]:
     """``math_accuracy`` on clean rows; an independent coin flip of probability ``noise_rate`` on noisy rows.
 

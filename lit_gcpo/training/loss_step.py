@@ -4,6 +4,8 @@ A step over a ``RolloutBatch`` is planned once (``LossStep.plan``: the group adv
 weights, the loss mask, the global token and sequence counts every micro-batch's loss is normalised by, and the
 rollout-correction weights when the engine is another copy of the policy) and its loss is then computed per
 micro-batch from the policy's log-probs (``LossStep.micro_batch_loss``, ``lit_gcpo.algorithms.losses.grpo_loss``).
+``model.token_selection`` enters both (``lit_gcpo.training.token_selection``): the high-entropy keep mask is part of
+the plan, Clip-Cov's detach mask and KL-Cov's penalty are per micro-batch.
 The module owns the forward pass, the backward pass and the optimizer; this file owns which loss they follow.
 Everything read about the batch (how it was sampled, the engine's log-probs) is on the batch.
 """
@@ -11,7 +13,7 @@ Everything read about the batch (how it was sampled, the engine's log-probs) is 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -20,6 +22,7 @@ from lit_gcpo.algorithms.advantages import group_advantages
 from lit_gcpo.algorithms.losses import grpo_loss
 from lit_gcpo.algorithms.rollout_correction import rollout_correction_weights
 from lit_gcpo.data.batch import RolloutBatch
+from lit_gcpo.training.token_selection import Gather, LossTokenSelection, combine_weights
 
 # reduce(tensor, op) with op in {"sum", "min", "max"}: over data-parallel ranks (identity on one device)
 Reduce = Callable[[torch.Tensor, str], torch.Tensor]
@@ -31,10 +34,12 @@ class StepPlan:
 
     advantages: torch.Tensor  # [N], times the callback's weights
     mask: torch.Tensor  # [N, L], truncated completions left out when asked
-    is_weights: torch.Tensor | None  # [N, L] or [N, 1]: rollout-correction weights, None when not corrected
+    is_weights: torch.Tensor | None  # [N, L]: rollout-correction weights and the token keep mask, None when neither
     behaviour: torch.Tensor | None  # [N, L]: the engine's log-probs when it is another copy of the policy
     counts: tuple[torch.Tensor, torch.Tensor]  # global (all ranks) tokens and sequences, at least 1 each
     with_entropy: bool
+    reduce: Reduce  # over data-parallel ranks (the covariance means of Clip-Cov / KL-Cov)
+    generator: torch.Generator | None = None  # Clip-Cov's random choice, seeded per optimizer step
 
 
 @dataclass(frozen=True)
@@ -57,10 +62,13 @@ class LossStep:
     entropy_coef: float
     num_iterations: int
     mask_truncated_completions: bool
+    selection: LossTokenSelection = field(default_factory=lambda: LossTokenSelection(None))
 
     @classmethod
-    def from_hparams(cls, hparams: Mapping[str, Any]) -> LossStep:
-        return cls(**{field.name: hparams[field.name] for field in fields(cls)})
+    def from_hparams(cls, hparams: Mapping[str, Any], selection: LossTokenSelection | None = None) -> LossStep:
+        """The settings of ``hparams``; ``selection``: ``model.token_selection`` (the object, not its config)."""
+        settings = {f.name: hparams[f.name] for f in fields(cls) if f.name != "selection"}
+        return cls(**settings, selection=selection or LossTokenSelection(None))
 
     def engine_logprobs(self, batch: RolloutBatch) -> torch.Tensor | None:
         """The engine's log-probs when the engine is another copy of the policy (vLLM), else None."""
@@ -96,8 +104,16 @@ class LossStep:
             mask = mask * (~batch.truncated.bool()).unsqueeze(-1).to(mask.dtype)  # [N, L]
         return advantages, mask, metrics
 
-    def plan(self, batch: RolloutBatch, reduce: Reduce, logs_this_step: bool) -> tuple[StepPlan, dict[str, Any]]:
-        """The step's shared inputs, and the metrics of its advantages and rollout correction."""
+    def plan(
+        self,
+        batch: RolloutBatch,
+        reduce: Reduce,
+        logs_this_step: bool,
+        gather: Gather = lambda values: values,
+        step: int = 0,
+    ) -> tuple[StepPlan, dict[str, Any]]:
+        """The step's shared inputs, and the metrics of its advantages, rollout correction and token selection;
+        ``gather`` concatenates a tensor of every rank (the entropy quantile), ``step`` seeds Clip-Cov."""
         advantages, mask, adv_metrics = self.advantages_and_mask(batch, reduce)  # [N], [N, L]
         if batch.old_logprobs is None and self.needs_old_logprobs(batch):
             raise ValueError(
@@ -117,17 +133,20 @@ class LossStep:
                 self.rollout_correction_min,
                 self.rollout_correction_max,
             )
+        keep, selection_metrics = self.selection.step_mask(batch, mask, gather)  # [N, L] or None
         plan = StepPlan(
             advantages=advantages,
             mask=mask,
-            is_weights=is_weights,
+            is_weights=combine_weights(is_weights, keep),
             # the off-policy mask compares with what sampled the tokens: the engine, else the old log-probs (TRL's)
             behaviour=self.engine_logprobs(batch),
             counts=(num_tokens, num_seqs),
             # entropy is only logged (unless it is in the loss): computed on the steps that write logs
             with_entropy=self.entropy_coef != 0 or logs_this_step,
+            reduce=reduce,
+            generator=self.selection.generator(step, mask.device),
         )
-        return plan, {**adv_metrics, **tis_metrics}
+        return plan, {**adv_metrics, **tis_metrics, **selection_metrics}
 
     def micro_batch_loss(
         self,
@@ -141,6 +160,11 @@ class LossStep:
         sequences) from the policy's ``logprobs`` ``[n, L]`` of its ``rows``, and its metrics."""
         # on-policy with one step per rollout: the generating policy is this very forward
         old = logprobs.detach() if batch.old_logprobs is None else batch.old_logprobs[rows]
+        eps_low, eps_high = self.selection.surrogate_clip(self.eps_low, self.eps_high)
+        keep, penalty, selection_metrics = self.selection.micro_batch(
+            logprobs, old, plan.advantages[rows], plan.mask[rows], eps_low=eps_low, eps_high=eps_high,
+            generator=plan.generator, reduce=lambda value: plan.reduce(value, "sum"),
+        )  # fmt: skip
         loss, metrics = grpo_loss(
             logprobs,
             old,
@@ -151,11 +175,12 @@ class LossStep:
             kl_estimator=self.kl_estimator,
             entropy=entropy,
             entropy_coef=self.entropy_coef,
-            eps_low=self.eps_low,
-            eps_high=self.eps_high,
+            eps_low=eps_low,
+            eps_high=eps_high,
             dual_clip=self.dual_clip,
             ratio_level=self.ratio_level,
-            is_weights=None if plan.is_weights is None else plan.is_weights[rows],
+            is_weights=combine_weights(None if plan.is_weights is None else plan.is_weights[rows], keep),
+            token_penalty=penalty,
             off_policy_threshold=self.off_policy_mask_threshold,
             behaviour_logp=None if plan.behaviour is None else plan.behaviour[rows],
             aggregation=self.loss_aggregation,
@@ -165,4 +190,4 @@ class LossStep:
         )
         if "entropy_mean" in metrics:  # grpo_loss's masked mean of `entropy`
             metrics["entropy"] = metrics.pop("entropy_mean")
-        return loss, metrics
+        return loss, {**metrics, **selection_metrics}

@@ -12,7 +12,8 @@ whose distribution the log-probs are recomputed under, ``L_max``, whether the en
 which completions are correct; the module keeps no copy of the sampling settings and never reads the DataModule.
 
 - ``score_rollout`` (called by the rollout DataModule before callbacks see the batch) fills what is read of
-  ``old_logprobs``, ``embeddings`` and ``ref_logprobs`` under the same precision context as ``training_step``
+  ``old_logprobs``, ``embeddings``, the token summaries (``token_entropy``, ``token_mean_logprob``) and
+  ``ref_logprobs`` under the same precision context as ``training_step``
   (so that on the first iteration the ratio is exactly 1 under bf16-mixed too).
 - ``training_step`` uses manual optimization: ``num_iterations`` optimizer steps per rollout batch, each over
   micro-batches with the loss normalised by the whole batch's (all ranks') counts, so the gradient does not
@@ -40,6 +41,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
+from lit_gcpo.algorithms.token_selection import TokenSelection
 from lit_gcpo.data.batch import RolloutBatch
 from lit_gcpo.training.loss_step import LossStep, StepPlan
 from lit_gcpo.training.optimizer_step import GuardedOptimizerStep, default_scheduler
@@ -48,7 +50,7 @@ from lit_gcpo.training.parallel import gradient_sync, is_sharded, shard_causal_l
 from lit_gcpo.training.policy import LoraOptions, load_policy, load_tokenizer, merged_state_items, save_policy
 from lit_gcpo.training.reference import ReferencePolicy
 from lit_gcpo.training.rollout_scoring import ScoringPasses, fill_rollout_scores
-from lit_gcpo.training.scoring import CompletionScorer
+from lit_gcpo.training.scoring import CompletionScorer, ScoredTokens
 from lit_gcpo.training.step_metrics import (
     log_step_scalars,
     logs_this_step,
@@ -57,6 +59,7 @@ from lit_gcpo.training.step_metrics import (
     rollout_metrics,
     sample_text,
 )
+from lit_gcpo.training.token_selection import LossTokenSelection, rank_gather
 from lit_gcpo.training.validation import StartingPolicyBaseline, log_eval_batch, validation_summary
 
 log = logging.getLogger(__name__)
@@ -110,6 +113,9 @@ class GRPOModule(L.LightningModule):
         beta: KL coefficient; 0 loads no reference model.
         kl_estimator: ``k1``, ``k2`` or ``k3``.
         entropy_coef: coefficient of the entropy bonus.
+        token_selection: which tokens carry the policy gradient (None: all; ``lit_gcpo.training.token_selection``):
+            ``HighEntropyTokens`` (the top rho by entropy), ``ClipCov`` or ``KLCov`` (covariance control);
+            ``--model.token_selection.help ClipCov`` lists a method's options.
         num_iterations: optimizer steps per rollout batch (old log-probs stay those of the generating policy).
         micro_batch_size: completions per forward/backward pass (0: the whole batch).
         max_grad_norm: gradient-norm clipping (0: off).
@@ -154,6 +160,7 @@ class GRPOModule(L.LightningModule):
         beta: NonNegativeFloat = 0.0,
         kl_estimator: Literal["k1", "k2", "k3"] = "k3",
         entropy_coef: float = 0.0,
+        token_selection: TokenSelection | None = None,
         num_iterations: PositiveInt = 1,
         micro_batch_size: NonNegativeInt = 0,
         max_grad_norm: NonNegativeFloat = 1.0,
@@ -172,7 +179,7 @@ class GRPOModule(L.LightningModule):
         tis_cap = None  # saved as resolved
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.automatic_optimization = False
-        self.loss_step = LossStep.from_hparams(self.hparams)
+        self.loss_step = LossStep.from_hparams(self.hparams, LossTokenSelection(token_selection))
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.tokenizer = load_tokenizer(tokenizer or model)
         self.policy = load_policy(model, dtype, lora, disable_dropout, attn_implementation)
@@ -229,18 +236,25 @@ class GRPOModule(L.LightningModule):
         Returns ``(logprobs [n, L], entropy [n, L] or None, completion hidden states [n, L, H] or None)``; with
         ``reference`` they are the reference model's (the LoRA base model with its adapters disabled).
         """
+        options = {"temperature": temperature, "with_entropy": with_entropy, "with_hidden": with_hidden}
+        scored = self.completion_scores(input_ids, attention_mask, completion_length, reference=reference, **options)
+        return scored.logprobs, scored.entropy, scored.hidden
+
+    def completion_scores(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        completion_length: int,
+        *,
+        reference: bool = False,
+        **options: Any,
+    ) -> ScoredTokens:
+        """``completion_logprobs``'s pass with everything the scorer gives (``with_distribution``: the token
+        summaries), as ``lit_gcpo.training.scoring.ScoredTokens``."""
         scorer = self.reference.scorer if reference and self.reference is not None else self.scorer
         adapters_off = self.policy.disable_adapter() if reference and self.uses_lora else contextlib.nullcontext()
         with adapters_off:
-            scored = scorer(
-                input_ids,
-                attention_mask,
-                completion_length,
-                temperature=temperature,
-                with_entropy=with_entropy,
-                with_hidden=with_hidden,
-            )
-        return scored.logprobs, scored.entropy, scored.hidden
+            return scorer(input_ids, attention_mask, completion_length, **options)
 
     @torch.no_grad()
     def score_rollout(
@@ -259,9 +273,10 @@ class GRPOModule(L.LightningModule):
             fields,
             loss_needs_old=with_reference and self.loss_step.needs_old_logprobs(batch),
             with_reference_model=with_reference and self.hparams.beta > 0,
+            loss_fields=self.loss_step.selection.fields if with_reference else (),
         )
         with self.precision_context():
-            fill_rollout_scores(batch, passes, self._micro_batches(batch.num_completions), self.completion_logprobs)
+            fill_rollout_scores(batch, passes, self._micro_batches(batch.num_completions), self.completion_scores)
         batch.metrics["time/score_s"] = time.perf_counter() - start
 
     def precision_context(self) -> Any:
@@ -283,7 +298,10 @@ class GRPOModule(L.LightningModule):
     # ------------------------------------------------------------------------------------- training
     def training_step(self, batch: RolloutBatch, batch_idx: int) -> None:
         start = time.perf_counter()
-        plan, plan_metrics = self.loss_step.plan(batch, self._reduce, logs_this_step(self._trainer))
+        gather = rank_gather(self._trainer)  # the high-entropy quantile is over every rank's tokens
+        plan, plan_metrics = self.loss_step.plan(
+            batch, self._reduce, logs_this_step(self._trainer), gather, self.global_step
+        )
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         micro = self._micro_batches(batch.num_completions)
         parts: list[tuple[dict[str, Any], torch.Tensor]] = []

@@ -21,6 +21,11 @@ runs its variable-length kernel on the boundaries; sdpa, eager and flex attentio
 ``masking_utils.find_packed_sequence_indices``) build a block-diagonal causal mask from the restarting position ids
 when no mask and no cache is given. Scores are gathered back into the padded ``[n, L]`` layout
 (``lit_gcpo.algorithms.packing``).
+
+``with_distribution`` adds, in the same forward, the summaries of the whole next-token distribution at each
+completion position (entropy, mean log-prob over the vocabulary: ``lit_gcpo.algorithms.token_distribution``),
+made from the same hidden states (or the model's own logits) chunk by chunk, without gradient (one more head
+matmul per chunk), for the token-distribution rewards and the high-entropy token mask.
 """
 
 from __future__ import annotations
@@ -33,6 +38,11 @@ from torch import Tensor
 
 from lit_gcpo.algorithms.logprobs import PLAIN_LOGITS_ELEMENTS, logprobs_from_logits, token_logprobs
 from lit_gcpo.algorithms.packing import pack, pack_layout, unpack_completions
+from lit_gcpo.algorithms.token_distribution import (
+    TokenDistributionStats,
+    hidden_distribution_stats,
+    logits_distribution_stats,
+)
 
 
 def base_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -66,11 +76,16 @@ class ScoredTokens:
         logprobs: the sampled tokens' log-probs under ``log_softmax(logits / T)``, ``[n, L]`` float32.
         entropy: the entropy of that distribution at each completion position, ``[n, L]``, or None.
         hidden: the final hidden state at each completion position, ``[n, L, H]``, or None.
+        distribution: summaries of that distribution at each completion position (``lse``, ``entropy``,
+            ``mean_logprob``, each ``[n, L]``, no gradient), or None.
+        vocab_size: V, the entries of that distribution (with ``distribution``).
     """
 
     logprobs: Tensor
     entropy: Tensor | None = None
     hidden: Tensor | None = None
+    distribution: TokenDistributionStats | None = None
+    vocab_size: int | None = None
 
 
 class CompletionScorer:
@@ -113,10 +128,16 @@ class CompletionScorer:
         temperature: float = 1.0,
         with_entropy: bool = False,
         with_hidden: bool = False,
+        with_distribution: bool = False,
     ) -> ScoredTokens:
         """Score the last ``completion_length`` columns of ``input_ids [n, P + L]`` under ``log_softmax(logits /
         temperature)`` (the sampling distribution: ``lit_gcpo.engines.base.logprob_temperature``)."""
-        options = {"temperature": temperature, "with_entropy": with_entropy, "with_hidden": with_hidden}
+        options = {
+            "temperature": temperature,
+            "with_entropy": with_entropy,
+            "with_hidden": with_hidden,
+            "with_distribution": with_distribution,
+        }
         if self.padding_free:
             return self._packed(input_ids, attention_mask, completion_length, **options)
         prompt_length = input_ids.shape[1] - completion_length
@@ -146,10 +167,15 @@ class CompletionScorer:
             "max_length_k": layout.max_seqlen,
         }
         scored = self._score(inputs, layout.predictors, ids[:, layout.predictors + 1], **options)  # [1, M, ...]
+        distribution = None
+        if scored.distribution is not None:  # [1, M] each -> [n, L]
+            distribution = TokenDistributionStats(*(unpack_completions(v[0], layout) for v in scored.distribution))
         return ScoredTokens(
             logprobs=unpack_completions(scored.logprobs[0], layout),  # [n, L]
             entropy=None if scored.entropy is None else unpack_completions(scored.entropy[0], layout),
             hidden=None if scored.hidden is None else unpack_completions(scored.hidden[0], layout),  # [n, L, H]
+            distribution=distribution,
+            vocab_size=scored.vocab_size,
         )
 
     def _score(
@@ -161,6 +187,7 @@ class CompletionScorer:
         temperature: float,
         with_entropy: bool,
         with_hidden: bool,
+        with_distribution: bool = False,
     ) -> ScoredTokens:
         """One forward ``model(**inputs)``; the log-probs of ``targets [b, t]`` from the hidden states (or the
         model's own logits) at sequence positions ``predictors [t]``, the token's own hidden state one further."""
@@ -189,6 +216,10 @@ class CompletionScorer:
                     output.logits, targets, temperature, self.chunk_size, with_entropy
                 )
             output["completion_logprobs"] = logprobs
+            if with_distribution:  # inside the forward: FSDP2 has gathered the head's weight
+                output["completion_distribution"] = self._distribution(base, hidden[:, predictors], output, temperature)
+                vocab = base.get_output_embeddings().weight.shape[0] if self.plain_head else output.logits.shape[-1]
+                output["vocab_size"] = int(vocab)
             if entropy is not None:
                 output["completion_entropy"] = entropy
             if with_hidden:
@@ -208,7 +239,19 @@ class CompletionScorer:
             logprobs=output["completion_logprobs"],
             entropy=output.get("completion_entropy"),
             hidden=output.get("completion_hidden"),
+            distribution=output.get("completion_distribution"),
+            vocab_size=output.get("vocab_size"),
         )
+
+    def _distribution(
+        self, base: torch.nn.Module, states: Tensor, output: Any, temperature: float
+    ) -> TokenDistributionStats:
+        """The summaries ``[b, t]`` of the distributions at the predicting positions (hidden ``states [b, t, H]``,
+        or the model's own logits there), chunk by chunk."""
+        if self.plain_head:
+            head = base.get_output_embeddings()
+            return hidden_distribution_stats(states, head.weight, temperature, self.chunk_size, head.bias)
+        return logits_distribution_stats(output.logits, temperature, self.chunk_size)
 
 
 @torch.no_grad()

@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-# parts of one batch-level loss, and shares of the batch's counts (lit_gcpo.algorithms.losses.off_policy_sequence_mask)
+# parts of one batch-level loss, and shares of the batch's counts
+# (lit_gcpo.algorithms.rollout_correction.off_policy_sequence_mask)
 SUMMED = (
     "loss",
     "policy_loss",
