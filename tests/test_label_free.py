@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from lit_gcpo.algorithms.label_free import (
-    LABEL_FREE_REWARDS,
     EMPO,
+    LABEL_FREE_REWARDS,
     RENT,
     answer_clusters,
     empo_rewards,

@@ -92,9 +92,8 @@ def test_scorer_distribution_equals_the_models_own_logits(kind, plain):
     assert scorer.plain_head is plain
     with torch.no_grad():
         scored = scorer(input_ids, attention_mask, 4, temperature=0.7, with_distribution=True)
-        logits = model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0)
-        ).logits
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits
     log_p = torch.log_softmax(logits[:, 4:-1].double() / 0.7, -1)  # [3, 4, V]
     torch.testing.assert_close(scored.distribution.entropy.double(), -(log_p.exp() * log_p).sum(-1), atol=1e-5, rtol=0)
     torch.testing.assert_close(scored.distribution.mean_logprob.double(), log_p.mean(-1), atol=1e-5, rtol=0)
