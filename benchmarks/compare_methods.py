@@ -8,6 +8,12 @@ quickstart's setting, no padding) with only these overrides:
   (inverse, alpha 0.0417, no scale, no normalisation); ``seed_grpo_sf`` SE_n with gcpo's scale-free rule;
   ``gcpo_bot`` / ``gcpo_cd`` U_c = BoT or CD times (1 - RD); ``rd_only`` U = 1 (1 - RD alone), the control of
   METHODS.md 5.1 that gcpo's geometry has to beat;
+- for the wider family (METHODS.md §7, issue 21), w = 1 and the method's own settings (``METHOD_SETTINGS``), taken
+  from its ``configs/methods/<name>.yaml``: the token selections ``high_entropy_tokens``, ``clip_cov``, ``kl_cov``
+  (``model.token_selection``) and the label-free rewards ``ttrl``, ``empo``, ``self_certainty``, ``rent``
+  (``data.label_free``, no extra reward). A label-free method reads no reward, so it does not run on the noisy arms
+  (their noise is in the reward: the run would be ``arithmetic``'s), and the answer votes (``ttrl``, ``empo``) do not
+  run on ``qa`` (its answers are free text, not boxed: every completion would be unanswered) (``runs_on``);
 - the testbed (``TESTBEDS``): ``arithmetic`` is the base config; ``noisy_hard`` / ``noisy_easy`` swap the train
   source for ``NoisyArithmeticTask`` with coin-flip rewards on half of the hard (two-digit or negative answer)
   or of the easy (one-digit answer) prompts, at the noise rate whose coin-flip groups have the clean spread
@@ -21,7 +27,10 @@ A finished run appends one line to ``--results`` (``benchmarks/results/compare_m
 seeds accumulate across machines and days) as soon as it ends: testbed, method, seed, the budget, the
 validation curve (step 0 = the starting policy), the weight spread, the truncated share, wall time, the commit
 and ``config_sha``, a hash of the run's fully resolved config (``lit-gcpo fit --print_config``) without its seed
-and output paths (``design_sha``: the same without the weighting, shared by the methods that the analysis pairs).
+and output paths (``design_sha``: the same without the method, i.e. the weighting and the method's own settings,
+shared by the methods that the analysis pairs). Options added after records began (``UNHASHED_AT_DEFAULT``) are left
+out of both hashes while they hold their default, so the methods that do not set them keep their hashes
+(``benchmarks/compare_hashes.py`` checks a change against the tree before it).
 A rerun skips every planned run whose record exists with the same ``config_sha``, so a kill
 loses only the runs in flight and a changed config (or a changed default) starts new records instead of mixing
 with old ones. ``--shard i/n`` runs every n-th planned run from the i-th, for several machines. The analysis
@@ -64,7 +73,24 @@ METHODS: dict[str, dict[str, Any]] = {
     "gcpo_bot": {"method": "gcpo", "geometric": "bot"},
     "gcpo_cd": {"method": "gcpo", "geometric": "cd"},
     "rd_only": {"method": "rd_only"},
+    **{name: {"method": "grpo"} for name in ("high_entropy_tokens", "clip_cov", "kl_cov")},
+    **{name: {"method": "grpo"} for name in ("ttrl", "empo", "self_certainty", "rent")},
 }
+METHOD_CONFIGS = REPO / "configs" / "methods"
+TOKEN_SELECTION = (("model", "token_selection"),)
+LABEL_FREE = (("data", "label_free"), ("data", "rewards"))
+METHOD_SETTINGS: dict[str, tuple[tuple[str, str], ...]] = {
+    "high_entropy_tokens": TOKEN_SELECTION,
+    "clip_cov": TOKEN_SELECTION,
+    "kl_cov": TOKEN_SELECTION,
+    "ttrl": LABEL_FREE,
+    "empo": LABEL_FREE,
+    "self_certainty": LABEL_FREE,
+    "rent": LABEL_FREE,
+}
+"""The settings (group, key) a method takes from its ``configs/methods/<name>.yaml`` besides the weighting."""
+UNHASHED_AT_DEFAULT = ((("model", "token_selection"), None), (("data", "label_free"), None))
+"""Options that did not exist when the first records were written, left out of the hashes at their default."""
 NOISY_SOURCE = "lit_gcpo.tasks.noisy_arithmetic.NoisyArithmeticTask"
 NOISY_REWARD = "lit_gcpo.tasks.noisy_arithmetic:noisy_math_accuracy"
 # Noise on half of the prompts of one kind: about a quarter of all training prompts in either arm.
@@ -88,8 +114,30 @@ _UNHASHED = (
 )
 
 
-def run_config(base: dict[str, Any], testbed: str, method: str, seed: int, run_dir: Path) -> dict[str, Any]:
-    """The base config with the comparison's overrides (module docstring) for one run writing under ``run_dir``."""
+def runs_on(method: str, testbed: str) -> bool:
+    """Whether ``method`` runs on ``testbed`` (the module docstring says which do not, and why)."""
+    if METHOD_SETTINGS.get(method) is LABEL_FREE and testbed in NOISY_TESTBEDS:
+        return False
+    return not (method in ("ttrl", "empo") and testbed == "qa")
+
+
+def method_settings(method: str) -> dict[str, dict[str, Any]]:
+    """``{group: {key: value}}`` of ``METHOD_SETTINGS[method]`` as its ``configs/methods/<method>.yaml`` sets them."""
+    keys = METHOD_SETTINGS.get(method, ())
+    if not keys:
+        return {}
+    config = yaml.safe_load((METHOD_CONFIGS / f"{method}.yaml").read_text())
+    settings: dict[str, dict[str, Any]] = {}
+    for group, key in keys:
+        settings.setdefault(group, {})[key] = copy.deepcopy(config[group][key])
+    return settings
+
+
+def run_config(
+    base: dict[str, Any], testbed: str, method: str, seed: int, run_dir: Path, with_settings: bool = True
+) -> dict[str, Any]:
+    """The base config with the comparison's overrides (module docstring) for one run writing under ``run_dir``;
+    ``with_settings=False`` leaves out the method's own settings (the run's design)."""
     config = copy.deepcopy(base)
     trainer = config.setdefault("trainer", {})
     config["seed_everything"] = seed
@@ -115,6 +163,8 @@ def run_config(base: dict[str, Any], testbed: str, method: str, seed: int, run_d
         data["rewards"] = [NOISY_REWARD, accuracy]  # the true accuracy rides along at weight 0: train/accuracy
         data["reward_weights"] = [1.0, 0.0]
         data["accuracy_reward"] = accuracy
+    for group, values in (method_settings(method) if with_settings else {}).items():
+        config.setdefault(group, {}).update(values)
     return config
 
 
@@ -133,12 +183,27 @@ def config_sha(resolved: dict[str, Any], weighting: bool = True) -> str:
     config = copy.deepcopy(resolved)
     for path in _UNHASHED:
         _drop(config, path)
+    for path, default in UNHASHED_AT_DEFAULT:
+        parent = config.get(path[0])
+        if isinstance(parent, dict) and parent.get(path[1], default) == default:
+            _drop(config, path)
     if not weighting:
         for callback in (config.get("trainer") or {}).get("callbacks") or []:
             if isinstance(callback, dict) and callback.get("class_path") == CALLBACK:
                 for key in WEIGHTING_KEYS:
                     callback.get("init_args", {}).pop(key, None)
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_hashes(base: dict[str, Any], testbed: str, method: str, directory: Path) -> tuple[str, str]:
+    """``(config_sha, design_sha)`` of ``method`` on ``testbed``: the design is the run's config without the
+    weighting and without the method's own settings, so every method of one testbed shares it."""
+    resolved = resolve(run_config(base, testbed, method, 0, directory), directory)
+    if not METHOD_SETTINGS.get(method):
+        return config_sha(resolved), config_sha(resolved, weighting=False)
+    design_dir = directory / "design"
+    design = resolve(run_config(base, testbed, method, 0, design_dir, with_settings=False), design_dir)
+    return config_sha(resolved), config_sha(design, weighting=False)
 
 
 def _env(threads: int) -> dict[str, str]:
@@ -253,11 +318,14 @@ def plan(
     testbeds: list[str], methods: list[str], seeds: list[int], official_seeds: int
 ) -> Iterator[tuple[str, str, int]]:
     """Seed-major, so that an interrupted comparison has every method at the first seeds. ``seed_grpo`` (the
-    official rule, whose weights barely move) runs only for the first ``official_seeds`` seeds."""
+    official rule, whose weights barely move) runs only for the first ``official_seeds`` seeds; a method runs only on
+    the testbeds it ``runs_on``."""
     for seed in seeds:
         for testbed in testbeds:
             for method in methods:
                 if method == "seed_grpo" and seeds.index(seed) >= official_seeds:
+                    continue
+                if not runs_on(method, testbed):
                     continue
                 yield testbed, method, seed
 
@@ -321,8 +389,7 @@ def main(argv: list[str] | None = None) -> None:
     designs: dict[tuple[str, str], str] = {}  # the same without the weighting: shared by the methods
     for testbed, method in dict.fromkeys((t, m) for t, m, _ in jobs):
         scratch = out / "resolved" / testbed / method
-        resolved = resolve(run_config(bases[testbed], testbed, method, 0, scratch), scratch)
-        shas[testbed, method], designs[testbed, method] = config_sha(resolved), config_sha(resolved, weighting=False)
+        shas[testbed, method], designs[testbed, method] = run_hashes(bases[testbed], testbed, method, scratch)
     done = {(r["testbed"], r["method"], r["seed"], r["config_sha"]) for r in read_records(results)}
     todo = [(t, m, s) for t, m, s in jobs if (t, m, s, shas[t, m]) not in done]
     print(

@@ -47,6 +47,7 @@ from lit_gcpo.algorithms.faithfulness import (
     gradient_variance,
     weight_ratio_by_k,
 )
+from lit_gcpo.algorithms.label_free import label_free_signals
 from lit_gcpo.algorithms.uncertainty import advantage_weights, calibrated_uncertainty, uncertainty_signals
 from lit_gcpo.data.batch import PromptBatch, RolloutBatch
 from lit_gcpo.data.rollout import RolloutCollector
@@ -63,10 +64,17 @@ SIGNAL_LABELS = {
     "rd": "RD",
     "u_c": "U_c = BoT (1 - RD)",
     "u_c_cd": "U_c with CD = CD (1 - RD)",
+    "majority": "majority agreement (TTRL: share of the majority answer)",
+    "cluster_share": "cluster share (EMPO: mean share of a completion's cluster)",
+    "self_certainty": "mean self-certainty (Intuitor: KL(U || p_t))",
+    "token_entropy": "mean token entropy (RENT: minus its reward)",
     LENGTH: "mean completion length (control)",
 }
 NOISY_REWARD = "lit_gcpo.tasks.noisy_arithmetic:noisy_math_accuracy"
-DIFFERENCES = (("bot", "se"), ("cd", "se"), ("u_c", "se"), ("u_c", "rd"), ("bot", LENGTH), ("se", LENGTH))
+DIFFERENCES = (
+    ("bot", "se"), ("cd", "se"), ("u_c", "se"), ("u_c", "rd"), ("bot", LENGTH), ("se", LENGTH),
+    ("token_entropy", "se"), ("token_entropy", LENGTH),
+)  # fmt: skip
 
 
 def load_rows(testbed: str, prompts: str | None, num_prompts: int, seed: int) -> tuple[list[dict], str]:
@@ -98,19 +106,26 @@ def collect(module: GRPOModule, rows: list[dict], reward: str, group_size: int, 
         prompt_batch = PromptBatch([r["prompt"] for r in part], part, list(range(start, start + len(part))))
         seeded = SamplingConfig(**{**vars(sampling), "seed": sampling.seed + start})
         batch = collector.collect(prompt_batch, group_size, seeded, module.device)
-        module.score_rollout(batch, with_reference=False)  # old_logprobs [N, L], embeddings [N, H]
+        module.score_rollout(batch, with_reference=False)  # old_logprobs, embeddings, token summaries
         batches.append(batch)
     return batches
 
 
 def batch_signals(batch: RolloutBatch) -> dict[str, torch.Tensor]:
-    """``[B]`` SE, CD, BoT, RD, U_c (BoT and CD) of every group, as the callback computes them in training."""
+    """``[B]`` SE, CD, BoT, RD, U_c (BoT and CD) of every group, as the callback computes them in training, and the
+    label-free methods' signals (majority agreement, cluster share, mean self-certainty and token entropy: the group
+    means of their rewards, from the scoring pass's token summaries)."""
     clusters = answer_clusters(batch.answers, batch.group_ids)  # [N]
     signals, _ = uncertainty_signals(
         batch.group_ids, batch.num_groups, rewards=batch.rewards, cluster_ids=clusters,
         embeddings=batch.embeddings, seq_logprobs=batch.seq_logprobs, se_kind="rao", geometric="bot", center="batch",
     )  # fmt: skip
     signals["u_c_cd"] = calibrated_uncertainty(signals["cd"], signals["rd"])
+    answered = torch.tensor([answer not in (None, "") for answer in batch.answers], device=clusters.device)
+    signals |= label_free_signals(
+        clusters, batch.group_ids, batch.num_groups, answered, token_entropy=batch.token_entropy,
+        token_mean_logprob=batch.token_mean_logprob, mask=batch.completion_mask, vocab_size=batch.vocab_size,
+    )  # fmt: skip
     return {name: signals[name].detach().double().cpu() for name in [*SIGNAL_LABELS, "se_n"] if name != LENGTH}
 
 

@@ -63,16 +63,54 @@ def test_config_sha_ignores_seed_and_paths_only(tmp_path: Path) -> None:
             changed["trainer"]["callbacks"][0]["init_args"]["method"] = "rd_only"
         assert runner.config_sha(changed) != runner.config_sha(one), change
     # the design hash leaves the weighting out too: every method of a testbed shares it, the testbeds do not
+    # (the design of a method with settings of its own is its config without them: run_hashes)
     designs = {
         (testbed, method): runner.config_sha(
-            runner.run_config(base_of(testbed), testbed, method, 0, tmp_path), weighting=False
+            runner.run_config(base_of(testbed), testbed, method, 0, tmp_path, with_settings=False), weighting=False
         )
         for testbed in runner.TESTBEDS
         for method in runner.METHODS
+        if runner.runs_on(method, testbed)
     }
     for testbed in runner.TESTBEDS:
-        assert len({designs[testbed, method] for method in runner.METHODS}) == 1
+        assert len({design for (bed, _), design in designs.items() if bed == testbed}) == 1
     assert len(set(designs.values())) == len(runner.TESTBEDS)
+
+
+def test_the_wider_family_takes_its_settings_from_its_method_configs(tmp_path: Path) -> None:
+    grpo = runner.run_config(BASE, "arithmetic", "grpo", 3, tmp_path)
+    for method in ("high_entropy_tokens", "clip_cov", "kl_cov", "ttrl", "empo", "self_certainty", "rent"):
+        config = runner.run_config(BASE, "arithmetic", method, 3, tmp_path)
+        own = yaml.safe_load((REPO / "configs" / "methods" / f"{method}.yaml").read_text())
+        weighting = {c["class_path"]: c["init_args"] for c in config["trainer"]["callbacks"]}[runner.CALLBACK]
+        assert weighting["method"] == "grpo"  # w = 1: the method is its own settings
+        if method in ("high_entropy_tokens", "clip_cov", "kl_cov"):
+            assert config["model"]["token_selection"] == own["model"]["token_selection"]
+            assert {k: v for k, v in config["model"].items() if k != "token_selection"} == grpo["model"]
+            assert config["data"] == grpo["data"]
+        else:
+            assert config["data"]["label_free"] == own["data"]["label_free"] and config["data"]["rewards"] == []
+            assert config["model"] == grpo["model"]
+        # without its settings the run is grpo's: the design every method of the testbed shares
+        assert runner.run_config(BASE, "arithmetic", method, 3, tmp_path, with_settings=False) == grpo
+    # label-free methods read no reward: not on the noisy arms (their noise is in the reward); answer votes not on qa
+    jobs = set(runner.plan(list(runner.TESTBEDS), list(runner.METHODS), [0], official_seeds=1))
+    assert ("noisy_hard", "ttrl", 0) not in jobs and ("noisy_easy", "rent", 0) not in jobs
+    assert ("qa", "empo", 0) not in jobs and ("qa", "self_certainty", 0) in jobs
+    assert ("noisy_hard", "kl_cov", 0) in jobs and ("arithmetic", "ttrl", 0) in jobs
+    assert len(jobs) == 6 * 4 + 3 * 4 + 4 + 2  # the six, the token selections everywhere, label-free where they run
+
+
+def test_options_added_later_are_not_hashed_at_their_default() -> None:
+    """A resolved config of today holds model.token_selection and data.label_free (None) where the configs hashed
+    for the records had no such keys: at None they are left out, so the recorded methods keep their hashes."""
+    before = {"model": {"lr": 1.0}, "data": {"rewards": ["r"]}, "trainer": {}}
+    today = {"model": {"lr": 1.0, "token_selection": None}, "data": {"rewards": ["r"], "label_free": None}}
+    today["trainer"] = {}
+    assert runner.config_sha(today) == runner.config_sha(before)
+    assert runner.config_sha(today, weighting=False) == runner.config_sha(before, weighting=False)
+    chosen = {**today, "model": {"lr": 1.0, "token_selection": {"class_path": "KLCov"}}}
+    assert runner.config_sha(chosen) != runner.config_sha(before)
 
 
 def test_plan_seeds_shards_and_records(tmp_path: Path) -> None:

@@ -177,3 +177,33 @@ def test_completion_gradients_sum_to_one_batched_backward(tiny_model_dir) -> Non
     # rotary tables stay float32 in the double model, so agreement is to ~1e-7 of the norm, not exact
     assert float((grads.sum(0) - batched).norm() / batched.norm()) < 1e-5
     assert grads[0].norm() > 0 and grads[1].norm() > 0
+
+
+def test_label_free_signals_by_hand_and_in_the_diagnostic() -> None:
+    from lit_gcpo.algorithms.label_free import label_free_signals
+
+    # Group 0: answers 1, 1, 1, 2 -> majority 3/4; cluster share = (3/4 * 3 + 1/4) / 4 = 9/16 + 1/16 = 0.625.
+    # Group 1: 5, none, 6, none -> the tie goes to 5: majority 1/4; share (1/4 + 1/4 + 0 + 0) / 4 = 0.125.
+    clusters = torch.tensor([0, 0, 0, 1, 0, 1, 2, 3])
+    group_ids = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    answered = torch.tensor([True, True, True, True, True, False, True, False])
+    # completion mean entropies: group 0 rows 0.2, 0.2, 0.5, 0.5 -> 0.35; group 1 all 0.4 -> 0.4; the last token of
+    # row 3 is padding (its 9.0 is not counted). Self-certainty -log V - mean log p = c with mean log p = -log 4 - c.
+    entropy = torch.tensor([[0.1, 0.3], [0.2, 0.2], [0.5, 0.5], [0.5, 9.0]] + [[0.4, 0.4]] * 4)
+    mask = torch.ones(8, 2)
+    mask[3, 1] = 0.0
+    signals = label_free_signals(
+        clusters, group_ids, 2, answered, token_entropy=entropy, token_mean_logprob=-math.log(4) - entropy, mask=mask,
+        vocab_size=4,
+    )  # fmt: skip
+    expected = {"majority": [0.75, 0.25], "cluster_share": [0.625, 0.125], "token_entropy": [0.35, 0.4],
+                "self_certainty": [0.35, 0.4]}  # fmt: skip
+    for name, values in expected.items():
+        torch.testing.assert_close(signals[name], torch.tensor(values, dtype=torch.float64), atol=1e-6, rtol=0)
+    # without token summaries: the answer signals only
+    assert set(label_free_signals(clusters, group_ids, 2, answered)) == {"majority", "cluster_share"}
+    # the diagnostic correlates them with V like any signal
+    rng = np.random.default_rng(0)
+    per_prompt = {name: rng.random(40) for name in expected}
+    results = faithfulness(per_prompt, rng.random(40), rng.random(40) + 0.1, rng.random(40), resamples=50)
+    assert set(expected) < set(results) and all(math.isfinite(results[name].all_prompts.value) for name in expected)

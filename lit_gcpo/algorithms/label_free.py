@@ -217,6 +217,51 @@ def rent_rewards(entropy: Tensor, mask: Tensor, last_k: int | None = None) -> tu
     return rewards, {**signal_statistics("rent_entropy", -rewards), "empty_completions": (counts == 0).sum()}
 
 
+def _group_means(values: Tensor, group_ids: Tensor, num_groups: int) -> Tensor:
+    """``[B]`` mean of ``values [N]`` over each group (0 for an empty group), float64."""
+    sums = values.new_zeros(num_groups, dtype=torch.float64).index_add_(0, group_ids, values.double())  # [B]
+    return sums / group_sizes(group_ids, num_groups).clamp(min=1).double()
+
+
+def label_free_signals(
+    cluster_ids: Tensor,
+    group_ids: Tensor,
+    num_groups: int,
+    answered: Tensor,
+    *,
+    token_entropy: Tensor | None = None,
+    token_mean_logprob: Tensor | None = None,
+    mask: Tensor | None = None,
+    vocab_size: int | None = None,
+) -> dict[str, Tensor]:
+    """The label-free methods' signals of a prompt's (un)certainty, ``[B]`` float64 each: the group mean of each
+    method's reward, for the faithfulness diagnostic (METHODS.md §6) beside SE, CD, BoT and U_c.
+
+    - ``majority``: TTRL's majority agreement, the share of the group in its majority answer cluster (the mean TTRL
+      reward: the winners are answered);
+    - ``cluster_share``: EMPO's mean reward, the mean over completions of the share of their cluster (answered
+      ones; ``sum_k p_k^2`` when every completion answers), before its entropy band;
+    - ``self_certainty``: the mean over the group of Intuitor's self-certainty (needs ``token_mean_logprob``,
+      ``mask`` and ``vocab_size``);
+    - ``token_entropy``: the mean over the group of each completion's mean token entropy, minus RENT's reward
+      (needs ``token_entropy`` and ``mask``).
+
+    The first two are high for certain prompts, ``token_entropy`` is high for uncertain ones.
+    """
+    signals = {
+        "majority": _group_means(ttrl_rewards(cluster_ids, group_ids, num_groups, answered)[0], group_ids, num_groups),
+        "cluster_share": _group_means(
+            empo_rewards(cluster_ids, group_ids, num_groups, answered)[0], group_ids, num_groups
+        ),
+    }
+    if token_mean_logprob is not None and mask is not None and vocab_size is not None:
+        certainty, _ = self_certainty_rewards(token_mean_logprob, mask, vocab_size)  # [N]
+        signals["self_certainty"] = _group_means(certainty, group_ids, num_groups)
+    if token_entropy is not None and mask is not None:
+        signals["token_entropy"] = -_group_means(rent_rewards(token_entropy, mask)[0], group_ids, num_groups)
+    return signals
+
+
 @dataclass(frozen=True)
 class LabelFreeReward:
     """A label-free reward (``data.label_free``): one of the subclasses below, each named in ``LABEL_FREE_REWARDS``
