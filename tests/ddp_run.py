@@ -7,8 +7,8 @@ steps), max_grad_norm, poison_rollout (the rollout whose second half of completi
 on 2 ranks that is all of rank 1's), save (a checkpoint path written at the end), resume (a checkpoint to
 resume from), momentum (of the SGD optimizer, 0.5; 0 keeps no optimizer state), warmup_steps, tag (the output
 file's prefix), rewards (the reward functions, default digit_fraction), dynamic (data.dynamic_sampling's settings, a
-dict; then every trained batch and its rollout metrics are saved under "trained"). With 2 devices Lightning re-runs
-this script for rank 1.
+dict; then every trained batch and its rollout metrics are saved under "trained"), high_entropy_rho
+(model.token_selection HighEntropyTokens with this rho). With 2 devices Lightning re-runs this script for rank 1.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from lit_gcpo.algorithms.token_selection import HighEntropyTokens
 from lit_gcpo.data.datamodule import RolloutDataModule
 from lit_gcpo.engines.base import SamplingConfig
 from lit_gcpo.tasks.arithmetic import ArithmeticTask
@@ -119,6 +120,7 @@ if __name__ == "__main__":
         max_grad_norm=options.get("max_grad_norm", 0.0),
         beta=options.get("beta", 0.0),
         advantage_scale="batch",
+        token_selection=HighEntropyTokens(options["high_entropy_rho"]) if "high_entropy_rho" in options else None,
         log_samples_every_n_steps=0,
         export_dir=None,
     )

@@ -68,6 +68,18 @@ def test_ddp_two_ranks_equal_one_process(tiny_model_dir, tmp_path, single):
     assert any(not torch.allclose(v, initial[n]) for n, v in rank0["weights"].items() if n in initial)
 
 
+def test_high_entropy_tokens_two_ranks_equal_one_process(tiny_model_dir, tmp_path):
+    """The entropy quantile is over the tokens of both ranks (gathered): 2 DDP ranks of 3 prompts train exactly as
+    one process of 6 with the same mask, and differently from GRPO (the mask acts)."""
+    (single,) = run(tiny_model_dir, tmp_path, devices=1, batch_size=6, high_entropy_rho=0.3, tag="he1")
+    rank0, rank1 = run(tiny_model_dir, tmp_path, devices=2, strategy="ddp", batch_size=3, high_entropy_rho=0.3)
+    assert_same_weights(rank0, rank1, atol=0)
+    assert_same_weights(single, rank0)
+    assert rank0["loss"] == pytest.approx(single["loss"], abs=1e-5)
+    (grpo,) = run(tiny_model_dir, tmp_path, devices=1, batch_size=6, tag="grpo1")
+    assert any(not torch.allclose(v, grpo["weights"][n], atol=1e-5) for n, v in single["weights"].items())
+
+
 def test_fsdp2_two_ranks_equal_one_process_with_global_clipping_and_resume(tiny_model_dir, tmp_path, single):
     rank0, rank1 = run(tiny_model_dir, tmp_path, devices=2, strategy="fsdp2", batch_size=3, max_grad_norm=0.5)
     reference = single[0.5]
