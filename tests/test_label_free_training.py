@@ -13,7 +13,7 @@ from test_training import CaptureBatches, trainer
 from lit_gcpo.algorithms.label_free import EMPO, RENT, TTRL, SelfCertainty
 from lit_gcpo.data.batch import RolloutBatch
 from lit_gcpo.data.datamodule import RolloutDataModule
-from lit_gcpo.data.label_free import apply_label_free, label_free_problem
+from lit_gcpo.data.label_free import apply_label_free, label_free_problem, reward_sets
 from lit_gcpo.data.sources import LocalFiles
 from lit_gcpo.engines.base import SamplingConfig
 from lit_gcpo.running.cli import main
@@ -99,6 +99,14 @@ def test_label_free_settings_are_refused_naming_the_option():
     # label-free: rewards default to none, and accuracy_reward (evaluation) need not be one of them
     data = RolloutDataModule(label_free=SelfCertainty(), accuracy_reward="math_accuracy")
     assert data.reward_names == []
+    train, evaluation = reward_sets([], None, 1.0, TTRL(), "math_accuracy")
+    assert train.names == [] and evaluation.names == ["math_accuracy"]
+    assert train.score(["p"], ["c"], [{"answer": "1"}]).total.tolist() == [0.0]  # scores nothing, reads no row
+    train, evaluation = reward_sets(["format"], [0.5], 1.0, TTRL(), "math_accuracy")
+    assert train.names == ["format"] and evaluation.names == ["math_accuracy", "format"]
+    assert [term.weight for term in evaluation.terms] == [1.0, 0.5]
+    _, nothing = reward_sets([], None, 1.0, TTRL(), None)  # nothing grades: the fit's end check sees no batch
+    assert nothing.scored_batches == nothing.usable_batches == 0
 
 
 @pytest.mark.parametrize(

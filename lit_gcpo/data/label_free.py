@@ -48,6 +48,7 @@ class Unscored:
 
     def __init__(self) -> None:
         self.names: list[str] = []
+        self.scored_batches = self.usable_batches = 0  # as RewardSet counts them: nothing is scored here
 
     def score(self, prompts: Sequence[str], completions: Sequence[Any], rows: Sequence[Any]) -> RewardScores:
         return RewardScores(total=torch.zeros(len(completions), dtype=torch.float32))
