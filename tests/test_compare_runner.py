@@ -163,3 +163,13 @@ def test_runner_records_a_real_run_and_skips_it_on_rerun(tmp_path: Path, capsys:
     runner.main(argv)  # the record exists: nothing runs, nothing is appended
     assert len(runner.read_records(results)) == 1
     assert "1 recorded, 0 to run" in capsys.readouterr().out
+
+
+def test_compare_hashes_flags_a_changed_or_missing_recorded_method() -> None:
+    import compare_hashes
+
+    before = {"arithmetic/grpo": ["a", "d"], "arithmetic/gcpo_bot": ["b", "d"], "qa/grpo": ["c", "e"]}
+    after = {"arithmetic/grpo": ["a", "d"], "arithmetic/gcpo_bot": ["b", "x"], "arithmetic/ttrl": ["f", "d"]}
+    lines, changed = compare_hashes.comparison(before, after)
+    assert changed == ["arithmetic/gcpo_bot", "qa/grpo"]  # a design hash changed; a method went missing
+    assert "| arithmetic/ttrl | — | f | — | d | new |" in lines and "| arithmetic/grpo | a | a | d | d | yes |" in lines

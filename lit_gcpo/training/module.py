@@ -260,8 +260,9 @@ class GRPOModule(L.LightningModule):
     def score_rollout(
         self, batch: RolloutBatch, with_reference: bool = True, fields: Collection[str] | None = None
     ) -> None:
-        """Fill ``old_logprobs``, ``embeddings`` and (beta > 0) ``ref_logprobs`` of a fresh rollout, in the
-        micro-batches and under the precision context of ``training_step`` (bitwise the same forward).
+        """Fill ``old_logprobs``, ``embeddings``, the token summaries (``token_entropy``, ``token_mean_logprob``) and
+        (beta > 0) ``ref_logprobs`` of a fresh rollout, in the micro-batches and under the precision context of
+        ``training_step`` (bitwise the same forward).
 
         ``with_reference``: a training batch (the reference and the loss's own needs count). ``fields``: the
         optional fields the callbacks read (``lit_gcpo.data.batch.requested_fields``); None: all of them. What nobody
