@@ -42,8 +42,9 @@ def load_runner(repo: Path) -> ModuleType:
     return runner
 
 
-def tree_hashes(repo: Path, scratch: Path) -> dict[str, list[str]]:
-    """``{"testbed/method": [config_sha, design_sha]}`` of every testbed and method ``repo``'s runner plans."""
+def tree_hashes(repo: Path, scratch: Path, only: set[str] | None = None) -> dict[str, list[str]]:
+    """``{"testbed/method": [config_sha, design_sha]}`` of every testbed and method ``repo``'s runner plans (those
+    named in ``only``, when given)."""
     runner = load_runner(repo)
     hashes = {}
     for testbed in runner.TESTBEDS:
@@ -51,6 +52,8 @@ def tree_hashes(repo: Path, scratch: Path) -> dict[str, list[str]]:
         base = yaml.safe_load((repo / "configs" / name).read_text())
         for method in runner.METHODS:
             if hasattr(runner, "runs_on") and not runner.runs_on(method, testbed):
+                continue
+            if only is not None and f"{testbed}/{method}" not in only:
                 continue
             directory = scratch / testbed / method
             if hasattr(runner, "run_hashes"):  # the runner that knows methods with settings of their own
@@ -86,12 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--against", default=None, help="compare this tree's hashes with those of this JSON file")
     parser.add_argument("--compare", nargs=2, default=None, metavar=("BEFORE", "AFTER"), help="two JSON files")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    parser.add_argument("--all", action="store_true", help="with --against: also the methods new in this tree")
     args = parser.parse_args(argv)
     if args.compare:
         before, after = (json.loads(Path(path).read_text()) for path in args.compare)
     else:
+        earlier = json.loads(Path(args.against).read_text()) if args.against and not args.all else None
         with tempfile.TemporaryDirectory() as scratch:
-            after = tree_hashes(Path(args.repo).resolve(), Path(scratch))
+            after = tree_hashes(Path(args.repo).resolve(), Path(scratch), None if earlier is None else set(earlier))
         if args.write:
             Path(args.write).write_text(json.dumps(after, indent=1) + "\n")
         if not args.against:
