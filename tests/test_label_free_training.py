@@ -96,6 +96,11 @@ def test_label_free_settings_are_refused_naming_the_option():
     assert noisy.startswith("data.rewards: 'lit_gcpo.tasks.noisy_arithmetic:noisy_math_accuracy' reads the gold")
     with pytest.raises(ValueError, match=r"data.rewards: 'math_accuracy' reads the gold answer, which label-free"):
         RolloutDataModule(label_free=TTRL(), rewards=["math_accuracy"], accuracy_reward="math_accuracy")
+    # dynamic sampling filters groups by the collected rewards, before the scoring pass the label-free reward needs
+    problem = label_free_problem(TTRL(), [], "math_accuracy", dynamic_sampling=True)
+    assert problem.startswith("data.dynamic_sampling keeps the groups whose rewards spread when they are collected")
+    with pytest.raises(ValueError, match="data.dynamic_sampling keeps the groups"):
+        RolloutDataModule(label_free=TTRL(), accuracy_reward="math_accuracy", dynamic_sampling={"max_rounds": 2})
     # label-free: rewards default to none, and accuracy_reward (evaluation) need not be one of them
     data = RolloutDataModule(label_free=SelfCertainty(), accuracy_reward="math_accuracy")
     assert data.reward_names == []
@@ -121,6 +126,10 @@ def test_label_free_settings_are_refused_naming_the_option():
         (
             ["--data.label_free", "RENT", "--data.rewards", "[]", "--data.label_free.last_k", "0"],
             "error: data.label_free: rent's last_k must be None (every token) or an int >= 1, got 0",
+        ),
+        (
+            ["--data.label_free", "TTRL", "--data.rewards", "[]", "--data.dynamic_sampling.max_rounds", "2"],
+            "error: data.dynamic_sampling keeps the groups whose rewards spread when they are collected",
         ),
         (
             ["--model.token_selection", "HighEntropyTokens", "--model.token_selection.rho", "1.5"],

@@ -20,10 +20,18 @@ from lit_gcpo.data.batch import RolloutBatch
 GROUP_LISTS = ("prompts", "rows")  # [B]
 COMPLETION_LISTS = ("completions", "answers")  # [N]
 SEQUENCE_TENSORS = ("input_ids", "attention_mask")  # [N, P + L], prompt left-padded, completion right-padded
-TOKEN_TENSORS = ("completion_mask", "engine_logprobs", "old_logprobs", "ref_logprobs")  # [N, L]
+TOKEN_TENSORS = (  # [N, L]
+    "completion_mask",
+    "engine_logprobs",
+    "old_logprobs",
+    "ref_logprobs",
+    "token_entropy",
+    "token_mean_logprob",
+)
 # [N, ...]
 COMPLETION_TENSORS = ("rewards", "truncated", "answer_clusters", "embeddings", "advantage_weights", "correct")
-SAMPLING_SETTINGS = ("temperature", "max_new_tokens", "samples_from_policy")  # one value per batch
+# one value per batch (vocab_size: of the distribution token_mean_logprob averages over, set by the scoring pass)
+SAMPLING_SETTINGS = ("temperature", "max_new_tokens", "samples_from_policy", "vocab_size")
 OWN_FIELDS = ("group_ids", "reward_components", "metrics")  # renumbered, per reward, merged by the caller
 
 
