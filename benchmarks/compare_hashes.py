@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare", nargs=2, default=None, metavar=("BEFORE", "AFTER"), help="two JSON files")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     parser.add_argument("--all", action="store_true", help="with --against: also the methods new in this tree")
+    parser.add_argument("--note", default="", help="what the two trees are, for RESULTS.md")
     args = parser.parse_args(argv)
     if args.compare:
         before, after = (json.loads(Path(path).read_text()) for path in args.compare)
@@ -111,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             "## The comparison's hashes before and after a change (compare_hashes.py)", "", run_header(),
             "config_sha and design_sha of every (testbed, method) of compare_methods.py, resolved by each tree's own "
             "runner (before: the tree the change starts from; after: the changed tree). The records pair by them: "
-            "a changed hash would start new records instead of adding seeds to the old ones.", "", *lines, "",
+            f"a changed hash would start new records instead of adding seeds to the old ones. {args.note}".rstrip(),
+            "", *lines, "",
             verdict,
         ]  # fmt: skip
         write_results_section("compare_hashes", section)
