@@ -99,7 +99,7 @@ def test_label_free_settings_are_refused_naming_the_option():
     # dynamic sampling filters groups by the collected rewards, before the scoring pass the label-free reward needs
     problem = label_free_problem(TTRL(), [], "math_accuracy", dynamic_sampling=True)
     assert problem.startswith("data.dynamic_sampling keeps the groups whose rewards spread when they are collected")
-    with pytest.raises(ValueError, match="data.dynamic_sampling keeps the groups"):
+    with pytest.raises(ValueError, match=r"data\.dynamic_sampling keeps the groups"):
         RolloutDataModule(label_free=TTRL(), accuracy_reward="math_accuracy", dynamic_sampling={"max_rounds": 2})
     # label-free: rewards default to none, and accuracy_reward (evaluation) need not be one of them
     data = RolloutDataModule(label_free=SelfCertainty(), accuracy_reward="math_accuracy")
@@ -218,3 +218,30 @@ def test_ttrl_trains_on_a_prompt_file_without_golds_and_reads_none(tmp_path, mon
     module, data = _label_free_pair(TINY_ARITH, train, None, val=False)
     trainer(tmp_path / "control", 1).fit(module, data)
     assert gold_reads
+
+
+def test_ttrl_with_one_step_off_policy_rollouts_reads_no_gold(tmp_path, monkeypatch):
+    """data.off_policy samples the next batch in a worker with its own collector: it scores with the training reward
+    set too (none here), and the label-free reward is still written after the scoring pass."""
+    import lit_gcpo.rewards.math_reward as math_reward
+
+    gold_reads: list[int] = []
+    original = math_reward._row_gold
+    monkeypatch.setattr(math_reward, "_row_gold", lambda *a, **k: gold_reads.append(1) or original(*a, **k))
+    module, _ = _label_free_pair(TINY_ARITH, None, TTRL(), val=False)
+    data = RolloutDataModule(
+        train=ArithmeticTask("train", num_train=64, num_val=8, seed=1),
+        batch_size=3,
+        group_size=4,
+        label_free=TTRL(),
+        accuracy_reward="math_accuracy",
+        sampling=SamplingConfig(temperature=1.0, max_new_tokens=6),
+        off_policy=True,
+        seed=3,
+    )
+    capture = CaptureBatches(fields=())
+    trainer(tmp_path, 3, callbacks=[capture]).fit(module, data)
+    assert gold_reads == [] and len(capture.batches) == 3
+    for batch in capture.batches:
+        assert set(batch.reward_components) == {"ttrl"} and not batch.samples_from_policy  # the worker's engine
+        torch.testing.assert_close(batch.rewards, batch.reward_components["ttrl"])
