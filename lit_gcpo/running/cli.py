@@ -15,8 +15,8 @@ from typing import Any
 
 from lit_gcpo.running.wait_policy import wait_policy_variables
 
-# Must precede the first torch import (OpenMP reads it once): PASSIVE when the vLLM CPU build is installed,
-# OpenMP's default otherwise, the user's value when set (lit_gcpo.running.wait_policy has the measurements).
+# Must precede the first torch import (OpenMP reads it once): PASSIVE unless the user set OMP_WAIT_POLICY
+# (lit_gcpo.running.wait_policy has the measurements behind it).
 os.environ.update(wait_policy_variables(os.environ))
 
 from jsonargparse import set_parsing_settings
