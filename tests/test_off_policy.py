@@ -5,6 +5,7 @@ against a hand computation, exact resume with the in-flight batch saved, and the
 
 from __future__ import annotations
 
+import time
 import zlib
 
 import lightning as L
@@ -36,7 +37,8 @@ def _task() -> ArithmeticTask:
 
 
 class Record(L.Callback):
-    """Keeps, at every step, the policy's weights before its optimizer step, the batch and the logged loss."""
+    """Keeps, at every step, the policy's weights before its optimizer step, the batch, the logged loss and when the
+    step started and ended (``time.perf_counter``)."""
 
     def __init__(self) -> None:
         self.steps: list[dict] = []
@@ -48,12 +50,23 @@ class Record(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         weights = {name: value.detach().clone() for name, value in pl_module.policy.state_dict().items()}
         self.steps.append({"step": trainer.global_step, "weights": weights, "batch": batch})
+        self.steps[-1]["start"] = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.steps[-1]["loss"] = float(trainer.callback_metrics["train/loss"])
+        self.steps[-1]["end"] = time.perf_counter()
 
 
-def fit(model_dir: str, root, max_steps: int, ckpt=None, save=None, validate: bool = False, **module_options):
+def fit(
+    model_dir: str,
+    root,
+    max_steps: int,
+    ckpt=None,
+    save=None,
+    validate: bool = False,
+    data_options=None,
+    **module_options,
+):
     L.seed_everything(0)
     correction = {"rollout_correction": "sequence_mask", "rollout_correction_min": C_MIN}
     correction["rollout_correction_max"] = C_MAX
@@ -75,6 +88,7 @@ def fit(model_dir: str, root, max_steps: int, ckpt=None, save=None, validate: bo
         seed=SEED,
         off_policy=True,
         val=ArithmeticTask("validation", num_train=64, num_val=8, seed=1) if validate else None,
+        **(data_options or {}),
     )
     record = Record()
     evaluation = {"val_check_interval": 1, "limit_val_batches": 1, "num_sanity_val_steps": 0} if validate else {}
@@ -191,11 +205,24 @@ def test_validation_between_steps_leaves_the_training_batches_alone(tiny_model_d
 
 @pytest.mark.parametrize(
     ("options", "words"),
-    [({"dynamic_sampling": {"max_rounds": 2}}, "dynamic_sampling"), ({"engine": "vllm"}, "engine hf")],
+    [
+        ({"dynamic_sampling": {"max_rounds": 2}}, "dynamic_sampling"),
+        ({"engine": "vllm", "engine_options": {"sync_every": 2}}, r"engine_options\.sync_every 2.*every step"),
+        ({"engine": "vllm", "engine_options": {"enable_sleep_mode": True}}, r"engine_options\.enable_sleep_mode"),
+    ],
 )
 def test_off_policy_refuses_what_it_does_not_support_yet(options, words):
     with pytest.raises(ValueError, match=words):
         RolloutDataModule(train=_task(), off_policy=True, **options)
+
+
+def test_off_policy_with_the_vllm_engine_is_accepted_with_a_sync_at_every_step():
+    """The vllm engine is no longer refused (its fits are in tests/vllm_engine/test_vllm_off_policy.py); sync_every
+    1 is what it runs with anyway, and the same options without off_policy keep sync_every 2."""
+    data = RolloutDataModule(train=_task(), off_policy=True, engine="vllm", engine_options={"sync_every": 1})
+    assert (data.off_policy, data.engine_name, data.engine_options.sync_every) == (True, "vllm", 1)
+    lagging = RolloutDataModule(train=_task(), engine="vllm", engine_options={"sync_every": 2})
+    assert lagging.engine_options.for_engine("vllm") == {"sync_every": 2}
 
 
 def test_off_policy_without_a_rollout_correction_is_refused_at_setup(tiny_model_dir, tmp_path):

@@ -37,6 +37,7 @@ from lit_gcpo.data.dynamic_sampling import DynamicSampling, TorchExchange, fill_
 from lit_gcpo.data.evaluation_passes import EvaluationAccess, TestPasses
 from lit_gcpo.data.label_free import apply_label_free, label_free_problem, reward_sets
 from lit_gcpo.data.off_policy import one_step_off
+from lit_gcpo.data.off_policy_vllm import one_step_off_vllm, refuse_vllm_options
 from lit_gcpo.data.preparation import complete_rows, fit_to_context
 from lit_gcpo.data.rollout import RolloutCollector
 from lit_gcpo.data.sources import PromptSource
@@ -122,7 +123,8 @@ class RolloutDataModule(EvaluationAccess, L.LightningDataModule):
         off_policy: one-step-off-policy rollouts: batch t+1 is sampled, by a copy of the policy in a worker thread,
             while batch t trains, with weights one optimizer step old; the loss corrects with the module's
             ``rollout_correction`` (``lit_gcpo.data.off_policy``). False (the default): sampled at each step with the
-            current weights. ``hf`` engine and one process only; not with ``dynamic_sampling``.
+            current weights. One process only; not with ``dynamic_sampling``; with ``vllm``, the DataModule's
+            engine samples in the worker (``lit_gcpo.data.off_policy_vllm``; ``sync_every`` 1, no sleep mode).
     """
 
     def __init__(
@@ -166,8 +168,8 @@ class RolloutDataModule(EvaluationAccess, L.LightningDataModule):
         if accuracy_reward is not None and accuracy_reward not in rewards and label_free is None:
             raise ValueError(f"accuracy_reward {accuracy_reward!r} is not one of rewards {rewards}")
         self.dynamic_sampling = DynamicSampling.checked(dynamic_sampling, rewards)
-        if off_policy and (dynamic_sampling is not None or engine != "hf"):
-            raise ValueError("data.off_policy works with data.engine hf and without data.dynamic_sampling (for now)")
+        if off_policy and dynamic_sampling is not None:
+            raise ValueError("data.off_policy works without data.dynamic_sampling (for now)")
         self.off_policy, self._off_policy = off_policy, None  # the option; the in-flight batch, from setup on
         self._train_stream: PromptStream | None = None  # the rounds of dynamic sampling read it
         problem = label_free_problem(label_free, rewards, accuracy_reward, dynamic_sampling is not None)
@@ -189,6 +191,8 @@ class RolloutDataModule(EvaluationAccess, L.LightningDataModule):
             engine_options = EngineOptions(**engine_options)
         self.engine_name, self.engine_options = engine, engine_options or EngineOptions()
         self.engine_options.for_engine(engine)  # another engine's option is an error now, not at setup
+        if off_policy and engine == "vllm":
+            refuse_vllm_options(self.engine_options)
         self.sampling = sampling or SamplingConfig()
         self.val_samples, self.val_temperature, self.val_batch_size = val_samples, val_temperature, val_batch_size
         self.seed = seed
@@ -245,7 +249,7 @@ class RolloutDataModule(EvaluationAccess, L.LightningDataModule):
                 policy_precision=module.precision_context,  # the hf engine samples in it (see RolloutCollector)
             )  # fmt: skip
         if self.off_policy and self._off_policy is None and stage == "fit":
-            self._off_policy = one_step_off(self, module)
+            self._off_policy = (one_step_off_vllm if self.engine_name == "vllm" else one_step_off)(self, module)
 
     def _renderer(self, source: PromptSource | None, tokenizer: Any) -> PromptRenderer:
         template = (source.template if source is not None else None) or self.template
@@ -314,7 +318,8 @@ class RolloutDataModule(EvaluationAccess, L.LightningDataModule):
         training = self.trainer.training
         if self._off_policy is not None and not training:
             self._off_policy.wait()  # the worker's sampling is done before evaluation samples
-        self._sync_engine(policy)  # also before evaluation: a restored checkpoint, the current weights
+        if self._off_policy is None or not training:  # off-policy training syncs at the step boundary itself
+            self._sync_engine(policy)  # also before evaluation: a restored checkpoint, the current weights
         fields = requested_fields(self.trainer.callbacks, _stage(self.trainer))
         fields |= set(self.label_free.needs) if training and self.label_free is not None else set()
         # the engine gathers the policy's embeddings while sampling when it can (then no scoring pass is needed)

@@ -5,7 +5,8 @@ step t (the optimizer has made t steps, the weights are ``w_t``):
 
 1. take the in-flight batch of this stream position (submitted at step t-1, sampled with ``w_{t-1}``); at the first
    step of a fit without a saved one, generate it now with ``w_t``;
-2. copy ``w_t`` into the engine's own copy of the policy (``SnapshotEngine``);
+2. copy ``w_t`` into the engine's own copy of the policy (``SnapshotEngine``; with ``data.engine: vllm``, vLLM's
+   weights, ``lit_gcpo.data.off_policy_vllm``);
 3. submit the generation of the next stream position to the worker thread;
 4. return batch t, which the module scores (``old_logprobs`` under ``w_t``) and trains on.
 
@@ -23,9 +24,13 @@ Choices (the papers and peers leave them open):
   (GCPO) come from the scoring pass under the current weights, not from the engine's stale ones.
 - **Exact resume: the in-flight batch is saved** in the DataModule's state (waited for, its tensors on the CPU).
   It cannot be regenerated: that needs the previous step's weights, which the checkpoint does not hold.
-- **Validation and checkpoints wait** for the in-flight batch; validation samples with the live policy (``hf``).
-- **Not yet**: several ranks (DDP / FSDP2), dynamic sampling (its per-round gathers would run in the worker,
-  interleaved with the trainer's collectives; refused when the DataModule is built) and the ``vllm`` engine.
+- **Validation and checkpoints wait** for the in-flight batch; validation samples with the live policy (``hf``), or
+  with the same vLLM engine after syncing the current weights (``vllm``).
+- **The ``vllm`` engine** samples in the worker itself (it holds its own copy of the weights; no ``SnapshotEngine``),
+  synced from the trainer's thread at the step boundary: ``lit_gcpo.data.off_policy_vllm`` (why a thread, the
+  global RNG, what is refused).
+- **Not yet**: several ranks (DDP / FSDP2) and dynamic sampling (its per-round gathers would run in the worker,
+  interleaved with the trainer's collectives; refused when the DataModule is built).
 """
 
 from __future__ import annotations
@@ -171,14 +176,21 @@ class OneStepOff:
 
 def one_step_off(data: Any, module: Any) -> OneStepOff:
     """The ``OneStepOff`` of the ``RolloutDataModule`` ``data`` (set up, its collector built) whose LightningModule is
-    ``module``: a ``SnapshotEngine`` of the policy with the ``hf`` engine options, and a collector like ``data``'s
-    (same tokenizer, rewards, prompts' special tokens) that samples a prompt batch as the synchronous run does (the
-    same per-position seeds), without embeddings (the scoring pass computes them under the current weights)."""
+    ``module``, for the ``hf`` engine: a ``SnapshotEngine`` of the policy with the ``hf`` engine options
+    (``lit_gcpo.data.off_policy_vllm`` builds the ``vllm`` engine's)."""
     if data.trainer.world_size > 1:
         raise ValueError(f"data.off_policy runs on one process only for now (world size {data.trainer.world_size})")
+    engine = SnapshotEngine(module.policy, module.tokenizer, **data.engine_options.for_engine("hf"))
+    return worker_rollouts(data, module, engine)
+
+
+def worker_rollouts(data: Any, module: Any, engine: Any) -> OneStepOff:
+    """The ``OneStepOff`` whose worker samples with ``engine`` (it has ``weight_version`` and ``sync_weights``): a
+    collector like ``data``'s (same tokenizer, rewards, prompts' special tokens) that samples a prompt batch as the
+    synchronous run does (the same per-position seeds), without embeddings (the scoring pass computes them under the
+    current weights)."""
     if module.loss_step.rollout_correction is None:  # the stale batch would be trained as if on-policy
         raise ValueError("data.off_policy needs model.rollout_correction (e.g. sequence_mask); it is None")
-    engine = SnapshotEngine(module.policy, module.tokenizer, **data.engine_options.for_engine("hf"))
     own = data.collector
     collector = RolloutCollector(engine, own.tokenizer, own.rewards, own.add_special_tokens, own.accuracy_reward)
     sampling, device = replace(data.sampling, seed=None), module.device

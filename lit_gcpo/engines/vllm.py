@@ -6,7 +6,7 @@ worker's ``reload_weights`` (the shared path that also works on the CPU, where v
 weights into oneDNN kernels and the model's own ``load_weights`` cannot be called) and then empties the
 prefix cache, whose KV blocks were computed with the old weights. On the CPU, a model with tied
 embeddings also needs its output head repacked after the reload (vLLM 0.32 keeps the head's old packed
-copy: log-probs lagged the policy by 0.07 after one step); :func:`_repack_tied_lm_head` does that.
+copy: log-probs lagged the policy by 0.07 after one step); ``vllm_checkpoint.repack_tied_lm_head`` does that.
 
 Environment (defaults set with ``os.environ.setdefault`` when this module is imported):
 
@@ -74,6 +74,7 @@ from lit_gcpo.engines.vllm_checkpoint import (
     WeightSyncError,
     checkpoint_spec,
     policy_state_names,
+    repack_tied_lm_head,
     validated_weights,
     write_policy,
 )
@@ -138,26 +139,22 @@ def _local_world() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count() or 1))
 
 
-def _repack_tied_lm_head(worker: Any) -> None:
-    """Re-derive the CPU kernel of a tied output head from the freshly reloaded embedding (runs in the worker).
-
-    On the CPU vLLM packs the head's weight into a separate GEMM kernel. ``reload_weights`` refills the
-    shared embedding, but the head itself receives no checkpoint tensor (it is tied), so vLLM keeps its
-    old packed copy: measured log-probs then lag the policy by up to 0.07 after one step. Repeating the
-    head's post-load processing packs the new values.
-    """
-    model = worker.model_runner.get_model()
-    head = model.lm_head
-    pointer = head.weight.data_ptr()
-    shared = any(
-        module is not head
-        and isinstance(getattr(module, "weight", None), torch.Tensor)
-        and module.weight.data_ptr() == pointer
-        for module in model.modules()
-    )
-    if not shared:
-        raise WeightSyncError("the tied lm_head no longer shares the embedding's storage after reload_weights")
-    head.quant_method.process_weights_after_loading(head)
+def _generation(outputs: list[Any], per_request: int, num_samples: int) -> Generation:
+    """The ``Generation`` of vLLM's request ``outputs`` (``per_request`` samples each, repeated to ``num_samples``)."""
+    completion_ids: list[list[int]] = []
+    logprobs: list[list[float]] = []
+    truncated: list[bool] = []
+    for row, output in enumerate(outputs):
+        samples = sorted(output.outputs, key=lambda sample: sample.index)
+        if len(samples) != per_request:
+            raise RuntimeError(f"vLLM returned {len(samples)} samples for prompt {row}, expected {per_request}")
+        for sample in samples * (num_samples // per_request):
+            ids = list(sample.token_ids)
+            completion_ids.append(ids)
+            # logprobs=0 returns one entry per position holding the sampled token's log-prob.
+            logprobs.append([position[token].logprob for token, position in zip(ids, sample.logprobs, strict=True)])
+            truncated.append(sample.finish_reason == "length")
+    return Generation(completion_ids=completion_ids, logprobs=logprobs, truncated=truncated)
 
 
 class VLLMEngine(RolloutEngine):
@@ -262,14 +259,24 @@ class VLLMEngine(RolloutEngine):
         num_samples: int,
         sampling: SamplingConfig,
         seeds: list[int] | None = None,
+        keep_global_rng: bool = True,
     ) -> Generation:
-        """``num_samples`` completions per prompt, group-major, with the sampled tokens' log-probs."""
+        """``num_samples`` completions per prompt, group-major, with the sampled tokens' log-probs.
+
+        ``keep_global_rng`` False is for a caller in a thread other than the trainer's (the one-step-off-policy
+        worker, ``lit_gcpo.data.off_policy_vllm``): the global RNG states are neither saved nor restored (a restore
+        there would rewind the trainer's own draws made meanwhile) and every prompt needs a seed. vLLM's CPU
+        sampler still draws one number per row and decoding step from the global torch generator and, for a
+        seeded request, replaces it by one from the request's own: the tokens do not depend on it.
+        """
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         self._check_usable()
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if not keep_global_rng and seeds is None:
+            raise ValueError("generate(keep_global_rng=False) needs a seed for every prompt")
         for row, ids in enumerate(prompt_ids):
             if not ids:
                 raise ValueError(f"prompt_ids[{row}] is empty")
@@ -284,22 +291,9 @@ class VLLMEngine(RolloutEngine):
         per_prompt = prompt_seeds(sampling, len(prompt_ids), seeds)
         params = [self._sampling_params(SamplingParams, sampling, per_request, seed) for seed in per_prompt]
         prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_ids]
-        with self._engine_rng_stream():
+        with self._engine_rng_stream() if keep_global_rng else contextlib.nullcontext():
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        completion_ids: list[list[int]] = []
-        logprobs: list[list[float]] = []
-        truncated: list[bool] = []
-        for row, output in enumerate(outputs):
-            samples = sorted(output.outputs, key=lambda sample: sample.index)
-            if len(samples) != per_request:
-                raise RuntimeError(f"vLLM returned {len(samples)} samples for prompt {row}, expected {per_request}")
-            for sample in samples * (num_samples // per_request):
-                ids = list(sample.token_ids)
-                completion_ids.append(ids)
-                # logprobs=0 returns one entry per position holding the sampled token's log-prob.
-                logprobs.append([position[token].logprob for token, position in zip(ids, sample.logprobs, strict=True)])
-                truncated.append(sample.finish_reason == "length")
-        return Generation(completion_ids=completion_ids, logprobs=logprobs, truncated=truncated)
+        return _generation(outputs, per_request, num_samples)
 
     def _sampling_params(self, factory: Any, sampling: SamplingConfig, num_samples: int, seed: int | None) -> Any:
         return factory(
@@ -352,7 +346,7 @@ class VLLMEngine(RolloutEngine):
                     f"vLLM's reload_weights failed ({err!r}); the engine's weights are undefined, recreate it"
                 ) from err
             if self._repack_tied_head:
-                self.llm.collective_rpc(_repack_tied_lm_head)
+                self.llm.collective_rpc(repack_tied_lm_head)
         if not self.llm.reset_prefix_cache():
             self._broken = "the prefix cache could not be reset after a sync"
             raise WeightSyncError("vLLM refused to reset its prefix cache after a sync; stale KV would be reused")

@@ -1,6 +1,7 @@
 """The checkpoint the ``vllm`` engine starts from: the policy written where vLLM loads it (LoRA merged, Hugging
 Face names, its config and tokenizer beside it), and the tensor spec of a checkpoint's safetensors files (read from
-the headers only), against which every sync is checked (``validated_weights``, called by ``sync_weights``)."""
+the headers only), against which every sync is checked (``validated_weights``, called by ``sync_weights``); and the
+repacking of a tied output head after a reload on the CPU (``repack_tied_lm_head``)."""
 
 from __future__ import annotations
 
@@ -125,3 +126,25 @@ def validated_weights(
             f"would leave the engine without weights"
         )
     return pairs
+
+
+def repack_tied_lm_head(worker: Any) -> None:
+    """Re-derive the CPU kernel of a tied output head from the freshly reloaded embedding (runs in the worker).
+
+    On the CPU vLLM packs the head's weight into a separate GEMM kernel. ``reload_weights`` refills the
+    shared embedding, but the head itself receives no checkpoint tensor (it is tied), so vLLM keeps its
+    old packed copy: measured log-probs then lag the policy by up to 0.07 after one step. Repeating the
+    head's post-load processing packs the new values.
+    """
+    model = worker.model_runner.get_model()
+    head = model.lm_head
+    pointer = head.weight.data_ptr()
+    shared = any(
+        module is not head
+        and isinstance(getattr(module, "weight", None), torch.Tensor)
+        and module.weight.data_ptr() == pointer
+        for module in model.modules()
+    )
+    if not shared:
+        raise WeightSyncError("the tied lm_head no longer shares the embedding's storage after reload_weights")
+    head.quant_method.process_weights_after_loading(head)

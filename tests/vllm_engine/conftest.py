@@ -58,6 +58,15 @@ def policy():
 
 
 @pytest.fixture(scope="session")
+def model_dir(policy, tokenizer, tmp_path_factory) -> str:
+    """The session policy (as it was when first asked for) and its tokenizer, saved where a fit loads them from."""
+    path = tmp_path_factory.mktemp("session-policy")
+    policy.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def engine_and_rng_states(policy, tokenizer):
     """The shared VLLMEngine (start-up 20-50 s on a 2-core CPU) and the caller's torch RNG state before and
     after creating it (vLLM reseeds the process at start-up). Tests leave its weights as they found them."""

@@ -15,14 +15,6 @@ pytestmark = pytest.mark.vllm
 HERE = Path(__file__).parent
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, policy, tokenizer) -> str:
-    path = tmp_path_factory.mktemp("ddp-vllm-model")
-    policy.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 def test_two_ranks_generate_their_own_prompts_with_synced_engines(model_dir, tmp_path):
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
     subprocess.run(
