@@ -32,6 +32,12 @@ from bench_quickstart import REPO, latest_version, read_scalars, run_seed, summa
 
 SECTION = "off_policy"
 ARMS = {"sync": [], "off": ["--data.off_policy", "true"]}
+SHARED_CORES = (
+    "Both arms sample with the same colocated engine; the off-policy arm's worker thread drives it on the same cores "
+    "as the trainer (its generate time is that of the worker, contended), so the overlap can trade the cores between "
+    "generation and training but not add any. What it is for, generation on a device of its own (a separate "
+    "inference GPU) while training runs on the trainer's, is not run here."
+)
 ENGINES = {
     "hf": [],
     "vllm": ["--data.engine", "vllm", "--data.engine_options", '{"dtype": "float32", "max_model_len": 256}'],
@@ -63,21 +69,24 @@ def run_arm(seed: int, arm: str, args: argparse.Namespace) -> dict:
         "lag": mean("rollout/weight_lag"),
         "generate_s": mean("time/generate_s"),
         "score_s": mean("time/score_s"),
+        "mismatch": mean("train/mismatch_abs_mean"),
+        "masked": mean("train/correction_masked_seq_frac"),
     }
 
 
 def table(runs: list[dict]) -> list[str]:
     lines = [
         "| seed | rollouts | torch threads | wall (s) | s/step | generate s/batch | score s/step | mean weight lag "
-        "| val accuracy after N steps (N: acc) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| log-prob gap | masked seqs | val accuracy after N steps (N: acc) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in runs:
         trajectory = ", ".join(f"{step}: {value:.3f}" for step, value in run["validations"])
         threads = f"{run['threads']} + 1 worker" if run["arm"] == "off" else str(run["threads"])
         lines.append(
             f"| {run['seed']} | {run['arm']} | {threads} | {run['wall_s']:.0f} | {run['step_s']:.2f} "
-            f"| {run['generate_s']:.2f} | {run['score_s']:.3f} | {run['lag']:.2f} | {trajectory} |"
+            f"| {run['generate_s']:.2f} | {run['score_s']:.3f} | {run['lag']:.2f} | {run['mismatch']:.2g} "
+            f"| {run['masked']:.3f} | {trajectory} |"
         )
     return lines
 
@@ -101,23 +110,27 @@ def main() -> None:
     final = [off["validations"][-1][1] - sync["validations"][-1][1] for sync, off in pairs]
     time_ratio = [off["step_s"] / sync["step_s"] for sync, off in pairs]
     engine = "" if args.engine == "hf" else f", engine {args.engine}"
+    engine_options = f" with `{' '.join(ENGINES[args.engine])}`" if ENGINES[args.engine] else ""
     lines = [
         f"## One-step-off-policy rollouts on the quickstart{engine} (`benchmarks/bench_off_policy.py`)",
         "",
         run_header(threads=args.threads_sync),
         "",
-        f"`configs/quickstart.yaml` {' '.join(ENGINES[args.engine])} for {args.steps} steps with "
+        f"`configs/quickstart.yaml`{engine_options} for {args.steps} steps with "
         "`--model.rollout_correction sequence_mask`, per seed "
         f"once synchronous ({args.threads_sync} torch threads) and once with `--data.off_policy true` "
         f"({args.threads_off} trainer thread(s) + the generation worker), sequentially. s/step: median wall time of a "
         "training step; generate: `time/generate_s` (in the worker thread, overlapping training, when off-policy); "
         "score: `time/score_s` (the no-grad pass for old log-probs and embeddings); weight lag: mean "
-        "`rollout/weight_lag` (1 but for the first step). Greedy validation "
+        "`rollout/weight_lag` (1 but for the first step); log-prob gap: mean `train/mismatch_abs_mean` (trainer "
+        "against engine, per token; 0 where the engine is the policy itself); masked seqs: mean "
+        "`train/correction_masked_seq_frac` (completions `sequence_mask` left out). Greedy validation "
         "accuracy on 256 problems (standard error about 3 points).",
         "",
         *table(runs),
         "",
         paired_by_seed("off-policy minus synchronous", final, time_ratio),
+        *([] if args.engine == "hf" else ["", SHARED_CORES]),
     ]
     print("\n".join(lines))
     if not args.no_write:

@@ -7,16 +7,17 @@ while batch t trains. At step t, in the trainer's thread, ``OneStepOff.rollout``
 with ``w_{t-1}``; the worker is idle from then on), loads ``w_t`` into vLLM (``sync_weights``: ``reload_weights`` from
 memory, the prefix cache emptied), then submits the generation of position t+1. So vLLM never samples while it
 receives weights and is never driven by two threads at once: the DataModule skips its own per-step sync while
-training off-policy, and validation waits for the in-flight batch before it syncs and samples with the same engine.
+training off-policy, and validation waits for the in-flight batch before it syncs and samples with the same engine
+(with that wait removed, validation sampling beside the worker hung the fit).
 
 Choices (vLLM and the peers leave them open):
 
 - **A thread, not a process.** ``LLM.generate`` of the in-process engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, the
   colocated engine's mode) steps vLLM's engine core in the calling thread; driven from the worker thread on vLLM
   0.32's CPU build it gives the batches a plain call gives (``tests/vllm_engine/test_vllm_off_policy.py``). vLLM's
-  engine core in its own process would receive every sync serialised (0.35-1.8 s for 18M parameters on the CPU
-  against 0.06 s in-process, ``/work/shared/VLLM_NOTES.md``); that is what a separate inference GPU needs (NCCL),
-  not built here.
+  engine core in its own process would receive every sync serialised (measured on the CPU: 0.35-1.8 s for 18M
+  parameters, against 0.06 s in-process); a separate inference GPU would take the weights over NCCL (vLLM's weight
+  transfer API, GPU only), not built here.
 - **The global RNG.** The synchronous engine saves and restores the process's RNG states around ``generate``; in the
   worker that restore would rewind the trainer's own draws made meanwhile, so the worker generates with
   ``keep_global_rng=False``, every prompt with its seed (its stream position's). vLLM's CPU sampler still draws one
