@@ -21,6 +21,7 @@ from lit_gcpo.evaluation.comparison import (
     holm,
     method_outcomes,
     minimum_detectable_effect,
+    paired_contrast,
     paired_differences,
     sign_flip_p,
 )
@@ -142,6 +143,19 @@ def test_minimum_detectable_effect_hand_value_and_noncentral_power() -> None:
         power = stats.nct.sf(critical, n - 1, effect) + stats.nct.cdf(-critical, n - 1, effect)
         assert power == pytest.approx(0.80, abs=0.002)
     assert math.isnan(minimum_detectable_effect(0.05, 1))
+
+
+def test_paired_contrast_hand_values() -> None:
+    # seeds 0, 1, 2 paired (seed 3 of arm a has no pair): d = 1, 2, 3; mean 2, std 1. Sign flips of (1, 2, 3): only
+    # all + and all - reach |sum| = 6, so p = 2 / 8. MDE = (t_{0.975, 2} + t_{0.80, 2}) / sqrt(3)
+    # = (4.3027 + 1.0607) / 1.7321 = 3.0966.
+    stats_ = paired_contrast([0, 1, 2, 3], [11.0, 12.0, 13.0, 9.0], [2, 1, 0], [10.0, 10.0, 10.0])
+    assert (stats_["n"], stats_["exact"]) == (3, True)
+    assert (stats_["mean"], stats_["std"], stats_["p"]) == pytest.approx((2.0, 1.0, 0.25))
+    assert stats_["mde"] == pytest.approx(3.0966, abs=2e-4)
+    assert 1.0 <= stats_["low"] <= stats_["high"] <= 3.0  # bootstrap means of resampled (1, 2, 3)
+    one = paired_contrast([0], [0.5], [0], [0.25])
+    assert one["n"] == 1 and one["mean"] == 0.25 and math.isnan(one["p"]) and math.isnan(one["mde"])
 
 
 FINALS = {  # seeds 0..4 (gcpo_cd: 0..2)

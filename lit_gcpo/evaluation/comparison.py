@@ -294,7 +294,22 @@ def _contrast(
 ) -> dict[str, Any]:
     empty = {"seed": np.zeros(0, dtype=int), outcome: np.zeros(0)}
     a, b = outcomes.get(treatment, empty), outcomes.get(control, empty)
-    _, d = paired_differences(a["seed"], a[outcome], b["seed"], b[outcome])
+    return paired_contrast(a["seed"], a[outcome], b["seed"], b[outcome], resamples, permutations, seed)
+
+
+def paired_contrast(
+    seeds_a: Sequence[int] | np.ndarray,
+    values_a: Sequence[float] | np.ndarray,
+    seeds_b: Sequence[int] | np.ndarray,
+    values_b: Sequence[float] | np.ndarray,
+    resamples: int = 10_000,
+    permutations: int = 100_000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The statistics of one paired contrast ``a - b`` over the seeds both arms ran (module docstring):
+    ``{"n", "mean", "std", "low", "high", "p", "exact", "mde"}``; with fewer than 2 paired seeds all NaN but ``n``,
+    ``exact`` and ``mean`` (the one difference, if any)."""
+    _, d = paired_differences(seeds_a, values_a, seeds_b, values_b)
     if d.size < 2:
         mean = float(d.mean()) if d.size else math.nan
         nan = math.nan
