@@ -241,8 +241,9 @@ def contrast_rows(runs: list[Run], contrasts: Sequence[tuple[str, str]]) -> list
     """Final accuracy, ``treatment - control`` paired by seed: the differences, their mean and std, the exact
     sign-flip p and the smallest effect detectable at 80% power (``lit_gcpo.evaluation.comparison``)."""
     lines = [
-        "| treatment - control | n | per seed (points) | mean | std | sign-flip p | detectable at 80% power |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: |",
+        "| treatment - control | n | per seed (points) | mean | std | sign-flip p | detectable at 80% power "
+        "| reading |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | --- |",
     ]
     for treatment, control in contrasts:
         arms = [[run for run in runs if run.arm.name == name] for name in (treatment, control)]
@@ -253,9 +254,16 @@ def contrast_rows(runs: list[Run], contrasts: Sequence[tuple[str, str]]) -> list
         per_seed = ", ".join(f"{d:+.1f}" for d in differences)
         lines.append(
             f"| {treatment} - {control} | {stats['n']} | {per_seed} | {stats['mean']:+.1f} | {stats['std']:.1f} "
-            f"| {stats['p']:.2f} | {stats['mde']:.1f} |"
+            f"| {stats['p']:.2f} | {stats['mde']:.1f} | {_reading(stats)} |"
         )
     return lines
+
+
+def _reading(stats: dict) -> str:
+    """``no difference at this power`` unless the sign-flip p is below 0.05 (3 seeds cannot go below 0.25)."""
+    if not stats["p"] < 0.05:
+        return "no difference at this power"
+    return "higher" if stats["mean"] > 0 else "lower"
 
 
 # ------------------------------------------------------------------------------------------------ parts
@@ -283,8 +291,9 @@ def offpolicy(args: argparse.Namespace) -> list[str]:
         "`token_truncate` clamped to [1 - 1e-6, 1 + 1e-6], since `data.off_policy` refuses `null`). Log-ratio "
         "d_t = trainer (current weights) - engine (weights one step old) log-prob of a sampled token; sequence ratio "
         "exp(sum_t d_t); off-policy KL of a sequence: mean_t (-d_t). The batches of step 0 (sampled with the current "
-        "weights) are left out of the recorded distributions. (a) The mismatch, per arm over every recorded batch of "
-        "its seeds:"
+        "weights) are left out of the recorded distributions. s/step and wall time were measured two runs at a time "
+        "on a shared machine (load below): they compare no arms. (a) The mismatch, per arm over every recorded batch "
+        "of its seeds:"
     )
     return [
         *mismatch_lines(title, description, args, runs, by_arm, reference),
