@@ -174,3 +174,38 @@ def test_a_model_path_that_does_not_exist_is_named(tmp_path, capsys):
         with pytest.raises(SystemExit):
             main(["fit", "--config", "configs/quickstart.yaml", option, value])
         assert f"{option.removeprefix('--')}: no such directory {value}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        [],  # the command line as given: LightningCLI reads sys.argv itself
+        # rewritten (lit_gcpo.running.strategy_options): the strategy name becomes its class for the nested option
+        ["--trainer.strategy", "fsdp2", "--trainer.strategy.save_distributed_checkpoint", "true"],
+    ],
+    ids=["as-given", "strategy-rewritten"],
+)
+def test_a_command_line_run_gets_no_warning_about_args_beside_sys_argv(options):
+    """``lit-gcpo fit ...`` printed LightningCLI's "args parameter is intended to run from within Python ... got
+    sys.argv[1:]" on every run: the CLI handed LightningCLI its own command line as ``args``."""
+    import os
+    import subprocess
+    import sys
+
+    from lit_gcpo.running.cli import ARGS_BESIDE_ARGV
+
+    script = "import sys; from lit_gcpo.running.cli import console_main; sys.exit(console_main())"
+    command = [sys.executable, "-c", script, "fit", "--config", "configs/quickstart.yaml", *options, "--print_config"]
+    result = subprocess.run(
+        command,
+        cwd=Path(__file__).parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONWARNINGS": "always"},  # every warning shown, however often
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "trainer:" in result.stdout  # the configuration was printed: the arguments were parsed
+    if options:
+        assert "FSDP2Strategy" in result.stdout and "save_distributed_checkpoint: true" in result.stdout
+    assert ARGS_BESIDE_ARGV not in result.stderr and "args parameter" not in result.stderr

@@ -7,9 +7,12 @@ The uncertainty callback and the checkpoints are ordinary Trainer callbacks in t
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +71,23 @@ MOVED_SETTINGS = {
     "data.cluster_answers": "answers are clustered when a callback's rollout_fields asks for answer_clusters",
 }
 """Options that each decided a setting decided elsewhere too, and where that setting lives now."""
+
+
+ARGS_BESIDE_ARGV = "LightningCLI's args parameter is intended to run from within Python"
+"""The start of LightningCLI's warning about ``args`` given while ``sys.argv`` holds arguments too."""
+
+
+@contextlib.contextmanager
+def _command_line_rewritten(rewritten: bool) -> Iterator[None]:
+    """While open, LightningCLI's :data:`ARGS_BESIDE_ARGV` warning is not shown when ``rewritten``: the ``args``
+    it would warn about are the command line itself, rewritten (``strategy_names_as_classes``). LightningCLI has
+    no option for it (it warns whenever ``args`` is given and ``sys.argv`` has arguments)."""
+    if not rewritten:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=ARGS_BESIDE_ARGV)
+        yield
 
 
 def _has_rich() -> bool:
@@ -156,17 +176,21 @@ class GCPOCLI(LightningCLI):
     """
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
-        given = sys.argv[1:] if args is None else args
+        from_command_line = args is None
+        given = sys.argv[1:] if from_command_line else args
         for option in given if isinstance(given, (list, tuple)) else []:
             name = str(option).split("=", 1)[0].removeprefix("--")
             if name in MOVED_SETTINGS:
                 parser.error(f"{name} is no longer an option: {MOVED_SETTINGS[name]}")
-        if args is None or isinstance(args, (list, tuple)):
+        if from_command_line or isinstance(args, (list, tuple)):
             try:
-                args = strategy_names_as_classes(list(given))
+                rewritten = strategy_names_as_classes(list(given))
             except StrategyOptionError as error:
                 parser.error(str(error))
-        super().parse_arguments(parser, args)
+            if not from_command_line or rewritten != list(given):
+                args = rewritten  # else None: LightningCLI reads sys.argv itself
+        with _command_line_rewritten(from_command_line and args is not None):
+            super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         if subcommand and self.config[subcommand].trainer.get("gradient_clip_val"):
             parser.error(
