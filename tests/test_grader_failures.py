@@ -1,6 +1,8 @@
 """A comparison Math-Verify gives no verdict on is reported as what happened, with its row: an exception (its type
 and message), the grading process dying (its exit status), or a timeout (the time limit). Each is still scored as
-before: not equivalent. The failures are planted in a real grading process (``planted_grader.py``)."""
+before: not equivalent. So is an extraction (the ``math_verify`` fallback) that gives no result (still: no answer),
+and a comparison of the answer clustering or of the majority vote. The failures are planted in a real grading
+process (``planted_grader.py``)."""
 
 from __future__ import annotations
 
@@ -13,12 +15,14 @@ import torch
 
 import lit_gcpo.rewards.answers as answers
 import lit_gcpo.rewards.sandbox as sandbox
+from lit_gcpo.algorithms.clustering import answer_clusters
 from lit_gcpo.data.batch import RolloutBatch
 from lit_gcpo.evaluation.grading import Grade, benchmark_correctness, grade_answer
-from lit_gcpo.evaluation.results import missing_verdicts, rollout_records
+from lit_gcpo.evaluation.results import missing_verdicts, rollout_records, summarise
+from lit_gcpo.rewards import grading_process
 from lit_gcpo.rewards.math_reward import math_accuracy
 
-PLANTED = [sys.executable, "-I", str(Path(__file__).parent / "planted_grader.py"), sandbox.__file__]
+PLANTED = [sys.executable, "-I", str(Path(__file__).parent / "planted_grader.py"), grading_process.__file__]
 RAISED = "Math-Verify raised ValueError: planted failure in verify for 13579"
 DIED = "the grading process exited with code 3 during the comparison"
 TIMED_OUT = "timed out after 1 s (the time limit of one Math-Verify comparison)"
@@ -93,9 +97,119 @@ def test_evaluation_grades_keep_the_reason_and_the_report_names_the_item(planted
     )
     records = rollout_records(batch)
     assert [r["correct"] for r in records] == [[True, False], [True, True]]  # the crash graded wrong, as before
-    assert [r["grading_problems"] for r in records] == [[None, DIED], None]
-    assert missing_verdicts(records) == {"math500/sampled": [f"item m-7 completion 1: {DIED}"]}
+    # completion 1 crashed the grading process twice: against the gold, and in the majority vote against completion 0
+    both = f"{DIED}; majority vote, against completion 0: {DIED}"
+    assert [r["grading_problems"] for r in records] == [[None, both], None]
+    assert missing_verdicts(records) == {"math500/sampled": [f"item m-7 completion 1: {both}"]}
     with caplog.at_level(logging.WARNING, logger="lit_gcpo.rewards.answers"):
         scores = benchmark_correctness(["p", "p"], ["\\boxed{13579}", "\\boxed{3}"], gold=["0.5", "3"], id=["a", "b"])
     assert scores == [0.0, 1.0]
     assert any(f"completion 0 (row id 'a') (answer '13579'): {RAISED}" in r.getMessage() for r in caplog.records)
+
+
+# ------------------------------------------- the extraction fallback and the answer clustering / majority vote
+EXTRACT_RAISED = "Math-Verify raised ValueError: planted failure in parse for EXTRACT-RAISES"
+EXTRACT_DIED = "the grading process exited with code 3 during the extraction"
+EXTRACT_TIMED_OUT = "extraction timed out after 1 s (the time limit of one Math-Verify call)"
+SLEPT = "timed out after 1 s (the time limit of one Math-Verify comparison)"  # verify planted to sleep on 97531
+
+
+def _one_item(rows: list[dict], completions: list[str], answers_: list[str] | None = None) -> RolloutBatch:
+    """A rollout batch of one prompt and its completions (one token each; the grading reads only the texts)."""
+    n = len(completions)
+    return RolloutBatch(
+        prompts=["p"],
+        rows=rows,
+        completions=completions,
+        input_ids=torch.zeros(n, 2, dtype=torch.long),
+        attention_mask=torch.ones(n, 2, dtype=torch.long),
+        completion_mask=torch.ones(n, 1),
+        group_ids=torch.zeros(n, dtype=torch.long),
+        rewards=torch.zeros(n),
+        answers=answers_,
+    )
+
+
+def test_the_grading_process_reports_a_failed_extraction_apart_from_finding_nothing():
+    worker = _planted_worker()
+    try:
+        assert worker.extract("so the final answer is $\\frac{1}{2}$", timeout_s=10.0).answer == "\\frac{1}{2}"
+        assert worker.extract("no mathematics here", timeout_s=10.0) == sandbox.ExtractResult(None)  # found nothing
+        first = worker.pid
+        raised = worker.extract("EXTRACT-RAISES: the answer is $3$", timeout_s=10.0)
+        assert raised == sandbox.ExtractResult(None, error=EXTRACT_RAISED)  # was: None, as if nothing was found
+        slow = worker.extract("EXTRACT-SLEEPS: the answer is $3$", timeout_s=1.0)
+        assert slow == sandbox.ExtractResult(None, timed_out=True)
+        assert worker.pid == first  # an exception and a Python-level timeout leave the process serving
+        died = worker.extract("EXTRACT-DIES: the answer is $3$", timeout_s=10.0)
+        assert died == sandbox.ExtractResult(None, error=EXTRACT_DIED)
+        assert worker.pid != first  # replaced, and it serves on
+        assert worker.extract("the final answer is $7$", timeout_s=10.0).answer == "7"
+    finally:
+        worker.close()
+
+
+def test_evaluation_reports_failed_extractions_with_the_item_and_counts_them(planted_pool):
+    rows = [{"id": "m-1", "kind": "math", "benchmark": "math500", "gold": "7"}]
+    completions = ["the answer is $7$", "EXTRACT-RAISES $7$", "EXTRACT-SLEEPS $7$", "EXTRACT-DIES $7$"]
+    (record,) = rollout_records(_one_item(rows, completions), fallback="math_verify")  # no box: the fallback reads
+    # the verdicts as before: the failed extractions give no answer, graded wrong; the vote is the first answer's
+    assert (record["answers"], record["correct"]) == (["7", None, None, None], [True, False, False, False])
+    assert (record["majority_answer"], record["majority_correct"]) == ("7", True)
+    assert record["grading_problems"] == [None, EXTRACT_RAISED, EXTRACT_TIMED_OUT, EXTRACT_DIED]
+    assert missing_verdicts([record])["math500"][2] == f"item m-1 completion 3: {EXTRACT_DIED}"
+    summary = summarise([record])["math500"]
+    assert summary["no_verdict"] == 3.0  # completions with a failed grading step; absent when none failed
+    assert "no_verdict" not in summarise([{**record, "grading_problems": None}])["math500"]
+
+
+def test_a_majority_vote_comparison_without_a_verdict_is_reported_with_both_completions(planted_pool):
+    # gold 3 and the answers 24680 / 97531 are plain integers, compared without Math-Verify: only the vote's
+    # comparisons of 0.5 (completion 0, the first class) with them reach the planted grading process
+    rows = [{"id": "v-1", "kind": "math", "benchmark": "toy", "gold": "3"}]
+    answers_ = ["0.5", "24680", "97531", "\\frac{1}{2}"]
+    (record,) = rollout_records(_one_item(rows, [f"\\boxed{{{a}}}" for a in answers_], answers_))
+    # unchanged verdicts: the failed comparisons are "not equivalent", so 0.5 and \frac{1}{2} win with 2 votes
+    assert record["correct"] == [False] * 4
+    assert record["majority_answer"] == "0.5" and not record["majority_correct"]
+    assert record["signals"]["num_clusters"] == 3.0  # the clustering of the signals: {0.5, 1/2}, 24680, 97531
+    assert record["grading_problems"] == [
+        None,
+        f"majority vote, against completion 0: {DIED}",
+        f"majority vote, against completion 0: {SLEPT}",
+        None,
+    ]
+    assert summarise([record])["toy"]["no_verdict"] == 2.0
+
+
+def test_answer_clustering_reports_a_comparison_without_a_verdict(planted_pool, caplog):
+    group_ids = torch.tensor([0, 0, 0, 1, 1])
+    answers_ = ["0.5", "13579", "\\frac{1}{2}", "0.25", "24680"]
+    reported = []
+    ids = answer_clusters(answers_, group_ids, on_no_verdict=lambda *args: reported.append(args))
+    assert ids.tolist() == [0, 1, 0, 0, 1]  # the failed comparisons: not equivalent, as before
+    assert reported == [(1, 0, RAISED), (4, 3, DIED)]
+    # without a sink (the training pipeline's call): one warning naming the completions and their groups
+    with caplog.at_level(logging.WARNING, logger="lit_gcpo.rewards.answers"):
+        assert answer_clusters(answers_, group_ids).tolist() == [0, 1, 0, 0, 1]
+    (warning,) = [r.getMessage() for r in caplog.records if "answer clustering" in r.getMessage()]
+    assert warning.startswith("answer clustering: no Math-Verify verdict for 2 comparisons of 5 completions")
+    assert f"completion 1 (group 0) against 0: {RAISED}" in warning
+    assert f"completion 4 (group 1) against 3: {DIED}" in warning
+
+
+def test_a_stub_equivalence_without_verdicts_reaches_the_vote_and_the_clustering_sinks():
+    """No grading process: an equivalence that answers ``Verdict(False, why)`` for one pair."""
+    from lit_gcpo.evaluation.metrics import majority_answer
+
+    def stub(a: str, b: str) -> answers.Verdict:
+        if {a, b} == {"x", "y"}:
+            return answers.Verdict(False, "timed out after 1 s (stub)")
+        return answers.Verdict(a.upper() == b.upper())
+
+    seen = []
+    assert majority_answer(["x", "y", "Y", "X", "X"], stub, lambda *a: seen.append(a)) == "x"  # 3 votes to 2
+    assert seen == [(1, 0, "timed out after 1 s (stub)")]  # Y and X matched their class without a failure
+    seen.clear()
+    ids = answer_clusters(["x", "y", "Y"], torch.zeros(3, dtype=torch.long), stub, lambda *a: seen.append(a))
+    assert ids.tolist() == [0, 1, 1] and seen == [(1, 0, "timed out after 1 s (stub)")]

@@ -19,25 +19,41 @@ appearance within the group), the form ``lit_gcpo.algorithms.uncertainty`` accep
   and connected components. Range search on a few thousand 384-d vectors is milliseconds on CPU, so
   the CPU index is kept even when training on GPU.
 - ``answer_clusters``: final answers compared with an injectable equivalence (default
-  ``lit_gcpo.rewards.answers.answers_equivalent``, math-verify). Within each group, each answer joins the first
+  ``lit_gcpo.rewards.answers.compare_answers``, math-verify). Within each group, each answer joins the first
   cluster whose representative (its first member) is equivalent, else opens a new cluster; a ``None``
   answer is its own singleton (SEED-GRPO's rule). Equivalence is taken as symmetric; checks are cached
   per call on the stripped string pair and identical strings short-circuit. Greedy assignment against
   representatives is the project's reading: math-verify equivalence need not be transitive, and this
-  rule makes the result independent of everything but the order of completions.
+  rule makes the result independent of everything but the order of completions. A comparison that gets no
+  verdict (math-verify timed out, raised, or its process crashed: the equivalence returns a ``Verdict`` with a
+  ``problem``) counts as not equivalent, as in the rewards, and is reported with its completions
+  (``NoVerdict``; by default one warning per call).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-Equivalence = Callable[[str, str], bool]
+Equivalence = Callable[[str, str], Any]
+"""``(a, b) ->`` a bool, or a ``lit_gcpo.rewards.answers.Verdict`` (``equal``, and ``problem``: why there is none)."""
+
+NoVerdict = Callable[[int, int, str], None]
+"""``(position, other position, why)``: the comparison of two completions' answers got no verdict."""
 
 SEARCH_MARGIN = 1e-4
+
+COMPARED = ("comparisons", "taken as not equivalent")
+"""How ``report_missing_verdicts`` words the comparisons of a clustering or a vote."""
+
+
+def verdict_of(result: Any) -> tuple[bool, str | None]:
+    """An equivalence's answer as ``(equal, why there is no verdict or None)``: a bool has a verdict always."""
+    return bool(getattr(result, "equal", result)), getattr(result, "problem", None)
 
 
 def _unit_float64(embeddings: Tensor) -> np.ndarray:
@@ -139,44 +155,63 @@ def embedding_clusters_reference(embeddings: Tensor, group_ids: Tensor, tau: flo
 
 
 def _default_equivalence() -> Equivalence:
-    from lit_gcpo.rewards.answers import answers_equivalent
+    from lit_gcpo.rewards.answers import compare_answers
 
-    return answers_equivalent
+    return compare_answers
 
 
-def answer_clusters(answers: Sequence[str | None], group_ids: Tensor, equivalent: Equivalence | None = None) -> Tensor:
+def answer_clusters(
+    answers: Sequence[str | None],
+    group_ids: Tensor,
+    equivalent: Equivalence | None = None,
+    on_no_verdict: NoVerdict | None = None,
+) -> Tensor:
     """Cluster the final answers of every group by mathematical equivalence, ``[N]`` local ids (long).
 
     Args:
         answers: ``[N]`` extracted final answers; ``None`` = no answer (a singleton cluster).
         group_ids: ``[N]`` group of each completion.
-        equivalent: ``(a, b) -> bool``; default ``lit_gcpo.rewards.answers.answers_equivalent`` (math-verify,
-            time-bounded, never evaluates model text).
+        equivalent: ``(a, b) -> bool`` or ``Verdict``; default ``lit_gcpo.rewards.answers.compare_answers``
+            (math-verify, time-bounded, never evaluates model text).
+        on_no_verdict: called for each comparison without a verdict (once per answer pair and call) with the
+            positions of the completion being placed and of the cluster's representative; None: one warning
+            naming them.
     """
     if len(answers) != group_ids.numel():
         raise ValueError(f"answers has {len(answers)} entries but group_ids has {group_ids.numel()}")
     equivalent = equivalent if equivalent is not None else _default_equivalence()
     cache: dict[tuple[str, str], bool] = {}
+    groups = group_ids.detach().cpu().tolist()
+    problems: list[str] = []
 
-    def same(a: str, b: str) -> bool:
+    def same(a: str, b: str, position: int, other: int) -> bool:
         if a == b:
             return True
         key = (a, b) if a <= b else (b, a)
         if key not in cache:
-            cache[key] = bool(equivalent(*key))
+            cache[key], problem = verdict_of(equivalent(*key))
+            if problem is not None and on_no_verdict is not None:
+                on_no_verdict(position, other, problem)
+            elif problem is not None:
+                problems.append(f"completion {position} (group {groups[position]}) against {other}: {problem}")
         return cache[key]
 
-    groups = group_ids.detach().cpu().tolist()
     local = [0] * len(answers)
-    representatives: dict[int, list[str | None]] = {}
+    representatives: dict[int, list[tuple[str | None, int]]] = {}  # per group: (text, position) of each cluster
     for position, (answer, group) in enumerate(zip(answers, groups, strict=True)):
         reps = representatives.setdefault(group, [])
         text = answer.strip() if answer is not None else None
         match = None
         if text:  # None and empty answers are singletons
-            match = next((k for k, rep in enumerate(reps) if rep is not None and same(text, rep)), None)
+            match = next(
+                (k for k, (rep, first) in enumerate(reps) if rep is not None and same(text, rep, position, first)), None
+            )
         if match is None:
             match = len(reps)
-            reps.append(text if text else None)
+            reps.append((text if text else None, position))
         local[position] = match
+    if problems:
+        from lit_gcpo.rewards.answers import report_missing_verdicts
+
+        report_missing_verdicts("answer clustering", problems, len(answers), outcome=COMPARED)
     return torch.tensor(local, dtype=torch.long, device=group_ids.device)

@@ -233,13 +233,13 @@ class UncertaintyCallback(pl.Callback):
             return embedding_clusters(embeddings, group_ids, self.tau)
         if "answer_clusters" in batch:  # the rollout pipeline clustered while the policy scored the batch
             return batch["answer_clusters"]
-        from lit_gcpo.rewards.answers import answers_equivalent, extract_boxed
+        from lit_gcpo.rewards.answers import extract_boxed
 
         if "answers" in batch:
             answers = self._texts(batch, "answers", group_ids.numel())
         else:
             answers = [extract_boxed(text) for text in self._texts(batch, "completions", group_ids.numel())]
-        return answer_clusters(answers, group_ids, equivalent=answers_equivalent)
+        return answer_clusters(answers, group_ids)  # math-verify; comparisons without a verdict are warned about
 
     def _se_inputs(self, batch: Any) -> tuple[str, Tensor | None]:
         if self.se_kind == "discrete":

@@ -224,7 +224,8 @@ class BenchmarkReport(pl.Callback):
                     log.warning("%s: %d items left out for an unreadable gold: %s", benchmark, len(ids), ids[:10])
             for benchmark, problems in missing_verdicts(records).items():
                 log.warning(
-                    "%s: no Math-Verify verdict for %d completions, graded wrong: %s",
+                    "%s: no Math-Verify verdict or result in the grading of %d completions (its comparison with "
+                    "the gold: graded wrong; an extraction: no answer; the majority vote's: not equivalent): %s",
                     benchmark,
                     len(problems),
                     "; ".join(problems[:10]),

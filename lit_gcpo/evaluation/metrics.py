@@ -21,10 +21,9 @@ from torchmetrics import Metric
 from torchmetrics.functional.classification import binary_auroc
 from torchmetrics.utilities import dim_zero_cat
 
-from lit_gcpo.rewards.answers import answers_equivalent
+from lit_gcpo.algorithms.clustering import COMPARED, Equivalence, NoVerdict, verdict_of
+from lit_gcpo.rewards.answers import answers_equivalent, report_missing_verdicts
 from lit_gcpo.rewards.qa import exact_match, token_f1
-
-Equivalence = Callable[[str, str], bool]
 
 
 class _MeanOverProblems(Metric):
@@ -113,26 +112,37 @@ class PassAtK(_AtK):
         self._add(pass_at_k(n, matrix.sum(dim=1), self.k))  # [B]
 
 
-def majority_answer(answers: Sequence[str | None], equivalent: Equivalence) -> str | None:
+def majority_answer(
+    answers: Sequence[str | None], equivalent: Equivalence, on_no_verdict: NoVerdict | None = None
+) -> str | None:
     """The answer of the largest class of equivalent answers (None and blank answers ignored: an empty
     ``\\boxed{}`` is no answer and cannot win the vote).
 
     An answer joins the first class whose first member it is equivalent to; ties between classes go to
-    the class whose first member came first.
+    the class whose first member came first. ``equivalent`` returns a bool or a ``Verdict``: a comparison without
+    a verdict counts as not equivalent and is reported to ``on_no_verdict(position, first member's position,
+    why)``, or in one warning when that is None (``lit_gcpo.algorithms.clustering.NoVerdict``).
     """
-    classes: list[list[str]] = []
-    for answer in answers:
+    classes: list[list[int]] = []  # positions of each class's members, the first one first
+    problems: list[str] = []
+    for position, answer in enumerate(answers):
         if answer is None or not answer.strip():
             continue
         for members in classes:
-            if equivalent(members[0], answer):
-                members.append(answer)
+            equal, problem = verdict_of(equivalent(answers[members[0]], answer))
+            if problem is not None and on_no_verdict is not None:
+                on_no_verdict(position, members[0], problem)
+            elif problem is not None:
+                problems.append(f"answer {position} against {members[0]}: {problem}")
+            if equal:
+                members.append(position)
                 break
         else:
-            classes.append([answer])
+            classes.append([position])
+    report_missing_verdicts("majority vote", problems, len(answers), outcome=COMPARED)
     if not classes:
         return None
-    return max(classes, key=len)[0]  # max keeps the first of equal sizes
+    return answers[max(classes, key=len)[0]]  # max keeps the first of equal sizes
 
 
 class MajorityAtK(_AtK):

@@ -9,8 +9,11 @@ A record is one prompt (benchmark item) with its k completions::
      "majority_answer": str | None, "majority_correct": bool, "signals": {name: float | None},
      "grading_problems": [k str | None] | None}
 
-``grading_problems``: why Math-Verify gave no verdict on a completion (a timeout, an exception, the grading process
-dying), graded wrong; None when every completion of the item got one.
+``grading_problems``: why Math-Verify gave no verdict or result in a completion's grading (a timeout, an exception,
+the grading process dying), per completion: its comparison with the gold (graded wrong), the extraction of its
+answer by the ``math_verify`` fallback (no answer), a comparison of the majority vote placing it (not equivalent)
+or the majority answer's with the gold; None when nothing failed. ``no_verdict`` counts such completions per
+benchmark (in the metrics only when some are).
 
 Records are reported by ``benchmark`` and evaluation pass: ``<benchmark>/<variant>`` when the row names
 a variant (``greedy``/``sampled``, see ``BenchmarkSource``), else ``<benchmark>``.
@@ -27,7 +30,8 @@ Metrics per benchmark (``n`` completions per item):
 * ``items`` (graded items), ``skipped`` (items left out: an unreadable gold, or a prompt longer than the
   context with ``data.long_prompts: skip``) and ``over_context``: items whose prompt, before any cut, was
   longer than the context leaves (graded after truncation, or skipped), counted by the DataModule; also a
-  graded prompt longer than ``context_length`` when that is given (for a DataModule that did not know it).
+  graded prompt longer than ``context_length`` when that is given (for a DataModule that did not know it);
+* ``no_verdict``: completions with ``grading_problems`` (only when there are some).
 
 The metrics are computed from the records alone (their answers, grades and signals), so every number
 in the files can be recomputed from the saved items.
@@ -48,10 +52,11 @@ from lit_gcpo.data.batch import RolloutBatch
 from lit_gcpo.evaluation.calibration import AUROC_SIGNALS, prompt_signals
 from lit_gcpo.evaluation.grading import (
     KINDS,
-    extract_answer,
+    Grade,
     gold_references,
     grade_answer,
-    majority_grade,
+    grade_completion,
+    majority_and_problems,
     math_equivalent,
     no_blank,
 )
@@ -86,7 +91,7 @@ def rollout_records(
     Rows are read for ``kind`` (default ``math``), ``gold`` (else ``answer``), ``benchmark`` (default
     ``default_benchmark``), ``id`` and ``index`` (default: ``first_index`` + position in the batch). Math
     answers are the batch's ``answers`` (the rollout's ``final_answer``) when present; a math completion
-    without a box is read by ``fallback`` (``lit_gcpo.evaluation.grading.extract_answer``).
+    without a box is read by ``fallback`` (``lit_gcpo.evaluation.grading.read_answer``).
     """
     group_ids = batch.group_ids.detach().cpu().long()  # [N]
     kinds = [str(row.get("kind") or "math") for row in batch.rows]  # [B]
@@ -97,12 +102,7 @@ def rollout_records(
     lengths = batch.completion_mask.detach().cpu().sum(-1).long()  # [N]
     prompt_tokens = batch.attention_mask.detach().cpu().sum(-1).long() - lengths  # [N]
     truncated = None if batch.truncated is None else batch.truncated.detach().cpu().bool().tolist()  # [N]
-    grades = []
-    for n, g in enumerate(group_ids.tolist()):
-        from_rollout = kinds[g] == "math" and batch.answers is not None and batch.answers[n] is not None
-        completion = batch.completions[n]
-        answer = no_blank(batch.answers[n]) if from_rollout else extract_answer(kinds[g], completion, fallback)
-        grades.append(grade_answer(kinds[g], answer, golds[g]))  # [N]
+    grades = [_completion_grade(batch, n, kinds[g], golds[g], fallback) for n, g in enumerate(group_ids.tolist())]
     signals = prompt_signals(
         group_ids,
         [grade.answer for grade in grades],
@@ -117,7 +117,7 @@ def rollout_records(
     for b, row in enumerate(batch.rows):
         members = torch.nonzero(group_ids == b).flatten().tolist()
         mine = [grades[n] for n in members]
-        majority = majority_grade(kinds[b], [g.answer for g in mine], golds[b])
+        majority, problems = majority_and_problems(kinds[b], golds[b], mine)
         index = int(row.get("index", first_index + b))
         records.append(
             {
@@ -139,15 +139,23 @@ def rollout_records(
                 "majority_answer": majority.answer,
                 "majority_correct": majority.correct,
                 "signals": {name: _number(value[b]) for name, value in signals.items()},
-                "grading_problems": [g.problem for g in mine] if any(g.problem for g in mine) else None,
+                "grading_problems": problems,
             }
         )
     return records
 
 
+def _completion_grade(batch: RolloutBatch, n: int, kind: str, gold: Any, fallback: str) -> Grade:
+    """Completion ``n``'s grade: of the rollout's answer (math, when the batch has one), else of the answer read from
+    its text (``grade_completion``: an extraction without a result is its ``problem``)."""
+    if kind == "math" and batch.answers is not None and batch.answers[n] is not None:
+        return grade_answer(kind, no_blank(batch.answers[n]), gold)
+    return grade_completion(kind, batch.completions[n], gold, fallback)
+
+
 def missing_verdicts(records: Sequence[Record]) -> dict[str, list[str]]:
-    """Per benchmark (and pass), ``item <id> completion <j>: <why>`` for each completion Math-Verify gave no verdict
-    on."""
+    """Per benchmark (and pass), ``item <id> completion <j>: <why>`` for each completion whose grading got no verdict
+    or result from Math-Verify (its ``grading_problems``)."""
     found: dict[str, list[str]] = {}
     for record in records:
         name = record["benchmark"] + (f"/{record['variant']}" if record.get("variant") else "")
@@ -246,6 +254,9 @@ def benchmark_metrics(
             pass_k.update(correct)
             values[f"pass@{k}"] = float(pass_k.compute())
     values.update(_length_metrics(records, context_length))
+    failed = sum(problem is not None for r in records for problem in r.get("grading_problems") or [])
+    if failed:
+        values["no_verdict"] = float(failed)
     majority_correct = torch.tensor([float(r["majority_correct"]) for r in records])  # [I]
     present = {name for r in records for name, v in r["signals"].items() if v is not None}
     for name in AUROC_SIGNALS:
@@ -292,7 +303,7 @@ def summarise(
     return summary
 
 
-_COUNTS = ("items", "skipped", "over_context")
+_COUNTS = ("items", "skipped", "over_context", "no_verdict")
 
 
 def _cell(column: str, value: float) -> str:

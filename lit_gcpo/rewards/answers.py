@@ -120,24 +120,44 @@ def last_number(text: str) -> str | None:
     return found[-1].replace(",", "") if found else None
 
 
-def unboxed_answer(text: str, fallback: str, timeout_s: float = 2.0) -> str | None:
-    """The answer of a completion that has no box, read by ``fallback``, or None.
+@dataclass(frozen=True)
+class Extraction:
+    """The answer a fallback read from a completion without a box (None: none); ``problem``: why Math-Verify's
+    extraction gave no result (``answer`` is then None, as when it finds nothing): ``extraction timed out after
+    1 s``, ``Math-Verify raised ...`` or ``the grading process ... during the extraction``."""
+
+    answer: str | None
+    problem: str | None = None
+
+
+def read_unboxed(text: str, fallback: str, timeout_s: float = 2.0) -> Extraction:
+    """The answer of a completion that has no box, read by ``fallback``, and why there is none when the reading
+    failed.
 
     * ``none``: no answer (a completion must box its answer);
     * ``last_number``: the last number in the text (Qwen2.5-Math's evaluation, ``use_last_number``);
     * ``math_verify``: Math-Verify's LaTeX extraction of the whole text ("final answer is ...", then the
       last LaTeX expression), in the killable grading process and within ``timeout_s``; its
-      ``ExprExtractionConfig`` (plain-text expressions) is not used: it evaluates Python.
+      ``ExprExtractionConfig`` (plain-text expressions) is not used: it evaluates Python. An extraction that
+      times out, raises or crashes the grading process gives no answer, with its ``problem``.
     """
     if fallback not in FALLBACKS:
         raise ValueError(f"answer fallback must be one of {FALLBACKS}, got {fallback!r}")
     if fallback == "none" or not isinstance(text, str):
-        return None
+        return Extraction(None)
     if fallback == "last_number":
-        return last_number(text)
+        return Extraction(last_number(text))
     if len(text) > MAX_EXTRACT_CHARS:
-        return None
-    return default_pool().extract(text, float(timeout_s))
+        return Extraction(None)
+    result = default_pool().extract(text, float(timeout_s))
+    if result.timed_out:
+        return Extraction(None, f"extraction timed out after {timeout_s:g} s (the time limit of one Math-Verify call)")
+    return Extraction(result.answer, result.error)
+
+
+def unboxed_answer(text: str, fallback: str, timeout_s: float = 2.0) -> str | None:
+    """``read_unboxed(text, fallback, timeout_s).answer``: for callers that have no row to report a failure with."""
+    return read_unboxed(text, fallback, timeout_s).answer
 
 
 def ends_with_box(text: str) -> bool:
@@ -326,17 +346,26 @@ def _equivalent_cached(a: str, b: str, timeout_s: float) -> bool:
     return result.equal
 
 
-def report_missing_verdicts(what: str, problems: list[str], total: int, shown: int = 5) -> None:
-    """One warning for the comparisons of a batch that got no verdict (``problems``: one line each, naming the
-    row), scored as not equivalent."""
+def report_missing_verdicts(
+    what: str,
+    problems: list[str],
+    total: int,
+    shown: int = 5,
+    outcome: tuple[str, str] = ("", "scored as not equivalent"),
+) -> None:
+    """One warning for the comparisons of a batch of ``total`` completions that got no verdict (``problems``: one
+    line each, naming the rows); ``outcome``: what was counted (nothing said: completions) and what became of them."""
     if not problems:
         return
+    counted, became = outcome
     more = f"; (+{len(problems) - shown} more)" if len(problems) > shown else ""
     log.warning(
-        "%s: no Math-Verify verdict for %d of %d completions, scored as not equivalent: %s%s",
+        "%s: no Math-Verify verdict for %d%s of %d completions, %s: %s%s",
         what,
         len(problems),
+        f" {counted}" if counted else "",
         total,
+        became,
         "; ".join(problems[:shown]),
         more,
     )

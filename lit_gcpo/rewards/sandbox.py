@@ -4,7 +4,7 @@ from any thread. User reward functions run in the same kind of child (``lit_gcpo
 Math-Verify bounds ``parse``/``verify`` with ``signal.alarm``, which only works in the main thread of
 the main interpreter (Lightning and dataloader threads get a ``ValueError``) and cannot interrupt a
 computation that sits in C code: ``verify`` on ``9^{9^{9^{9}}}`` keeps one core busy far past any
-alarm. So the grading runs in a child interpreter started with ``python -I <this file>``:
+alarm. So the grading runs in a child interpreter, ``python -I`` running ``lit_gcpo.rewards.grading_process``:
 
 * the child imports only the standard library and ``math_verify`` (no torch, no project package, no
   ``__main__`` re-import as ``multiprocessing``'s spawn would do), and reads one JSON request per line
@@ -17,15 +17,16 @@ alarm. So the grading runs in a child interpreter started with ``python -I <this
   the child's exit status, when it died (``GradeResult``);
 * an exception Math-Verify raises is reported with its type and message (``GradeResult.error``), not taken
   for a "not equal" verdict;
-* the child's address space is limited (``CHILD_MEMORY_LIMIT_BYTES``) so a runaway expansion raises
+* the child's address space is limited (``grading_process.CHILD_MEMORY_LIMIT_BYTES``) so a runaway expansion raises
   ``MemoryError`` instead of eating the machine's memory;
 * besides comparisons, the child answers extraction requests: the answer Math-Verify's LaTeX extraction
   finds in a whole completion (``GraderProcess.extract``, the ``math_verify`` fallback of
-  ``lit_gcpo.rewards.answers.unboxed_answer``), under the same bounds.
+  ``lit_gcpo.rewards.answers.read_unboxed``), under the same bounds and reported alike: an extraction
+  without a result says whether it timed out, raised or crashed (``ExtractResult``), never passes for "no answer".
 
 Numbers far below 1: Math-Verify compares two numbers after rounding them to 6 decimals, so
 ``2.88 \\times 10^{-19}`` "equals" ``1.325 \\times 10^{-27}`` and ``-5 \\times 10^{-19}``. When both sides parse
-to real numbers, a Math-Verify "equal" must also pass a relative test, ``|a - b| <= RELATIVE_TOLERANCE *
+to real numbers, a Math-Verify "equal" must also pass a relative test, ``|a - b| <= grading_process.RELATIVE_TOLERANCE *
 max(|a|, |b|)`` (the ``rel_tol`` of the Qwen2.5-Math evaluation's ``isclose``). The test only ever turns
 "equal" into "not equal", and for numbers of size 0.01 or more Math-Verify's rounding is already
 stricter, so it changes nothing there.
@@ -50,6 +51,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from lit_gcpo.rewards import grading_process
+
 _T = TypeVar("_T")
 
 EXIT_WAIT_S = 1.0
@@ -57,13 +60,6 @@ EXIT_WAIT_S = 1.0
 
 STARTUP_TIMEOUT_S = 60.0
 """Seconds a fresh child may take to import Math-Verify (a loaded 2-core machine needs ~1-3 s)."""
-
-
-CHILD_MEMORY_LIMIT_BYTES = 2 * 1024**3
-"""Address-space limit of the grading process."""
-
-RELATIVE_TOLERANCE = 1e-4
-"""Two real numbers Math-Verify calls equal must also agree to this relative difference."""
 
 
 class ChildUnavailableError(RuntimeError):
@@ -74,10 +70,6 @@ class GraderUnavailableError(ChildUnavailableError):
     """The grading process could not be started or died for a reason other than a timeout."""
 
 
-MAX_ERROR_CHARS = 300
-"""How much of an exception's message the grading process reports."""
-
-
 @dataclass(frozen=True)
 class GradeResult:
     """One comparison: ``equal`` is Math-Verify's verdict. Without one, ``equal`` is False and either
@@ -85,6 +77,16 @@ class GradeResult:
     ...``, or ``the grading process was killed by signal 9 (...) during the comparison``."""
 
     equal: bool
+    timed_out: bool = False
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class ExtractResult:
+    """One extraction: ``answer`` is what Math-Verify's extraction found (None: nothing). Without a result,
+    ``answer`` is None and either ``timed_out`` or ``error`` says why, as for :class:`GradeResult`."""
+
+    answer: str | None
     timed_out: bool = False
     error: str | None = None
 
@@ -224,7 +226,7 @@ class GraderProcess(ChildProcess):
 
     def __init__(self) -> None:
         super().__init__(
-            [sys.executable, "-I", os.path.abspath(__file__)],
+            [sys.executable, "-I", os.path.abspath(grading_process.__file__)],
             name="the Math-Verify grading process",
             error=GraderUnavailableError,
         )
@@ -232,24 +234,34 @@ class GraderProcess(ChildProcess):
     def grade(self, gold: str, pred: str, timeout_s: float) -> GradeResult:
         """Math-Verify equivalence of two answer strings, bounded by ``timeout_s`` (+ a kill grace)."""
         request = json.dumps({"gold": gold, "pred": pred, "timeout": timeout_s}).encode()
+        reply = self._reply(request, timeout_s, "comparison")
+        error = reply.get("error")
+        return GradeResult(equal=bool(reply.get("equal")), timed_out=bool(reply["timed_out"]), error=error)
+
+    def extract(self, text: str, timeout_s: float) -> ExtractResult:
+        """The answer Math-Verify's LaTeX extraction finds in a whole completion (its "final answer is",
+        ``\\boxed{}`` and last-LaTeX rules), or None when it finds none; bounded by ``timeout_s`` (+ a kill grace)
+        and, without a result, why (``ExtractResult``)."""
+        request = json.dumps({"extract": text, "timeout": timeout_s}).encode()
+        reply = self._reply(request, timeout_s, "extraction")
+        return ExtractResult(reply.get("answer"), timed_out=bool(reply["timed_out"]), error=reply.get("error"))
+
+    def _reply(self, request: bytes, timeout_s: float, what: str) -> dict[str, Any]:
+        """The child's reply to ``request``, its ``error`` (an exception in Math-Verify) prefixed as reported; for
+        no reply within ``timeout_s * 1.25 + 0.2`` s a crash (the child's exit, during the ``what``) or a timeout."""
         line = self.request(request, timeout_s * 1.25 + 0.2)
         if line is None:
-            if self.last_exit is not None:  # it died on this input: a crash, not a slow comparison
-                return GradeResult(
-                    False, error=f"the grading process {describe_exit(self.last_exit)} during the comparison"
-                )
-            return GradeResult(equal=False, timed_out=True)
+            if self.last_exit is None:
+                return {"timed_out": True}
+            # it died on this input: a crash, not a slow request
+            return {
+                "timed_out": False,
+                "error": f"the grading process {describe_exit(self.last_exit)} during the {what}",
+            }
         reply = json.loads(line)
-        error = reply.get("error")
-        error = None if error is None else f"Math-Verify raised {error}"
-        return GradeResult(equal=bool(reply["equal"]), timed_out=bool(reply["timed_out"]), error=error)
-
-    def extract(self, text: str, timeout_s: float) -> str | None:
-        """The answer Math-Verify's LaTeX extraction finds in a whole completion (its "final answer is",
-        ``\\boxed{}`` and last-LaTeX rules), or None (none found, or no result within ``timeout_s``)."""
-        request = json.dumps({"extract": text, "timeout": timeout_s}).encode()
-        line = self.request(request, timeout_s * 1.25 + 0.2)
-        return None if line is None else json.loads(line)["answer"]
+        if reply.get("error") is not None:
+            reply["error"] = f"Math-Verify raised {reply['error']}"
+        return reply
 
 
 class GraderPool:
@@ -278,7 +290,7 @@ class GraderPool:
     def grade(self, gold: str, pred: str, timeout_s: float) -> GradeResult:
         return self._on_free_worker(lambda worker: worker.grade(gold, pred, timeout_s))
 
-    def extract(self, text: str, timeout_s: float) -> str | None:
+    def extract(self, text: str, timeout_s: float) -> ExtractResult:
         """``GraderProcess.extract`` on a free grading process."""
         return self._on_free_worker(lambda worker: worker.extract(text, timeout_s))
 
@@ -309,99 +321,3 @@ def default_pool() -> GraderPool:
             _POOL, _POOL_PID = GraderPool(num_workers=1), os.getpid()
             atexit.register(_POOL.close)
         return _POOL
-
-
-# ------------------------------------------------------------------------------------------ the child
-# Everything below runs in the grading process only; sympy and math_verify are imported there, never here.
-
-
-class _Alarm(BaseException):  # not an Exception: Math-Verify's `except Exception` must not swallow it
-    pass
-
-
-def _on_alarm(signum: int, frame: object) -> None:  # pragma: no cover - runs in the child interpreter
-    raise _Alarm
-
-
-def _relatively_close(gold: list, pred: list) -> bool:  # pragma: no cover - runs in the child interpreter
-    """False only for two real numbers further apart than ``RELATIVE_TOLERANCE`` of the larger."""
-    import sympy
-
-    a, b = gold[0], pred[0]
-    if not (isinstance(a, sympy.Expr) and isinstance(b, sympy.Expr) and a.is_number and b.is_number):
-        return True  # sets, tuples, equations, symbols: Math-Verify's verdict stands
-    x, y = a.evalf(30), b.evalf(30)
-    if not (x.is_real and y.is_real):
-        return True
-    scale = max(abs(x), abs(y))
-    return bool(scale == 0 or abs(x - y) <= RELATIVE_TOLERANCE * scale)
-
-
-def _extract(text: str, timeout: float, config: list) -> str | None:  # pragma: no cover - runs in the child
-    """The string Math-Verify extracted from a whole text (``parse`` gives ``[expression, string]``)."""
-    from math_verify import parse
-
-    try:
-        signal.setitimer(signal.ITIMER_REAL, timeout)
-        try:
-            found = parse(text, extraction_config=config, parsing_timeout=None)
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-    except (_Alarm, Exception):
-        return None
-    return str(found[-1]) if len(found) >= 2 else None
-
-
-def _grade(gold_text: str, pred_text: str, timeout: float, config: list) -> dict[str, Any]:  # pragma: no cover
-    """``{"equal", "timed_out", "error"}`` for one request: Math-Verify's verdict on the two answers (as LaTeX
-    math), within ``timeout`` seconds, and real numbers also relatively close (``_relatively_close``); ``error``:
-    the type and message of an exception it raised instead (a ``MemoryError`` at the address-space limit too)."""
-    from math_verify import parse, verify
-
-    equal, timed_out, error = False, False, None
-    try:
-        signal.setitimer(signal.ITIMER_REAL, timeout)
-        try:
-            gold = parse(f"${gold_text}$", extraction_config=config, parsing_timeout=None)
-            pred = parse(f"${pred_text}$", extraction_config=config, parsing_timeout=None)
-            equal = bool(gold) and bool(pred) and bool(verify(gold, pred, timeout_seconds=None))
-            equal = equal and _relatively_close(gold, pred)
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-    except _Alarm:
-        timed_out = True
-    except Exception as failure:
-        equal, error = False, " ".join(f"{type(failure).__name__}: {failure}".split())[:MAX_ERROR_CHARS]
-    return {"equal": equal, "timed_out": timed_out, "error": error}
-
-
-def _child_main() -> None:  # pragma: no cover - runs in the child interpreter
-    import logging
-    import resource
-
-    # An expression that expands without bound hits MemoryError (caught in _grade) instead of the machine's RAM.
-    resource.setrlimit(resource.RLIMIT_AS, (CHILD_MEMORY_LIMIT_BYTES, CHILD_MEMORY_LIMIT_BYTES))
-
-    out = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)  # anything a library prints must not corrupt the protocol on stdout
-    logging.disable(logging.CRITICAL)
-    from math_verify import LatexExtractionConfig, parse, verify
-
-    config = [LatexExtractionConfig()]
-    signal.signal(signal.SIGALRM, _on_alarm)
-    # Math-Verify builds its parser and regexes lazily: pay that before "ready", not in the first request.
-    verify(parse("$\\frac{1}{2}$", extraction_config=config), parse("$0.5$", extraction_config=config))
-    out.write('{"ready": true}\n')
-    out.flush()
-    for line in sys.stdin:
-        request = json.loads(line)
-        if "extract" in request:
-            reply = {"answer": _extract(request["extract"], float(request["timeout"]), config)}
-        else:
-            reply = _grade(request["gold"], request["pred"], float(request["timeout"]), config)
-        out.write(json.dumps(reply) + "\n")
-        out.flush()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    _child_main()
