@@ -20,7 +20,7 @@ accumulated in that dtype and cast to the weight's dtype once. Double backward i
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -106,6 +106,45 @@ def _chunked_forward(
     return logp, lse, entropy
 
 
+def _chunked_function_forward(
+    ctx: FunctionCtx,
+    inputs: tuple[Tensor | None, ...],
+    scaled_logits: Callable[[slice], Tensor],
+    targets: Tensor,
+    options: tuple[float, int, bool],
+) -> tuple[Tensor, Tensor]:
+    """The forward of both chunked functions: ``_chunked_forward`` over the rows of ``inputs[0]``, then what their
+    backward needs saved (``inputs``, the targets, log-sum-exp and entropy; ``options``: temperature, chunk size,
+    with_entropy). Returns ``(logp [M], entropy [M] or [0])``."""
+    temperature, chunk_size, with_entropy = options
+    logp, lse, entropy = _chunked_forward(inputs[0], scaled_logits, targets, chunk_size, with_entropy)
+    ctx.save_for_backward(*inputs, targets, lse, entropy)
+    ctx.temperature, ctx.chunk_size, ctx.with_entropy = temperature, chunk_size, with_entropy
+    ctx.set_materialize_grads(False)
+    if not with_entropy:
+        ctx.mark_non_differentiable(entropy)
+    return logp, entropy
+
+
+def _chunk_grads(
+    ctx: FunctionCtx, scaled_logits: Callable[[slice], Tensor], g_logp: Tensor | None, g_entropy: Tensor | None
+) -> Iterator[tuple[slice, Tensor]]:
+    """The backward of both chunked functions, chunk by chunk: ``(rows, d loss / d logits [c, V])`` in the compute
+    dtype, from the saved targets, log-sum-exp and entropy (the last three saved tensors) and each chunk's
+    recomputed ``scaled_logits(rows)`` (overwritten)."""
+    targets, lse, entropy = ctx.saved_tensors[-3:]
+    m = lse.shape[0]
+    g_logp = lse.new_zeros(m) if g_logp is None else g_logp
+    g_entropy = g_entropy if ctx.with_entropy else None
+    for start in range(0, m, ctx.chunk_size):
+        rows = slice(start, min(start + ctx.chunk_size, m))
+        z = scaled_logits(rows)  # [c, V]
+        g_ent = None if g_entropy is None else g_entropy[rows].to(lse.dtype)
+        ent = entropy[rows] if ctx.with_entropy else None
+        gz = _chunk_grad_z(z, targets[rows], lse[rows], ent, g_logp[rows].to(lse.dtype), g_ent)  # [c, V]
+        yield rows, (gz.div_(ctx.temperature) if ctx.temperature != 1.0 else gz)  # d z / d logits = 1 / T
+
+
 class _HiddenTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -118,19 +157,13 @@ class _HiddenTokenLogprobs(torch.autograd.Function):
         chunk_size: int,
         with_entropy: bool,
     ) -> tuple[Tensor, Tensor]:
-        logp, lse, entropy = _chunked_forward(
-            hidden,
+        return _chunked_function_forward(
+            ctx,
+            (hidden, weight, bias),
             lambda rows: _HiddenTokenLogprobs._scaled_logits(hidden[rows], weight, bias, temperature),
             targets,
-            chunk_size,
-            with_entropy,
+            (temperature, chunk_size, with_entropy),
         )
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
-        ctx.temperature, ctx.chunk_size, ctx.with_entropy = temperature, chunk_size, with_entropy
-        ctx.set_materialize_grads(False)
-        if not with_entropy:
-            ctx.mark_non_differentiable(entropy)
-        return logp, entropy
 
     @staticmethod
     def _scaled_logits(h: Tensor, weight: Tensor, bias: Tensor | None, temperature: float) -> Tensor:
@@ -141,32 +174,24 @@ class _HiddenTokenLogprobs(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, g_logp: Tensor | None, g_entropy: Tensor | None) -> tuple[Tensor | None, ...]:
-        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        hidden, weight, bias = ctx.saved_tensors[:3]
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        m = hidden.shape[0]
-        if g_logp is None:
-            g_logp = lse.new_zeros(m)
-        if not ctx.with_entropy:
-            g_entropy = None
+        dtype = _compute_dtype(hidden)
         grad_h = torch.empty_like(hidden) if need_h else None  # [M, H]
-        grad_w = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_w else None
-        grad_b = torch.zeros(weight.shape[0], dtype=lse.dtype, device=weight.device) if need_b else None
-        for start in range(0, m, ctx.chunk_size):
-            stop = min(start + ctx.chunk_size, m)
-            h = hidden[start:stop]  # [c, H]
-            z = _HiddenTokenLogprobs._scaled_logits(h, weight, bias, ctx.temperature)
-            g_ent = None if g_entropy is None else g_entropy[start:stop].to(lse.dtype)
-            ent = entropy[start:stop] if ctx.with_entropy else None
-            gz = _chunk_grad_z(z, targets[start:stop], lse[start:stop], ent, g_logp[start:stop].to(lse.dtype), g_ent)
-            if ctx.temperature != 1.0:
-                gz.div_(ctx.temperature)  # d z / d logits = 1 / T
+        grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=dtype, device=weight.device) if need_b else None
+
+        def scaled(rows: slice) -> Tensor:
+            return _HiddenTokenLogprobs._scaled_logits(hidden[rows], weight, bias, ctx.temperature)  # [c, V]
+
+        for rows, gz in _chunk_grads(ctx, scaled, g_logp, g_entropy):
             if need_h:
-                grad_h[start:stop] = gz.to(weight.dtype) @ weight  # [c, H]
+                grad_h[rows] = gz.to(weight.dtype) @ weight  # [c, H]
             if need_w:
-                grad_w.addmm_(gz.T, h.to(gz.dtype))  # [V, H]
+                grad_w.addmm_(gz.T, hidden[rows].to(gz.dtype))  # [V, H]
             if need_b:
                 grad_b.add_(gz.sum(0))  # [V]
-            del z, gz
+            del gz
         grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
         grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
         return grad_h, grad_w, grad_b, None, None, None, None
@@ -243,39 +268,28 @@ class _LogitsTokenLogprobs(torch.autograd.Function):
         chunk_size: int,
         with_entropy: bool,
     ) -> tuple[Tensor, Tensor]:
-        dtype = _compute_dtype(logits)
-        logp, lse, entropy = _chunked_forward(
-            logits,
-            lambda rows: logits[rows].to(dtype, copy=True).div_(temperature),  # [c, V]
+        return _chunked_function_forward(
+            ctx,
+            (logits,),
+            lambda rows: _LogitsTokenLogprobs._scaled_logits(logits[rows], temperature),
             targets,
-            chunk_size,
-            with_entropy,
+            (temperature, chunk_size, with_entropy),
         )
-        ctx.save_for_backward(logits, targets, lse, entropy)
-        ctx.temperature, ctx.chunk_size, ctx.with_entropy = temperature, chunk_size, with_entropy
-        ctx.set_materialize_grads(False)
-        if not with_entropy:
-            ctx.mark_non_differentiable(entropy)
-        return logp, entropy
+
+    @staticmethod
+    def _scaled_logits(logits: Tensor, temperature: float) -> Tensor:
+        """``logits [c, V]`` copied to the compute dtype and divided by the temperature (safe to modify in place)."""
+        return logits.to(_compute_dtype(logits), copy=True).div_(temperature)  # [c, V]
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, g_logp: Tensor | None, g_entropy: Tensor | None) -> tuple[Tensor | None, ...]:
-        logits, targets, lse, entropy = ctx.saved_tensors
-        m = logits.shape[0]
-        if g_logp is None:
-            g_logp = lse.new_zeros(m)
-        if not ctx.with_entropy:
-            g_entropy = None
+        logits = ctx.saved_tensors[0]
         grad = torch.empty_like(logits)  # [M, V] in the logits' dtype: the one unavoidable full buffer
-        for start in range(0, m, ctx.chunk_size):
-            stop = min(start + ctx.chunk_size, m)
-            z = logits[start:stop].to(lse.dtype, copy=True).div_(ctx.temperature)  # [c, V]
-            g_ent = None if g_entropy is None else g_entropy[start:stop].to(lse.dtype)
-            ent = entropy[start:stop] if ctx.with_entropy else None
-            gz = _chunk_grad_z(z, targets[start:stop], lse[start:stop], ent, g_logp[start:stop].to(lse.dtype), g_ent)
-            grad[start:stop] = gz.div_(ctx.temperature)
-            del z, gz
+        scaled = _LogitsTokenLogprobs._scaled_logits
+        for rows, gz in _chunk_grads(ctx, lambda rows: scaled(logits[rows], ctx.temperature), g_logp, g_entropy):
+            grad[rows] = gz
+            del gz
         return grad, None, None, None, None
 
 
