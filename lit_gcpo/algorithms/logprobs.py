@@ -106,85 +106,77 @@ def _chunked_forward(
     return logp, lse, entropy
 
 
-def _chunked_function_forward(
-    ctx: FunctionCtx,
-    inputs: tuple[Tensor | None, ...],
-    scaled_logits: Callable[[slice], Tensor],
-    targets: Tensor,
-    options: tuple[float, int, bool],
-) -> tuple[Tensor, Tensor]:
-    """The forward of both chunked functions: ``_chunked_forward`` over the rows of ``inputs[0]``, then what their
-    backward needs saved (``inputs``, the targets, log-sum-exp and entropy; ``options``: temperature, chunk size,
-    with_entropy). Returns ``(logp [M], entropy [M] or [0])``."""
-    temperature, chunk_size, with_entropy = options
-    logp, lse, entropy = _chunked_forward(inputs[0], scaled_logits, targets, chunk_size, with_entropy)
-    ctx.save_for_backward(*inputs, targets, lse, entropy)
-    ctx.temperature, ctx.chunk_size, ctx.with_entropy = temperature, chunk_size, with_entropy
-    ctx.set_materialize_grads(False)
-    if not with_entropy:
-        ctx.mark_non_differentiable(entropy)
-    return logp, entropy
+ScaledLogits = Callable[[tuple[Tensor | None, ...], slice, float], Tensor]
+"""``(inputs, rows, temperature) -> [c, V]``: the float32 (float64) logits of ``rows`` divided by the temperature, a
+fresh tensor (modified in place by the caller)."""
 
 
-def _chunk_grads(
-    ctx: FunctionCtx, scaled_logits: Callable[[slice], Tensor], g_logp: Tensor | None, g_entropy: Tensor | None
-) -> Iterator[tuple[slice, Tensor]]:
-    """The backward of both chunked functions, chunk by chunk: ``(rows, d loss / d logits [c, V])`` in the compute
-    dtype, from the saved targets, log-sum-exp and entropy (the last three saved tensors) and each chunk's
-    recomputed ``scaled_logits(rows)`` (overwritten)."""
-    targets, lse, entropy = ctx.saved_tensors[-3:]
-    m = lse.shape[0]
-    g_logp = lse.new_zeros(m) if g_logp is None else g_logp
-    g_entropy = g_entropy if ctx.with_entropy else None
-    for start in range(0, m, ctx.chunk_size):
-        rows = slice(start, min(start + ctx.chunk_size, m))
-        z = scaled_logits(rows)  # [c, V]
-        g_ent = None if g_entropy is None else g_entropy[rows].to(lse.dtype)
-        ent = entropy[rows] if ctx.with_entropy else None
-        gz = _chunk_grad_z(z, targets[rows], lse[rows], ent, g_logp[rows].to(lse.dtype), g_ent)  # [c, V]
-        yield rows, (gz.div_(ctx.temperature) if ctx.temperature != 1.0 else gz)  # d z / d logits = 1 / T
+class _ChunkedTokenLogprobs(torch.autograd.Function):
+    """Sampled-token log-probs and entropies of ``M`` rows, chunk by chunk, from inputs whose logits
+    ``scaled_logits(inputs, rows, T)`` recomputes (``inputs[0]`` has the rows). ``apply(scaled_logits, targets [M],
+    (temperature, chunk_size, with_entropy), *inputs) -> (logp [M], entropy [M] or [0])``. Subclasses write the
+    backward from ``_chunk_grads``, each chunk's gradient with respect to its logits."""
 
-
-class _HiddenTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: FunctionCtx,
-        hidden: Tensor,  # [M, H]
-        weight: Tensor,  # [V, H]
-        bias: Tensor | None,  # [V]
+        scaled_logits: ScaledLogits,
         targets: Tensor,  # [M]
-        temperature: float,
-        chunk_size: int,
-        with_entropy: bool,
+        options: tuple[float, int, bool],
+        *inputs: Tensor | None,
     ) -> tuple[Tensor, Tensor]:
-        return _chunked_function_forward(
-            ctx,
-            (hidden, weight, bias),
-            lambda rows: _HiddenTokenLogprobs._scaled_logits(hidden[rows], weight, bias, temperature),
-            targets,
-            (temperature, chunk_size, with_entropy),
-        )
+        temperature, chunk_size, with_entropy = options
+        logp, lse, entropy = _chunked_forward(
+            inputs[0], lambda rows: scaled_logits(inputs, rows, temperature), targets, chunk_size, with_entropy
+        )  # [M], [M], [M] or [0]
+        ctx.save_for_backward(*inputs, targets, lse, entropy)
+        ctx.scaled_logits, ctx.temperature, ctx.chunk_size, ctx.with_entropy = scaled_logits, *options
+        ctx.set_materialize_grads(False)
+        if not with_entropy:
+            ctx.mark_non_differentiable(entropy)
+        return logp, entropy
 
     @staticmethod
-    def _scaled_logits(h: Tensor, weight: Tensor, bias: Tensor | None, temperature: float) -> Tensor:
-        logits = h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)  # [c, V]
-        z = logits.to(_compute_dtype(logits))  # [c, V] (a fresh tensor either way: safe to modify in place)
-        return z.div_(temperature) if temperature != 1.0 else z
+    def _chunk_grads(
+        ctx: FunctionCtx, g_logp: Tensor | None, g_entropy: Tensor | None
+    ) -> Iterator[tuple[slice, Tensor]]:
+        """``(rows, d loss / d logits [c, V])`` of each chunk, in the compute dtype, from the saved targets, log-sum-exp
+        and entropy and the chunk's recomputed logits."""
+        *inputs, targets, lse, entropy = ctx.saved_tensors
+        m = lse.shape[0]
+        g_logp = lse.new_zeros(m) if g_logp is None else g_logp
+        g_entropy = g_entropy if ctx.with_entropy else None
+        for start in range(0, m, ctx.chunk_size):
+            rows = slice(start, min(start + ctx.chunk_size, m))
+            z = ctx.scaled_logits(tuple(inputs), rows, ctx.temperature)  # [c, V]
+            g_ent = None if g_entropy is None else g_entropy[rows].to(lse.dtype)
+            ent = entropy[rows] if ctx.with_entropy else None
+            gz = _chunk_grad_z(z, targets[rows], lse[rows], ent, g_logp[rows].to(lse.dtype), g_ent)  # [c, V]
+            yield rows, (gz.div_(ctx.temperature) if ctx.temperature != 1.0 else gz)  # d z / d logits = 1 / T
+
+
+def _head_scaled_logits(inputs: tuple[Tensor | None, ...], rows: slice, temperature: float) -> Tensor:
+    """``(hidden[rows] @ W.T + b) / T`` of ``inputs = (hidden [M, H], W [V, H], b [V] or None)``."""
+    hidden, weight, bias = inputs
+    h = hidden[rows]  # [c, H]
+    logits = h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)  # [c, V]
+    z = logits.to(_compute_dtype(logits))  # [c, V] (a fresh tensor either way: safe to modify in place)
+    return z.div_(temperature) if temperature != 1.0 else z
+
+
+class _HiddenTokenLogprobs(_ChunkedTokenLogprobs):
+    """From final hidden states and the output head: ``inputs = (hidden, weight, bias)``."""
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, g_logp: Tensor | None, g_entropy: Tensor | None) -> tuple[Tensor | None, ...]:
         hidden, weight, bias = ctx.saved_tensors[:3]
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        need_h, need_w, need_b = ctx.needs_input_grad[3:6]
         dtype = _compute_dtype(hidden)
         grad_h = torch.empty_like(hidden) if need_h else None  # [M, H]
         grad_w = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=dtype, device=weight.device) if need_b else None
-
-        def scaled(rows: slice) -> Tensor:
-            return _HiddenTokenLogprobs._scaled_logits(hidden[rows], weight, bias, ctx.temperature)  # [c, V]
-
-        for rows, gz in _chunk_grads(ctx, scaled, g_logp, g_entropy):
+        for rows, gz in _ChunkedTokenLogprobs._chunk_grads(ctx, g_logp, g_entropy):
             if need_h:
                 grad_h[rows] = gz.to(weight.dtype) @ weight  # [c, H]
             if need_w:
@@ -194,7 +186,7 @@ class _HiddenTokenLogprobs(torch.autograd.Function):
             del gz
         grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
         grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
-        return grad_h, grad_w, grad_b, None, None, None, None
+        return None, None, None, grad_h, grad_w, grad_b
 
 
 def token_logprobs(
@@ -247,50 +239,33 @@ def token_logprobs(
         entropy = -(log_probs.exp() * log_probs).sum(-1).view(n, t) if with_entropy else None
         return logp, entropy
     logp, entropy = _HiddenTokenLogprobs.apply(
+        _head_scaled_logits,
+        targets.reshape(-1),
+        (temperature, chunk_size, with_entropy),
         hidden.reshape(n * t, h),
         lm_head_weight,
         lm_head_bias,
-        targets.reshape(-1),
-        temperature,
-        chunk_size,
-        with_entropy,
     )  # [N*T], [N*T] or [0]
     return logp.view(n, t), (entropy.view(n, t) if with_entropy else None)
 
 
-class _LogitsTokenLogprobs(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx: FunctionCtx,
-        logits: Tensor,  # [M, V]
-        targets: Tensor,  # [M]
-        temperature: float,
-        chunk_size: int,
-        with_entropy: bool,
-    ) -> tuple[Tensor, Tensor]:
-        return _chunked_function_forward(
-            ctx,
-            (logits,),
-            lambda rows: _LogitsTokenLogprobs._scaled_logits(logits[rows], temperature),
-            targets,
-            (temperature, chunk_size, with_entropy),
-        )
+def _copied_scaled_logits(inputs: tuple[Tensor | None, ...], rows: slice, temperature: float) -> Tensor:
+    """``logits[rows]`` of ``inputs = (logits [M, V],)`` copied to the compute dtype and divided by T."""
+    logits = inputs[0]
+    return logits[rows].to(_compute_dtype(logits), copy=True).div_(temperature)  # [c, V]
 
-    @staticmethod
-    def _scaled_logits(logits: Tensor, temperature: float) -> Tensor:
-        """``logits [c, V]`` copied to the compute dtype and divided by the temperature (safe to modify in place)."""
-        return logits.to(_compute_dtype(logits), copy=True).div_(temperature)  # [c, V]
+
+class _LogitsTokenLogprobs(_ChunkedTokenLogprobs):
+    """From logits that exist already: ``inputs = (logits,)``."""
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, g_logp: Tensor | None, g_entropy: Tensor | None) -> tuple[Tensor | None, ...]:
-        logits = ctx.saved_tensors[0]
-        grad = torch.empty_like(logits)  # [M, V] in the logits' dtype: the one unavoidable full buffer
-        scaled = _LogitsTokenLogprobs._scaled_logits
-        for rows, gz in _chunk_grads(ctx, lambda rows: scaled(logits[rows], ctx.temperature), g_logp, g_entropy):
+        grad = torch.empty_like(ctx.saved_tensors[0])  # [M, V] in the logits' dtype: the one unavoidable full buffer
+        for rows, gz in _ChunkedTokenLogprobs._chunk_grads(ctx, g_logp, g_entropy):
             grad[rows] = gz
             del gz
-        return grad, None, None, None, None
+        return None, None, None, grad
 
 
 def logprobs_from_logits(
@@ -319,6 +294,6 @@ def logprobs_from_logits(
     _check_targets(targets, logits.shape[:2])
     n, t, v = logits.shape
     logp, entropy = _LogitsTokenLogprobs.apply(
-        logits.reshape(n * t, v), targets.reshape(-1), temperature, chunk_size, with_entropy
+        _copied_scaled_logits, targets.reshape(-1), (temperature, chunk_size, with_entropy), logits.reshape(n * t, v)
     )  # [N*T], [N*T] or [0]
     return logp.view(n, t), (entropy.view(n, t) if with_entropy else None)
