@@ -10,7 +10,7 @@ from lit_gcpo.training.module import GRPOModule
 def test_skips_and_validation_history_survive_a_checkpoint(tiny_model_dir):
     saved = GRPOModule(model=tiny_model_dir, export_dir=None)
     saved.guarded_step.skipped, saved.guarded_step.consecutive = 5, 3
-    saved.validation_history = [(0, 0.25), (50, 0.375)]
+    saved.validation.history = [(0, 0.25), (50, 0.375)]
     checkpoint: dict = {}
     saved.on_save_checkpoint(checkpoint)
     restored = GRPOModule(model=tiny_model_dir, export_dir=None)

@@ -4,8 +4,9 @@ The math lives in ``lit_gcpo.algorithms`` (advantages, losses, rollout correctio
 step in their own files of this package: ``loss_step`` (the loss settings; a step's advantages, mask, counts and
 rollout-correction weights; one micro-batch's loss), ``rollout_scoring`` (which no-grad passes a fresh rollout
 needs), ``scoring`` (the log-prob forward), ``reference``, ``optimizer_step`` (the guarded step and the default
-schedule), ``step_metrics`` (merging metrics over micro-batches and ranks), ``validation`` (the starting policy's
-baseline), ``parallel`` (FSDP2 and gradient sync). This class is the list of Lightning hooks that orders them.
+schedule), ``step_metrics`` (merging metrics over micro-batches and ranks, and logging a step), ``validation`` (the
+evaluation batches' logs, the starting policy's baseline, the validation history), ``parallel`` (FSDP2 and gradient
+sync). This class is the list of Lightning hooks that orders them.
 
 Everything the step reads about its batch comes with the ``RolloutBatch``: how it was sampled (the temperature
 whose distribution the log-probs are recomputed under, ``L_max``, whether the engine is the policy itself) and
@@ -38,7 +39,6 @@ import lightning as L
 import torch
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_gcpo.algorithms.token_selection import TokenSelection
@@ -51,16 +51,9 @@ from lit_gcpo.training.policy import LoraOptions, load_policy, load_tokenizer, m
 from lit_gcpo.training.reference import ReferencePolicy
 from lit_gcpo.training.rollout_scoring import ScoringPasses, fill_rollout_scores
 from lit_gcpo.training.scoring import CompletionScorer, ScoredTokens
-from lit_gcpo.training.step_metrics import (
-    log_step_scalars,
-    logs_this_step,
-    mean_over_ranks,
-    merge_step_metrics,
-    rollout_metrics,
-    sample_text,
-)
+from lit_gcpo.training.step_metrics import log_training_step, logs_this_step, merge_step_metrics
 from lit_gcpo.training.token_selection import LossTokenSelection, rank_gather
-from lit_gcpo.training.validation import StartingPolicyBaseline, log_eval_batch, validation_summary
+from lit_gcpo.training.validation import ValidationRecord
 
 log = logging.getLogger(__name__)
 
@@ -193,12 +186,16 @@ class GRPOModule(L.LightningModule):
         if beta > 0 and not self.uses_lora:
             self.reference = ReferencePolicy(model, dtype, attn_implementation, like=self.scorer)
         self.guarded_step = GuardedOptimizerStep(max_grad_norm, max_consecutive_skips)
-        self.validation_history: list[tuple[int, float]] = []  # (step, val/accuracy), kept across resume
-        self._baseline = StartingPolicyBaseline()
+        self.validation = ValidationRecord()  # the starting policy's baseline, the history of val/accuracy
 
     @property
     def skipped_steps(self) -> int:
         return self.guarded_step.skipped
+
+    @property
+    def validation_history(self) -> list[tuple[int, float]]:
+        """``(step, val/accuracy)`` of every validation, the starting policy's included; kept across resume."""
+        return self.validation.history
 
     # ---------------------------------------------------------------------------------- placement
     def configure_model(self) -> None:
@@ -290,7 +287,7 @@ class GRPOModule(L.LightningModule):
         size = self.hparams.micro_batch_size or n
         return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
-    def _reduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
+    def reduce_over_ranks(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
         """``tensor`` reduced over data-parallel ranks by ``sum``, ``min`` or ``max`` (itself on one device)."""
         if self.trainer.world_size == 1:
             return tensor
@@ -301,7 +298,7 @@ class GRPOModule(L.LightningModule):
         start = time.perf_counter()
         gather = rank_gather(self._trainer)  # the high-entropy quantile is over every rank's tokens
         plan, plan_metrics = self.loss_step.plan(
-            batch, self._reduce, logs_this_step(self._trainer), gather, self.global_step
+            batch, self.reduce_over_ranks, logs_this_step(self._trainer), gather, self.global_step
         )
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         micro = self._micro_batches(batch.num_completions)
@@ -315,9 +312,10 @@ class GRPOModule(L.LightningModule):
                     self.manual_backward(loss * self.trainer.world_size)
                 step_loss = step_loss + loss.detach()
                 parts.append((metrics, plan.mask[rows].sum()))
-            self.guarded_step(optimizer, scheduler, step_loss, all_reduce=self._reduce, step=self.global_step)
-        step_metrics = merge_step_metrics(parts, self.hparams.num_iterations, self._reduce)  # global values
-        self._log_step(batch, batch_idx, step_metrics, plan_metrics, time.perf_counter() - start)
+            self.guarded_step(optimizer, scheduler, step_loss, all_reduce=self.reduce_over_ranks, step=self.global_step)
+        step_metrics = merge_step_metrics(parts, self.hparams.num_iterations, self.reduce_over_ranks)  # global values
+        step_metrics |= {**self.guarded_step.metrics(), "lr": optimizer.param_groups[0]["lr"]}
+        log_training_step(self, batch, batch_idx, step_metrics, plan_metrics, time.perf_counter() - start)
 
     def _micro_batch_loss(
         self, batch: RolloutBatch, rows: slice, plan: StepPlan
@@ -333,54 +331,18 @@ class GRPOModule(L.LightningModule):
         )  # [n, L]
         return self.loss_step.micro_batch_loss(batch, rows, logprobs, entropy, plan)
 
-    def _log_step(
-        self,
-        batch: RolloutBatch,
-        batch_idx: int,
-        global_metrics: dict[str, torch.Tensor],
-        rank_metrics: dict[str, Any],
-        train_s: float,
-    ) -> None:
-        """``global_metrics`` are reduced over ranks already; ``rank_metrics`` and the rest are averaged."""
-        values = {f"train/{k}": v for k, v in rank_metrics.items()} | rollout_metrics(batch, batch.correct)
-        values["time/train_s"] = train_s
-        optimizer_state = {**self.guarded_step.metrics(), "lr": self.optimizers().param_groups[0]["lr"]}
-        reduced = {f"train/{k}": v for k, v in (global_metrics | optimizer_state).items()}
-        averaged = mean_over_ranks(values, self._reduce, self.trainer.world_size, self.device)
-        log_step_scalars(self.trainer, averaged | reduced)
-        self.log("reward", values["reward/mean"], prog_bar=True, logger=False, batch_size=batch.num_groups)
-        if batch.correct is not None:
-            self.log("acc", values["train/accuracy"], prog_bar=True, logger=False, batch_size=batch.num_groups)
-        every = self.hparams.log_samples_every_n_steps
-        writes_text = isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero
-        if every and batch_idx % every == 0 and writes_text:
-            self.logger.experiment.add_text("samples", sample_text(batch), global_step=self.global_step)
-
     # ----------------------------------------------------------------------------------- evaluation
-    def _eval_step(self, batch: RolloutBatch, stage: str) -> None:
-        finite, accuracy = log_eval_batch(self.log, batch, stage)
-        if stage == "val" and self.trainer.sanity_checking:
-            self._baseline.update(finite, accuracy)
-
     def on_validation_epoch_end(self) -> None:
-        """Lightning discards what is logged during the sanity check; with ``num_sanity_val_steps: -1`` that
-        check is a full validation of the starting policy, so write it to the loggers as the step-0 baseline.
-        Every validation is also kept in ``validation_history`` for the summary printed at the end of fit."""
-        if not self.trainer.sanity_checking:
-            accuracy = self.trainer.callback_metrics.get("val/accuracy")
-            if accuracy is not None:
-                self.validation_history.append((self.global_step, float(accuracy)))
-            return
-        values = self._baseline.write(self.loggers, self.global_step)
-        if "val/accuracy" in values:
-            self.validation_history.append((self.global_step, values["val/accuracy"]))
+        """The validation joins ``validation_history``; the sanity check's (``num_sanity_val_steps: -1``: a full
+        validation of the starting policy, which Lightning does not log) is written as the step-0 baseline."""
+        self.validation.end_validation(self.trainer, self.global_step)
 
     def validation_step(self, batch: RolloutBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, "val")
+        self.validation.log_batch(self.log, batch, "val", self.trainer.sanity_checking)
 
     def test_step(self, batch: RolloutBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
         # dataloader_idx: Lightning requires it once there are several test sources (one per benchmark)
-        self._eval_step(batch, "test")
+        self.validation.log_batch(self.log, batch, "test", self.trainer.sanity_checking)
 
     def predict_step(self, batch: RolloutBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
         # The DataModule generated and scored the batch; lit_gcpo.running.prediction.PredictionWriter writes it.
@@ -414,19 +376,13 @@ class GRPOModule(L.LightningModule):
         # every rank takes part in gathering sharded weights; rank 0 writes
         save_policy(self.policy, self.tokenizer, target, self.uses_lora, write=self.trainer.is_global_zero)
         self.exported_to = target
-        summary = f"policy exported to {target}"
-        if self.validation_history:
-            summary += "; " + validation_summary(self.validation_history)
-        rank_zero_info(summary)
+        rank_zero_info("; ".join(filter(None, (f"policy exported to {target}", self.validation.summary()))))
 
     # ---------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["lit_gcpo"] = {
-            **self.guarded_step.state_dict(),
-            "validation_history": [list(item) for item in self.validation_history],
-        }
+        checkpoint["lit_gcpo"] = {**self.guarded_step.state_dict(), **self.validation.checkpoint_state()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("lit_gcpo", {})
         self.guarded_step.load_state_dict(state)
-        self.validation_history = [(int(step), float(value)) for step, value in state.get("validation_history", [])]
+        self.validation.load_checkpoint_state(state)

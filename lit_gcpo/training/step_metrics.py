@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 
 # parts of one batch-level loss, and shares of the batch's counts
 # (lit_gcpo.algorithms.rollout_correction.off_policy_sequence_mask)
@@ -132,3 +133,25 @@ def sample_text(batch: Any, count: int = 4) -> str:
             f"**reward** {float(batch.rewards[n]):.3f}"
         )
     return "\n\n---\n\n".join(lines)
+
+
+def log_training_step(
+    module: Any, batch: Any, batch_idx: int, reduced: dict[str, Any], rank_metrics: dict[str, Any], train_s: float
+) -> None:
+    """Log one training step of ``module`` (a ``GRPOModule``): ``reduced`` as they are (global already: the loss
+    metrics merged over micro-batches and ranks, the optimizer's state) and ``rank_metrics`` (the step plan's), the
+    rollout's metrics and ``train_s`` averaged over ranks, all as ``log_step_scalars`` writes them; the reward and
+    the accuracy to the progress bar; every ``log_samples_every_n_steps`` batches a few samples as TensorBoard text.
+    """
+    trainer = module.trainer
+    values = {f"train/{k}": v for k, v in rank_metrics.items()} | rollout_metrics(batch, batch.correct)
+    values["time/train_s"] = train_s
+    averaged = mean_over_ranks(values, module.reduce_over_ranks, trainer.world_size, module.device)
+    log_step_scalars(trainer, averaged | {f"train/{k}": v for k, v in reduced.items()})
+    module.log("reward", values["reward/mean"], prog_bar=True, logger=False, batch_size=batch.num_groups)
+    if batch.correct is not None:
+        module.log("acc", values["train/accuracy"], prog_bar=True, logger=False, batch_size=batch.num_groups)
+    every = module.hparams.log_samples_every_n_steps
+    writes_text = isinstance(module.logger, TensorBoardLogger) and trainer.is_global_zero
+    if every and batch_idx % every == 0 and writes_text:
+        module.logger.experiment.add_text("samples", sample_text(batch), global_step=module.global_step)

@@ -1,9 +1,10 @@
-"""What the module keeps of its evaluation passes: the starting policy's baseline and the validation history.
+"""What the module keeps of its evaluation passes: the starting policy's baseline and the validation history
+(``ValidationRecord``, which the module's evaluation hooks call).
 
 Lightning discards what is logged during the sanity check; with ``num_sanity_val_steps: -1`` that check is a
 full validation of the starting policy, so ``StartingPolicyBaseline`` accumulates it (reduced over data-parallel
-ranks by torchmetrics) for the module to write to the loggers as the step-0 baseline. ``validation_summary``
-is the line printed at the end of fit from the ``(step, val/accuracy)`` history.
+ranks by torchmetrics) to be written to the loggers as the step-0 baseline. ``validation_summary`` is the line
+printed at the end of fit from the ``(step, val/accuracy)`` history.
 """
 
 from __future__ import annotations
@@ -77,3 +78,43 @@ def validation_summary(history: list[tuple[int, float]]) -> str:
         f"validation accuracy {first:.3f} (step {first_step}) -> best {best:.3f} (step {best_step}), "
         f"last {history[-1][1]:.3f}"
     )
+
+
+class ValidationRecord(torch.nn.Module):
+    """The module's evaluation batches logged, the starting policy's baseline and the history of ``val/accuracy``
+    (``history``: ``(step, accuracy)`` pairs, kept across resume in the checkpoint's ``lit_gcpo`` entry:
+    ``checkpoint_state`` / ``load_checkpoint_state``). A submodule, so that the baseline's metrics follow the
+    module's device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.baseline = StartingPolicyBaseline()
+        self.history: list[tuple[int, float]] = []
+
+    def log_batch(self, log: Callable[..., None], batch: RolloutBatch, stage: str, sanity_checking: bool) -> None:
+        """Log an evaluation batch (``log_eval_batch``); the sanity check's validation batches make the baseline."""
+        finite, accuracy = log_eval_batch(log, batch, stage)
+        if stage == "val" and sanity_checking:
+            self.baseline.update(finite, accuracy)
+
+    def end_validation(self, trainer: Any, step: int) -> None:
+        """After a validation: its ``val/accuracy`` joins the history; after the sanity check, the baseline is
+        written to ``trainer``'s loggers at ``step`` (and joins the history)."""
+        if not trainer.sanity_checking:
+            accuracy = trainer.callback_metrics.get("val/accuracy")
+            if accuracy is not None:
+                self.history.append((step, float(accuracy)))
+            return
+        values = self.baseline.write(trainer.loggers, step)
+        if "val/accuracy" in values:
+            self.history.append((step, values["val/accuracy"]))
+
+    def summary(self) -> str:
+        """``validation_summary`` of the history."""
+        return validation_summary(self.history)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {"validation_history": [list(item) for item in self.history]}
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        self.history = [(int(step), float(value)) for step, value in state.get("validation_history", [])]
