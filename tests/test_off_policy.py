@@ -37,12 +37,24 @@ def _task() -> ArithmeticTask:
 
 
 class Record(L.Callback):
-    """Keeps, at every step, the policy's weights before its optimizer step, the batch, the logged loss and when the
+    """Keeps, at every step, the policy's weights before its optimizer step, the batch, the logged loss and rollout-
+    correction metrics, the gradients the optimizer step got, the policy's forward passes so far (the scoring pass
+    runs when ``score_old`` asks for the old log-probs; the engine's copy of the policy is not counted), and when the
     step started and ended (``time.perf_counter``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, score_old: bool = False) -> None:
         self.steps: list[dict] = []
         self.val_batches = 0
+        self.score_old, self.forwards = score_old, 0
+
+    def rollout_fields(self, stage: str) -> set[str]:
+        return {"old_logprobs"} if self.score_old and stage == "train" else set()
+
+    def on_train_start(self, trainer, pl_module) -> None:  # after the DataModule copied the policy for its engine
+        pl_module.policy.register_forward_pre_hook(self._count)
+
+    def _count(self, module, args) -> None:
+        self.forwards += 1
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self.val_batches += 1
@@ -52,8 +64,15 @@ class Record(L.Callback):
         self.steps.append({"step": trainer.global_step, "weights": weights, "batch": batch})
         self.steps[-1]["start"] = time.perf_counter()
 
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.steps[-1]["grads"] = {n: p.grad.clone() for n, p in pl_module.policy.named_parameters()}
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.steps[-1]["loss"] = float(trainer.callback_metrics["train/loss"])
+        logged = trainer.callback_metrics
+        self.steps[-1]["loss"] = float(logged["train/loss"])
+        kept = ("train/correction_", "train/mismatch_")
+        self.steps[-1]["correction"] = {k: float(v) for k, v in logged.items() if k.startswith(kept)}
+        self.steps[-1]["forwards"] = self.forwards
         self.steps[-1]["end"] = time.perf_counter()
 
 
@@ -64,7 +83,8 @@ def fit(
     ckpt=None,
     save=None,
     validate: bool = False,
-    data_options=None,
+    score_old: bool = False,
+    data_options: dict | None = None,
     **module_options,
 ):
     L.seed_everything(0)
@@ -82,15 +102,14 @@ def fit(
         train=_task(),
         batch_size=B,
         group_size=G,
-        rewards=REWARDS,
         accuracy_reward=None,
         sampling=SAMPLING,
         seed=SEED,
         off_policy=True,
         val=ArithmeticTask("validation", num_train=64, num_val=8, seed=1) if validate else None,
-        **(data_options or {}),
+        **{"rewards": REWARDS, **(data_options or {})},
     )
-    record = Record()
+    record = Record(score_old)
     evaluation = {"val_check_interval": 1, "limit_val_batches": 1, "num_sanity_val_steps": 0} if validate else {}
     trainer = make_trainer(root, max_steps, log_every_n_steps=1, callbacks=[record], **evaluation)
     trainer.fit(module, data, ckpt_path=ckpt)
@@ -102,6 +121,12 @@ def fit(
 @pytest.fixture(scope="module")
 def straight(tiny_model_dir, tmp_path_factory):
     return fit(tiny_model_dir, tmp_path_factory.mktemp("off-policy"), STEPS)
+
+
+@pytest.fixture(scope="module")
+def scored(tiny_model_dir, tmp_path_factory):
+    """The same run with a callback that reads the old log-probs: the scoring pass runs before each step."""
+    return fit(tiny_model_dir, tmp_path_factory.mktemp("off-policy-scored"), STEPS, score_old=True)
 
 
 def _policy_with(model_dir: str, weights: dict) -> torch.nn.Module:
@@ -125,7 +150,7 @@ def _token_logprobs(policy: torch.nn.Module, batch) -> torch.Tensor:
 def test_each_batch_is_sampled_with_the_weights_one_step_before(tiny_model_dir, straight):
     """Step 0's batch is sampled with w_0 (nothing in flight), step t's with w_{t-1}: regenerating stream position t
     with a plain engine over a fresh policy holding w_{t-1} (each prompt's seed from its position, README) gives the
-    batch's tokens and engine log-probs; the trainer's old log-probs are those of w_t."""
+    batch's tokens and engine log-probs, which differ from those of w_t after step 0."""
     record, _ = straight
     steps = record.steps
     assert [s["step"] for s in steps] == list(range(STEPS))
@@ -146,30 +171,56 @@ def test_each_batch_is_sampled_with_the_weights_one_step_before(tiny_model_dir, 
         assert torch.equal(again.input_ids, batch.input_ids), t
         torch.testing.assert_close(again.engine_logprobs, batch.engine_logprobs, atol=1e-6, rtol=0)
         current = _token_logprobs(_policy_with(tiny_model_dir, step["weights"]), batch)
-        old = batch.old_logprobs * batch.completion_mask  # the trainer's values on padding are never read
-        torch.testing.assert_close(old, current, atol=1e-5, rtol=0)
-        gap = (old - batch.engine_logprobs).abs().max()
+        gap = (current - batch.engine_logprobs).abs().max()
         assert (gap < 1e-5) if t == 0 else (gap > 1e-3), (t, gap)  # stale after step 0: not vacuous
 
 
 def test_the_loss_corrects_trainer_against_engine_with_sequence_mask(tiny_model_dir, straight):
-    """Hand computation of each step's loss from the recorded batch: rho_i = exp(sum_t (old_t - engine_t)) over the
-    completion tokens, weight rho_i where C_min <= rho_i <= C_max, else 0 (``sequence_mask``); one iteration, so the
-    PPO ratio is 1 and the token_mean loss is -sum_i,t A_i w_i / tokens (beta 0, no entropy term)."""
+    """Hand computation of each step's loss from the recorded batch and weights: the trainer's log-probs old_t of
+    w_t by a plain forward, rho_i = exp(sum_t (old_t - engine_t)) over the completion tokens, weight rho_i where
+    C_min <= rho_i <= C_max, else 0 (``sequence_mask``); one iteration, so the PPO ratio is 1 and the token_mean
+    loss is -sum_i,t A_i w_i / tokens (beta 0, no entropy term). No scoring pass ran: the batch has no old
+    log-probs, the loss took them from its own forward."""
     record, _ = straight
     masked = kept = 0
     for step in record.steps[1:]:
         batch = step["batch"]
+        assert batch.old_logprobs is None
         mask = batch.completion_mask  # [N, L]
-        log_rho = ((batch.old_logprobs - batch.engine_logprobs) * mask).sum(-1)  # [N]
+        old = _token_logprobs(_policy_with(tiny_model_dir, step["weights"]), batch)  # [N, L]
+        log_rho = ((old - batch.engine_logprobs) * mask).sum(-1)  # [N]
         rho = log_rho.exp()
         weight = torch.where((rho >= C_MIN) & (rho <= C_MAX), rho, torch.zeros_like(rho))  # [N]
         advantages, _ = group_advantages(batch.rewards, batch.group_ids, batch.num_groups)  # [N]
         expected = -(advantages * weight * mask.sum(-1)).sum() / mask.sum()
-        assert step["loss"] == pytest.approx(float(expected), abs=1e-6)
+        assert step["loss"] == pytest.approx(float(expected), abs=1e-5)
         masked += int((weight == 0).sum())
         kept += int(((weight != 0) & (log_rho.abs() > 1e-4)).sum())
+        masked_frac = float((weight == 0).float().mean())  # sequences outside [C_min, C_max]
+        assert step["correction"]["train/correction_masked_seq_frac"] == pytest.approx(masked_frac)
     assert masked > 0 and kept > 0  # both branches of the mask were taken
+
+
+def test_without_a_scoring_pass_loss_gradients_and_metrics_equal_the_scored_run(straight, scored):
+    """One iteration per rollout: the loss's own forward gives the old log-probs, and the rollout correction is
+    computed per micro-batch from them. Against the run whose scoring pass filled ``old_logprobs`` first (weights
+    computed over the whole batch in the plan): every step's loss, every gradient and the correction's metrics agree
+    within 1e-6, and the policy ran one forward pass per step instead of two."""
+    lean, _ = straight
+    full, _ = scored
+    for t, (ours, theirs) in enumerate(zip(lean.steps, full.steps, strict=True)):
+        assert ours["batch"].old_logprobs is None and theirs["batch"].old_logprobs is not None
+        assert torch.equal(ours["batch"].input_ids, theirs["batch"].input_ids), t
+        assert ours["loss"] == pytest.approx(theirs["loss"], abs=1e-6)
+        for name, grad in theirs["grads"].items():
+            torch.testing.assert_close(ours["grads"][name], grad, atol=1e-6, rtol=0, msg=f"step {t}: {name}")
+        assert ours["correction"].keys() == theirs["correction"].keys() and len(ours["correction"]) == 7
+        for key, value in theirs["correction"].items():
+            assert ours["correction"][key] == pytest.approx(value, abs=1e-6), (t, key)
+    assert any(abs(g).max() > 1e-3 for g in lean.steps[-1]["grads"].values())  # not vacuous: it trained
+    per_step = [step["forwards"] for step in lean.steps]  # forward passes so far, after each step
+    scored_per_step = [step["forwards"] for step in full.steps]
+    assert per_step == list(range(1, STEPS + 1)) and scored_per_step == list(range(2, 2 * STEPS + 1, 2))
 
 
 def test_resume_with_the_in_flight_batch_saved_equals_the_uninterrupted_run(tiny_model_dir, tmp_path, straight):

@@ -4,6 +4,7 @@ own numbers on the same inputs."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -408,17 +409,29 @@ GAPS = [0.0, 0.3, -0.4, 0.8, -0.02, 0.25, -0.3, 0.15, 0.1, -0.25, 0.02, -0.05]
 
 class EngineCopy(L.Callback):
     """Makes the hf engine count as a separate copy of the policy (as vLLM is) and sets the log-probs it reported
-    to the trainer's old log-probs minus ``GAPS`` (row i: old - d_i on every token), before the training step."""
+    to the trainer's old log-probs minus ``GAPS`` (row i: old - d_i on every token), before the training step.
+    ``scored``: it reads the batch's ``old_logprobs``, so the scoring pass fills them; else it scores a copy of
+    the batch itself and the loss takes the old log-probs from its own forward (one iteration, no scoring pass)."""
 
-    def __init__(self) -> None:
+    def __init__(self, scored: bool = True) -> None:
         self.batches: list = []
+        self.scored = scored
+
+    def rollout_fields(self, stage: str) -> set[str]:
+        return {"old_logprobs"} if self.scored and stage == "train" else set()
 
     def setup(self, trainer, pl_module, stage) -> None:
         trainer.datamodule.collector.engine.samples_from_policy = False
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         gaps = torch.tensor(GAPS).unsqueeze(-1)  # [N, 1]
-        batch.engine_logprobs = torch.where(batch.completion_mask > 0, batch.old_logprobs - gaps, NAN)
+        old = batch.old_logprobs
+        if not self.scored:
+            assert old is None  # nothing else asked for them
+            copy = dataclasses.replace(batch, metrics={})
+            pl_module.score_rollout(copy, with_reference=False, fields={"old_logprobs"})
+            old = copy.old_logprobs
+        batch.engine_logprobs = torch.where(batch.completion_mask > 0, old - gaps, NAN)
         self.batches.append(batch)
 
 
@@ -440,12 +453,15 @@ class EngineCopy(L.Callback):
     ],
     ids=["sequence_mask", "default_token_truncate"],
 )
-def test_module_loss_applies_the_correction_and_the_off_policy_mask(tiny_model_dir, tmp_path, options, weight):
+@pytest.mark.parametrize("scored", [True, False], ids=["scoring_pass", "training_pass_logprobs"])
+def test_module_loss_applies_the_correction_and_the_off_policy_mask(tiny_model_dir, tmp_path, options, weight, scored):
     """lr 0, one step: the PPO ratio is 1, so token_mean's loss is -sum_i A_i w_i k_i L_i / sum_i L_i, with
     w_i the correction's weight of row i (L_i tokens) and k_i = 0 when A_i < 0 and KL_i = mean(engine - current)
-    = -d_i > delta = 0.1 (the sampler is the engine here), from a plain loop over the captured rollout."""
+    = -d_i > delta = 0.1 (the sampler is the engine here), from a plain loop over the captured rollout. The same
+    with the old log-probs from a scoring pass (weights over the whole batch) or from the loss's own forward
+    (weights per micro-batch of 5 rows with ``sequence_mask``, the metrics over the whole batch)."""
     module, data = make_pair(tiny_model_dir, lr=0.0, off_policy_mask_threshold=0.1, **options)
-    engine = EngineCopy()
+    engine = EngineCopy(scored)
     run = trainer(tmp_path, 1, callbacks=[engine])
     run.fit(module, data)
     batch = engine.batches[0]

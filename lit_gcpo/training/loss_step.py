@@ -4,6 +4,9 @@ A step over a ``RolloutBatch`` is planned once (``LossStep.plan``: the group adv
 weights, the loss mask, the global token and sequence counts every micro-batch's loss is normalised by, and the
 rollout-correction weights when the engine is another copy of the policy) and its loss is then computed per
 micro-batch from the policy's log-probs (``LossStep.micro_batch_loss``, ``lit_gcpo.algorithms.losses.grpo_loss``).
+With one optimizer step per rollout the generating policy's log-probs are the training pass's own (detached), also
+for a batch another engine sampled (vLLM, or the stale copy of one-step-off-policy rollouts): the rollout-correction
+weights are then computed per micro-batch from them (``DeferredCorrection``), and no scoring pass runs for them.
 ``model.token_selection`` enters both (``lit_gcpo.training.token_selection``): the high-entropy keep mask is part of
 the plan, Clip-Cov's detach mask and KL-Cov's penalty are per micro-batch.
 The module owns the forward pass, the backward pass and the optimizer; this file owns which loss they follow.
@@ -40,6 +43,18 @@ class StepPlan:
     with_entropy: bool
     reduce: Reduce  # over data-parallel ranks (the covariance means of Clip-Cov / KL-Cov)
     generator: torch.Generator | None = None  # Clip-Cov's random choice, seeded per optimizer step
+    deferred: DeferredCorrection | None = None  # the rollout correction, from the training pass's log-probs
+
+
+@dataclass
+class DeferredCorrection:
+    """The rollout correction of a step without old log-probs on the batch (one iteration: no scoring pass ran for
+    them). Each micro-batch's weights come from its training pass's detached log-probs, which ``parts`` collects;
+    after the last micro-batch the correction's metrics over the whole batch (the values the scoring-pass path
+    computes in ``LossStep.plan``) are written into ``metrics``, the dict ``plan`` returned for the step's log."""
+
+    metrics: dict[str, Any]
+    parts: list[torch.Tensor] = field(default_factory=list)  # [n, L] each, in row order
 
 
 @dataclass(frozen=True)
@@ -80,9 +95,23 @@ class LossStep:
 
     def needs_old_logprobs(self, batch: RolloutBatch) -> bool:
         """Whether the loss needs the generating policy's log-probs before training: several optimizer steps per
-        rollout (the policy moves between them), or an engine other than the policy with the importance
-        correction on (it compares them with the engine's). Otherwise they are the training pass's own."""
-        return self.num_iterations > 1 or self.importance_corrected(batch)
+        rollout (the policy moves between them). With one they are the training pass's own (detached), also for
+        the importance correction of another engine (``DeferredCorrection``): the same values as a no-grad pass
+        over the same micro-batches under the same precision, so ``batch`` does not matter here."""
+        return self.num_iterations > 1
+
+    def correction_weights(
+        self, trainer_logprobs: torch.Tensor, batch: RolloutBatch, rows: slice, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """``rollout_correction_weights`` of the trainer's log-probs ``[n, L]`` of ``rows`` against the engine's."""
+        return rollout_correction_weights(
+            trainer_logprobs,
+            batch.engine_logprobs[rows],
+            mask[rows],
+            self.rollout_correction,
+            self.rollout_correction_min,
+            self.rollout_correction_max,
+        )
 
     def advantages_and_mask(
         self, batch: RolloutBatch, reduce: Reduce
@@ -117,23 +146,18 @@ class LossStep:
         advantages, mask, adv_metrics = self.advantages_and_mask(batch, reduce)  # [N], [N, L]
         if batch.old_logprobs is None and self.needs_old_logprobs(batch):
             raise ValueError(
-                "this batch has no old_logprobs, which the loss needs (num_iterations > 1 or an importance-corrected "
-                "engine): call score_rollout on it first (the RolloutDataModule does)"
+                "this batch has no old_logprobs, which the loss needs (num_iterations > 1): call score_rollout on it "
+                "first (the RolloutDataModule does)"
             )
         # Global counts, so that micro-batches and ranks add up to the whole batch's loss.
         counts = reduce(torch.stack([mask.sum(), torch.tensor(float(mask.shape[0]), device=mask.device)]), "sum")
         num_tokens, num_seqs = counts.clamp(min=1).unbind()  # no tokens (all masked): a zero loss, not 0/0
         is_weights, tis_metrics = None, {}
-        if self.importance_corrected(batch):
-            is_weights, tis_metrics = rollout_correction_weights(
-                batch.old_logprobs,
-                batch.engine_logprobs,
-                mask,
-                self.rollout_correction,
-                self.rollout_correction_min,
-                self.rollout_correction_max,
-            )
+        corrected = self.importance_corrected(batch)
+        if corrected and batch.old_logprobs is not None:  # a scoring pass ran (asked for, or several iterations)
+            is_weights, tis_metrics = self.correction_weights(batch.old_logprobs, batch, slice(None), mask)
         keep, selection_metrics = self.selection.step_mask(batch, mask, gather)  # [N, L] or None
+        metrics = {**adv_metrics, **tis_metrics, **selection_metrics}
         plan = StepPlan(
             advantages=advantages,
             mask=mask,
@@ -145,8 +169,9 @@ class LossStep:
             with_entropy=self.entropy_coef != 0 or logs_this_step,
             reduce=reduce,
             generator=self.selection.generator(step, mask.device),
+            deferred=DeferredCorrection(metrics) if corrected and batch.old_logprobs is None else None,
         )
-        return plan, {**adv_metrics, **tis_metrics, **selection_metrics}
+        return plan, metrics
 
     def micro_batch_loss(
         self,
@@ -158,8 +183,11 @@ class LossStep:
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         """This micro-batch's share of the batch's loss (normalised by the plan's global counts of tokens and
         sequences) from the policy's ``logprobs`` ``[n, L]`` of its ``rows``, and its metrics."""
-        # on-policy with one step per rollout: the generating policy is this very forward
+        # one step per rollout: the trainer's log-probs of the generating step are this very forward's
         old = logprobs.detach() if batch.old_logprobs is None else batch.old_logprobs[rows]
+        is_weights = None if plan.is_weights is None else plan.is_weights[rows]
+        if plan.deferred is not None:
+            is_weights = combine_weights(is_weights, self._deferred_weights(batch, rows, old, plan))
         eps_low, eps_high = self.selection.surrogate_clip(self.eps_low, self.eps_high)
         keep, penalty, selection_metrics = self.selection.micro_batch(
             logprobs, old, plan.advantages[rows], plan.mask[rows], eps_low=eps_low, eps_high=eps_high,
@@ -179,7 +207,7 @@ class LossStep:
             eps_high=eps_high,
             dual_clip=self.dual_clip,
             ratio_level=self.ratio_level,
-            is_weights=combine_weights(None if plan.is_weights is None else plan.is_weights[rows], keep),
+            is_weights=combine_weights(is_weights, keep),
             token_penalty=penalty,
             off_policy_threshold=self.off_policy_mask_threshold,
             behaviour_logp=None if plan.behaviour is None else plan.behaviour[rows],
@@ -191,3 +219,14 @@ class LossStep:
         if "entropy_mean" in metrics:  # grpo_loss's masked mean of `entropy`
             metrics["entropy"] = metrics.pop("entropy_mean")
         return loss, {**metrics, **selection_metrics}
+
+    def _deferred_weights(self, batch: RolloutBatch, rows: slice, old: torch.Tensor, plan: StepPlan) -> torch.Tensor:
+        """The rollout-correction weights ``[n, L]`` of ``rows`` from the training pass's log-probs ``old`` (row-wise,
+        so equal to the rows of the whole batch's); after the last micro-batch, the step's metrics over all rows."""
+        deferred = plan.deferred
+        weights, _ = self.correction_weights(old, batch, rows, plan.mask)
+        deferred.parts.append(old)
+        if sum(part.shape[0] for part in deferred.parts) == plan.mask.shape[0]:
+            _, metrics = self.correction_weights(torch.cat(deferred.parts), batch, slice(None), plan.mask)
+            deferred.metrics.update(metrics)
+        return weights

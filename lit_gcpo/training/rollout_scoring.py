@@ -5,9 +5,14 @@ log-probs and embeddings. What the loss or a callback still needs from the model
 generating policy's log-probs ``old_logprobs``, the mean-pooled last hidden state of each completion
 (``embeddings``), the summaries of the policy's distribution at each completion token (``token_entropy``,
 ``token_mean_logprob``: always the trainer's policy, whatever the engine) and the reference log-probs
-``ref_logprobs``. Only what is read is computed: on-policy with one
-optimizer step per rollout the old log-probs are the training pass's own, so without a callback that asks for
-embeddings or sequence log-probs there is no pass at all.
+``ref_logprobs``. Only what is read is computed. With one optimizer step per rollout the old log-probs are the
+training pass's own, whichever engine sampled the batch (another copy of the policy too: the loss then computes the
+rollout correction per micro-batch from them, ``lit_gcpo.training.loss_step.DeferredCorrection``), so without a
+callback that asks for embeddings or sequence log-probs there is no policy pass at all. What still runs one:
+``num_iterations`` > 1 (the old log-probs must precede the first optimizer step), embeddings under the current
+weights (GCPO's geometry, embedding clustering) and the token summaries (token selection, label-free rewards), both
+of which give the old log-probs from the same forward, and a callback that reads ``old_logprobs``; the reference
+model (beta > 0) is a pass of its own model.
 """
 
 from __future__ import annotations

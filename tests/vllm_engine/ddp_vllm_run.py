@@ -25,6 +25,9 @@ class Record(L.Callback):
     def __init__(self) -> None:
         self.steps: list[dict] = []
 
+    def rollout_fields(self, stage: str) -> set[str]:
+        return {"old_logprobs"} if stage == "train" else set()  # with one iteration, scored only when asked
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         mask = batch.completion_mask.bool()
         gap = (batch.engine_logprobs - batch.old_logprobs)[mask].abs().max().item()

@@ -102,7 +102,8 @@ def test_each_batch_is_sampled_by_vllm_with_the_weights_one_step_before(model_di
         reference = _token_logprobs(_policy_with(model_dir, sampled_with), batch)  # [N, L]
         gap = ((batch.engine_logprobs - reference) * mask).abs().max()
         assert gap < TOLERANCE, (t, gap)
-        stale = ((batch.engine_logprobs - batch.old_logprobs) * mask).abs().max()
+        current = _token_logprobs(_policy_with(model_dir, step["weights"]), batch)  # w_t's: the loss's old log-probs
+        stale = ((batch.engine_logprobs - current) * mask).abs().max()
         assert (stale < TOLERANCE) if t == 0 else (stale > 10 * TOLERANCE), (t, stale)
         shared.sync_weights(sampled_with.items(), force=True)
         prompts = stream.batch(t)
