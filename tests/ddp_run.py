@@ -8,7 +8,8 @@ on 2 ranks that is all of rank 1's), save (a checkpoint path written at the end)
 resume from), momentum (of the SGD optimizer, 0.5; 0 keeps no optimizer state), warmup_steps, tag (the output
 file's prefix), rewards (the reward functions, default digit_fraction), dynamic (data.dynamic_sampling's settings, a
 dict; then every trained batch and its rollout metrics are saved under "trained"), high_entropy_rho
-(model.token_selection HighEntropyTokens with this rho). With 2 devices Lightning re-runs this script for rank 1.
+(model.token_selection HighEntropyTokens with this rho), off_policy (data.off_policy). With 2 devices Lightning re-runs
+this script for rank 1.
 """
 
 from __future__ import annotations
@@ -133,6 +134,7 @@ if __name__ == "__main__":
         sampling=SamplingConfig(max_new_tokens=6),
         seed=3,
         dynamic_sampling=options.get("dynamic"),
+        off_policy=options.get("off_policy", False),
     )
     counter = CountAllReduces()
     callbacks: list[L.Callback] = [counter]

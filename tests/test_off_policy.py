@@ -229,8 +229,8 @@ def test_resume_with_the_in_flight_batch_saved_equals_the_uninterrupted_run(tiny
     record, module = straight
     checkpoint = str(tmp_path / "stopped.ckpt")
     fit(tiny_model_dir, tmp_path / "first", 2, save=checkpoint)
-    saved = torch.load(checkpoint, weights_only=True)["RolloutDataModule"]["off_policy_in_flight"]
-    assert saved["position"] == 2 and saved["weight_version"] == 1
+    (saved,) = torch.load(checkpoint, weights_only=True)["RolloutDataModule"]["off_policy_in_flight"]  # one rank's
+    assert saved["position"] == 2 and saved["weight_version"] == 1 and saved["drawn"] == 1
     resumed, resumed_module = fit(tiny_model_dir, tmp_path / "second", STEPS, ckpt=checkpoint)
     assert [s["step"] for s in resumed.steps] == [2, 3]
     for ours, theirs in zip(resumed.steps, record.steps[2:], strict=True):
@@ -257,7 +257,10 @@ def test_validation_between_steps_leaves_the_training_batches_alone(tiny_model_d
 @pytest.mark.parametrize(
     ("options", "words"),
     [
-        ({"dynamic_sampling": {"max_rounds": 2}}, "dynamic_sampling"),
+        (
+            {"engine": "vllm", "dynamic_sampling": {"max_rounds": 2}},
+            r"data\.off_policy with data\.engine vllm works without data\.dynamic_sampling",
+        ),
         ({"engine": "vllm", "engine_options": {"sync_every": 2}}, r"engine_options\.sync_every 2.*every step"),
         ({"engine": "vllm", "engine_options": {"enable_sleep_mode": True}}, r"engine_options\.enable_sleep_mode"),
     ],
@@ -265,6 +268,8 @@ def test_validation_between_steps_leaves_the_training_batches_alone(tiny_model_d
 def test_off_policy_refuses_what_it_does_not_support_yet(options, words):
     with pytest.raises(ValueError, match=words):
         RolloutDataModule(train=_task(), off_policy=True, **options)
+    data = RolloutDataModule(train=_task(), off_policy=True, dynamic_sampling={"max_rounds": 2})  # hf: supported
+    assert data.off_policy and data.dynamic_sampling.max_rounds == 2
 
 
 def test_off_policy_with_the_vllm_engine_is_accepted_with_a_sync_at_every_step():

@@ -31,18 +31,18 @@ from torch.utils.data import DataLoader
 
 from lit_gcpo.algorithms.clustering import answer_clusters
 from lit_gcpo.algorithms.label_free import LabelFreeReward
-from lit_gcpo.data.batch import PromptBatch, RolloutBatch, requested_fields
+from lit_gcpo.data.batch import PromptBatch, requested_fields
 from lit_gcpo.data.contracts import RolloutPolicy, check_implements
-from lit_gcpo.data.dynamic_sampling import DynamicSampling, TorchExchange, fill_rollout
+from lit_gcpo.data.dynamic_sampling import DynamicSampling
 from lit_gcpo.data.evaluation_passes import EvaluationAccess, TestPasses
 from lit_gcpo.data.label_free import apply_label_free, label_free_problem, reward_sets
-from lit_gcpo.data.off_policy import one_step_off
-from lit_gcpo.data.off_policy_vllm import one_step_off_vllm, refuse_vllm_options
+from lit_gcpo.data.off_policy_vllm import refuse_vllm_options
 from lit_gcpo.data.preparation import complete_rows, fit_to_context
 from lit_gcpo.data.rollout import RolloutCollector
 from lit_gcpo.data.sources import PromptSource
 from lit_gcpo.data.streams import EvalPrompts, PromptStream
 from lit_gcpo.data.templates import PromptRenderer, context_length
+from lit_gcpo.data.training_rollouts import TrainingRollouts
 from lit_gcpo.engines import build_engine
 from lit_gcpo.engines.base import SamplingConfig
 from lit_gcpo.engines.options import EngineOptions
@@ -123,8 +123,9 @@ class RolloutDataModule(EvaluationAccess, L.LightningDataModule):
         off_policy: one-step-off-policy rollouts: batch t+1 is sampled, by a copy of the policy in a worker thread,
             while batch t trains, with weights one optimizer step old; the loss corrects with the module's
             ``rollout_correction`` (``lit_gcpo.data.off_policy``). False (the default): sampled at each step with the
-            current weights. One process only; not with ``dynamic_sampling``; with ``vllm``, the DataModule's
-            engine samples in the worker (``lit_gcpo.data.off_policy_vllm``; ``sync_every`` 1, no sleep mode).
+            current weights. On several ranks (DDP, FSDP2) each samples its share, also with ``dynamic_sampling``;
+            with ``vllm``, the DataModule's engine samples in the worker (``lit_gcpo.data.off_policy_vllm``; one
+            process, ``sync_every`` 1, no sleep mode, not with ``dynamic_sampling``).
     """
 
     def __init__(
@@ -168,9 +169,9 @@ class RolloutDataModule(EvaluationAccess, L.LightningDataModule):
         if accuracy_reward is not None and accuracy_reward not in rewards and label_free is None:
             raise ValueError(f"accuracy_reward {accuracy_reward!r} is not one of rewards {rewards}")
         self.dynamic_sampling = DynamicSampling.checked(dynamic_sampling, rewards)
-        if off_policy and dynamic_sampling is not None:
-            raise ValueError("data.off_policy works without data.dynamic_sampling (for now)")
-        self.off_policy, self._off_policy = off_policy, None  # the option; the in-flight batch, from setup on
+        if off_policy and engine == "vllm" and dynamic_sampling is not None:
+            raise ValueError("data.off_policy with data.engine vllm works without data.dynamic_sampling (for now)")
+        self.off_policy, self._training = off_policy, None  # TrainingRollouts from the setup of a fit on
         self._train_stream: PromptStream | None = None  # the rounds of dynamic sampling read it
         problem = label_free_problem(label_free, rewards, accuracy_reward, dynamic_sampling is not None)
         if problem is not None:
@@ -248,8 +249,8 @@ class RolloutDataModule(EvaluationAccess, L.LightningDataModule):
                 engine, tokenizer, rewards, add_special_tokens=not use_chat, accuracy_reward=self.accuracy_reward,
                 policy_precision=module.precision_context,  # the hf engine samples in it (see RolloutCollector)
             )  # fmt: skip
-        if self.off_policy and self._off_policy is None and stage == "fit":
-            self._off_policy = (one_step_off_vllm if self.engine_name == "vllm" else one_step_off)(self, module)
+        if self._training is None and stage == "fit":
+            self._training = TrainingRollouts(self, module)
 
     def _renderer(self, source: PromptSource | None, tokenizer: Any) -> PromptRenderer:
         template = (source.template if source is not None else None) or self.template
@@ -316,16 +317,18 @@ class RolloutDataModule(EvaluationAccess, L.LightningDataModule):
         assert self.collector is not None and self._policy is not None, "setup() was not called"
         policy = self._policy
         training = self.trainer.training
-        if self._off_policy is not None and not training:
-            self._off_policy.wait()  # the worker's sampling is done before evaluation samples
-        if self._off_policy is None or not training:  # off-policy training syncs at the step boundary itself
+        if self._training is not None and not training:
+            self._training.wait()  # an off-policy worker's sampling is done before evaluation samples
+        if not (training and self.off_policy):  # off-policy training syncs its engine at the step boundary itself
             self._sync_engine(policy)  # also before evaluation: a restored checkpoint, the current weights
         fields = requested_fields(self.trainer.callbacks, _stage(self.trainer))
         fields |= set(self.label_free.needs) if training and self.label_free is not None else set()
         # the engine gathers the policy's embeddings while sampling when it can (then no scoring pass is needed)
         embed = "embeddings" in fields
         if training:
-            rollout = self._train_rollout(batch, policy, embed)
+            stream, position = self._train_stream.batch, self.consumed_batches
+            rollout, drawn = self._training.draw(position, batch, stream, policy, embed)
+            self.consumed_batches += drawn
         else:
             sampling, samples = self.eval_settings(dataloader_idx)
             seeds = self.prompt_seeds(self._eval_stream(dataloader_idx), batch)
@@ -346,45 +349,10 @@ class RolloutDataModule(EvaluationAccess, L.LightningDataModule):
             apply_label_free(rollout, self.label_free)
         return rollout
 
-    def _train_rollout(self, batch: PromptBatch, policy: RolloutPolicy, embed: bool) -> RolloutBatch:
-        """The step's scored groups: ``batch``'s, or with dynamic sampling those of the stream's batches it draws
-        from this DataModule's position on (the dataloader fetched ``batch`` before the last step's rounds)."""
-        sampling = replace(self.sampling, seed=None)
-        if self._off_policy is not None:
-            return self._off_policy_rollout(policy)
-
-        def collect(prompts: PromptBatch) -> RolloutBatch:  # a batch of the stream, consumed
-            self.consumed_batches += 1
-            seeds = self.prompt_seeds("train", prompts)
-            return self.collector.collect(
-                prompts, self.group_size, sampling, policy.device, seeds, embed, rewards=self.train_rewards
-            )
-
-        def draw() -> RolloutBatch:
-            return collect(self._train_stream.batch(self.consumed_batches))
-
-        ranks = TorchExchange(self.trainer.global_rank, self.trainer.world_size)
-        fill, pad = self.dynamic_sampling, self.collector.pad_token_id
-        rollout = collect(batch) if fill is None else fill_rollout(draw, fill, self.batch_size, ranks, pad)
-        self.collector.engine.sleep()  # vLLM sleep mode frees its memory for the optimizer steps
-        return rollout
-
-    def _off_policy_rollout(self, policy: RolloutPolicy) -> RolloutBatch:
-        """This position's batch, sampled one step before (``lit_gcpo.data.off_policy``); the next one submitted."""
-        engine = self._off_policy.engine
-
-        def sync() -> int:
-            engine.sync_weights(policy.export_weights())
-            return self.trainer.global_step
-
-        rollout = self._off_policy.rollout(self.consumed_batches, self._train_stream.batch, sync)
-        self.consumed_batches += 1
-        return rollout
-
     def teardown(self, stage: str) -> None:
         """Stop the answer-clustering thread and the off-policy worker (a later ``setup`` starts new ones)."""
-        if self._off_policy is not None:
-            self._off_policy.close()
+        if self._training is not None:
+            self._training.close()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
@@ -414,8 +382,8 @@ class RolloutDataModule(EvaluationAccess, L.LightningDataModule):
         weights = None if self.reward_weights is None else [float(weight) for weight in self.reward_weights]
         rewards = {"rewards": [str(name) for name in self.reward_names], "reward_weights": weights}
         rewards["dynamic_sampling"] = None if self.dynamic_sampling is None else self.dynamic_sampling.plain()
-        rewards["off_policy"] = bool(self.off_policy)  # and its in-flight batch, saved (lit_gcpo.data.off_policy):
-        rewards["off_policy_in_flight"] = {} if self._off_policy is None else self._off_policy.state_dict()
+        rewards["off_policy"] = bool(self.off_policy)  # and every rank's in-flight batch (a collective), saved:
+        rewards["off_policy_in_flight"] = [] if self._training is None else self._training.state_dict()
         return {"consumed_batches": self.consumed_batches, "seed": self.seed, "engine": engine, **settings, **rewards}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -427,5 +395,5 @@ class RolloutDataModule(EvaluationAccess, L.LightningDataModule):
             rank_zero_warn(change)
         if self.collector is not None:  # built in setup, which Lightning runs before restoring
             self.collector.engine.load_state_dict(state_dict.get("engine", {}))
-        if self._off_policy is not None:
-            self._off_policy.load_state_dict(state_dict.get("off_policy_in_flight", {}))
+        if self._training is not None:
+            self._training.load_state_dict(state_dict.get("off_policy_in_flight", []))

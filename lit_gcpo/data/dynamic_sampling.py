@@ -48,7 +48,7 @@ from jsonargparse.typing import NonNegativeFloat, PositiveInt
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lit_gcpo.algorithms.uncertainty import finite_group_std
-from lit_gcpo.data.batch import RolloutBatch
+from lit_gcpo.data.batch import PromptBatch, RolloutBatch
 from lit_gcpo.data.group_selection import batch_to, concat_groups, select_groups
 
 # counts of the reward functions (lit_gcpo.rewards.combine) and timings: summed over the rounds of a step
@@ -143,16 +143,19 @@ class RankExchange(Protocol):
 
 @dataclass
 class TorchExchange:
-    """``RankExchange`` over ``torch.distributed`` (the default process group; one process: no communication)."""
+    """``RankExchange`` over ``torch.distributed``: ``group``, a process group of every rank (None: the default
+    one; one-step-off-policy rollouts exchange from their worker thread over a gloo group of their own); one process:
+    no communication."""
 
     rank: int = 0
     world_size: int = 1
+    group: Any = None
 
     def all_gather(self, value: Any) -> list[Any]:
         if self.world_size == 1:
             return [value]
         gathered: list[Any] = [None] * self.world_size
-        torch.distributed.all_gather_object(gathered, value)
+        torch.distributed.all_gather_object(gathered, value, group=self.group)
         return gathered
 
 
@@ -235,6 +238,30 @@ def fill_rollout(
             "spread; the step trains on fewer groups (logged per step as rollout/groups_missing)"
         )
     return batch
+
+
+def stream_rollout(
+    position: int,
+    collect: Callable[[PromptBatch], RolloutBatch],
+    prompts: Callable[[int], PromptBatch],
+    settings: DynamicSampling | None,
+    batch_size: int,
+    exchange: RankExchange,
+    pad_token_id: int,
+) -> tuple[RolloutBatch, int]:
+    """A training step's batch drawn from the stream from this rank's batch ``position`` on (``prompts(i)``: its
+    batch ``i``; ``collect``: a prompt batch's groups, rewarded), and how many batches it drew: that one batch
+    without ``settings``, else the rounds of ``fill_rollout``, one batch each."""
+    if settings is None:
+        return collect(prompts(position)), 1
+    drawn = 0
+
+    def draw() -> RolloutBatch:
+        nonlocal drawn
+        drawn += 1
+        return collect(prompts(position + drawn - 1))
+
+    return fill_rollout(draw, settings, batch_size, exchange, pad_token_id), drawn
 
 
 def _this_ranks_share(rounds: list[_Round], plan: FillPlan, exchange: RankExchange) -> list[RolloutBatch]:
