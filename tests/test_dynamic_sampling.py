@@ -19,6 +19,7 @@ from lit_gcpo.data.dynamic_sampling import (
     fill_rollout,
     groups_with_spread,
     merge_round_metrics,
+    stream_rollout,
 )
 from lit_gcpo.data.group_selection import concat_groups, select_groups
 from lit_gcpo.data.rollout import pack_sequences
@@ -153,15 +154,14 @@ def _run_ranks(world: int, steps: int, batch_size: int, settings: DynamicSamplin
     def rank_main(rank: int) -> None:
         stream = PromptStream(rows, [f"p{i}" for i in range(23)], batch_size, seed=4, start=lambda: 0)
         stream.rank, stream.world_size = rank, world
-        consumed = [0]
-
-        def draw() -> RolloutBatch:
-            consumed[0] += 1
-            return _fake_collect(stream.batch(consumed[0] - 1))
-
+        position, exchange = 0, _ThreadExchange(rank, shared)
         try:
-            for _ in range(steps):
-                results[rank].append(fill_rollout(draw, settings, batch_size, _ThreadExchange(rank, shared), PAD))
+            for _ in range(steps):  # each step from the batch after the last step's rounds
+                args = (_fake_collect, stream.batch, settings, batch_size, exchange, PAD)
+                batch, drawn = stream_rollout(position, *args)
+                assert drawn == batch.metrics["rollout/rounds"]
+                results[rank].append(batch)
+                position += drawn
         except BaseException as err:  # re-raised in the test's thread
             errors.append(err)
             shared["barrier"].abort()
@@ -203,6 +203,12 @@ def test_the_kept_groups_are_those_a_plain_loop_over_the_stream_keeps(world, bat
                 assert mine.completions == alone.completions
                 assert torch.equal(concat_groups([mine], PAD).input_ids, alone.input_ids)
     assert (short_steps > 0) == (max_rounds <= 2)  # the short case is exercised where it should be
+
+
+def test_without_dynamic_sampling_a_step_is_the_one_batch_at_its_position():
+    stream = PromptStream([{"i": i} for i in range(23)], [f"p{i}" for i in range(23)], 3, seed=4, start=lambda: 0)
+    batch, drawn = stream_rollout(5, _fake_collect, stream.batch, None, 3, TorchExchange(), PAD)
+    assert drawn == 1 and [row["position"] for row in batch.rows] == [15, 16, 17]  # batch 5 of 3 prompts
 
 
 def test_one_process_exchange_gathers_itself():
