@@ -173,6 +173,10 @@ def test_each_batch_is_sampled_with_the_weights_one_step_before(tiny_model_dir, 
         current = _token_logprobs(_policy_with(tiny_model_dir, step["weights"]), batch)
         gap = (current - batch.engine_logprobs).abs().max()
         assert (gap < 1e-5) if t == 0 else (gap > 1e-3), (t, gap)  # stale after step 0: not vacuous
+    # the trainer's wait for each batch: at step 0 nothing was in flight, so it includes the whole generation
+    first = steps[0]["batch"].metrics
+    assert first["time/rollout_wait_s"] >= first["time/generate_s"] > 0
+    assert all(step["batch"].metrics["time/rollout_wait_s"] >= 0 for step in steps[1:])
 
 
 def test_the_loss_corrects_trainer_against_engine_with_sequence_mask(tiny_model_dir, straight):

@@ -45,6 +45,7 @@ Choices (the papers and peers leave them open):
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import fields, replace
@@ -130,18 +131,26 @@ class OneStepOff:
     def rollout(self, position: int, job: StreamJob, sync: Callable[[], int]) -> tuple[RolloutBatch, int]:
         """The step's rollout from stream ``position`` on and the stream batches it drew (in flight, else ``job``
         now after syncing), after which the engine holds the current weights (``sync`` copies them and returns their
-        step) and the next step's ``job``, from the position after those batches, is submitted."""
+        step) and the next step's ``job``, from the position after those batches, is submitted. Logged with the
+        batch: ``rollout/weight_version``, ``rollout/weight_lag`` and ``time/rollout_wait_s``, the seconds the trainer
+        thread waited for it (for the worker to finish it; with nothing in flight, its generation): above 0 the
+        step is bound by generation, which training no longer hides."""
+        start = time.perf_counter()
         taken = self._take(position)
+        waited = time.perf_counter() - start
         version = sync()
         self.engine.weight_version = version
         if taken is None:  # the first step of a fit (nothing saved): sampled now, on-policy
+            start = time.perf_counter()
             taken = (version, *job(position))
+            waited += time.perf_counter() - start
         sampled_with, batch, drawn = taken
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="off-policy-rollout")
         self._pending = (position + drawn, version, self._executor.submit(job, position + drawn))
         batch.metrics["rollout/weight_version"] = float(sampled_with)
         batch.metrics["rollout/weight_lag"] = float(version - sampled_with)
+        batch.metrics["time/rollout_wait_s"] = waited
         return batch, drawn
 
     def _take(self, position: int) -> tuple[int, RolloutBatch, int] | None:
