@@ -123,8 +123,8 @@ def test_resume_with_the_in_flight_batch_saved_equals_the_uninterrupted_run(mode
     checkpoint = str(tmp_path / "stopped.ckpt")
     first, _ = fit(model_dir, tmp_path / "first", 2, save=checkpoint, validate=True, data_options=VLLM, **CORRECTION)
     assert first.val_batches == 2
-    saved = torch.load(checkpoint, weights_only=True)["RolloutDataModule"]["off_policy_in_flight"]
-    assert saved["position"] == 2 and saved["weight_version"] == 1
+    (saved,) = torch.load(checkpoint, weights_only=True)["RolloutDataModule"]["off_policy_in_flight"]  # one rank's
+    assert saved["position"] == 2 and saved["weight_version"] == 1 and saved["drawn"] == 1
     initial = _policy_with(model_dir, record.steps[0]["weights"])
     shared.sync_weights(initial.state_dict().items(), force=True)  # what a new process's engine starts from
     shared.generate([[1, 2, 3]] * 2, G, SAMPLING, seeds=[5, 6])
