@@ -43,6 +43,11 @@ class MismatchRecorder(L.Callback):
         self.path = Path(path)
         self.records: list[Record] = []
 
+    def rollout_fields(self, stage: str) -> set[str]:
+        """It reads the trainer's old log-probs, which with one iteration per rollout a scoring pass computes only when
+        something asks for them (``lit_gcpo.data.batch.requested_fields``)."""
+        return {"old_logprobs"} if stage == "train" else set()
+
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
         loss_step = pl_module.loss_step
         engine = loss_step.engine_logprobs(batch)  # None when the engine samples from the policy itself

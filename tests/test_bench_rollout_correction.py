@@ -108,6 +108,8 @@ def _batch(samples_from_policy: bool) -> RolloutBatch:
 
 def test_recorder_keeps_what_the_correction_reads_and_refuses_an_empty_fit(tmp_path: Path) -> None:
     recorder = MismatchRecorder(str(tmp_path / "records.pt"))
+    # it declares what it reads: with one iteration per rollout nothing else may ask for the old log-probs
+    assert recorder.rollout_fields("train") == {"old_logprobs"} and recorder.rollout_fields("val") == set()
     module = SimpleNamespace(loss_step=_loss_step())
     recorder.on_train_batch_start(SimpleNamespace(global_step=7), module, _batch(samples_from_policy=True), 0)
     assert recorder.records == []  # the policy sampled it: nothing to correct
