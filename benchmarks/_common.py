@@ -46,6 +46,11 @@ def write_results_section(name: str, lines: list[str], path: Path | None = None)
     path.write_text(text)
 
 
+def validation_trajectory(validations: list[tuple[int, float]]) -> str:
+    """``step: accuracy`` pairs of a run's validation curve, comma-separated (the benchmarks' trajectory column)."""
+    return ", ".join(f"{step}: {value:.3f}" for step, value in validations)
+
+
 def paired_by_seed(contrast: str, accuracy_differences: list[float], time_ratios: list[float]) -> str:
     """``Paired by seed, <contrast>: final accuracy +x, ... points; step time xr, ....`` (differences in [0, 1])."""
     points = ", ".join(f"{100 * difference:+.1f}" for difference in accuracy_differences)

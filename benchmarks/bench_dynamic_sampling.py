@@ -20,7 +20,7 @@ import argparse
 import json
 import statistics
 
-from _common import add_paired_arguments, paired_by_seed, run_header, write_results_section
+from _common import add_paired_arguments, paired_by_seed, run_header, validation_trajectory, write_results_section
 from bench_quickstart import REPO, latest_version, read_scalars, run_seed, summarise
 
 SECTION = "dynamic_sampling"
@@ -64,7 +64,7 @@ def table(runs: list[dict]) -> list[str]:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in runs:
-        trajectory = ", ".join(f"{step}: {value:.3f}" for step, value in run["validations"])
+        trajectory = validation_trajectory(run["validations"])
         on = run["arm"] == "on"
         fill = f"{run['rounds']:.2f} | {run['prompts']:.1f} | {run['trained']:.1f} | {run['missing']:.0f}"
         lines.append(

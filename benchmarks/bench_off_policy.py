@@ -33,7 +33,7 @@ import argparse
 import json
 import statistics
 
-from _common import add_paired_arguments, paired_by_seed, run_header, write_results_section
+from _common import add_paired_arguments, paired_by_seed, run_header, validation_trajectory, write_results_section
 from bench_quickstart import REPO, latest_version, read_scalars, run_seed, summarise
 
 SECTION = "off_policy"
@@ -94,7 +94,7 @@ def table(runs: list[dict]) -> list[str]:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in runs:
-        trajectory = ", ".join(f"{step}: {value:.3f}" for step, value in run["validations"])
+        trajectory = validation_trajectory(run["validations"])
         threads = f"{run['threads']} + 1 worker" if run["arm"] == "off" else str(run["threads"])
         wait = f"{run['wait_s']:.3f}" if run["arm"] == "off" else "-"
         lines.append(

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from _common import run_header, write_results_section
+from _common import run_header, validation_trajectory, write_results_section
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = "configs/quickstart.yaml"
@@ -148,7 +148,7 @@ def table(rows: list[tuple[int, float | None, RunSummary]]) -> list[str]:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for seed, wall, run in rows:
-        trajectory = ", ".join(f"{step}: {value:.3f}" for step, value in run.validations)
+        trajectory = validation_trajectory(run.validations)
         lines.append(
             f"| {seed} | {'-' if wall is None else f'{wall:.0f}'} | {run.steps} | {run.step_s:.2f} | {trajectory} "
             f"| {run.baseline:.3f} | {run.final:.3f} | {run.best:.3f} | {run.gain_points:+.1f} "

@@ -37,7 +37,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from _common import BENCHMARKS, add_paired_arguments, paired_by_seed, run_header, write_results_section
+from _common import (
+    BENCHMARKS,
+    add_paired_arguments,
+    paired_by_seed,
+    run_header,
+    validation_trajectory,
+    write_results_section,
+)
 from bench_quickstart import REPO, RunSummary, latest_version, read_scalars, run_seed, summarise
 from rollout_mismatch import (
     Record,
@@ -217,7 +224,7 @@ def learning_rows(runs: list[Run]) -> list[str]:
     ]
     for run in runs:
         assert run.summary is not None
-        trajectory = ", ".join(f"{step}: {value:.3f}" for step, value in run.summary.validations)
+        trajectory = validation_trajectory(run.summary.validations)
         lines.append(
             f"| {run.arm.name} | {run.seed} | {logged_shares(run)} | {trajectory} | {run.summary.final:.3f} "
             f"| {run.summary.step_s:.2f} | {run.wall_s:.0f} |"
