@@ -17,8 +17,9 @@ import torch
 from transformers.generation import TopKLogitsWarper, TopPLogitsWarper
 
 from lit_gcpo.engines.base import Generation, SamplingConfig, logprob_temperature
-from lit_gcpo.engines.kv_cache import buffered_cache
+from lit_gcpo.engines.kv_cache import buffered_cache, gather_rows, gathers_rows
 from lit_gcpo.training.scoring import base_model
+from lit_gcpo.training.shared_prompts import prompt_runs
 
 EndTest = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``(token [r], done [r]) -> [r]`` bool: which rows end with their new token."""
@@ -194,7 +195,7 @@ class SamplingLoop:
         record = self.completions.record
         with last_hidden_states(self.policy, with_embeddings, captured):
             for t in range(self.steps + 1):
-                logits = self._forward(step_ids, positions, t)  # [r, V]
+                logits = self._prefill() if t == 0 else self._forward(step_ids, positions, t)  # [r, V]
                 if with_embeddings and t > 0:  # the hidden state of token t - 1, where it is in the completion
                     pooled = self._pool(pooled, captured.pop(), t)
                 captured.clear()
@@ -224,6 +225,26 @@ class SamplingLoop:
             use_cache=True,
             logits_to_keep=1,
         ).logits[:, -1]
+
+    def _prefill(self) -> torch.Tensor:
+        """Step 0's logits ``[n, V]``: the G rows of a prompt (consecutive, equal) share its pass, so each distinct
+        prompt is fed once and its cache rows and logits are copied to its rows (``lit_gcpo.training.shared_prompts``:
+        the same numbers as from G passes, within float rounding)."""
+        ids, positions, width = self.prompts.input_ids, self.prompts.positions, self.prompts.width
+        runs = prompt_runs(ids, self.row_mask[:, :width], width) if gathers_rows(self.cache) else None
+        if runs is None:
+            return self._forward(ids, positions, 0)
+        first, rows = runs  # [u], [n]
+        logits = self.policy(
+            input_ids=ids[first],
+            attention_mask=self.row_mask[first, :width],
+            position_ids=positions[first],
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1]  # [u, V]
+        gather_rows(self.cache, rows)
+        return logits[rows]
 
     def _pool(self, pooled: torch.Tensor | None, hidden: torch.Tensor, t: int) -> torch.Tensor:
         """``pooled`` plus the hidden states ``[r, H]`` of token ``t - 1`` of the rows whose completion has it."""

@@ -15,7 +15,9 @@ of its own rather than ``model.generate``:
 - **Sharded policies** (FSDP2): every forward pass gathers weights from all ranks, so a rank whose
   sequences all ended keeps stepping until every rank's have.
 
-Top-k and top-p use transformers' logits warpers; the KV cache is transformers' ``DynamicCache`` with its layers
+The G rows of a prompt share its prefill: each distinct prompt is fed once and its cache rows and logits are copied
+to its rows (``SamplingLoop._prefill``), the same numbers as G prefills within float rounding. Top-k and top-p use
+transformers' logits warpers; the KV cache is transformers' ``DynamicCache`` with its layers
 writing into buffers that grow by doubling (``lit_gcpo.engines.kv_cache``). Stop strings are matched
 in the decoded text, as vLLM does: each row keeps the last characters of its completion's text, extended by
 the new token's text (every vocabulary entry decoded once). transformers' ``StopStringCriteria`` was not used

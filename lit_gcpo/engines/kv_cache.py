@@ -84,6 +84,16 @@ class BufferedLayer(DynamicLayer):
             setattr(self, name, buffer[:kept])
         self.keys, self.values = self._key_buffer[:, :, :length], self._value_buffer[:, :, :length]
 
+    def batch_gather(self, indices: torch.Tensor) -> None:
+        """Rows ``indices`` (any order, repeats allowed: a prompt's row copied to its completions' rows), into new
+        buffers of the columns written."""
+        if not self.is_initialized:
+            return
+        length = self.keys.shape[-2]
+        self._key_buffer = self._key_buffer[indices, :, :length]  # advanced indexing: a copy
+        self._value_buffer = self._value_buffer[indices, :, :length]
+        self.keys, self.values = self._key_buffer, self._value_buffer
+
     def reset(self) -> None:
         self._key_buffer = self._value_buffer = None
         super().reset()
@@ -98,3 +108,18 @@ def buffered_cache(config, capacity: int) -> DynamicCache:
         return cache
     cache.layers = [BufferedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
+
+
+def gathers_rows(cache: DynamicCache) -> bool:
+    """Whether :func:`gather_rows` can copy rows of ``cache``: every layer a :class:`BufferedLayer` or a plain
+    ``DynamicLayer`` (layers the cache adds later are :class:`BufferedLayer` s); other kinds may keep more state."""
+    return all(type(layer) in (BufferedLayer, DynamicLayer) for layer in cache.layers)
+
+
+def gather_rows(cache: DynamicCache, indices: torch.Tensor) -> None:
+    """Replace the rows of every layer of ``cache`` (:func:`gathers_rows`) by its rows ``indices`` (repeats allowed)."""
+    for layer in cache.layers:
+        if isinstance(layer, BufferedLayer):
+            layer.batch_gather(indices)
+        else:
+            layer.batch_select_indices(indices)

@@ -22,6 +22,10 @@ runs its variable-length kernel on the boundaries; sdpa, eager and flex attentio
 when no mask and no cache is given. Scores are gathered back into the padded ``[n, L]`` layout
 (``lit_gcpo.algorithms.packing``).
 
+Shared prompt passes (``lit_gcpo.training.shared_prompts``, on by default): the consecutive rows of a pass that
+repeat a prompt (a group's G completions) run it once, with a KV cache, and their completions on that cache; the
+same scores and gradients within float rounding, less work (the prompts' columns once per group, not G times).
+
 ``with_distribution`` adds, in the same forward, the summaries of the whole next-token distribution at each
 completion position (entropy, mean log-prob over the vocabulary: ``lit_gcpo.algorithms.token_distribution``),
 made from the same hidden states (or the model's own logits) chunk by chunk, without gradient (one more head
@@ -35,6 +39,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.distributed.fsdp import FSDPModule
 
 from lit_gcpo.algorithms.logprobs import PLAIN_LOGITS_ELEMENTS, logprobs_from_logits, token_logprobs
 from lit_gcpo.algorithms.packing import pack, pack_layout, unpack_completions
@@ -43,6 +48,7 @@ from lit_gcpo.algorithms.token_distribution import (
     hidden_distribution_stats,
     logits_distribution_stats,
 )
+from lit_gcpo.training.shared_prompts import full_attention_cache, prompt_runs, shared_prompt_problem
 
 
 def base_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -99,6 +105,9 @@ class CompletionScorer:
             checked once here on two short sequences (:func:`packing_problem`), a ValueError if the model's
             attention does not keep packed sequences apart.
         max_plain_elements: the largest ``tokens x vocabulary`` that ``token_logprobs`` computes in one piece.
+        share_prompts: run the distinct prompts of a pass once each, their completions on a KV cache
+            (``lit_gcpo.training.shared_prompts``), when the model passes :func:`shared_prompt_problem` (checked once
+            here; ``prompt_sharing_problem`` says why not) and the pass is not padding-free.
     """
 
     def __init__(
@@ -108,6 +117,7 @@ class CompletionScorer:
         plain_head: bool | None = None,
         padding_free: bool = False,
         max_plain_elements: int = PLAIN_LOGITS_ELEMENTS,
+        share_prompts: bool = True,
     ) -> None:
         self.model = model
         self.chunk_size = chunk_size
@@ -118,6 +128,10 @@ class CompletionScorer:
             problem = packing_problem(self)
             if problem is not None:
                 raise ValueError(problem)
+        self.prompt_sharing_problem: str | None = "not asked for" if not share_prompts else None
+        if share_prompts:
+            self.prompt_sharing_problem = "padding-free passes" if padding_free else shared_prompt_problem(self)
+        self.shares_prompts = self.prompt_sharing_problem is None
 
     def __call__(
         self,
@@ -140,6 +154,15 @@ class CompletionScorer:
         }
         if self.padding_free:
             return self._packed(input_ids, attention_mask, completion_length, **options)
+        runs = None
+        if self.shares_prompts and self._cache_usable():
+            runs = prompt_runs(input_ids, attention_mask, input_ids.shape[1] - completion_length)
+        if runs is not None:
+            return self._shared(input_ids, attention_mask, completion_length, runs, **options)
+        return self._plain(input_ids, attention_mask, completion_length, **options)
+
+    def _plain(self, input_ids: Tensor, attention_mask: Tensor, completion_length: int, **options: Any) -> ScoredTokens:
+        """One pass over the padded rows ``[n, P + L]``."""
         prompt_length = input_ids.shape[1] - completion_length
         # the token at column P + j is predicted from the hidden state at column P + j - 1
         predictors = torch.arange(prompt_length - 1, input_ids.shape[1] - 1, device=input_ids.device)  # [L]
@@ -149,6 +172,53 @@ class CompletionScorer:
             "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0),  # [n, P + L], as generation computes them
         }
         return self._score(inputs, predictors, input_ids[:, prompt_length:], **options)
+
+    def _cache_usable(self) -> bool:
+        """Whether this call may run the prompts with a KV cache (``lit_gcpo.training.shared_prompts``)."""
+        return not isinstance(self.model, FSDPModule) and not base_model(self.model).is_gradient_checkpointing
+
+    def _shared(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        completion_length: int,
+        runs: tuple[Tensor, Tensor],
+        **options: Any,
+    ) -> ScoredTokens:
+        """The distinct prompts ``runs[0]`` once each with a KV cache, gathered to the rows (``runs[1]``), then the
+        completion columns on it (``lit_gcpo.training.shared_prompts``)."""
+        first, rows = runs  # [u], [n]
+        prompt_length = input_ids.shape[1] - completion_length
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [n, P + L]
+        base = base_model(self.model)
+        cache = full_attention_cache(base.config)
+        captured: dict[str, Tensor] = {}
+
+        def keep_last(_module: Any, _args: Any, output: Any) -> None:
+            captured["last"] = output.last_hidden_state[:, -1:]  # [u, 1, H]: predicts each completion's first token
+
+        hook = base.get_decoder().register_forward_hook(keep_last)
+        try:
+            prompt = slice(0, prompt_length)
+            self.model(
+                input_ids=input_ids[first, prompt],
+                attention_mask=attention_mask[first, prompt],
+                position_ids=positions[first, prompt],
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        finally:
+            hook.remove()
+        cache.batch_select_indices(rows)  # [u] -> [n] rows; backward adds the copies' gradients
+        inputs = {
+            "input_ids": input_ids[:, prompt_length:],  # [n, L]
+            "attention_mask": attention_mask,  # [n, P + L]: the cache's columns and these
+            "position_ids": positions[:, prompt_length:],
+            "past_key_values": cache,
+        }
+        predictors = torch.arange(completion_length, device=input_ids.device)  # in [prompt's last, completion...]
+        return self._score(inputs, predictors, input_ids[:, prompt_length:], before=captured["last"][rows], **options)
 
     def _packed(
         self, input_ids: Tensor, attention_mask: Tensor, completion_length: int, **options: Any
@@ -188,9 +258,12 @@ class CompletionScorer:
         with_entropy: bool,
         with_hidden: bool,
         with_distribution: bool = False,
+        before: Tensor | None = None,
     ) -> ScoredTokens:
         """One forward ``model(**inputs)``; the log-probs of ``targets [b, t]`` from the hidden states (or the
-        model's own logits) at sequence positions ``predictors [t]``, the token's own hidden state one further."""
+        model's own logits) at sequence positions ``predictors [t]``, the token's own hidden state one further.
+        ``before`` ``[b, 1, H]``: the hidden state of the column before the first input column (a cached prompt's
+        last), position 0 of the positions ``predictors`` counts in then."""
         base = base_model(self.model)
         captured: dict[str, Tensor] = {}
 
@@ -199,6 +272,8 @@ class CompletionScorer:
 
         def score(_module: Any, _args: Any, _kwargs: Any, output: Any) -> Any:
             hidden = captured.pop("hidden")
+            if before is not None:
+                hidden = torch.cat([before.to(hidden.dtype), hidden], 1)  # [b, 1 + T, H]
             if self.plain_head:
                 head = base.get_output_embeddings()
                 logprobs, entropy = token_logprobs(
@@ -231,7 +306,8 @@ class CompletionScorer:
             base.register_forward_hook(score, with_kwargs=True, prepend=True),
         ]
         try:
-            output = self.model(**inputs, use_cache=False, logits_to_keep=1 if self.plain_head else predictors)
+            use_cache = "past_key_values" in inputs
+            output = self.model(**inputs, use_cache=use_cache, logits_to_keep=1 if self.plain_head else predictors)
         finally:
             for hook in hooks:
                 hook.remove()
