@@ -39,7 +39,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.distributed.fsdp import FSDPModule
 
 from lit_gcpo.algorithms.logprobs import PLAIN_LOGITS_ELEMENTS, logprobs_from_logits, token_logprobs
 from lit_gcpo.algorithms.packing import pack, pack_layout, unpack_completions
@@ -175,7 +174,7 @@ class CompletionScorer:
 
     def _cache_usable(self) -> bool:
         """Whether this call may run the prompts with a KV cache (``lit_gcpo.training.shared_prompts``)."""
-        return not isinstance(self.model, FSDPModule) and not base_model(self.model).is_gradient_checkpointing
+        return not base_model(self.model).is_gradient_checkpointing
 
     def _shared(
         self,

@@ -14,9 +14,9 @@ through the model's own KV cache rather than a custom attention.
 Rows share a prompt when they are consecutive and their prompt columns are equal (ids and mask): found in the data,
 so a micro-batch that cuts a group, or a batch without groups, is handled alike (no sharing: the plain pass). Not
 used (the plain pass instead) with gradient checkpointing (transformers drops the cache in a checkpointed layer while
-training), on FSDP2-sharded models (two forwards before one backward: not tested here), and for a model that fails
-:func:`shared_prompt_problem` once (a cache whose layers are not all full attention, a forward that ignores the
-cache).
+training) and for a model that fails :func:`shared_prompt_problem` once (a cache whose layers are not all full
+attention, an attention that ignores or refuses the cache). FSDP2 runs the two forwards before one backward: its
+2-rank runs equal DDP's and one process's (``tests/test_ddp.py``, bf16-mixed with a reference too).
 """
 
 from __future__ import annotations
