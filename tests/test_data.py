@@ -7,10 +7,12 @@ import json
 import logging
 
 import pytest
+import torch
 
 from lit_gcpo.assets.tiny_model import build_char_tokenizer
 from lit_gcpo.data.batch import PromptBatch
 from lit_gcpo.data.datamodule import EvalPrompts, PromptStream, RolloutDataModule
+from lit_gcpo.data.rollout import pack_sequences, pad_right
 from lit_gcpo.data.sources import HubDataset, LocalFiles
 from lit_gcpo.data.templates import QWEN_MATH_TEMPLATE, PromptRenderer, fill
 from lit_gcpo.tasks.arithmetic import ArithmeticTask
@@ -369,3 +371,15 @@ def test_the_dataloader_checks_the_split_when_the_strategy_needs_lockstep(strate
             data._shard(dataset)
     else:
         assert [batch.indices for batch in data._shard(dataset)] == [[1], [3], [5]]
+
+
+def test_pack_sequences_and_pad_right_by_hand():
+    # prompts of 2, 1 and 0 tokens (left-padded to P = 2); completions of 0, 3 and 1 tokens (right-padded to L = 3)
+    input_ids, attention_mask, mask = pack_sequences([[5, 6], [7], []], [[], [1, 2, 3], [4]], 0, torch.device("cpu"))
+    assert input_ids.tolist() == [[5, 6, 0, 0, 0], [0, 7, 1, 2, 3], [0, 0, 4, 0, 0]]
+    assert attention_mask.tolist() == [[1, 1, 0, 0, 0], [0, 1, 1, 1, 1], [0, 0, 1, 0, 0]]
+    assert mask.tolist() == [[0, 0, 0], [1, 1, 1], [1, 0, 0]] and mask.dtype == torch.float32
+    assert input_ids.dtype == attention_mask.dtype == torch.long
+    assert pad_right([[], [0.5, -1.0, 2.0], [3.0]], mask).tolist() == [[0, 0, 0], [0.5, -1, 2], [3, 0, 0]]
+    input_ids, _, mask = pack_sequences([[5]], [[]], 9, torch.device("cpu"))  # nothing sampled: one padded column
+    assert input_ids.tolist() == [[5, 9]] and mask.tolist() == [[0]]

@@ -23,19 +23,25 @@ def pack_sequences(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Left-pad prompts, right-pad completions: ``input_ids``/``attention_mask`` ``[N, P + L]``, mask ``[N, L]``."""
     n = len(completion_ids)
-    width_p = max(len(p) for p in prompt_ids)
-    width_c = max(1, max(len(c) for c in completion_ids))
+    prompt_lengths = torch.tensor([len(p) for p in prompt_ids])  # [N]
+    completion_lengths = torch.tensor([len(c) for c in completion_ids])  # [N]
+    width_p, width_c = int(prompt_lengths.max()), max(1, int(completion_lengths.max()))
+    prompt_mask = torch.arange(width_p) >= width_p - prompt_lengths.unsqueeze(-1)  # [N, P], on the right
+    completion_mask = torch.arange(width_c) < completion_lengths.unsqueeze(-1)  # [N, L], on the left
     input_ids = torch.full((n, width_p + width_c), pad_token_id, dtype=torch.long)  # [N, P + L]
-    attention_mask = torch.zeros((n, width_p + width_c), dtype=torch.long)  # [N, P + L]
-    completion_mask = torch.zeros((n, width_c), dtype=torch.float32)  # [N, L]
-    for row, (prompt, completion) in enumerate(zip(prompt_ids, completion_ids, strict=True)):
-        input_ids[row, width_p - len(prompt) : width_p] = torch.tensor(prompt, dtype=torch.long)
-        attention_mask[row, width_p - len(prompt) : width_p] = 1
-        if completion:
-            input_ids[row, width_p : width_p + len(completion)] = torch.tensor(completion, dtype=torch.long)
-            attention_mask[row, width_p : width_p + len(completion)] = 1
-            completion_mask[row, : len(completion)] = 1
-    return input_ids.to(device), attention_mask.to(device), completion_mask.to(device)
+    # a boolean-mask assignment fills row by row, left to right: the rows' tokens in order
+    input_ids[:, :width_p][prompt_mask] = torch.tensor([t for p in prompt_ids for t in p], dtype=torch.long)
+    input_ids[:, width_p:][completion_mask] = torch.tensor([t for c in completion_ids for t in c], dtype=torch.long)
+    attention_mask = torch.cat([prompt_mask, completion_mask], 1).long()  # [N, P + L]
+    return input_ids.to(device), attention_mask.to(device), completion_mask.float().to(device)
+
+
+def pad_right(rows: list[list[float]], mask: torch.Tensor) -> torch.Tensor:
+    """``rows`` (one list of values per row, as long as the row's ones in ``mask``) as a ``[N, L]`` float32 tensor
+    shaped like ``mask``, 0 elsewhere."""
+    out = torch.zeros(mask.shape, dtype=torch.float32)  # [N, L]
+    out[mask.bool().cpu()] = torch.tensor([v for row in rows for v in row], dtype=torch.float32)
+    return out
 
 
 class RolloutCollector:
@@ -124,9 +130,7 @@ class RolloutCollector:
         )
         engine_logprobs = None
         if generation.logprobs is not None:
-            engine_logprobs = torch.zeros_like(completion_mask)  # [N, L]
-            for row, values in enumerate(generation.logprobs):
-                engine_logprobs[row, : len(values)] = torch.tensor(values, dtype=torch.float32)
+            engine_logprobs = pad_right(generation.logprobs, completion_mask)  # [N, L]
         lengths = completion_mask.sum(-1)  # [N]
         new_tokens = float(lengths.sum())
         metrics = {
