@@ -86,14 +86,16 @@ def _alone(model, input_ids, attention_mask) -> torch.Tensor:
 
 
 class ForwardShapes:
-    """Records the ``input_ids`` shape of every forward of ``model``'s decoder."""
+    """Records the ``input_ids`` shape of every forward of ``model``'s decoder (``training_only``: in train mode)."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, training_only: bool = False) -> None:
         self.shapes: list[tuple[int, ...]] = []
+        self.training_only = training_only
         model.get_decoder().register_forward_pre_hook(self._record, with_kwargs=True)
 
-    def _record(self, _module, _args, kwargs) -> None:
-        self.shapes.append(tuple(kwargs["input_ids"].shape))
+    def _record(self, module, _args, kwargs) -> None:
+        if module.training or not self.training_only:
+            self.shapes.append(tuple(kwargs["input_ids"].shape))
 
 
 def _scores_and_grads(scorer, model, input_ids, attention_mask):
@@ -220,18 +222,18 @@ def test_a_training_step_with_shared_prompt_passes_makes_the_same_update(tiny_mo
         L.seed_everything(0)
         module, data = make_pair(tiny_model_dir, lr=0.5, micro_batch_size=5)
         module.scorer = CompletionScorer(module.policy, 4096, share_prompts=share)
-        recorder = ForwardShapes(module.policy)
+        recorder = ForwardShapes(module.policy, training_only=True)  # the training passes, not sampling
         run = trainer(tmp_path / str(share), 1, log_every_n_steps=1)
         run.fit(module, data)
         weights.append({n: p.detach().clone() for n, p in module.policy.named_parameters()})
         logged.append({k: float(run.logged_metrics[f"train/{k}"]) for k in ("loss", "policy_loss", "entropy")})
-        shapes.append([shape[0] for shape in recorder.shapes if shape[1] > 1])  # the passes after sampling
+        shapes.append([shape[0] for shape in recorder.shapes])
     for name, value in weights[1].items():
         torch.testing.assert_close(weights[0][name], value, atol=1e-6, rtol=0, msg=name)
     for key, value in logged[1].items():
         assert logged[0][key] == pytest.approx(value, abs=1e-6), key
-    # sampling's prefill feeds the 3 prompts; training micro-batches of rows 0-4, 5-9, 10-11 hold 2, 2, 1 prompts
-    assert shapes[0] == [3, 2, 5, 2, 5, 1, 2] and shapes[1] == [3, 5, 5, 2]
+    # micro-batches of rows 0-4, 5-9, 10-11 hold 2, 2 and 1 prompts: each run once, then its completions
+    assert shapes[0] == [2, 5, 2, 5, 1, 2] and shapes[1] == [5, 5, 2]
 
 
 # ------------------------------------------------------------------------------------------- the hf engine
@@ -240,6 +242,7 @@ def test_the_engine_feeds_each_prompt_once_and_samples_as_before(tiny_model_dir,
     engine = HFEngine(policy, tokenizer)
     prompts = [tokenizer(text)["input_ids"] for text in ("3+4=", "12*3=", "7-9=")]
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=10)
+    engine._exact_step_masks()  # its one-off probe, before the spy
     shapes = ForwardShapes(policy)
     shared = engine.generate(prompts, 4, sampling, seeds=[5, 6, 7], with_embeddings=True)
     assert shapes.shapes[0][0] == 3 and shapes.shapes[1][0] == 12  # three prompts fed, then twelve rows

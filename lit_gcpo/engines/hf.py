@@ -16,7 +16,10 @@ of its own rather than ``model.generate``:
   sequences all ended keeps stepping until every rank's have.
 
 The G rows of a prompt share its prefill: each distinct prompt is fed once and its cache rows and logits are copied
-to its rows (``SamplingLoop._prefill``), the same numbers as G prefills within float rounding. Top-k and top-p use
+to its rows (``SamplingLoop._prefill``), the same numbers as G prefills within float rounding. While a row has
+padding, an sdpa policy's decoding steps are handed the mask sdpa reads for one query column (the rows' padding
+mask) rather than transformers rebuilding it at every step: bit-equal logits, checked once per policy
+(``decoding.sdpa_step_masks_exact``). Top-k and top-p use
 transformers' logits warpers; the KV cache is transformers' ``DynamicCache`` with its layers
 writing into buffers that grow by doubling (``lit_gcpo.engines.kv_cache``). Stop strings are matched
 in the decoded text, as vLLM does: each row keeps the last characters of its completion's text, extended by
@@ -33,7 +36,7 @@ import torch
 from torch.distributed.fsdp import FSDPModule
 
 from lit_gcpo.engines.base import Generation, RolloutEngine, SamplingConfig, end_of_sequence_ids, prompt_seeds
-from lit_gcpo.engines.decoding import Completions, SamplingLoop, TokenSampler, left_padded
+from lit_gcpo.engines.decoding import Completions, SamplingLoop, TokenSampler, left_padded, sdpa_step_masks_exact
 from lit_gcpo.training.scoring import base_model
 
 
@@ -133,6 +136,7 @@ class HFEngine(RolloutEngine):
         self.eos_token_ids = end_of_sequence_ids(policy, tokenizer)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_ids[0]
         self._texts: list[str] | None = None
+        self._step_masks: bool | None = None  # sdpa_step_masks_exact, checked at the first generate
 
     def sync_weights(self, named_parameters: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Nothing to copy: the engine samples from the live policy."""
@@ -183,6 +187,12 @@ class HFEngine(RolloutEngine):
         small = sum(p.numel() for p in self.policy.parameters()) < SMALL_POLICY_PARAMETERS
         return 1 if small else current
 
+    def _exact_step_masks(self) -> bool:
+        """:func:`lit_gcpo.engines.decoding.sdpa_step_masks_exact` of the policy, checked once."""
+        if self._step_masks is None:
+            self._step_masks = sdpa_step_masks_exact(self.policy)
+        return self._step_masks
+
     def _token_texts(self) -> list[str]:
         """The decoded text of every vocabulary entry (special tokens: empty), computed once."""
         if self._texts is None:
@@ -219,6 +229,9 @@ class HFEngine(RolloutEngine):
             hit = torch.isin(token, eos)  # [r]
             return hit | stop(token, done, rows).to(hit.device) if stop is not None else hit
 
+        sharded = isinstance(self.policy, FSDPModule) and torch.distributed.is_initialized()
+        # the one-off check runs forwards: on every rank of a sharded policy at once (collectives), else when needed
+        padded = len(set(map(len, sequences))) > 1
         loop = SamplingLoop(
             policy=self.policy,
             prompts=prompts,
@@ -227,6 +240,7 @@ class HFEngine(RolloutEngine):
             uniforms=None if sampling.temperature == 0 else self._uniforms(row_seeds, steps, device),  # [n, T]
             completions=Completions(len(sequences), steps, self.pad_token_id, device),
             ends=ends,
-            sharded=isinstance(self.policy, FSDPModule) and torch.distributed.is_initialized(),
+            sharded=sharded,
+            step_masks=(padded or sharded) and self._exact_step_masks() and padded,
         )
         return loop.run(with_embeddings)
