@@ -39,7 +39,8 @@ def _task() -> ArithmeticTask:
 class Record(L.Callback):
     """Keeps, at every step, the policy's weights before its optimizer step, the batch, the logged loss and rollout-
     correction metrics, the gradients the optimizer step got, the policy's forward passes so far (the scoring pass
-    runs when ``score_old`` asks for the old log-probs; the engine's copy of the policy is not counted), and when the
+    runs when ``score_old`` asks for the old log-probs; the engine's copy of the policy is not counted; the prompts'
+    forward of a shared prompt pass, ``lit_gcpo.training.shared_prompts``, is part of its pass), and when the
     step started and ended (``time.perf_counter``)."""
 
     def __init__(self, score_old: bool = False) -> None:
@@ -51,10 +52,12 @@ class Record(L.Callback):
         return {"old_logprobs"} if self.score_old and stage == "train" else set()
 
     def on_train_start(self, trainer, pl_module) -> None:  # after the DataModule copied the policy for its engine
-        pl_module.policy.register_forward_pre_hook(self._count)
+        pl_module.policy.register_forward_pre_hook(self._count, with_kwargs=True)
 
-    def _count(self, module, args) -> None:
-        self.forwards += 1
+    def _count(self, module, args, kwargs) -> None:
+        cache = kwargs.get("past_key_values")
+        if cache is None or cache.get_seq_length() > 0:  # a shared prompt pass fills an empty cache: part of its pass
+            self.forwards += 1
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self.val_batches += 1

@@ -349,7 +349,8 @@ def packing_problem(scorer: CompletionScorer) -> str | None:
     was_training = base.training
     base.eval()
     try:
-        padded = CompletionScorer(scorer.model, scorer.chunk_size, scorer.plain_head)(ids, attention_mask, 7)
+        plain = CompletionScorer(scorer.model, scorer.chunk_size, scorer.plain_head, share_prompts=False)
+        padded = plain(ids, attention_mask, 7)
         packed = scorer._packed(ids, attention_mask, 7, temperature=1.0, with_entropy=False, with_hidden=False)
     finally:
         base.train(was_training)
