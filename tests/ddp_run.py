@@ -8,7 +8,8 @@ on 2 ranks that is all of rank 1's), save (a checkpoint path written at the end)
 resume from), momentum (of the SGD optimizer, 0.5; 0 keeps no optimizer state), warmup_steps, tag (the output
 file's prefix), rewards (the reward functions, default digit_fraction), dynamic (data.dynamic_sampling's settings, a
 dict; then every trained batch and its rollout metrics are saved under "trained"), high_entropy_rho
-(model.token_selection HighEntropyTokens with this rho), off_policy (data.off_policy). With 2 devices Lightning re-runs
+(model.token_selection HighEntropyTokens with this rho), off_policy (data.off_policy), reward_model (the path of a
+reward model added to the rewards as "rm"). With 2 devices Lightning re-runs
 this script for rank 1.
 """
 
@@ -25,6 +26,7 @@ import torch
 from lit_gcpo.algorithms.token_selection import HighEntropyTokens
 from lit_gcpo.data.datamodule import RolloutDataModule
 from lit_gcpo.engines.base import SamplingConfig
+from lit_gcpo.rewards import RewardModel
 from lit_gcpo.tasks.arithmetic import ArithmeticTask
 from lit_gcpo.training.module import GRPOModule
 
@@ -129,7 +131,8 @@ if __name__ == "__main__":
         train=ArithmeticTask("train", num_train=64, num_val=8, seed=1),
         batch_size=options["batch_size"],
         group_size=4,
-        rewards=options.get("rewards", ["toy_rewards:digit_fraction"]),
+        rewards=options.get("rewards", ["toy_rewards:digit_fraction"])
+        + ([RewardModel(options["reward_model"], name="rm")] if "reward_model" in options else []),
         accuracy_reward=None,
         sampling=SamplingConfig(max_new_tokens=6),
         seed=3,

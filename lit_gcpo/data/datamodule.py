@@ -46,6 +46,7 @@ from lit_gcpo.data.training_rollouts import TrainingRollouts
 from lit_gcpo.engines import build_engine
 from lit_gcpo.engines.base import SamplingConfig
 from lit_gcpo.engines.options import EngineOptions
+from lit_gcpo.rewards.reward_model import RewardModel, load_reward_models, reward_name, reward_setting
 from lit_gcpo.running.resume import convert_data_position
 from lit_gcpo.training.parallel import is_sharded
 
@@ -101,7 +102,8 @@ class RolloutDataModule(EvaluationAccess, L.LightningDataModule):
             that the evaluation report counts both.
         batch_size: prompts per training step (B), per data-parallel rank.
         group_size: completions per prompt (G).
-        rewards: reward functions by built-in name or dotted path (``pkg.module:function``).
+        rewards: reward functions by built-in name or dotted path (``pkg.module:function``), and learned reward models
+            (``lit_gcpo.rewards.RewardModel``, by ``class_path``: loaded in ``setup`` on the trainer's device).
         reward_weights: weight of each reward in the total (default 1 each).
         reward_timeout: seconds one reward function may take for one batch before its scores count as failed.
         accuracy_reward: the reward whose value (1 = correct) is reported as accuracy.
@@ -141,7 +143,7 @@ class RolloutDataModule(EvaluationAccess, L.LightningDataModule):
         long_prompts: Literal["truncate", "skip", "error"] = "truncate",
         batch_size: PositiveInt = 8,
         group_size: int = 8,
-        rewards: list[str] | None = None,
+        rewards: list[str | RewardModel] | None = None,
         reward_weights: list[float] | None = None,
         reward_timeout: PositiveFloat = 10.0,
         accuracy_reward: str | None = "math_accuracy",
@@ -166,9 +168,10 @@ class RolloutDataModule(EvaluationAccess, L.LightningDataModule):
         rewards = list(rewards or ([] if label_free is not None else ["math_accuracy"]))  # label-free: extras only
         if reward_weights is not None and len(reward_weights) != len(rewards):
             raise ValueError(f"reward_weights has {len(reward_weights)} entries for {len(rewards)} rewards")
-        if accuracy_reward is not None and accuracy_reward not in rewards and label_free is None:
-            raise ValueError(f"accuracy_reward {accuracy_reward!r} is not one of rewards {rewards}")
-        self.dynamic_sampling = DynamicSampling.checked(dynamic_sampling, rewards)
+        names = [reward_name(spec) for spec in rewards]
+        if accuracy_reward is not None and accuracy_reward not in names and label_free is None:
+            raise ValueError(f"accuracy_reward {accuracy_reward!r} is not one of rewards {names}")
+        self.dynamic_sampling = DynamicSampling.checked(dynamic_sampling, names)
         if off_policy and engine == "vllm" and dynamic_sampling is not None:
             raise ValueError("data.off_policy with data.engine vllm works without data.dynamic_sampling (for now)")
         self.off_policy, self._training = off_policy, None  # TrainingRollouts from the setup of a fit on
@@ -245,6 +248,7 @@ class RolloutDataModule(EvaluationAccess, L.LightningDataModule):
             options = self.engine_options.for_engine(self.engine_name)
             engine = build_engine(self.engine_name, module.policy, tokenizer, **options)
             use_chat = self._renderer(None, tokenizer).use_chat
+            load_reward_models(self.reward_names, self.trainer.strategy.root_device, prompts_use_chat=use_chat)
             self.collector = RolloutCollector(
                 engine, tokenizer, rewards, add_special_tokens=not use_chat, accuracy_reward=self.accuracy_reward,
                 policy_precision=module.precision_context,  # the hf engine samples in it (see RolloutCollector)
@@ -380,7 +384,7 @@ class RolloutDataModule(EvaluationAccess, L.LightningDataModule):
         # (plain types: weights-only loading refuses jsonargparse's PositiveInt)
         settings = {"batch_size": int(self.batch_size), "world_size": world_size, "group_size": int(self.group_size)}
         weights = None if self.reward_weights is None else [float(weight) for weight in self.reward_weights]
-        rewards = {"rewards": [str(name) for name in self.reward_names], "reward_weights": weights}
+        rewards = {"rewards": [reward_setting(spec) for spec in self.reward_names], "reward_weights": weights}
         rewards["dynamic_sampling"] = None if self.dynamic_sampling is None else self.dynamic_sampling.plain()
         rewards["off_policy"] = bool(self.off_policy)  # and every rank's in-flight batch (a collective), saved:
         rewards["off_policy_in_flight"] = [] if self._training is None else self._training.state_dict()

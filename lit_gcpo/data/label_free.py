@@ -40,6 +40,7 @@ from lit_gcpo.algorithms.label_free import (
 )
 from lit_gcpo.rewards import RewardScores, RewardSet
 from lit_gcpo.rewards.loading import needs_gold
+from lit_gcpo.rewards.reward_model import reward_name
 
 
 class Unscored:
@@ -56,13 +57,13 @@ class Unscored:
 
 def label_free_problem(
     label_free: LabelFreeReward | None,
-    rewards: Sequence[str],
+    rewards: Sequence[Any],
     accuracy_reward: str | None,
     dynamic_sampling: bool = False,
 ) -> str | None:
     """Why these settings are refused for label-free training, naming the option at fault; None when they are fine
-    (or ``label_free`` is None). ``rewards`` are the names given in ``data.rewards``; ``dynamic_sampling``: whether
-    ``data.dynamic_sampling`` is on."""
+    (or ``label_free`` is None). ``rewards`` are the entries of ``data.rewards`` (names; reward models, which read no
+    gold); ``dynamic_sampling``: whether ``data.dynamic_sampling`` is on."""
     if label_free is None:
         return None
     if not isinstance(label_free, LabelFreeReward):
@@ -74,13 +75,13 @@ def label_free_problem(
             "together; set data.dynamic_sampling null"
         )
     for name in rewards:
-        if needs_gold(name):
+        if needs_gold(name):  # a reward model reads no gold: allowed
             return (
                 f"data.rewards: {name!r} reads the gold answer, which label-free training (data.label_free: "
                 f"{label_free.name}) never does; leave it out of data.rewards (extra training rewards must need no "
                 f"gold) and name it in data.accuracy_reward to grade validation and test with it"
             )
-    if accuracy_reward is not None and accuracy_reward in rewards:
+    if accuracy_reward is not None and accuracy_reward in [reward_name(spec) for spec in rewards]:
         return (
             f"data.accuracy_reward {accuracy_reward!r} is one of data.rewards, the extra training rewards of "
             f"label-free training; evaluation grades with data.accuracy_reward on its own: leave it out of data.rewards"
@@ -89,7 +90,7 @@ def label_free_problem(
 
 
 def reward_sets(
-    names: Sequence[str],
+    names: Sequence[Any],
     weights: Sequence[float] | None,
     timeout: float,
     label_free: LabelFreeReward | None,

@@ -2,8 +2,9 @@
 
 ``fn(prompts: list[str], completions: list[str], **columns) -> list[float | None]``: columns are the
 dataset rows' fields as lists. Built-ins are registered by name in ``REWARDS``; anything else is loaded
-by dotted path (``pkg.module:function``). ``RewardSet`` scores a batch with several of them under a time
-bound (a user's function in its own killable process) and turns failures into counted NaN scores.
+by dotted path (``pkg.module:function``); a learned reward model is a ``RewardModel``. ``RewardSet`` scores a
+batch with several of them under a time bound (a user's function in its own killable process) and turns failures
+into counted NaN scores.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from lit_gcpo.rewards.math_reward import (
     math_accuracy_final,
 )
 from lit_gcpo.rewards.qa import extract_qa_answer, normalize_answer, qa_exact_match, qa_f1, token_f1
+from lit_gcpo.rewards.reward_model import RewardModel, reward_name
 
 __all__ = [
     "GRADING_TIMEOUT_S",
@@ -37,6 +39,7 @@ __all__ = [
     "ProcessReward",
     "RewardError",
     "RewardFn",
+    "RewardModel",
     "RewardScores",
     "RewardSet",
     "RewardTerm",
@@ -50,5 +53,6 @@ __all__ = [
     "normalize_answer",
     "qa_exact_match",
     "qa_f1",
+    "reward_name",
     "token_f1",
 ]

@@ -9,7 +9,9 @@ out-of-memory killer) is replaced at once and reported with its exit code or sig
 ``reward/<name>_timeouts`` and logged. Built-in rewards and ``RewardTerm``s built from a plain callable run in
 daemon threads; a thread that hangs cannot be killed, so once ``MAX_STUCK_CALLS`` calls of one function are
 still running it is not called again until one returns (the built-in math grading itself runs in a killable
-process, ``lit_gcpo.rewards.sandbox``).
+process, ``lit_gcpo.rewards.sandbox``). A learned reward model (``lit_gcpo.rewards.RewardModel``: trusted weights,
+not user code) runs in the calling thread while the functions' threads run, without a timeout: an error in it stops
+the run; its own counts (``truncated``) are logged as ``reward/<name>_<count>``.
 
 A call that raises, times out or returns something other than N scores yields no score for all N
 completions (``reward/<name>_failures``). Scores must be numbers or None:
@@ -45,6 +47,7 @@ import torch
 
 from lit_gcpo.rewards.isolated import ProcessReward, RewardCallError, RewardCrashError, RewardTimeoutError
 from lit_gcpo.rewards.loading import REWARDS, RewardFn, load_reward
+from lit_gcpo.rewards.reward_model import RewardModel
 
 log = logging.getLogger(__name__)
 
@@ -161,18 +164,26 @@ class RewardSet:
 
     @classmethod
     def from_names(
-        cls, names: Sequence[str], weights: Sequence[float] | None = None, timeout: float = 10.0
+        cls, names: Sequence[str | RewardModel], weights: Sequence[float] | None = None, timeout: float = 10.0
     ) -> RewardSet:
-        """Built-in names or dotted paths, with their weights (default 1 each); a dotted path's function runs in
-        its own process (loaded here first, so that a wrong path fails at once, naming it)."""
+        """Built-in names, dotted paths or ``RewardModel``s (``data.rewards``), with their weights (default 1 each); a
+        dotted path's function runs in its own process (loaded here first, so that a wrong path fails at once,
+        naming it), a reward model in this one."""
         if weights is not None and len(weights) != len(names):
             raise ValueError(f"reward_weights has {len(weights)} entries for {len(names)} rewards")
         weights = list(weights) if weights is not None else [1.0] * len(names)
         terms = []
         for name, weight in zip(names, weights, strict=True):
+            if isinstance(name, RewardModel):
+                terms.append(RewardTerm(name.name, name, float(weight)))
+                continue
             fn = load_reward(name)
             terms.append(RewardTerm(name, fn if name in REWARDS else ProcessReward(name, timeout), float(weight)))
         return cls(terms, timeout)
+
+    @property
+    def reward_models(self) -> list[RewardModel]:
+        return [term.fn for term in self.terms if isinstance(term.fn, RewardModel)]
 
     @property
     def names(self) -> list[str]:
@@ -191,21 +202,12 @@ class RewardSet:
             if isinstance(term.fn, ProcessReward):
                 term.fn.wait_ready()  # (re)starting a process is not part of a call's time bound
         start = time.monotonic()
-        calls: dict[str, _Call | None] = {}
-        for term in self.terms:
-            self._running[term.name] = [c for c in self._running[term.name] if c.thread.is_alive()]
-            if len(self._running[term.name]) >= MAX_STUCK_CALLS:
-                calls[term.name] = None  # still stuck in earlier batches: do not start another thread
-                continue
-            call = _Call(term.fn, prompts, completions, {k: list(v) for k, v in columns.items()})
-            call.thread.start()
-            calls[term.name] = call
-
+        calls = self._start_calls(prompts, completions, columns)
         components: dict[str, torch.Tensor] = {}
         metrics: dict[str, float] = {}
         for term in self.terms:
             name, call = term.name, calls[term.name]
-            if call is not None:  # a process-isolated call ends itself at the timeout, killing its process
+            if call is not None and call.thread.ident is not None:  # a process-isolated call ends at its timeout
                 grace = PROCESS_GRACE_S if isinstance(term.fn, ProcessReward) else 0.0
                 call.thread.join(max(0.0, start + self.timeout + grace - time.monotonic()))
             values, failure, timed_out = self._collect(name, call, n)
@@ -231,10 +233,32 @@ class RewardSet:
             metrics[f"reward/{name}_none"] = float(sum(v is None for v in values)) if failure is None else 0.0
             metrics[f"reward/{name}_invalid"] = float(len(invalid))
             metrics[f"time/reward_{name}_s"] = time.monotonic() - start
+            if isinstance(term.fn, RewardModel):
+                metrics.update({f"reward/{name}_{key}": value for key, value in term.fn.last_metrics.items()})
         total = self._combine(components, n)
         self.scored_batches += 1
         self.usable_batches += int(bool(torch.isfinite(total).any()))
         return RewardScores(total, components, metrics)
+
+    def _start_calls(
+        self, prompts: list[str], completions: list[Any], columns: dict[str, list[Any]]
+    ) -> dict[str, _Call | None]:
+        """Each function's call started on its own daemon thread (None for a function still stuck in earlier
+        batches), then each reward model's call run to its end in this thread while those run (its errors
+        propagate)."""
+        calls: dict[str, _Call | None] = {}
+        for term in self.terms:
+            self._running[term.name] = [c for c in self._running[term.name] if c.thread.is_alive()]
+            if len(self._running[term.name]) >= MAX_STUCK_CALLS:
+                calls[term.name] = None  # still stuck in earlier batches: do not start another thread
+                continue
+            calls[term.name] = _Call(term.fn, prompts, completions, {k: list(v) for k, v in columns.items()})
+            if not isinstance(term.fn, RewardModel):
+                calls[term.name].thread.start()
+        for term in self.terms:
+            if isinstance(term.fn, RewardModel):
+                calls[term.name].result = term.fn(prompts, completions, **{k: list(v) for k, v in columns.items()})
+        return calls
 
     def _collect(self, name: str, call: _Call | None, n: int) -> tuple[list[float | None], str | None, bool]:
         """``(scores, problem, timed_out)``: the N scores of a finished call, or N Nones and why the call failed.
@@ -242,7 +266,7 @@ class RewardSet:
         failed: list[float | None] = [None] * n
         if call is None:
             return failed, f"{MAX_STUCK_CALLS} earlier calls are still running", False
-        if call.thread.is_alive():
+        if call.thread.is_alive():  # a reward model's call (never started as a thread) is done here
             self._running[name].append(call)
             return failed, f"timed out after {self.timeout:g} s", True
         if isinstance(call.error, RewardTimeoutError):

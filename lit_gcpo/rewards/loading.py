@@ -29,9 +29,11 @@ def reads_gold(fn: RewardFn) -> RewardFn:
     return fn
 
 
-def needs_gold(name: str) -> bool:
-    """Whether the reward ``name`` (built-in or dotted path, loaded here) is marked with ``reads_gold``."""
-    return bool(getattr(load_reward(name), "reads_gold", False))
+def needs_gold(name: Any) -> bool:
+    """Whether the reward ``name`` (built-in or dotted path, loaded here) is marked with ``reads_gold``; a
+    ``data.rewards`` entry that is not a name (a ``RewardModel``, or its ``class_path`` while parsing) reads
+    none."""
+    return isinstance(name, str) and bool(getattr(load_reward(name), "reads_gold", False))
 
 
 def import_object(path: str) -> Any:
