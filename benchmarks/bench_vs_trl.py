@@ -5,7 +5,7 @@ time, its split, peak RSS, and whether the machine was quiet.
         [--same-length] [--repeats N] [--steps N] [--betas 0] [--lit-python PATH] [--allow-busy] [--keep] [--no-write]
 
 The comparison RESULTS.md quotes, on a quiet machine (about 20 minutes on 2 cores): ``.venv/bin/python
-benchmarks/bench_vs_trl.py`` with its defaults. ``--same-length`` adds the environment ``same-length`` (about 6
+benchmarks/bench_vs_trl.py`` with its defaults. ``--same-length`` adds the environment ``same-length`` (estimated 5
 minutes more): ``as-a-user`` with every completion exactly the size's most new tokens on both sides (lit-gcpo
 ``data.sampling.min_tokens``, TRL ``generation_kwargs={"min_new_tokens": N}``), its own labelled row, a control
 for equal work (the other rows' completion lengths fall where each sampler's draws put the EOS). Its runs must
