@@ -2,10 +2,15 @@
 time, its split, peak RSS, and whether the machine was quiet.
 
     .venv/bin/python benchmarks/bench_vs_trl.py [--sizes tiny 20m] [--environments as-a-user ACTIVE PASSIVE loaded]
-        [--repeats N] [--steps N] [--betas 0] [--lit-python PATH] [--allow-busy] [--keep] [--no-write]
+        [--same-length] [--repeats N] [--steps N] [--betas 0] [--lit-python PATH] [--allow-busy] [--keep] [--no-write]
 
 The comparison RESULTS.md quotes, on a quiet machine (about 20 minutes on 2 cores): ``.venv/bin/python
-benchmarks/bench_vs_trl.py`` with its defaults.
+benchmarks/bench_vs_trl.py`` with its defaults. ``--same-length`` adds the environment ``same-length`` (estimated 5
+minutes more): ``as-a-user`` with every completion exactly the size's most new tokens on both sides (lit-gcpo
+``data.sampling.min_tokens``, TRL ``generation_kwargs={"min_new_tokens": N}``), its own labelled row, a control
+for equal work (the other rows' completion lengths fall where each sampler's draws put the EOS). Its runs must
+show 8 x 8 x N completion tokens at every step on both sides: otherwise the script names them, writes nothing and
+exits with status 4.
 
 Venvs. TRL 1.16.0 lives in its own venv, ``.venv-trl`` (ignored by git), which the script makes when it is
 missing: ``python -m venv``, ``pip install torch==2.13.0`` (the local CPU wheel), then ``trl==1.16.0``, the
@@ -94,13 +99,15 @@ from vs_trl_env import (  # noqa: E402
     refused_runs,
     run_environment,
 )
-from vs_trl_report import report, split_of, summarise  # noqa: E402
+from vs_trl_report import report, split_of, summarise, unequal_lengths  # noqa: E402
 from vs_trl_work import SIZES, Size, write_work  # noqa: E402
 
 TRL_VERSION = "1.16.0"
 TORCH_VERSION = "2.13.0"
 DEFAULT_STEPS = {"tiny": 20, "20m": 4}  # with DEFAULT_REPEATS: ~20 minutes for every environment and both sizes
 DEFAULT_REPEATS = {"tiny": 2, "20m": 1}
+SAME_LENGTH = "same-length"
+DEFAULT_ENVIRONMENTS = [name for name, environment in ENVIRONMENTS.items() if not environment.same_length]
 
 
 # ------------------------------------------------------------------------------------------------ venvs
@@ -181,17 +188,32 @@ def wait_with_rusage(process: subprocess.Popen, timeout_s: float) -> tuple[int, 
         time.sleep(0.05)
 
 
+def environment_of(run: dict[str, Any]) -> Environment:
+    """The environment ``run`` is made in: its own ``environment_spec`` (``bench_wait_policy.py``) or the named one."""
+    return run.get("environment_spec") or ENVIRONMENTS[run["environment"]]
+
+
+def min_tokens_of(run: dict[str, Any], size: Size) -> int:
+    """The least completion length of ``run``: the size's most new tokens in a ``same_length`` environment, else 0."""
+    return size.max_new_tokens if environment_of(run).same_length else 0
+
+
+def runner_command(python: Path, work: Path, run: dict[str, Any], size: Size, steps: int, out: Path) -> list[str]:
+    """The ``vs_trl_runner.py`` command of ``run`` (``--min-tokens``: :func:`min_tokens_of`)."""
+    min_tokens = min_tokens_of(run, size)
+    command = [str(python), str(HERE / "vs_trl_runner.py"), run["framework"], str(work), str(run["beta"]), str(steps)]
+    return [*command, str(size.max_new_tokens), str(out), run.get("engine", "hf"), "--min-tokens", str(min_tokens)]
+
+
 def run_once(python: Path, work: Path, run: dict[str, Any], size: Size, steps: int, out: Path) -> dict[str, Any]:
     """One training run in its own process, in ``run['environment']``; its record (``vs_trl_runner.finish``) with
     the wall time, CPU time, load average before and after and foreign CPU share added. Raises with the log's
     tail when the run fails or exceeds its time bound."""
-    framework, beta = run["framework"], run["beta"]
-    environment: Environment = run.get("environment_spec") or ENVIRONMENTS[run["environment"]]
+    framework = run["framework"]
     base = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     base["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
-    env = run_environment(base, environment, framework)
-    command = [str(python), str(HERE / "vs_trl_runner.py"), framework, str(work), str(beta), str(steps)]
-    command += [str(size.max_new_tokens), str(out), run.get("engine", "hf")]
+    env = run_environment(base, environment_of(run), framework)
+    command = runner_command(python, work, run, size, steps, out)
     bound = 180 + 60 * steps * (size.max_new_tokens // 32) ** 2
     log = out.with_suffix(".log")
     load_before = os.getloadavg()[0]
@@ -211,6 +233,7 @@ def run_once(python: Path, work: Path, run: dict[str, Any], size: Size, steps: i
         raise RuntimeError(f"{framework} run {run}: optimizer steps, timed steps, rollouts {counts} != {steps}")
     share = foreign_share(stat_before, stat_after, own_cpu, wall, os.cpu_count() or 1, os.sysconf("SC_CLK_TCK"))
     record.update(run, wall_s=wall, own_cpu_s=own_cpu, foreign_share=share, load_before=load_before)
+    record["min_tokens"] = min_tokens_of(run, size)
     record["load_after"] = os.getloadavg()[0]
     return record
 
@@ -270,7 +293,10 @@ def per_size(value: list[str] | None, default: dict[str, int], sizes: list[str],
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["tiny", "20m"])
-    parser.add_argument("--environments", nargs="+", choices=list(ENVIRONMENTS), default=list(ENVIRONMENTS))
+    parser.add_argument("--environments", nargs="+", choices=list(ENVIRONMENTS), default=DEFAULT_ENVIRONMENTS)
+    parser.add_argument(
+        "--same-length", action="store_true", help="add the same-length control (every completion max_new_tokens)"
+    )
     parser.add_argument("--repeats", nargs="+", help=f"N or SIZE=N (default {DEFAULT_REPEATS})")
     parser.add_argument("--steps", nargs="+", help=f"N or SIZE=N (default {DEFAULT_STEPS})")
     parser.add_argument("--betas", type=float, nargs="+", default=[0.0])
@@ -281,6 +307,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the work directory (models, runs, logs)")
     parser.add_argument("--no-write", action="store_true", help="print the tables, leave RESULTS.md alone")
     args = parser.parse_args(argv)
+    if args.same_length and SAME_LENGTH not in args.environments:
+        args.environments = [*args.environments, SAME_LENGTH]
     args.steps = per_size(args.steps, DEFAULT_STEPS, args.sizes, "--steps")
     args.repeats = per_size(args.repeats, DEFAULT_REPEATS, args.sizes, "--repeats")
     for size in args.sizes:
@@ -306,6 +334,10 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(lines))
         if refusals:
             print("\n".join(["not a quiet (or not a loaded) measurement:", *refusals]))
+        unequal = unequal_lengths(records, ENVIRONMENTS)
+        if unequal:  # the control failed: its row would compare unequal work under a label that says otherwise
+            print("\n".join(["RESULTS.md left as it was: the same-length runs did not generate equal work:", *unequal]))
+            return 4
         if args.no_write:
             return 0
         if refusals and not args.allow_busy:

@@ -10,6 +10,11 @@ Environments (``ENVIRONMENTS``; each run's process gets the variables of its fra
 - ``loaded``: ``as-a-user`` while the script keeps a fixed background load running: one single-threaded
   busy loop (a Python ``while True: pass`` process) per core, started before the run and stopped after it.
   What a user gets on a machine that other jobs share.
+- ``same-length`` (only with ``bench_vs_trl.py --same-length``): ``as-a-user`` with every completion exactly
+  ``max_new_tokens`` long on both sides (the end-of-sequence ids suppressed until then: lit-gcpo's
+  ``data.sampling.min_tokens``, TRL's ``generation_kwargs={"min_new_tokens": ...}``). A control for equal work: with
+  random weights EOS falls where each sampler's draws put it, so the other rows' completions differ in length
+  (20m, 2026-12-07: 5,425 tokens a step for lit-gcpo, 4,797 for TRL). Never the headline.
 
 Quiet or not, measured per run (robust to what the load average misses or lags):
 
@@ -50,12 +55,14 @@ up) or after its lifetime."""
 
 @dataclass(frozen=True)
 class Environment:
-    """One labelled environment: ``OMP_WAIT_POLICY`` per framework (None: not set) and the background load."""
+    """One labelled environment: ``OMP_WAIT_POLICY`` per framework (None: not set), the background load and whether
+    both sides generate completions of the same length."""
 
     label: str
     wait_policy: dict[str, str | None]
     loaded: bool = False
     description: str = ""
+    same_length: bool = False  # every completion max_new_tokens long on both sides
 
     def variables(self, framework: str) -> dict[str, str]:
         """The variables this environment sets for ``framework``'s process (and those it removes: value None)."""
@@ -77,6 +84,13 @@ ENVIRONMENTS = {
         {"trl": None, "lit": None},
         loaded=True,
         description="as-a-user, with one single-threaded busy process per core running throughout",
+    ),
+    "same-length": Environment(
+        "same-length",
+        {"trl": None, "lit": None},
+        same_length=True,
+        description="as-a-user, every completion exactly the most new tokens long on both sides (EOS suppressed "
+        "until then: lit-gcpo data.sampling.min_tokens, TRL min_new_tokens), a control for equal work",
     ),
 }
 

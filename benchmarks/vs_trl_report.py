@@ -70,6 +70,26 @@ def summarise(records: list[dict], sizes: list[str], environments: list[str], be
     return results
 
 
+def unequal_lengths(records: list[dict], environments: dict[str, Any]) -> list[str]:
+    """Why the same-length rows may not be written, one message per run (empty: they may): in an environment with
+    ``same_length`` every step of every run must hold ``PROMPTS_PER_STEP x GROUP_SIZE x max_new_tokens`` completion
+    tokens, TRL's and lit-gcpo's alike."""
+    messages = []
+    for run in records:
+        if not environments[run["environment"]].same_length:
+            continue
+        size = SIZES[run["size"]]
+        expected = PROMPTS_PER_STEP * GROUP_SIZE * size.max_new_tokens
+        seen = sorted(set(run["completion_tokens"]))
+        if seen != [expected]:
+            name = f"{run['environment']} {run['size']} beta {run['beta']:g} {run['framework']} repeat {run['repeat']}"
+            messages.append(
+                f"{name}: completion tokens per step {', '.join(f'{t:g}' for t in seen)}, not "
+                f"{PROMPTS_PER_STEP} x {GROUP_SIZE} x {size.max_new_tokens} = {expected} at every step"
+            )
+    return messages
+
+
 PHASE_ROWS = (
     ("generate", "generation"),
     ("reward", "reward"),

@@ -1,9 +1,11 @@
 """One timed training run of ``bench_vs_trl.py``, as its own process: TRL's ``GRPOTrainer`` (run with the TRL
 venv's python) or ``lit-gcpo fit`` (the project's), on the work of ``vs_trl_work``.
 
-    python vs_trl_runner.py {trl,lit} WORK_DIR BETA STEPS MAX_NEW_TOKENS OUT.json [ENGINE]
+    python vs_trl_runner.py {trl,lit} WORK_DIR BETA STEPS MAX_NEW_TOKENS OUT.json [ENGINE] [--min-tokens N]
 
-(``ENGINE``: lit-gcpo's ``data.engine``, ``hf`` by default.)
+(``ENGINE``: lit-gcpo's ``data.engine``, ``hf`` by default. ``--min-tokens``: no completion ends before it has N
+tokens, lit-gcpo's ``data.sampling.min_tokens`` and TRL's ``min_new_tokens``; N = MAX_NEW_TOKENS is
+``bench_vs_trl.py``'s same-length control. 0 by default.)
 
 Writes ``OUT.json``: the wall time of every optimizer step (between consecutive step ends, so logging is in) and
 the process's CPU time over the same interval (all its threads: ``time.process_time``),
@@ -23,6 +25,7 @@ remains of the step.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
@@ -81,7 +84,9 @@ def finish(
 
 
 # ------------------------------------------------------------------------------------------------ TRL
-def run_trl(files: WorkFiles, beta: float, steps: int, max_new_tokens: int, out: Path, engine: str = "hf") -> None:
+def run_trl(
+    files: WorkFiles, beta: float, steps: int, max_new_tokens: int, out: Path, engine: str = "hf", min_tokens: int = 0
+) -> None:
     if engine != "hf":
         raise ValueError(f"TRL generates with model.generate; engine {engine!r} is lit-gcpo's only")
     import datasets
@@ -127,7 +132,7 @@ def run_trl(files: WorkFiles, beta: float, steps: int, max_new_tokens: int, out:
                 tokens.append(logs["completions/mean_length"] * PROMPTS_PER_STEP * GROUP_SIZE)
 
     dataset = datasets.load_dataset("json", data_files=str(files.prompts), split="train")
-    config = GRPOConfig(**trl_config_kwargs(beta, steps, out.parent / f"{out.stem}-trl", max_new_tokens))
+    config = GRPOConfig(**trl_config_kwargs(beta, steps, out.parent / f"{out.stem}-trl", max_new_tokens, min_tokens))
     trainer = GRPOTrainer(
         model=str(files.model),
         reward_funcs=[sum_reward],
@@ -143,7 +148,9 @@ def run_trl(files: WorkFiles, beta: float, steps: int, max_new_tokens: int, out:
 LIT_PHASES = ("time/generate_s", "time/reward_s", "time/score_s", "time/train_s", "time/answer_clusters_s")
 
 
-def run_lit(files: WorkFiles, beta: float, steps: int, max_new_tokens: int, out: Path, engine: str = "hf") -> None:
+def run_lit(
+    files: WorkFiles, beta: float, steps: int, max_new_tokens: int, out: Path, engine: str = "hf", min_tokens: int = 0
+) -> None:
     # The CLI first, as the `lit-gcpo` command imports it: it decides OMP_WAIT_POLICY before torch is imported,
     # and OpenMP reads the variable once (importing lightning first left OpenMP's default in force whatever the
     # CLI then set: 6x the CPU per step under PASSIVE on a busy machine).
@@ -175,17 +182,31 @@ def run_lit(files: WorkFiles, beta: float, steps: int, max_new_tokens: int, out:
             )
             tokens.append(float(batch.completion_mask.sum()))
 
-    args = lit_args(files, beta, steps, out.parent / f"{out.stem}-lit", max_new_tokens, engine)
+    args = lit_args(files, beta, steps, out.parent / f"{out.stem}-lit", max_new_tokens, engine, min_tokens)
     cli = cli_main(args[1:], run=False)
     cli.trainer.callbacks.append(StepClock())
     cli.trainer.fit(cli.model, cli.datamodule)
     finish(out, "lit", walls, cpus, phases, tokens, cli.trainer.global_step)
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("framework", choices=["trl", "lit"])
+    parser.add_argument("work_dir", type=Path)
+    parser.add_argument("beta", type=float)
+    parser.add_argument("steps", type=int)
+    parser.add_argument("max_new_tokens", type=int)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("engine", nargs="?", default="hf")
+    parser.add_argument("--min-tokens", type=int, default=0)
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str]) -> None:
-    framework, work_dir, beta, steps, max_new_tokens, out, *engine = argv
-    run = {"trl": run_trl, "lit": run_lit}[framework]
-    run(WorkFiles(Path(work_dir)), float(beta), int(steps), int(max_new_tokens), Path(out), *engine)
+    args = parse_args(argv)
+    run = {"trl": run_trl, "lit": run_lit}[args.framework]
+    work = WorkFiles(args.work_dir)
+    run(work, args.beta, args.steps, args.max_new_tokens, args.out, args.engine, args.min_tokens)
 
 
 if __name__ == "__main__":

@@ -139,10 +139,12 @@ def lit_args(
     run_dir: Path,
     max_new_tokens: int = MAX_NEW_TOKENS,
     engine: str = "hf",
+    min_tokens: int = 0,
 ) -> list[str]:
     """``lit-gcpo fit`` arguments for the work (the subcommand included). TensorBoard scalars every step like a
     user run; no checkpoints, no exported policy, no validation, no progress bar. ``engine``: ``hf`` (what TRL is
-    compared with) or ``vllm`` (``bench_wait_policy.py``)."""
+    compared with) or ``vllm`` (``bench_wait_policy.py``). ``min_tokens``: no completion ends before it has that
+    many tokens (``max_new_tokens``: the same-length control; TRL's side is ``trl_config_kwargs``'s)."""
     engine_options = ["--data.engine_options", VLLM_OPTIONS] if engine == "vllm" else []
     return [
         "fit",
@@ -192,16 +194,22 @@ def lit_args(
         f"--data.sampling.top_p={TOP_P}",
         "--data.sampling.top_k=-1",
         f"--data.sampling.max_new_tokens={max_new_tokens}",
+        f"--data.sampling.min_tokens={min_tokens}",
     ]
 
 
 def trl_config_kwargs(
-    beta: float, steps: int, output_dir: Path, max_new_tokens: int = MAX_NEW_TOKENS
+    beta: float, steps: int, output_dir: Path, max_new_tokens: int = MAX_NEW_TOKENS, min_tokens: int = 0
 ) -> dict[str, Any]:
     """``trl.GRPOConfig`` arguments for the same work (TRL 1.16 names; defaults that differ from lit-gcpo's
     or from the work are set explicitly: TRL defaults to bf16, gradient checkpointing, the DAPO loss and
-    group-std scaling)."""
+    group-std scaling). ``min_tokens`` > 0: ``generation_kwargs={"min_new_tokens": min_tokens}``, which TRL 1.16
+    merges into the ``GenerationConfig`` of its ``model.generate`` path; transformers then adds its
+    ``MinNewTokensLengthLogitsProcessor`` over TRL's end-of-sequence ids (the logits at -inf while fewer than
+    ``min_tokens`` new tokens exist: lit-gcpo's ``data.sampling.min_tokens``, vLLM's ``min_tokens``)."""
+    generation = {"generation_kwargs": {"min_new_tokens": min_tokens}} if min_tokens else {}
     return {
+        **generation,
         "output_dir": str(output_dir),
         "seed": SEED,
         "use_cpu": True,

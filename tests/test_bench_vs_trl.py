@@ -11,7 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-from bench_vs_trl import per_size, plan
+from bench_vs_trl import DEFAULT_ENVIRONMENTS, parse_args, per_size, plan, runner_command
 from vs_trl_env import (
     ENVIRONMENTS,
     LOADED_SHARE,
@@ -21,7 +21,7 @@ from vs_trl_env import (
     refused_runs,
     run_environment,
 )
-from vs_trl_report import split_of
+from vs_trl_report import split_of, unequal_lengths
 from vs_trl_work import (
     EXPECTED_PARAMETERS,
     REWARD_PATH,
@@ -274,3 +274,79 @@ def test_wait_policy_environments_cover_each_policy_quiet_and_loaded(tmp_path: P
     assert [a for a in vllm if a not in ("--data.engine=vllm", "--data.engine_options", vllm[position + 1])] == [
         a for a in hf if a != "--data.engine=hf"
     ]  # nothing else differs
+
+
+# ------------------------------------------------------------------------------------ same-length control
+def test_same_length_is_its_own_environment_added_by_its_option() -> None:
+    control = ENVIRONMENTS["same-length"]
+    assert control.same_length and not control.loaded and control.wait_policy == ENVIRONMENTS["as-a-user"].wait_policy
+    assert [e for e, env in ENVIRONMENTS.items() if env.same_length] == ["same-length"]
+    assert DEFAULT_ENVIRONMENTS == ["as-a-user", "ACTIVE", "PASSIVE", "loaded"]  # not run (nor quoted) by default
+    assert parse_args([]).environments == DEFAULT_ENVIRONMENTS
+    assert parse_args(["--same-length"]).environments == [*DEFAULT_ENVIRONMENTS, "same-length"]
+    assert parse_args(["--environments", "PASSIVE", "--same-length"]).environments == ["PASSIVE", "same-length"]
+    assert parse_args(["--environments", "same-length", "--same-length"]).environments == ["same-length"]
+
+
+@pytest.mark.parametrize(
+    ("environment", "size", "min_tokens"),
+    [("same-length", "20m", 128), ("as-a-user", "20m", 0), ("same-length", "tiny", 32), ("loaded", "tiny", 0)],
+)
+def test_the_runner_gets_min_tokens_only_in_the_same_length_environment(
+    tmp_path: Path, environment: str, size: str, min_tokens: int
+) -> None:
+    from vs_trl_runner import parse_args as runner_args
+
+    run = {"framework": "trl", "beta": 0.0, "environment": environment}
+    command = runner_command(Path("python"), tmp_path, run, SIZES[size], 4, tmp_path / "out.json")
+    parsed = runner_args(command[2:])  # what the runner reads of it
+    assert (parsed.framework, parsed.steps, parsed.engine) == ("trl", 4, "hf")
+    assert parsed.max_new_tokens == SIZES[size].max_new_tokens and parsed.min_tokens == min_tokens
+
+
+@pytest.mark.parametrize("min_tokens", [0, 32])
+def test_both_sides_get_the_same_least_length(tmp_path: Path, min_tokens: int) -> None:
+    """lit-gcpo parses ``data.sampling.min_tokens``; TRL's ``GRPOConfig`` gets ``generation_kwargs`` that TRL 1.16
+    merges into its ``GenerationConfig`` (``min_new_tokens``) only when it is set."""
+    from lit_gcpo.running.cli import main as cli_main
+
+    files, _ = write_work(tmp_path / "work")
+    args = lit_args(files, 0.0, 5, tmp_path / "run", min_tokens=min_tokens)
+    sampling = cli_main(args[1:], run=False).datamodule.sampling
+    assert (sampling.max_new_tokens, sampling.min_tokens) == (32, min_tokens)
+    trl = trl_config_kwargs(0.0, steps=5, output_dir=tmp_path / "trl", min_tokens=min_tokens)
+    assert trl.get("generation_kwargs") == ({"min_new_tokens": min_tokens} if min_tokens else None)
+
+
+def test_transformers_holds_the_eos_off_for_min_new_tokens_as_trl_passes_it() -> None:
+    """TRL 1.16's ``model.generate`` path: ``GenerationConfig(max_new_tokens, do_sample, eos_token_id, ...)`` updated
+    with ``generation_kwargs``. On the tiny work's policy with its EOS logit +30 (it would end at once) every
+    completion then has exactly the most new tokens; without, every one is the EOS alone."""
+    from transformers import GenerationConfig
+
+    tokenizer, model = build_tokenizer(), build_model().eval()
+    eos = tokenizer.eos_token_id
+    model.lm_head.register_forward_hook(lambda _m, _i, logits: logits.index_add(
+        -1, torch.tensor([eos]), torch.full((*logits.shape[:-1], 1), 30.0)))  # fmt: skip
+    prompt = torch.tensor([tokenizer("What is 3+4? Answer:")["input_ids"]] * 4)
+    base = dict(max_new_tokens=8, do_sample=True, eos_token_id=[eos], pad_token_id=tokenizer.pad_token_id, top_k=0)
+    for extra, lengths in (({}, [1] * 4), ({"min_new_tokens": 8}, [8] * 4)):
+        torch.manual_seed(0)
+        out = model.generate(prompt, generation_config=GenerationConfig(**base, **extra))[:, prompt.shape[1] :]
+        ends = [(row == eos).nonzero()[0].item() + 1 if (row == eos).any() else len(row) for row in out]
+        assert ends == lengths
+
+
+def test_unequal_lengths_name_the_same_length_runs_that_broke_the_control() -> None:
+    def run(environment: str, tokens: list[float], framework: str = "trl", size: str = "20m") -> dict:
+        return {"environment": environment, "size": size, "beta": 0.0, "framework": framework, "repeat": 0,
+                "completion_tokens": tokens}  # fmt: skip
+
+    # 20m: 8 prompts x 8 completions x 128 tokens = 8,192 a step; tiny 8 x 8 x 32 = 2,048
+    ok = [run("same-length", [8192.0] * 4), run("same-length", [8192] * 4, "lit"), run("as-a-user", [4797.0, 5425.0])]
+    assert unequal_lengths([*ok, run("same-length", [2048] * 3, size="tiny")], ENVIRONMENTS) == []
+    broken = [*ok, run("same-length", [8192, 8100.5, 8192], "lit")]
+    assert unequal_lengths(broken, ENVIRONMENTS) == [
+        "same-length 20m beta 0 lit repeat 0: completion tokens per step 8100.5, 8192, not 8 x 8 x 128 = 8192 at "
+        "every step"
+    ]

@@ -37,6 +37,15 @@ def test_source_settings_override_the_datamodules_and_greedy_adds_a_pass() -> No
         BenchmarkSource("gsm8k", "unused.jsonl", greedy=True).eval_variants(SamplingConfig(temperature=0.0), 4)
 
 
+def test_min_tokens_holds_up_to_a_benchmarks_own_limit() -> None:
+    # data.sampling: min_tokens 200 of 300; a benchmark of 100 new tokens caps it at 100, one of 3000 keeps 200
+    base = SamplingConfig(temperature=0.6, max_new_tokens=300, min_tokens=200)
+    (short,) = BenchmarkSource("gsm8k", "unused.jsonl", max_new_tokens=100).eval_variants(base, 4)
+    (long,) = BenchmarkSource("gsm8k", "unused.jsonl", max_new_tokens=3000).eval_variants(base, 4)
+    assert (short.sampling.max_new_tokens, short.sampling.min_tokens) == (100, 100)
+    assert (long.sampling.max_new_tokens, long.sampling.min_tokens) == (3000, 200)
+
+
 @pytest.mark.parametrize(
     ("option", "value"), [("samples", 0), ("temperature", -0.5), ("max_new_tokens", 0), ("max_context_tokens", 0)]
 )

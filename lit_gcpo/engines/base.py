@@ -24,6 +24,12 @@ class SamplingConfig:
         top_p: nucleus sampling mass.
         top_k: keep the k most likely tokens; -1 disables.
         max_new_tokens: the completion length limit ``L_max``.
+        min_tokens: the completion tokens sampled before one may end it (vLLM's ``SamplingParams.min_tokens``,
+            transformers' ``min_new_tokens``): tokens ``0 .. min_tokens - 1`` are never an end-of-sequence id and
+            never complete a stop string, so a completion that ends has at least ``min_tokens + 1`` tokens and one
+            that does not has ``max_new_tokens``. ``max_new_tokens``: every completion has exactly that many. The
+            engines report log-probs of the distribution they sampled from (the end-of-sequence ids at -inf);
+            the trainer's own log-probs are the policy's (see :class:`Generation`). 0 (the default): off.
         stop: strings that end a completion (the stop string is kept in the text).
         seed: base seed of the engine's sampler when the caller gives no per-prompt seeds: prompt ``i`` of a
             call then gets the seed derived from ``(seed, i)``. None leaves it to the engine.
@@ -33,6 +39,7 @@ class SamplingConfig:
     top_p: float = 1.0
     top_k: int = -1
     max_new_tokens: int = 256
+    min_tokens: int = 0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
 
@@ -43,6 +50,11 @@ class SamplingConfig:
             raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 1:
             raise ValueError(f"sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise ValueError(
+                f"sampling.min_tokens must be in [0, max_new_tokens] = [0, {self.max_new_tokens}], "
+                f"got {self.min_tokens}"
+            )
 
 
 def logprob_temperature(temperature: float) -> float:
@@ -60,7 +72,10 @@ class Generation:
         completion_ids: token ids of each completion, EOS included when it was sampled.
         logprobs: the engine's log-probability of each sampled token (same lengths), or None. It is the
             log-probability under the temperature-scaled distribution ``log_softmax(logits / T)``, before
-            top-k/top-p truncation, which is what the trainer recomputes (T = 1 for greedy decoding).
+            top-k/top-p truncation, which is what the trainer recomputes (T = 1 for greedy decoding). Under
+            ``min_tokens``, a token sampled while the end-of-sequence ids are suppressed has the log-prob of that
+            distribution, ``log_softmax`` with those logits at -inf (the one sampled from; vLLM's
+            ``processed_logprobs``): ``log p - log(1 - p_eos)`` of the trainer's ``log p``.
         truncated: True where the completion hit ``max_new_tokens`` without EOS or a stop string.
         embeddings: ``[n, H]`` each completion's final hidden state averaged over its tokens, when asked of an
             engine that ``reports_embeddings``; None otherwise.

@@ -4,7 +4,9 @@ per-row seeded token sampler and the record of what each row produced.
 Sampling (see ``hf``'s docstring): row ``r`` at step ``t`` draws its token by inverting the CDF of
 ``softmax(warp(logits / T))`` at its own uniform ``u[r, t]`` (SplitMix64 keyed by the prompt's seed and the
 sample's index), so a row's tokens depend on its seed and the weights only. The log-prob kept is that of
-``log_softmax(logits / T)`` before top-k / top-p, as :class:`lit_gcpo.engines.base.Generation` documents.
+``log_softmax(logits / T)`` before top-k / top-p, as :class:`lit_gcpo.engines.base.Generation` documents. While
+``t < sampling.min_tokens`` the end-of-sequence logits are -inf before all of it (vLLM's order: its min-tokens
+processor runs before temperature and top-k / top-p), so the kept log-prob is that of the distribution sampled from.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from lit_gcpo.training.shared_prompts import prompt_runs
 
 EndTest = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``(token [r], done [r]) -> [r]`` bool: which rows end with their new token."""
+StepEndTest = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+"""``(token [r], done [r], rows [r], t) -> [r]`` bool: which of the caller's ``rows`` end with their token ``t``."""
 
 
 @dataclass
@@ -61,10 +65,15 @@ class TokenSampler:
     """Each row's next token and its log-prob from the logits of its last column.
 
     Args:
-        sampling: temperature (0: greedy), top-k (> 0 keeps the k most likely), top-p (< 1: the nucleus).
+        sampling: temperature (0: greedy), top-k (> 0 keeps the k most likely), top-p (< 1: the nucleus), and
+            ``min_tokens``: at steps ``t < min_tokens`` the ``end_ids`` cannot be drawn (their logits -inf).
+        end_ids: the end-of-sequence ids (needed when ``min_tokens`` > 0).
     """
 
-    def __init__(self, sampling: SamplingConfig) -> None:
+    def __init__(self, sampling: SamplingConfig, end_ids: torch.Tensor | None = None) -> None:
+        if sampling.min_tokens > 0 and (end_ids is None or end_ids.numel() == 0):
+            raise ValueError("sampling.min_tokens needs the end-of-sequence ids it suppresses")
+        self.min_tokens, self.end_ids = sampling.min_tokens, end_ids
         self.greedy = sampling.temperature == 0
         self.temperature = logprob_temperature(sampling.temperature)
         self.warpers = []
@@ -73,10 +82,14 @@ class TokenSampler:
         if not self.greedy and sampling.top_p < 1:
             self.warpers.append(TopPLogitsWarper(sampling.top_p))
 
-    def __call__(self, logits: torch.Tensor, uniforms: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``logits [r, V]`` and the rows' uniforms of this step ``[r]`` -> ``(token [r], log_softmax(logits / T)
-        [r, V])``."""
-        scaled = logits.float() / self.temperature  # [r, V]
+    def __call__(
+        self, logits: torch.Tensor, uniforms: torch.Tensor | None, step: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``logits [r, V]`` and the rows' uniforms of step ``step`` ``[r]`` -> ``(token [r], log_softmax(logits / T)
+        [r, V])``, the end-of-sequence logits at -inf first while ``step < min_tokens``."""
+        scaled = logits.float() / self.temperature  # [r, V], a new tensor: filled in place below
+        if step < self.min_tokens:
+            scaled.index_fill_(-1, self.end_ids, float("-inf"))
         log_probs = torch.log_softmax(scaled, dim=-1)  # [r, V]
         if self.greedy:
             return scaled.argmax(-1), log_probs
@@ -195,7 +208,7 @@ class SamplingLoop:
         sampler: draws a token per row.
         uniforms: ``[n, T]`` the rows' uniforms (None when greedy).
         completions: where the tokens go.
-        ends: ``(token [r], done [r], rows [r]) -> [r]``: which rows end with their new token.
+        ends: ``(token [r], done [r], rows [r], t) -> [r]``: which rows end with their token ``t``.
         sharded: the policy is FSDP2-sharded over initialised process groups.
         step_masks: hand the decoding steps the rows' padding mask as sdpa reads it (:func:`sdpa_step_masks_exact`)
             while some row has padding (without, transformers passes sdpa no mask).
@@ -209,7 +222,7 @@ class SamplingLoop:
         sampler: TokenSampler,
         uniforms: torch.Tensor | None,
         completions: Completions,
-        ends: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+        ends: StepEndTest,
         sharded: bool,
         step_masks: bool = False,
     ) -> None:
@@ -236,8 +249,8 @@ class SamplingLoop:
                 if t == self.steps:
                     break
                 uniforms = None if self.row_uniforms is None else self.row_uniforms[:, t]  # [r]
-                token, log_probs = self.sampler(logits, uniforms)
-                done, newly, token = record(self.rows, t, token, log_probs, lambda x, d: self.ends(x, d, self.rows))
+                token, log_probs = self.sampler(logits, uniforms, t)
+                done, newly, token = record(self.rows, t, token, log_probs, self._ends_at(t))
                 if t == self.steps - 1 and not with_embeddings:
                     break  # the last token: nothing left to sample or to feed
                 # who needs the next forward: the rows still sampling, and (embeddings) those whose token t is new
@@ -248,6 +261,10 @@ class SamplingLoop:
         lengths = self.completions.lengths
         embeddings = None if pooled is None else pooled / lengths.clamp(min=1).unsqueeze(-1).to(pooled.dtype)
         return self.completions.generation(embeddings)
+
+    def _ends_at(self, t: int) -> EndTest:
+        """Which rows of the batch end with their token ``t`` (``ends`` on the current ``rows``)."""
+        return lambda token, done: self.ends(token, done, self.rows, t)
 
     def _padded(self) -> bool:
         """Whether a row in the batch has padding (its prompt is shorter than the widest)."""

@@ -225,9 +225,13 @@ class HFEngine(RolloutEngine):
         stop = StopStrings(self._token_texts(), list(sampling.stop), len(sequences)) if sampling.stop else None
         eos = torch.tensor(self.eos_token_ids, device=device)
 
-        def ends(token: torch.Tensor, done: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-            hit = torch.isin(token, eos)  # [r]
-            return hit | stop(token, done, rows).to(hit.device) if stop is not None else hit
+        def ends(token: torch.Tensor, done: torch.Tensor, rows: torch.Tensor, t: int) -> torch.Tensor:
+            hit = torch.isin(token, eos)  # [r], never before min_tokens (the sampler suppresses it)
+            if stop is None:
+                return hit
+            stopped = stop(token, done, rows).to(hit.device)  # every step: the rows' text tails stay current
+            # vLLM's rule: a stop string ends a completion only when its last token is token min_tokens or later
+            return hit | stopped if t >= sampling.min_tokens else hit
 
         sharded = isinstance(self.policy, FSDPModule) and torch.distributed.is_initialized()
         # the one-off check runs forwards: on every rank of a sharded policy at once (collectives), else when needed
@@ -236,7 +240,7 @@ class HFEngine(RolloutEngine):
             policy=self.policy,
             prompts=prompts,
             steps=steps,
-            sampler=TokenSampler(sampling),
+            sampler=TokenSampler(sampling, eos),
             uniforms=None if sampling.temperature == 0 else self._uniforms(row_seeds, steps, device),  # [n, T]
             completions=Completions(len(sequences), steps, self.pad_token_id, device),
             ends=ends,

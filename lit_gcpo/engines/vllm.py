@@ -27,7 +27,10 @@ Project choices the vLLM docs leave open:
   the distribution vLLM sampled from. With ``top_p=1`` and ``top_k=-1`` that is
   ``log_softmax(logits / T)``, what the trainer and ``HFEngine`` compute; with top-p/top-k it is the
   truncated, renormalised distribution (the true behaviour policy), which ``HFEngine`` does not report.
-  Greedy decoding (``T=0``) reports ``log_softmax(logits)``.
+  Greedy decoding (``T=0``) reports ``log_softmax(logits)``. ``SamplingConfig.min_tokens`` is vLLM's own
+  ``min_tokens``: its processor sets the stop ids' logits (our end-of-sequence ids) to -inf before the log-probs
+  are taken, so the tokens it constrains carry the suppressed distribution's log-probs, as ``HFEngine``'s do;
+  against the trainer's ``log p`` they differ by ``-log(1 - p_eos)``, which the rollout correction weighs.
 - Seeds: each prompt gets its own request seed (the caller's per-prompt ``seeds``, else one derived from
   ``(SamplingConfig.seed, i)`` by :func:`lit_gcpo.engines.base.prompt_seeds`), so groups do not share noise
   and a prompt's completions do not depend on the batch it is in.
@@ -302,6 +305,7 @@ class VLLMEngine(RolloutEngine):
             top_p=sampling.top_p,
             top_k=0 if sampling.top_k == -1 else sampling.top_k,
             max_tokens=sampling.max_new_tokens,
+            min_tokens=sampling.min_tokens,
             stop=list(sampling.stop) or None,
             stop_token_ids=self.eos_token_ids,
             include_stop_str_in_output=True,

@@ -154,7 +154,10 @@ class BenchmarkSource(PromptSource):
         """
         tokens = self.max_new_tokens if self.max_new_tokens is not None else sampling.max_new_tokens
         temperature = self.temperature if self.temperature is not None else sampling.temperature
-        mine = replace(sampling, temperature=temperature, max_new_tokens=tokens)
+        # data.sampling.min_tokens holds up to this benchmark's own limit
+        mine = replace(
+            sampling, temperature=temperature, max_new_tokens=tokens, min_tokens=min(sampling.min_tokens, tokens)
+        )
         count = self.samples if self.samples is not None else samples
         if not self.greedy:
             return [EvalVariant("", mine, count)]

@@ -34,6 +34,7 @@ from lit_gcpo.algorithms.rollout_correction import rollout_correction_problem
 from lit_gcpo.algorithms.token_selection import TokenSelection
 from lit_gcpo.data.datamodule import RolloutDataModule
 from lit_gcpo.data.label_free import label_free_problem
+from lit_gcpo.engines.base import SamplingConfig
 from lit_gcpo.rewards.combine import RewardError
 from lit_gcpo.rewards.loading import import_object
 from lit_gcpo.running.checkpointing import (
@@ -140,6 +141,28 @@ def method_options_problem(config: Any) -> str | None:
     return label_free_problem(built["label_free"], rewards, data.get("accuracy_reward"), dynamic)
 
 
+def sampling_problem(config: Any) -> str | None:
+    """Why ``data.sampling`` is refused, naming the option; None when it is fine or unset: its settings against
+    each other (``min_tokens <= max_new_tokens``, ...; jsonargparse checks each field's type, and the dataclass's
+    own checks would otherwise run only when the DataModule is built, as a traceback), and ``min_tokens =
+    max_new_tokens`` (every completion truncated) with ``model.mask_truncated_completions`` (all out of the loss)."""
+    data = config.get("data")
+    sampling = data.get("sampling") if data is not None else None
+    if sampling is None:
+        return None
+    try:
+        sampling = sampling if isinstance(sampling, SamplingConfig) else SamplingConfig(**_plain_namespace(sampling))
+    except (TypeError, ValueError) as error:
+        return f"data.{error}"
+    model = config.get("model")
+    if model is not None and model.get("mask_truncated_completions") and sampling.min_tokens == sampling.max_new_tokens:
+        return (
+            f"data.sampling.min_tokens = max_new_tokens = {sampling.max_new_tokens} makes every completion run to the "
+            "limit (truncated), and model.mask_truncated_completions would leave all of them out of the loss"
+        )
+    return None
+
+
 def runs_directory(trainer: Any) -> Path:
     """Where the runs of this configuration keep their checkpoints: the first logger's ``save_dir/name`` (its
     versions), or ``default_root_dir`` without a logger. ``--ckpt_path last`` searches only there: below the
@@ -212,7 +235,7 @@ class GCPOCLI(LightningCLI):
             problem = rollout_correction_problem(*bounds)
             if problem:
                 parser.error(f"model.{problem}")
-        problem = method_options_problem(config)
+        problem = method_options_problem(config) or sampling_problem(config)
         if problem:
             parser.error(problem)
         if not subcommand or not self.config[subcommand].get("ckpt_path"):

@@ -117,3 +117,35 @@ def test_every_end_of_sequence_id_stops_like_the_hf_engine(engine, policy, token
         policy.generation_config.eos_token_id = tokenizer.eos_token_id
     assert stopped.completion_ids[0] == free[: free.index(second) + 1] == hf.completion_ids[0]
     assert stopped.truncated == hf.truncated == [False]
+
+
+def test_min_tokens_suppresses_every_end_of_sequence_id_like_the_hf_engine(engine, policy, tokenizer):
+    """``min_tokens`` reaches vLLM's own: greedy, with the completion's third token made a second end-of-sequence
+    id, the completion ends there without it and runs past it with min_tokens 6, the same tokens as the hf engine
+    and log-probs of the distribution with both ids at -inf (not the policy's own: the suppressed id was the
+    argmax there). With min_tokens = max_new_tokens every sampled completion has exactly that many tokens."""
+    prompts = _encode(tokenizer, PROMPTS[:1])
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=16)
+    second = engine.generate(prompts, 1, greedy).completion_ids[0][2]
+    policy.generation_config.eos_token_id = [tokenizer.eos_token_id, second]
+    saved = engine.eos_token_ids
+    try:
+        from lit_gcpo.engines.base import end_of_sequence_ids
+
+        engine.eos_token_ids = end_of_sequence_ids(policy, tokenizer)  # what the constructor reads
+        held = SamplingConfig(temperature=0.0, max_new_tokens=16, min_tokens=6)
+        stopped, out = engine.generate(prompts, 1, greedy), engine.generate(prompts, 1, held)
+        hf = HFEngine(policy, tokenizer).generate(prompts, 1, held)
+    finally:
+        engine.eos_token_ids = saved
+        policy.generation_config.eos_token_id = tokenizer.eos_token_id
+    completion = out.completion_ids[0]
+    assert len(stopped.completion_ids[0]) == 3 and len(completion) >= 6 and second not in completion[:6]
+    assert completion == hf.completion_ids[0]
+    torch.testing.assert_close(torch.tensor(out.logprobs[0]), torch.tensor(hf.logprobs[0]), atol=1e-3, rtol=0)
+    with torch.no_grad():  # the policy's own log-prob of token 2, which the suppressed distribution exceeds
+        logits = policy(torch.tensor([prompts[0] + completion])).logits[0, len(prompts[0]) + 1].float()
+    assert out.logprobs[0][2] - torch.log_softmax(logits, -1)[completion[2]].item() > 0.05
+    same_length = SamplingConfig(temperature=1.0, max_new_tokens=12, min_tokens=12, seed=3)
+    sampled = engine.generate(_encode(tokenizer, PROMPTS), 4, same_length)
+    assert [len(ids) for ids in sampled.completion_ids] == [12] * 12 and all(sampled.truncated)
