@@ -65,7 +65,9 @@ size, environment and beta: the median over repeats of the per-run medians, and 
 Written to ``benchmarks/RESULTS.md`` (section ``bench_vs_trl``) only when every quiet run was quiet and every
 loaded run was loaded (``vs_trl_env.refused_runs``); otherwise the script names the runs, writes nothing and
 exits with status 3. ``--allow-busy`` writes such a measurement to its own section, ``bench_vs_trl_busy``,
-labelled as taken on a busy machine (the quiet comparison stays as it was).
+labelled as taken on a busy machine (the quiet comparison stays as it was). A run of fewer sizes or environments
+writes its own section (``results_section``): ``--sizes 20m --environments same-length`` the control alone to
+``bench_vs_trl_same_length``, another subset to ``bench_vs_trl_partial``.
 """
 
 from __future__ import annotations
@@ -317,6 +319,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def results_section(sizes: list[str], environments: list[str], busy: bool) -> str:
+    """The RESULTS.md section a run writes: ``bench_vs_trl`` only for the full comparison (both sizes, every default
+    environment, the same-length control optional), so that a partial run cannot replace it; the same-length control
+    run alone ``bench_vs_trl_same_length``; any other subset ``bench_vs_trl_partial``; a busy machine's measurement
+    ``bench_vs_trl_busy`` whatever it covers."""
+    if busy:
+        return "bench_vs_trl_busy"
+    if sorted(sizes) == sorted(SIZES) and set(DEFAULT_ENVIRONMENTS) <= set(environments):
+        return "bench_vs_trl"
+    return "bench_vs_trl_same_length" if environments == [SAME_LENGTH] else "bench_vs_trl_partial"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # a SIGTERM unwinds like Ctrl-C: the background load is stopped and the work directory removed
@@ -343,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         if refusals and not args.allow_busy:
             print("RESULTS.md left as it was (--allow-busy writes it to the section bench_vs_trl_busy, labelled)")
             return 3
-        write_results_section("bench_vs_trl_busy" if refusals else "bench_vs_trl", lines)
+        write_results_section(results_section(args.sizes, args.environments, bool(refusals)), lines)
         return 0
     finally:
         if args.keep:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-from bench_vs_trl import DEFAULT_ENVIRONMENTS, parse_args, per_size, plan, runner_command
+from bench_vs_trl import DEFAULT_ENVIRONMENTS, parse_args, per_size, plan, results_section, runner_command
 from vs_trl_env import (
     ENVIRONMENTS,
     LOADED_SHARE,
@@ -350,3 +350,13 @@ def test_unequal_lengths_name_the_same_length_runs_that_broke_the_control() -> N
         "same-length 20m beta 0 lit repeat 0: completion tokens per step 8100.5, 8192, not 8 x 8 x 128 = 8192 at "
         "every step"
     ]
+
+
+def test_only_the_full_comparison_writes_its_section_and_a_partial_run_writes_its_own() -> None:
+    both, defaults = ["tiny", "20m"], list(DEFAULT_ENVIRONMENTS)
+    assert results_section(both, defaults, busy=False) == "bench_vs_trl"
+    assert results_section(both, [*defaults, "same-length"], busy=False) == "bench_vs_trl"
+    assert results_section(["20m"], ["same-length"], busy=False) == "bench_vs_trl_same_length"
+    assert results_section(["20m"], defaults, busy=False) == "bench_vs_trl_partial"  # one size cannot replace both
+    assert results_section(both, ["PASSIVE", "same-length"], busy=False) == "bench_vs_trl_partial"
+    assert results_section(both, defaults, busy=True) == "bench_vs_trl_busy"
