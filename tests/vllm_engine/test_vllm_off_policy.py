@@ -6,9 +6,8 @@ same engine) running between the steps.
 
 The fits use the session engine (start-up 20-50 s; ``build_engine`` patched to return it), on the session policy
 saved to a directory. The resumed fit finds it holding that directory's weights, as a resumed process's new engine
-would, after serving other requests. (A second in-process engine for the resumed fit, once closed, took vLLM's
-process-wide parallel state with it: the session engine failed next, "pipeline model parallel group is not
-initialized".)
+would, after serving other requests. (A second in-process engine for the resumed fit would be refused while the
+session's is open: vLLM's parallel state is process-wide, see ``lit_gcpo.engines.vllm_guards``.)
 """
 
 from __future__ import annotations
