@@ -111,6 +111,31 @@ def test_majority_at_k_with_math_verify() -> None:
     assert metric.compute().item() == pytest.approx(0.5, abs=1e-15)
 
 
+def test_majority_at_k_counts_comparisons_without_a_verdict_and_keeps_its_verdicts(caplog) -> None:
+    """An equivalence that answers ``Verdict(False, why)`` for the pair {x, y} (a Math-Verify timeout), else
+    case-insensitive equality."""
+    from lit_gcpo.rewards.answers import Verdict
+
+    def stub(a: str, b: str) -> Verdict:
+        return Verdict(False, "timed out (stub)") if {a, b} == {"x", "y"} else Verdict(a.upper() == b.upper())
+
+    answers, golds = [["x", "y", "Y", "X", "X"]] * 2, ["x", "y"]
+    metric = MajorityAtK(5, stub)
+    with caplog.at_level("WARNING", logger="lit_gcpo.rewards.answers"):
+        metric.update(answers, golds)
+    # each problem's vote: y against x has no verdict (1), a class of its own; Y joins y; X, X join x: x wins 3 to 2.
+    # problem 0: x against the gold x, right. problem 1: the gold y against x has no verdict (1 more): wrong. 1/2
+    assert metric.compute().item() == 0.5 and int(metric.no_verdict) == 3
+    (warning,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("maj@5")]
+    assert warning.startswith("maj@5: no Math-Verify verdict for 3 comparisons of 10 completions")
+    assert "problem 1, the majority answer against the gold: timed out (stub)" in warning
+    plain = MajorityAtK(5, lambda a, b: stub(a, b).equal)  # the same verdicts as a bool: the same maj@5, no count
+    plain.update(answers, golds)
+    assert plain.compute().item() == 0.5 and int(plain.no_verdict) == 0
+    metric.reset()
+    assert int(metric.no_verdict) == 0
+
+
 def test_qa_metrics_by_hand() -> None:
     predictions = ["The Servant of Wanda", "pittsburgh", "a big red dog"]
     references = [["Servant", "Wanda's Servant"], "Pittsburgh.", ["the red dog barked"]]

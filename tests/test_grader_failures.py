@@ -163,9 +163,10 @@ def test_evaluation_reports_failed_extractions_with_the_item_and_counts_them(pla
     assert "no_verdict" not in summarise([{**record, "grading_problems": None}])["math500"]
 
 
-def test_a_majority_vote_comparison_without_a_verdict_is_reported_with_both_completions(planted_pool):
-    # gold 3 and the answers 24680 / 97531 are plain integers, compared without Math-Verify: only the vote's
-    # comparisons of 0.5 (completion 0, the first class) with them reach the planted grading process
+def test_a_majority_vote_comparison_without_a_verdict_is_reported_with_both_completions(planted_pool, caplog):
+    # gold 3 and the answers 24680 / 97531 are plain integers, compared without Math-Verify: only the comparisons of
+    # 0.5 (completion 0, the first class) with them reach the planted grading process, in the vote and in the
+    # clustering of the signals (the same pairs: a comparison without a verdict is not cached)
     rows = [{"id": "v-1", "kind": "math", "benchmark": "toy", "gold": "3"}]
     answers_ = ["0.5", "24680", "97531", "\\frac{1}{2}"]
     (record,) = rollout_records(_one_item(rows, [f"\\boxed{{{a}}}" for a in answers_], answers_))
@@ -175,11 +176,17 @@ def test_a_majority_vote_comparison_without_a_verdict_is_reported_with_both_comp
     assert record["signals"]["num_clusters"] == 3.0  # the clustering of the signals: {0.5, 1/2}, 24680, 97531
     assert record["grading_problems"] == [
         None,
-        f"majority vote, against completion 0: {DIED}",
-        f"majority vote, against completion 0: {SLEPT}",
+        f"majority vote, against completion 0: {DIED}; answer clustering, against completion 0: {DIED}",
+        f"majority vote, against completion 0: {SLEPT}; answer clustering, against completion 0: {SLEPT}",
         None,
     ]
-    assert summarise([record])["toy"]["no_verdict"] == 2.0
+    with caplog.at_level(logging.WARNING, logger="lit_gcpo.rewards.answers"):
+        summary = summarise([record])["toy"]
+    assert summary["no_verdict"] == 2.0 and summary["maj@4"] == 0.0  # completions; the vote counted again: wrong
+    # maj@4 votes again from the answers (the failures were not cached): the same two comparisons, warned about
+    (warning,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("maj@4")]
+    assert warning.startswith("maj@4: no Math-Verify verdict for 2 comparisons of 4 completions")
+    assert f"problem 0, answer 1 against 0: {DIED}" in warning and f"problem 0, answer 2 against 0: {SLEPT}" in warning
 
 
 def test_answer_clustering_reports_a_comparison_without_a_verdict(planted_pool, caplog):
@@ -213,3 +220,29 @@ def test_a_stub_equivalence_without_verdicts_reaches_the_vote_and_the_clustering
     seen.clear()
     ids = answer_clusters(["x", "y", "Y"], torch.zeros(3, dtype=torch.long), stub, lambda *a: seen.append(a))
     assert ids.tolist() == [0, 1, 1] and seen == [(1, 0, "timed out after 1 s (stub)")]
+
+
+def test_evaluation_clustering_names_the_batch_positions_of_a_comparison_without_a_verdict(monkeypatch, caplog):
+    """Mixed kinds: the math groups are clustered apart from the QA ones, so a failure's positions must be mapped
+    back from the math subset to the batch. No grading process: ``math_verdict`` answers ``Verdict(False, why)`` for
+    one pair."""
+    import lit_gcpo.evaluation.grading as grading
+    from lit_gcpo.evaluation.calibration import kind_answer_clusters
+
+    def stub(a: str, b: str) -> answers.Verdict:
+        if {a, b} == {"x", "y"}:
+            return answers.Verdict(False, "timed out after 1 s (stub)")
+        return answers.Verdict(a.upper() == b.upper())
+
+    monkeypatch.setattr(grading, "math_verdict", stub)
+    texts = ["cat", "Cat", "x", "y", "Y", "dog"]  # qa, qa | math x3 | qa
+    group_ids, kinds = torch.tensor([0, 0, 1, 1, 1, 2]), ["qa", "math", "qa"]
+    seen = []
+    ids = kind_answer_clusters(texts, group_ids, kinds, lambda *report: seen.append(report))
+    assert ids.tolist() == [0, 0, 0, 1, 1, 0]  # y not equivalent to x (no verdict), Y joins y
+    assert seen == [(3, 2, "timed out after 1 s (stub)")]  # batch positions, not the math subset's 1 and 0
+    with caplog.at_level(logging.WARNING, logger="lit_gcpo.rewards.answers"):
+        assert kind_answer_clusters(texts, group_ids, kinds).tolist() == [0, 0, 0, 1, 1, 0]
+    (warning,) = [r.getMessage() for r in caplog.records if "answer clustering" in r.getMessage()]
+    assert warning.startswith("answer clustering: no Math-Verify verdict for 1 comparisons of 6 completions")
+    assert "completion 3 (group 1) against 2: timed out after 1 s (stub)" in warning

@@ -103,6 +103,70 @@ def test_answer_clusters_only_when_a_callback_reads_them(tiny_model_dir, tmp_pat
     assert torch.equal(batch.answer_clusters, answer_clusters(batch.answers, batch.group_ids))
 
 
+def _planted_verdicts(monkeypatch, fails) -> None:
+    """Answer clustering's default equivalence replaced: string equality, and no verdict for the pairs ``fails``
+    accepts (as a Math-Verify timeout gives)."""
+    import lit_gcpo.algorithms.clustering as clustering
+    from lit_gcpo.rewards.answers import Verdict
+
+    def planted(a: str, b: str) -> Verdict:
+        return Verdict(False, "planted: no verdict") if fails(a, b) else Verdict(a == b)
+
+    monkeypatch.setattr(clustering, "_default_equivalence", lambda: planted)
+
+
+def test_a_batch_counts_its_clustering_comparisons_without_a_verdict(monkeypatch, caplog):
+    from lit_gcpo.data.rollout import timed_answer_clusters
+
+    _planted_verdicts(monkeypatch, lambda a, b: {a, b} == {"1", "2"})
+    answers = ["1", "2", "1", "3", "2", "1", None]
+    group_ids = torch.tensor([0, 0, 0, 0, 1, 1, 1])
+    with caplog.at_level("WARNING", logger="lit_gcpo.rewards.answers"):
+        clusters, metrics = timed_answer_clusters(answers, group_ids)
+    # group 0: "2" against "1" gets no verdict (1), a new cluster; "1" is "1"; "3" against "1" and "2": verdicts, no.
+    # group 1: "1" against "2" is the same pair, taken from the batch's cache (not compared again): 1 in all
+    assert metrics["rollout/answer_cluster_failures"] == 1.0 and metrics["time/answer_clusters_s"] >= 0
+    assert clusters.tolist() == [0, 1, 0, 2, 0, 1, 2]  # as if "not equivalent" had been the verdict
+    (warning,) = [r.getMessage() for r in caplog.records if "answer clustering" in r.getMessage()]
+    assert "1 comparisons of 7 completions" in warning and "completion 1 (group 0) against 0: planted" in warning
+    _planted_verdicts(monkeypatch, lambda a, b: False)
+    assert timed_answer_clusters(answers, group_ids)[1]["rollout/answer_cluster_failures"] == 0.0
+
+
+def test_a_training_step_logs_its_clustering_comparisons_without_a_verdict(tiny_model_dir, tmp_path, monkeypatch):
+    """Every comparison of two different answers gets no verdict; each completion's text is its answer (the random
+    policy writes no boxes). The logged count is the plain count of the different answer pairs within the groups."""
+    import lit_gcpo.data.rollout as rollout
+
+    monkeypatch.setattr(rollout, "final_answer", lambda text: text)
+    _planted_verdicts(monkeypatch, lambda a, b: a != b)
+    capture = CaptureBatches(fields=("answer_clusters",))
+    _, run = _train(tiny_model_dir, tmp_path, 2, [capture])
+    expected = []
+    for batch in capture.batches:
+        pairs = set()  # greedy clustering compares a new answer with every cluster's first, all different here
+        groups = batch.group_ids.tolist()
+        for group in range(batch.num_groups):
+            texts = sorted({a.strip() for a, g in zip(batch.answers, groups, strict=True) if g == group} - {""})
+            pairs |= {(a, b) for i, a in enumerate(texts) for b in texts[i + 1 :]}
+        expected.append(float(len(pairs)))
+        assert batch.metrics["rollout/answer_cluster_failures"] == expected[-1]
+        assert torch.equal(batch.answer_clusters, _equal_string_clusters(batch.answers, batch.group_ids))
+    assert min(expected) > 0  # the random policy's completions differ
+    assert float(run.logged_metrics["rollout/answer_cluster_failures"]) == expected[-1]
+
+
+def _equal_string_clusters(answers: list[str], group_ids: torch.Tensor) -> torch.Tensor:
+    """Each group's clusters of equal stripped answers (an empty one alone), local ids in order of appearance."""
+    ids, clusters = [], {}
+    for n, (answer, group) in enumerate(zip(answers, group_ids.tolist(), strict=True)):
+        key = (group, answer.strip()) if answer.strip() else (group, n)
+        if key not in clusters:
+            clusters[key] = sum(1 for other in clusters if other[0] == group)
+        ids.append(clusters[key])
+    return torch.tensor(ids)
+
+
 def test_entropy_is_computed_on_logged_steps_only(tiny_model_dir, tmp_path, monkeypatch):
     counter = CountScorer(monkeypatch)
     L.seed_everything(0)
@@ -140,6 +204,36 @@ def test_mean_over_ranks_is_one_collective_over_every_value():
     assert calls == ["sum"]
     assert means["a"] == 2.0 and means["c"] == 2.0 and means["b"] != means["b"]  # (1+3)/2, (5-1)/2, NaN stays
     assert mean_over_ranks(values, reduce, world_size=1, device=torch.device("cpu")) is values
+    counts = mean_over_ranks(values, reduce, world_size=2, device=torch.device("cpu"), summed={"c"})
+    assert counts["a"] == 2.0 and counts["c"] == 4.0 and calls == ["sum", "sum"]  # 5 - 1: a count is added up
+
+
+def test_a_step_logs_counts_summed_over_ranks_and_the_rest_averaged(monkeypatch):
+    """log_training_step on a simulated second rank (its values: this rank's + 1): counts of this rank's completions
+    (reward failures, answer clustering's) add up, the other rollout metrics are averaged."""
+    from types import SimpleNamespace
+
+    from lit_gcpo.training import step_metrics
+
+    written = {}
+    monkeypatch.setattr(step_metrics, "log_step_scalars", lambda trainer, values: written.update(values))
+    metrics = {"rollout/answer_cluster_failures": 3.0, "reward/r_failures": 2.0, "time/generate_s": 0.5}
+    batch = SimpleNamespace(
+        rewards=torch.tensor([0.0, 1.0]), reward_components={}, advantage_weights=None, correct=None, metrics=metrics
+    )
+    batch.num_groups = 1
+    module = SimpleNamespace(
+        trainer=SimpleNamespace(world_size=2),
+        device=torch.device("cpu"),
+        reduce_over_ranks=lambda tensor, op: tensor + (tensor + 1),  # the other rank's values are ours + 1
+        log=lambda *args, **kwargs: None,
+        hparams=SimpleNamespace(log_samples_every_n_steps=0),
+        logger=None,
+    )
+    step_metrics.log_training_step(module, batch, 0, {}, {}, train_s=1.0)
+    assert written["rollout/answer_cluster_failures"] == 7.0 and written["reward/r_failures"] == 5.0  # 3 + 4, 2 + 3
+    assert written["time/generate_s"] == 1.0 and written["reward/mean"] == 1.0  # (0.5 + 1.5) / 2, (0.5 + 1.5) / 2
+    assert written["time/train_s"] == 1.5
 
 
 class MarkTruncated(L.Callback):

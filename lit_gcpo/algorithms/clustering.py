@@ -27,7 +27,7 @@ appearance within the group), the form ``lit_gcpo.algorithms.uncertainty`` accep
   rule makes the result independent of everything but the order of completions. A comparison that gets no
   verdict (math-verify timed out, raised, or its process crashed: the equivalence returns a ``Verdict`` with a
   ``problem``) counts as not equivalent, as in the rewards, and is reported with its completions
-  (``NoVerdict``; by default one warning per call).
+  (``NoVerdict``; by default one warning per call; ``MissingVerdicts`` keeps them to count them and warn).
 """
 
 from __future__ import annotations
@@ -54,6 +54,29 @@ COMPARED = ("comparisons", "taken as not equivalent")
 def verdict_of(result: Any) -> tuple[bool, str | None]:
     """An equivalence's answer as ``(equal, why there is no verdict or None)``: a bool has a verdict always."""
     return bool(getattr(result, "equal", result)), getattr(result, "problem", None)
+
+
+class MissingVerdicts:
+    """A ``NoVerdict`` sink that keeps each comparison without a verdict, to count them (``len``) and name them in
+    one warning (``warn``). ``group_ids``: ``[N]`` group of each completion, to name it with its position."""
+
+    def __init__(self, group_ids: Sequence[int]) -> None:
+        self.groups = list(group_ids)
+        self.lines: list[str] = []
+
+    def __call__(self, position: int, other: int, why: str) -> None:
+        self.lines.append(f"completion {position} (group {self.groups[position]}) against {other}: {why}")
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def warn(self, what: str = "answer clustering") -> None:
+        """One warning naming every comparison kept (none: nothing is said)."""
+        if not self.lines:
+            return
+        from lit_gcpo.rewards.answers import report_missing_verdicts
+
+        report_missing_verdicts(what, self.lines, len(self.groups), outcome=COMPARED)
 
 
 def _unit_float64(embeddings: Tensor) -> np.ndarray:
@@ -182,7 +205,8 @@ def answer_clusters(
     equivalent = equivalent if equivalent is not None else _default_equivalence()
     cache: dict[tuple[str, str], bool] = {}
     groups = group_ids.detach().cpu().tolist()
-    problems: list[str] = []
+    warned = MissingVerdicts(groups)  # the default: one warning
+    report = on_no_verdict if on_no_verdict is not None else warned
 
     def same(a: str, b: str, position: int, other: int) -> bool:
         if a == b:
@@ -190,10 +214,8 @@ def answer_clusters(
         key = (a, b) if a <= b else (b, a)
         if key not in cache:
             cache[key], problem = verdict_of(equivalent(*key))
-            if problem is not None and on_no_verdict is not None:
-                on_no_verdict(position, other, problem)
-            elif problem is not None:
-                problems.append(f"completion {position} (group {groups[position]}) against {other}: {problem}")
+            if problem is not None:
+                report(position, other, problem)
         return cache[key]
 
     local = [0] * len(answers)
@@ -210,8 +232,6 @@ def answer_clusters(
             match = len(reps)
             reps.append((text if text else None, position))
         local[position] = match
-    if problems:
-        from lit_gcpo.rewards.answers import report_missing_verdicts
-
-        report_missing_verdicts("answer clustering", problems, len(answers), outcome=COMPARED)
+    if on_no_verdict is None:
+        warned.warn()
     return torch.tensor(local, dtype=torch.long, device=group_ids.device)

@@ -29,6 +29,12 @@ from the engine when it reports them (the ``hf`` engine: the policy itself), els
 engine), both at once."""
 
 
+COUNT_SUFFIXES = ("_failures", "_timeouts", "_none", "_invalid")
+"""A ``RolloutBatch.metrics`` name that ends with one of these counts events of this rank's completions (the
+rewards' failures, ``rollout/answer_cluster_failures``): summed over the rounds of a step (dynamic sampling) and over
+the data-parallel ranks when logged, where the other metrics are averaged."""
+
+
 def requested_fields(callbacks: Iterable[Any], stage: str) -> set[str]:
     """The optional fields that ``callbacks`` read from the batches of ``stage`` (``train``, ``val``, ``test``,
     ``predict``): the union of each callback's ``rollout_fields(stage)``.
@@ -114,7 +120,8 @@ class RolloutBatch:
             its ``engine_logprobs`` may differ from the trainer's and the loss corrects for it.
         correct: ``[N]`` float, 1 where the accuracy reward judged the completion correct (above 0.5), or None
             when the batch has no accuracy reward.
-        metrics: scalars measured while building the batch (timings, reward failures), logged by the module.
+        metrics: scalars measured while building the batch (timings, reward failures), logged by the module:
+            averaged over the data-parallel ranks, counts (``COUNT_SUFFIXES``) summed.
     """
 
     prompts: list[str]

@@ -17,19 +17,16 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, Literal
 
 import lightning as L
-import torch
 from jsonargparse.typing import PositiveFloat, PositiveInt
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import DataLoader
 
-from lit_gcpo.algorithms.clustering import answer_clusters
 from lit_gcpo.algorithms.label_free import LabelFreeReward
 from lit_gcpo.data.batch import PromptBatch, requested_fields
 from lit_gcpo.data.contracts import RolloutPolicy, check_implements
@@ -38,7 +35,7 @@ from lit_gcpo.data.evaluation_passes import EvaluationAccess, TestPasses
 from lit_gcpo.data.label_free import apply_label_free, label_free_problem, reward_sets
 from lit_gcpo.data.off_policy_vllm import refuse_vllm_options
 from lit_gcpo.data.preparation import complete_rows, fit_to_context
-from lit_gcpo.data.rollout import RolloutCollector
+from lit_gcpo.data.rollout import RolloutCollector, timed_answer_clusters
 from lit_gcpo.data.sources import PromptSource
 from lit_gcpo.data.streams import EvalPrompts, PromptStream
 from lit_gcpo.data.templates import PromptRenderer, context_length
@@ -71,13 +68,6 @@ def _stage(trainer: L.Trainer) -> str:
 
 def _identity(batch: list[PromptBatch]) -> PromptBatch:
     return batch[0]
-
-
-def _timed_answer_clusters(answers: list[str | None] | None, group_ids: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """``answer_clusters`` of a batch's answers and the seconds they took (run in the clustering thread)."""
-    start = time.perf_counter()
-    clusters = answer_clusters(answers or [], group_ids)
-    return clusters, time.perf_counter() - start
 
 
 class RolloutDataModule(EvaluationAccess, L.LightningDataModule):
@@ -345,10 +335,11 @@ class RolloutDataModule(EvaluationAccess, L.LightningDataModule):
         assert self._executor is not None, "setup() was not called"
         clusters = None
         if "answer_clusters" in fields:
-            clusters = self._executor.submit(_timed_answer_clusters, rollout.answers, rollout.group_ids)
+            clusters = self._executor.submit(timed_answer_clusters, rollout.answers, rollout.group_ids)
         policy.score_rollout(rollout, with_reference=training, fields=fields)
         if clusters is not None:
-            rollout.answer_clusters, rollout.metrics["time/answer_clusters_s"] = clusters.result()
+            rollout.answer_clusters, metrics = clusters.result()
+            rollout.metrics.update(metrics)
         if training and self.label_free is not None:
             apply_label_free(rollout, self.label_free)
         return rollout

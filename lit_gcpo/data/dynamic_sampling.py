@@ -48,11 +48,8 @@ from jsonargparse.typing import NonNegativeFloat, PositiveInt
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lit_gcpo.algorithms.uncertainty import finite_group_std
-from lit_gcpo.data.batch import PromptBatch, RolloutBatch
+from lit_gcpo.data.batch import COUNT_SUFFIXES, PromptBatch, RolloutBatch
 from lit_gcpo.data.group_selection import batch_to, concat_groups, select_groups
-
-# counts of the reward functions (lit_gcpo.rewards.combine) and timings: summed over the rounds of a step
-_SUMMED_SUFFIXES = ("_failures", "_timeouts", "_none", "_invalid")
 
 
 @dataclass
@@ -166,7 +163,7 @@ def merge_round_metrics(rounds: list[dict[str, float]]) -> dict[str, float]:
     merged: dict[str, float] = {}
     for key in rounds[0]:
         values = [float(metrics[key]) for metrics in rounds]
-        if key.startswith("time/") or key.endswith(_SUMMED_SUFFIXES):
+        if key.startswith("time/") or key.endswith(COUNT_SUFFIXES):
             merged[key] = sum(values)
         elif key.endswith("_max"):
             merged[key] = max(values)

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from lit_gcpo.algorithms.clustering import MissingVerdicts, answer_clusters
 from lit_gcpo.data.batch import PromptBatch, RolloutBatch
 from lit_gcpo.engines.base import RolloutEngine, SamplingConfig
 from lit_gcpo.rewards.answers import final_answer
@@ -166,3 +167,17 @@ class RolloutCollector:
             correct=correct,
             metrics=metrics,
         )
+
+
+def timed_answer_clusters(
+    answers: list[str | None] | None, group_ids: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """``answer_clusters`` of a batch's answers (run in the clustering thread) and its metrics: the seconds they took
+    and ``rollout/answer_cluster_failures``, the comparisons Math-Verify gave no verdict on (each answer pair once a
+    batch; taken as not equivalent), which one warning also names with their completions and groups."""
+    start = time.perf_counter()
+    missing = MissingVerdicts(group_ids.tolist())
+    clusters = answer_clusters(answers or [], group_ids, on_no_verdict=missing)
+    missing.warn()
+    metrics = {"time/answer_clusters_s": time.perf_counter() - start, "rollout/answer_cluster_failures": len(missing)}
+    return clusters, {name: float(value) for name, value in metrics.items()}

@@ -225,7 +225,8 @@ class BenchmarkReport(pl.Callback):
             for benchmark, problems in missing_verdicts(records).items():
                 log.warning(
                     "%s: no Math-Verify verdict or result in the grading of %d completions (its comparison with "
-                    "the gold: graded wrong; an extraction: no answer; the majority vote's: not equivalent): %s",
+                    "the gold: graded wrong; an extraction: no answer; the majority vote's and the answer "
+                    "clustering's: not equivalent): %s",
                     benchmark,
                     len(problems),
                     "; ".join(problems[:10]),

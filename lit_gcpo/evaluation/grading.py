@@ -75,9 +75,10 @@ def qa_equivalent(a: str, b: str) -> bool:
 
 
 def equivalence(kind: str) -> Equivalence:
-    """The answer equivalence of a benchmark kind (clusters answers and picks the majority)."""
+    """The answer equivalence of a benchmark kind (clusters answers and picks the majority): math's is
+    ``math_verdict`` (a ``Verdict``: why Math-Verify gave none), QA's a bool."""
     _check_kind(kind)
-    return math_equivalent if kind == "math" else qa_equivalent
+    return math_verdict if kind == "math" else qa_equivalent
 
 
 def math_verdict(gold: str, answer: str) -> Verdict:
@@ -148,15 +149,16 @@ def majority_grade(
 ) -> Grade:
     """The majority answer of one prompt's completions, graded (no answer at all: incorrect). A vote's comparison
     without a verdict goes to ``on_no_verdict(position, other position, why)`` (None: a warning)."""
-    vote = math_verdict if kind == "math" else equivalence(kind)
-    winner = majority_answer(list(answers), vote, on_no_verdict)
+    winner = majority_answer(list(answers), equivalence(kind), on_no_verdict)
     return grade_answer(kind, winner, gold)
 
 
-def majority_and_problems(kind: str, gold: Any, grades: list[Grade]) -> tuple[Grade, list[str | None] | None]:
+def majority_and_problems(
+    kind: str, gold: Any, grades: list[Grade], also: Sequence[Sequence[str]] = ()
+) -> tuple[Grade, list[str | None] | None]:
     """The majority grade of one item's completions, and per completion why its grading got no verdict or result
-    (its own grade's problem, the majority vote's comparisons placing it, the majority answer's against the gold),
-    ``"; "``-joined; None when nothing failed."""
+    (its own grade's problem, the majority vote's comparisons placing it, the majority answer's against the gold,
+    then ``also``'s lines of it, e.g. the answer clustering's), ``"; "``-joined; None when nothing failed."""
     problems: list[list[str]] = [[grade.problem] if grade.problem else [] for grade in grades]
 
     def vote_problem(position: int, other: int, why: str) -> None:
@@ -166,6 +168,8 @@ def majority_and_problems(kind: str, gold: Any, grades: list[Grade]) -> tuple[Gr
     if majority.problem is not None:
         winner = next(j for j, grade in enumerate(grades) if grade.answer == majority.answer)
         problems[winner].append(f"majority answer, against the gold: {majority.problem}")
+    for lines, more in zip(problems, also or [[]] * len(grades), strict=True):
+        lines.extend(more)
     joined = ["; ".join(lines) or None for lines in problems]
     return majority, joined if any(joined) else None
 

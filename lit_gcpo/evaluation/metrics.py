@@ -6,7 +6,8 @@
   Trained on Code", eq. 1), ``1 - C(n-c, k) / C(n, k)`` for c correct of n samples, computed in their
   numerically stable product form ``1 - prod_{i=n-c+1}^{n} (1 - k / i)``.
 * ``MajorityAtK``: maj@k, the answer most of the first k completions agree on (under an equivalence
-  function, Math-Verify's by default) compared with the gold.
+  function, Math-Verify's by default) compared with the gold; comparisons without a verdict are counted
+  (``no_verdict``) and warned about.
 * ``QAExactMatch`` / ``QAF1``: SQuAD-style EM / token F1, max over references (``lit_gcpo.rewards.qa``).
 * ``IncorrectnessAUROC``: how well an uncertainty score ranks incorrect answers above correct ones
   (torchmetrics' binary AUROC, positive class = incorrect).
@@ -22,7 +23,7 @@ from torchmetrics.functional.classification import binary_auroc
 from torchmetrics.utilities import dim_zero_cat
 
 from lit_gcpo.algorithms.clustering import COMPARED, Equivalence, NoVerdict, verdict_of
-from lit_gcpo.rewards.answers import answers_equivalent, report_missing_verdicts
+from lit_gcpo.rewards.answers import compare_answers, report_missing_verdicts
 from lit_gcpo.rewards.qa import exact_match, token_f1
 
 
@@ -148,26 +149,40 @@ def majority_answer(
 class MajorityAtK(_AtK):
     """maj@k: the majority answer of the first ``k`` completions, graded against the gold.
 
+    A comparison without a verdict (the equivalence returns a ``Verdict`` with a ``problem``: Math-Verify timed out,
+    raised or its process died) counts as not equivalent, as in ``majority_answer`` and the rewards; ``no_verdict``
+    counts them (a summed state), and each ``update`` names them in one warning.
+
     Args:
         k: completions voting per problem.
-        equivalent: ``(a, b) -> bool``, by default ``lit_gcpo.rewards.answers.answers_equivalent``; used both to
-            group the answers and to compare the majority with the gold (gold first).
+        equivalent: ``(a, b) ->`` a bool or a ``Verdict``, by default ``lit_gcpo.rewards.answers.compare_answers``;
+            used both to group the answers and to compare the majority with the gold (gold first).
     """
 
-    def __init__(self, k: int, equivalent: Equivalence = answers_equivalent, **kwargs) -> None:
+    def __init__(self, k: int, equivalent: Equivalence = compare_answers, **kwargs) -> None:
         super().__init__(k, **kwargs)
         self.equivalent = equivalent
+        self.add_state("no_verdict", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, answers: Sequence[Sequence[str | None]], golds: Sequence[str]) -> None:
         """``answers[b]``: the extracted answers of problem b (None = no answer); ``golds[b]``: its gold."""
         if len(answers) != len(golds):
             raise ValueError(f"maj@k: {len(answers)} answer lists for {len(golds)} golds")
-        scores = []
-        for problem, gold in zip(answers, golds, strict=True):
+        scores, missing = [], []
+        for b, (problem, gold) in enumerate(zip(answers, golds, strict=True)):
             if len(problem) < self.k:
                 raise ValueError(f"maj@k: needs at least k={self.k} answers per problem, got {len(problem)}")
-            winner = majority_answer(list(problem)[: self.k], self.equivalent)
-            scores.append(float(winner is not None and self.equivalent(gold, winner)))
+
+            def vote_failed(position: int, other: int, why: str, b: int = b) -> None:
+                missing.append(f"problem {b}, answer {position} against {other}: {why}")
+
+            winner = majority_answer(list(problem)[: self.k], self.equivalent, vote_failed)
+            correct, why = verdict_of(self.equivalent(gold, winner)) if winner is not None else (False, None)
+            if why is not None:
+                missing.append(f"problem {b}, the majority answer against the gold: {why}")
+            scores.append(float(correct))
+        self.no_verdict += len(missing)
+        report_missing_verdicts(f"maj@{self.k}", missing, len(answers) * self.k, outcome=COMPARED)
         self._add(torch.tensor(scores, dtype=torch.float64))  # [B]
 
 

@@ -11,8 +11,9 @@ A record is one prompt (benchmark item) with its k completions::
 
 ``grading_problems``: why Math-Verify gave no verdict or result in a completion's grading (a timeout, an exception,
 the grading process dying), per completion: its comparison with the gold (graded wrong), the extraction of its
-answer by the ``math_verify`` fallback (no answer), a comparison of the majority vote placing it (not equivalent)
-or the majority answer's with the gold; None when nothing failed. ``no_verdict`` counts such completions per
+answer by the ``math_verify`` fallback (no answer), a comparison of the majority vote placing it (not equivalent),
+the majority answer's with the gold, or a comparison of the answer clustering of the signals placing it (not
+equivalent); None when nothing failed. ``no_verdict`` counts such completions per
 benchmark (in the metrics only when some are).
 
 Records are reported by ``benchmark`` and evaluation pass: ``<benchmark>/<variant>`` when the row names
@@ -57,7 +58,7 @@ from lit_gcpo.evaluation.grading import (
     grade_answer,
     grade_completion,
     majority_and_problems,
-    math_equivalent,
+    math_verdict,
     no_blank,
 )
 from lit_gcpo.evaluation.metrics import (
@@ -103,6 +104,7 @@ def rollout_records(
     prompt_tokens = batch.attention_mask.detach().cpu().sum(-1).long() - lengths  # [N]
     truncated = None if batch.truncated is None else batch.truncated.detach().cpu().bool().tolist()  # [N]
     grades = [_completion_grade(batch, n, kinds[g], golds[g], fallback) for n, g in enumerate(group_ids.tolist())]
+    unclustered: dict[int, list[tuple[int, str]]] = {}  # completion -> (other, why) of the clustering's failures
     signals = prompt_signals(
         group_ids,
         [grade.answer for grade in grades],
@@ -112,12 +114,17 @@ def rollout_records(
         seq_logprobs=batch.seq_logprobs,
         geometric=geometric,
         reward_range=reward_range,
+        on_no_verdict=lambda n, other, why: unclustered.setdefault(n, []).append((other, why)),
     )  # {name: [B]}
     records = []
     for b, row in enumerate(batch.rows):
         members = torch.nonzero(group_ids == b).flatten().tolist()
         mine = [grades[n] for n in members]
-        majority, problems = majority_and_problems(kinds[b], golds[b], mine)
+        clustering = [
+            [f"answer clustering, against completion {members.index(o)}: {why}" for o, why in unclustered.get(n, [])]
+            for n in members
+        ]
+        majority, problems = majority_and_problems(kinds[b], golds[b], mine, clustering)
         index = int(row.get("index", first_index + b))
         records.append(
             {
@@ -239,7 +246,7 @@ def benchmark_metrics(
             metric = AverageAtK(n, **_LOCAL)
             metric.update(correct)
             values[f"avg@{n}"] = float(metric.compute())
-            majority = MajorityAtK(n, equivalent=math_equivalent, **_LOCAL)
+            majority = MajorityAtK(n, equivalent=math_verdict, **_LOCAL)  # failures: warned
             majority.update([r["answers"] for r in records], [gold_references("math", r["gold"])[0] for r in records])
             values[f"maj@{n}"] = float(majority.compute())
     else:

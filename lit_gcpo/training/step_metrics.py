@@ -10,11 +10,13 @@ more. ``*_min`` / ``*_max`` reduce by min / max. Three collectives per step, wha
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+
+from lit_gcpo.data.batch import COUNT_SUFFIXES
 
 # parts of one batch-level loss, and shares of the batch's counts
 # (lit_gcpo.algorithms.rollout_correction.off_policy_sequence_mask)
@@ -65,8 +67,9 @@ def merge_step_metrics(
 
 
 def rollout_metrics(batch: Any, accuracy: torch.Tensor | None) -> dict[str, Any]:
-    """This rank's rollout metrics (averaged over ranks when logged): rewards over their finite values, each
-    reward's mean, accuracy, the mean advantage weight, and what was measured while building the batch."""
+    """This rank's rollout metrics (averaged over ranks when logged, counts summed): rewards over their finite
+    values, each reward's mean, accuracy, the mean advantage weight, and what was measured while building the
+    batch."""
     values: dict[str, Any] = {}
     finite = batch.rewards[torch.isfinite(batch.rewards)]
     values["reward/mean"] = finite.mean() if finite.numel() else torch.tensor(float("nan"))
@@ -114,13 +117,17 @@ def log_step_scalars(trainer: Any, values: dict[str, Any]) -> None:
             logger.save()
 
 
-def mean_over_ranks(values: dict[str, Any], reduce: Reduce, world_size: int, device: torch.device) -> dict[str, Any]:
-    """Each value averaged over the data-parallel ranks, in one collective (identity on one device)."""
+def mean_over_ranks(
+    values: dict[str, Any], reduce: Reduce, world_size: int, device: torch.device, summed: Collection[str] = ()
+) -> dict[str, Any]:
+    """Each value averaged over the data-parallel ranks, those named in ``summed`` added up (counts), in one
+    collective (identity on one device)."""
     if world_size == 1 or not values:
         return values
     stacked = torch.tensor([float(value) for value in values.values()], dtype=torch.float64, device=device)  # [K]
-    means = (reduce(stacked, "sum") / world_size).tolist()
-    return dict(zip(values, means, strict=True))
+    divisors = torch.tensor([1.0 if key in summed else world_size for key in values], dtype=torch.float64)  # [K]
+    reduced = (reduce(stacked, "sum") / divisors.to(device)).tolist()
+    return dict(zip(values, reduced, strict=True))
 
 
 def sample_text(batch: Any, count: int = 4) -> str:
@@ -140,13 +147,15 @@ def log_training_step(
 ) -> None:
     """Log one training step of ``module`` (a ``GRPOModule``): ``reduced`` as they are (global already: the loss
     metrics merged over micro-batches and ranks, the optimizer's state) and ``rank_metrics`` (the step plan's), the
-    rollout's metrics and ``train_s`` averaged over ranks, all as ``log_step_scalars`` writes them; the reward and
-    the accuracy to the progress bar; every ``log_samples_every_n_steps`` batches a few samples as TensorBoard text.
+    rollout's metrics and ``train_s`` averaged over ranks (the counts, ``lit_gcpo.data.batch.COUNT_SUFFIXES``,
+    summed), all as ``log_step_scalars`` writes them; the reward and the accuracy to the progress bar; every
+    ``log_samples_every_n_steps`` batches a few samples as TensorBoard text.
     """
     trainer = module.trainer
     values = {f"train/{k}": v for k, v in rank_metrics.items()} | rollout_metrics(batch, batch.correct)
     values["time/train_s"] = train_s
-    averaged = mean_over_ranks(values, module.reduce_over_ranks, trainer.world_size, module.device)
+    counts = [key for key in values if key.endswith(COUNT_SUFFIXES)]  # of this rank's completions: summed
+    averaged = mean_over_ranks(values, module.reduce_over_ranks, trainer.world_size, module.device, counts)
     log_step_scalars(trainer, averaged | {f"train/{k}": v for k, v in reduced.items()})
     module.log("reward", values["reward/mean"], prog_bar=True, logger=False, batch_size=batch.num_groups)
     if batch.correct is not None:
