@@ -2,8 +2,9 @@
 
 For each seed, the quickstart (``configs/quickstart.yaml``) twice, paired (same seed: the same prompts and sampler
 seeds per stream position): synchronous (``--threads-sync`` torch threads, generation then training), and with
-``--data.off_policy true`` on ``--threads-off`` threads for the trainer plus the generation worker's own (the hf
-engine samples a small policy on one thread): the machine's two cores split 1 + 1 by default. Both arms get
+``--data.off_policy true`` on ``--threads-off`` threads for the trainer plus the generation worker, which samples on
+as many (torch's thread count is the process's; the runs before 2026-12-08 had the worker set one thread for the
+small policy, the same count at the default): the machine's two cores split 1 + 1 by default. Both arms get
 ``--model.rollout_correction sequence_mask`` (it only acts on the off-policy arm, whose engine is a copy). From each
 run's TensorBoard scalars: the greedy validation accuracy at every validation (step 0 included), the median wall
 time of a training step, the mean ``rollout/weight_lag`` and the trainer's wait for the in-flight batch. Writes

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import threading
 from dataclasses import replace
 
 import pytest
@@ -267,6 +268,72 @@ def test_a_small_policy_samples_on_one_thread_and_training_keeps_torchs_setting(
         torch.set_num_threads(before)
     with pytest.raises(ValueError, match="decode_threads"):
         HFEngine(model, tokenizer, decode_threads=-1)
+
+
+class ThreadCountSpy:
+    """Stands in for ``torch.set_num_threads``: records ``(thread name, count)`` of every call, then makes it (or not,
+    as vLLM's CPU worker does, which replaces it with a no-op)."""
+
+    def __init__(self, monkeypatch, effective: bool = True) -> None:
+        self.calls: list[tuple[str, int]] = []
+        self.original, self.effective = torch.set_num_threads, effective
+        monkeypatch.setattr(torch, "set_num_threads", self)
+
+    def __call__(self, count: int) -> None:
+        self.calls.append((threading.current_thread().name, count))
+        if self.effective:
+            self.original(count)
+
+
+def test_a_generate_outside_the_main_thread_leaves_the_process_thread_count_alone(model_and_tokenizer, monkeypatch):
+    """torch's thread count is the process's: a worker thread (data.off_policy's) that set it would change it under
+    the trainer. The main thread's generate sets it (a small policy: one thread) and restores it."""
+    model, tokenizer = model_and_tokenizer
+    engine, greedy = HFEngine(model, tokenizer), SamplingConfig(temperature=0, max_new_tokens=3)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    spy = ThreadCountSpy(monkeypatch)
+    seen: list[int] = []
+    hook = model.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
+    try:
+        engine.generate(_ids(tokenizer, ["1+2="]), 1, greedy)
+        assert spy.calls == [("MainThread", 1), ("MainThread", 2)] and set(seen) == {1}  # the control
+        spy.calls.clear()
+        worker = threading.Thread(target=engine.generate, args=(_ids(tokenizer, ["1+2="]), 1, greedy), name="worker")
+        worker.start()
+        worker.join()
+        assert spy.calls == [] and torch.get_num_threads() == 2  # never called from the worker
+        engine.decode_threads = 1  # an explicit count too
+        worker = threading.Thread(target=engine.generate, args=(_ids(tokenizer, ["1+2="]), 1, greedy), name="worker")
+        worker.start()
+        worker.join()
+        assert spy.calls == []
+    finally:
+        hook.remove()
+        spy.original(before)
+
+
+def test_a_thread_count_torch_ignores_is_warned_about_once_naming_the_option(model_and_tokenizer, monkeypatch, caplog):
+    """vLLM's CPU worker replaces ``torch.set_num_threads`` with a no-op when it starts: in such a process the
+    sampling loop runs on torch's setting, said once, and the engine stops calling it."""
+    model, tokenizer = model_and_tokenizer
+    engine, greedy = HFEngine(model, tokenizer), SamplingConfig(temperature=0, max_new_tokens=3)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    spy = ThreadCountSpy(monkeypatch, effective=False)
+    seen: list[int] = []
+    hook = model.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
+    try:
+        with caplog.at_level("WARNING", logger="lit_gcpo.engines.hf"):
+            first = engine.generate(_ids(tokenizer, ["1+2="]), 1, greedy)
+            second = engine.generate(_ids(tokenizer, ["1+2="]), 1, greedy)
+    finally:
+        hook.remove()
+        spy.original(before)
+    assert first.completion_ids == second.completion_ids and set(seen) == {2}  # sampled on torch's 2 threads
+    assert spy.calls == [("MainThread", 1)]  # tried once (a small policy: one thread), not restored, not again
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert warning.startswith("data.engine_options.decode_threads: the hf engine's sampling loop samples on torch's 2")
 
 
 def test_buffered_cache_gives_the_dynamic_caches_logits_bit_for_bit(model_and_tokenizer):

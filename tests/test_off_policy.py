@@ -5,6 +5,7 @@ against a hand computation, exact resume with the in-flight batch saved, and the
 
 from __future__ import annotations
 
+import threading
 import time
 import zlib
 
@@ -270,6 +271,7 @@ def test_validation_between_steps_leaves_the_training_batches_alone(tiny_model_d
         ),
         ({"engine": "vllm", "engine_options": {"sync_every": 2}}, r"engine_options\.sync_every 2.*every step"),
         ({"engine": "vllm", "engine_options": {"enable_sleep_mode": True}}, r"engine_options\.enable_sleep_mode"),
+        ({"engine_options": {"decode_threads": 1}}, r"engine_options\.decode_threads 1: with data\.off_policy"),
     ],
 )
 def test_off_policy_refuses_what_it_does_not_support_yet(options, words):
@@ -277,6 +279,27 @@ def test_off_policy_refuses_what_it_does_not_support_yet(options, words):
         RolloutDataModule(train=_task(), off_policy=True, **options)
     data = RolloutDataModule(train=_task(), off_policy=True, dynamic_sampling={"max_rounds": 2})  # hf: supported
     assert data.off_policy and data.dynamic_sampling.max_rounds == 2
+
+
+def test_the_worker_never_sets_the_process_thread_count(tiny_model_dir, tmp_path, monkeypatch):
+    """torch's thread count is the process's: the worker samples while the trainer steps, so only the main thread's
+    sampling (the fit's first batch; a small policy samples on one thread) may set it, and restores it."""
+    calls: list[tuple[str, int]] = []
+    original, before = torch.set_num_threads, torch.get_num_threads()
+
+    def spy(count: int) -> None:
+        calls.append((threading.current_thread().name, count))
+        original(count)
+
+    original(2)
+    monkeypatch.setattr(torch, "set_num_threads", spy)
+    try:
+        record, _ = fit(tiny_model_dir, tmp_path, 3)
+    finally:
+        original(before)
+    assert [step["batch"].metrics["rollout/weight_lag"] for step in record.steps] == [0.0, 1.0, 1.0]  # the worker ran
+    assert [count for name, count in calls if name == "MainThread"][:2] == [1, 2]  # the first batch: set, restored
+    assert [name for name, _ in calls if name != "MainThread"] == []
 
 
 def test_off_policy_with_the_vllm_engine_is_accepted_with_a_sync_at_every_step():

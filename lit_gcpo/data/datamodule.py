@@ -33,6 +33,7 @@ from lit_gcpo.data.contracts import RolloutPolicy, check_implements
 from lit_gcpo.data.dynamic_sampling import DynamicSampling
 from lit_gcpo.data.evaluation_passes import EvaluationAccess, TestPasses
 from lit_gcpo.data.label_free import apply_label_free, label_free_problem, reward_sets
+from lit_gcpo.data.off_policy import refuse_hf_options
 from lit_gcpo.data.off_policy_vllm import refuse_vllm_options
 from lit_gcpo.data.preparation import complete_rows, fit_to_context
 from lit_gcpo.data.rollout import RolloutCollector, timed_answer_clusters
@@ -117,7 +118,8 @@ class RolloutDataModule(EvaluationAccess, L.LightningDataModule):
             ``rollout_correction`` (``lit_gcpo.data.off_policy``). False (the default): sampled at each step with the
             current weights. On several ranks (DDP, FSDP2) each samples its share, also with ``dynamic_sampling``;
             with ``vllm``, the DataModule's engine samples in the worker (``lit_gcpo.data.off_policy_vllm``; one
-            process, ``sync_every`` 1, no sleep mode, not with ``dynamic_sampling``).
+            process, ``sync_every`` 1, no sleep mode, not with ``dynamic_sampling``); with ``hf``, on the trainer's
+            torch threads (``engine_options.decode_threads`` is refused).
     """
 
     def __init__(
@@ -187,6 +189,8 @@ class RolloutDataModule(EvaluationAccess, L.LightningDataModule):
         self.engine_options.for_engine(engine)  # another engine's option is an error now, not at setup
         if off_policy and engine == "vllm":
             refuse_vllm_options(self.engine_options)
+        elif off_policy:
+            refuse_hf_options(self.engine_options)
         self.sampling = sampling or SamplingConfig()
         self.val_samples, self.val_temperature, self.val_batch_size = val_samples, val_temperature, val_batch_size
         self.seed = seed

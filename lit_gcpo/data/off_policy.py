@@ -37,6 +37,9 @@ Choices (the papers and peers leave them open):
   hold.
 - **Validation and checkpoints wait** for the in-flight batch; validation samples with the live policy (``hf``), or
   with the same vLLM engine after syncing the current weights (``vllm``).
+- **Threads**: torch's thread count is the process's, so the worker's sampling loop leaves it alone (the ``hf``
+  engine changes it from the main thread only) and samples on the trainer's threads; ``data.engine_options.
+  decode_threads`` is refused when the DataModule is built (``refuse_hf_options``).
 - **The ``vllm`` engine** samples in the worker itself (it holds its own copy of the weights; no ``SnapshotEngine``),
   synced from the trainer's thread at the step boundary: ``lit_gcpo.data.off_policy_vllm`` (why a thread, the
   global RNG, what is refused: several ranks, and with ``data.dynamic_sampling``).
@@ -57,6 +60,7 @@ from torch.distributed.fsdp import FSDPModule
 from lit_gcpo.data.batch import PromptBatch, RolloutBatch
 from lit_gcpo.data.rollout import RolloutCollector
 from lit_gcpo.engines.hf import HFEngine
+from lit_gcpo.engines.options import EngineOptions
 
 
 class SnapshotEngine(HFEngine):
@@ -202,6 +206,18 @@ class OneStepOff:
             rollout["reward_components"] = {name: value.to(self.device) for name, value in components.items()}
             drawn = int(state.get("drawn", 1))  # saved before dynamic sampling ran off-policy: one batch a step
             self._restored = (int(state["position"]), int(state["weight_version"]), RolloutBatch(**rollout), drawn)
+
+
+def refuse_hf_options(options: EngineOptions) -> None:
+    """Raise when ``data.engine_options`` holds an ``hf`` option that one-step-off rollouts cannot honour:
+    ``decode_threads``, as torch's thread count is the process's and the worker samples while the trainer steps."""
+    if options.decode_threads is not None:
+        raise ValueError(
+            f"data.engine_options.decode_threads {options.decode_threads}: with data.off_policy the worker thread "
+            "samples while the trainer steps, and torch's thread count is the process's, so the worker leaves it as "
+            "it is (it samples on the trainer's threads: set OMP_NUM_THREADS to split the cores); leave "
+            "decode_threads unset"
+        )
 
 
 def one_step_off(data: Any, module: Any) -> OneStepOff:

@@ -30,6 +30,8 @@ the embedded tiny policy's character tokenizer.
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Iterable
 
 import torch
@@ -38,6 +40,8 @@ from torch.distributed.fsdp import FSDPModule
 from lit_gcpo.engines.base import Generation, RolloutEngine, SamplingConfig, end_of_sequence_ids, prompt_seeds
 from lit_gcpo.engines.decoding import Completions, SamplingLoop, TokenSampler, left_padded, sdpa_step_masks_exact
 from lit_gcpo.training.scoring import base_model
+
+log = logging.getLogger(__name__)
 
 
 def _to_int64(value: int) -> int:
@@ -118,7 +122,11 @@ class HFEngine(RolloutEngine):
             ``SMALL_POLICY_PARAMETERS``, torch's own setting otherwise. A decode step of a small model is a few
             small matrix products, which threads slow down (measured on 2 cores, 64 rows x 32 tokens: 0.4M
             parameters 0.06 s on one thread vs 0.11 s on two; 3.4M 0.35 vs 0.43 s; 19M 1.42 vs 1.18 s).
-            Training keeps torch's setting.
+            Training keeps torch's setting. ``torch.set_num_threads`` sets the process's count, so only a
+            ``generate`` in the main thread changes it (and restores it): one in another thread (``data.off_policy``'s
+            worker, which samples while the trainer steps) samples with the count it finds. When the call has no
+            effect (vLLM, started in the same process, makes it a no-op) the loop samples with torch's setting and
+            a warning names ``data.engine_options.decode_threads``, once.
     """
 
     samples_from_policy = True
@@ -137,6 +145,7 @@ class HFEngine(RolloutEngine):
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_ids[0]
         self._texts: list[str] | None = None
         self._step_masks: bool | None = None  # sdpa_step_masks_exact, checked at the first generate
+        self._threads_settable = True  # until torch.set_num_threads is found to do nothing (vLLM)
 
     def sync_weights(self, named_parameters: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Nothing to copy: the engine samples from the live policy."""
@@ -161,8 +170,7 @@ class HFEngine(RolloutEngine):
         self.policy.eval()
         out = Generation(completion_ids=[], logprobs=[], truncated=[])
         embeddings = []
-        threads = torch.get_num_threads()
-        torch.set_num_threads(self._threads(threads))
+        restore = self._set_threads()
         try:
             for start in range(0, len(sequences), chunk):
                 rows = slice(start, start + chunk)
@@ -174,9 +182,33 @@ class HFEngine(RolloutEngine):
                     embeddings.append(part.embeddings)
         finally:
             self.policy.train(was_training)
-            torch.set_num_threads(threads)
+            if restore is not None:
+                torch.set_num_threads(restore)
         out.embeddings = torch.cat(embeddings) if embeddings else None
         return out
+
+    def _set_threads(self) -> int | None:
+        """Set torch's thread count for the sampling loop (``decode_threads``); the count to restore afterwards, or
+        None when it was left alone: outside the main thread, when the loop keeps the current count, and when
+        ``torch.set_num_threads`` turns out to do nothing (warned once)."""
+        if not self._threads_settable or threading.current_thread() is not threading.main_thread():
+            return None
+        current = torch.get_num_threads()
+        wanted = self._threads(current)
+        if wanted == current:
+            return None
+        torch.set_num_threads(wanted)
+        if torch.get_num_threads() == wanted:
+            return current
+        self._threads_settable = False
+        log.warning(
+            "data.engine_options.decode_threads: the hf engine's sampling loop samples on torch's %d threads, not %d: "
+            "torch.set_num_threads has no effect in this process (vLLM's CPU worker, started in it, replaces it with "
+            "a no-op)",
+            torch.get_num_threads(),
+            wanted,
+        )
+        return None
 
     def _threads(self, current: int) -> int:
         """The threads of the sampling loop (see ``decode_threads``)."""

@@ -21,7 +21,9 @@ class EngineOptions:
     Attributes:
         max_batch_size: (hf) at most this many sequences per forward pass (bounds memory); 0 = all at once.
         decode_threads: (hf) torch threads of the sampling loop on a CPU; 0 = one thread for a small policy
-            (fewer than ``lit_gcpo.engines.hf.SMALL_POLICY_PARAMETERS``), torch's own setting otherwise.
+            (fewer than ``lit_gcpo.engines.hf.SMALL_POLICY_PARAMETERS``), torch's own setting otherwise. Set from the
+            main thread only (the count is the process's): refused with ``data.off_policy``, whose worker samples on
+            the trainer's threads.
         model_path: (vllm) a local Hugging Face directory with the policy's architecture and initial weights; None
             = the policy saved to a temporary directory.
         dtype: (vllm) vLLM's compute dtype (``float32``, ``bfloat16``, ``float16``, ``auto``; default ``auto``).
