@@ -218,6 +218,7 @@ def test_a_step_logs_counts_summed_over_ranks_and_the_rest_averaged(monkeypatch)
     written = {}
     monkeypatch.setattr(step_metrics, "log_step_scalars", lambda trainer, values: written.update(values))
     metrics = {"rollout/answer_cluster_failures": 3.0, "reward/r_failures": 2.0, "time/generate_s": 0.5}
+    metrics["reward/rm_truncated"] = 1.0  # a reward model's truncated texts on this rank
     batch = SimpleNamespace(
         rewards=torch.tensor([0.0, 1.0]), reward_components={}, advantage_weights=None, correct=None, metrics=metrics
     )
@@ -233,7 +234,7 @@ def test_a_step_logs_counts_summed_over_ranks_and_the_rest_averaged(monkeypatch)
     step_metrics.log_training_step(module, batch, 0, {}, {}, train_s=1.0)
     assert written["rollout/answer_cluster_failures"] == 7.0 and written["reward/r_failures"] == 5.0  # 3 + 4, 2 + 3
     assert written["time/generate_s"] == 1.0 and written["reward/mean"] == 1.0  # (0.5 + 1.5) / 2, (0.5 + 1.5) / 2
-    assert written["time/train_s"] == 1.5
+    assert written["time/train_s"] == 1.5 and written["reward/rm_truncated"] == 3.0  # 1 + 2
 
 
 class MarkTruncated(L.Callback):

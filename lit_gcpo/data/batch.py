@@ -29,10 +29,10 @@ from the engine when it reports them (the ``hf`` engine: the policy itself), els
 engine), both at once."""
 
 
-COUNT_SUFFIXES = ("_failures", "_timeouts", "_none", "_invalid")
+COUNT_SUFFIXES = ("_failures", "_timeouts", "_none", "_invalid", "_truncated")
 """A ``RolloutBatch.metrics`` name that ends with one of these counts events of this rank's completions (the
-rewards' failures, ``rollout/answer_cluster_failures``): summed over the rounds of a step (dynamic sampling) and over
-the data-parallel ranks when logged, where the other metrics are averaged."""
+rewards' failures, a reward model's truncated texts, ``rollout/answer_cluster_failures``): summed over the rounds of
+a step (dynamic sampling) and over the data-parallel ranks when logged, where the other metrics are averaged."""
 
 
 def requested_fields(callbacks: Iterable[Any], stage: str) -> set[str]:
