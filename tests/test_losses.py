@@ -135,11 +135,12 @@ def test_unknown_names_list_valid_ones():
     x = torch.zeros(1, 2)
     with pytest.raises(ValueError, match="k1, k2, k3"):
         kl_penalty(x, x, "k4")
-    with pytest.raises(ValueError, match="seq_mean_token_mean, seq_mean_token_sum_norm, token_mean"):
+    names = "seq_mean_token_mean, seq_mean_token_sum, seq_mean_token_sum_norm, token_mean"
+    with pytest.raises(ValueError, match=names):
         aggregate_loss(x, x, "mean")
     with pytest.raises(ValueError, match="token, sequence"):
         policy_loss(x, x, torch.zeros(1), x, ratio_level="seq")
-    assert KL_ESTIMATORS.names() == ["k1", "k2", "k3"] and len(AGGREGATIONS) == 3
+    assert KL_ESTIMATORS.names() == ["k1", "k2", "k3"] and len(AGGREGATIONS) == 4
 
 
 # Token losses [[1, 2, 3], [4, 5, pad]]; the padding holds NaN, which must not leak.

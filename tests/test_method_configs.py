@@ -16,8 +16,8 @@ from lit_gcpo.training.policy import load_policy
 
 REPO = Path(__file__).parents[1]
 METHOD_CONFIGS = sorted((REPO / "configs" / "methods").glob("*.yaml"))
-METHODS = ["clip_cov", "empo", "gcpo", "grpo", "high_entropy_tokens", "kl_cov", "rent", "seed_grpo", "self_certainty",
-           "ttrl"]  # fmt: skip
+METHODS = ["cispo", "clip_cov", "empo", "gcpo", "grpo", "high_entropy_tokens", "kl_cov", "luspo", "rent", "sapo",
+           "seed_grpo", "self_certainty", "ttrl", "vespo"]  # fmt: skip
 
 
 class LastBatch(L.Callback):
@@ -27,6 +27,14 @@ class LastBatch(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         LastBatch.batch = batch
+
+
+class LastBatchWithOldLogprobs(LastBatch):
+    """``LastBatch`` that asks for the old log-probs (a scoring pass; with one iteration per rollout and the policy's
+    own samples they equal the loss pass's log-probs), for checking a surrogate's loss on the trained batch."""
+
+    def rollout_fields(self, stage: str) -> set[str]:
+        return {"old_logprobs"} if stage == "train" else set()
 
 
 def test_every_method_has_a_config():
@@ -59,6 +67,10 @@ OWN_SETTINGS = {
     "high_entropy_tokens": ("trainer.callbacks.0.", "model.token_selection"),
     "clip_cov": ("trainer.callbacks.0.", "model.token_selection"),
     "kl_cov": ("trainer.callbacks.0.", "model.token_selection"),
+    "cispo": ("trainer.callbacks.0.", "model.surrogate"),
+    "sapo": ("trainer.callbacks.0.", "model.surrogate"),
+    "vespo": ("trainer.callbacks.0.", "model.surrogate"),
+    "luspo": ("trainer.callbacks.0.", "model.loss_aggregation", "model.ratio_level", "model.eps_low", "model.eps_high"),
 }
 
 
@@ -74,7 +86,7 @@ def test_method_configs_differ_from_the_quickstart_only_in_the_method(capsys, mo
         assert resolved["trainer.logger.init_args.name"] == config.stem
 
 
-def _fit(config: Path, root: Path):
+def _fit(config: Path, root: Path, recorder: str = "LastBatch"):
     return main(
         [
             "fit",
@@ -86,7 +98,7 @@ def _fit(config: Path, root: Path):
             "--trainer.default_root_dir", str(root),
             "--trainer.logger.init_args.save_dir", str(root),
             "--trainer.enable_progress_bar", "false",
-            "--trainer.callbacks+", "test_method_configs.LastBatch",
+            "--trainer.callbacks+", f"test_method_configs.{recorder}",
             "--data.batch_size", "6",
             "--data.group_size", "4",
             "--data.val.init_args.num_val", "8",
@@ -126,7 +138,17 @@ def _majority_loop(batch) -> torch.Tensor:
 def _check_method(name: str, batch, logged: dict[str, float]) -> None:
     mask = batch.completion_mask.cpu()
     tokens = float(mask.sum())
-    if name in ("grpo", "high_entropy_tokens", "clip_cov", "kl_cov", "ttrl", "empo", "self_certainty", "rent"):
+    if name in (
+        "grpo",
+        "high_entropy_tokens",
+        "clip_cov",
+        "kl_cov",
+        "ttrl",
+        "empo",
+        "self_certainty",
+        "rent",
+        *SURROGATES,
+    ):
         assert torch.equal(batch.advantage_weights, torch.ones_like(batch.advantage_weights))  # w = 1
     if name == "seed_grpo":  # w = 1 / (1 + 0.0417 SE_n), SE_n in [0, 1]
         assert float(batch.advantage_weights.min()) >= 1 / 1.0417 - 1e-6 and float(batch.advantage_weights.max()) <= 1
@@ -167,13 +189,54 @@ def _check_method(name: str, batch, logged: dict[str, float]) -> None:
         assert logged["train/clip_cov_frac"] == pytest.approx(min(1, eligible) / tokens, abs=1e-6)
     if name == "kl_cov":  # max(1, int(2e-4 T)) = 1 token penalised
         assert logged["train/kl_cov_frac"] == pytest.approx(1 / tokens, abs=1e-6)
+    if name in SURROGATES:
+        _check_surrogate(name, batch, logged)
+
+
+SURROGATES = ("cispo", "sapo", "vespo", "luspo")
+# each surrogate's own metric at r = w = 1: nothing capped, the gate and phi 1, nothing clipped
+ON_POLICY_METRIC = {"cispo": ("cispo_clip_frac", 0.0), "sapo": ("sapo_gate_mean", 1.0),
+                    "vespo": ("vespo_phi_mean", 1.0), "luspo": ("clip_frac_high", 0.0)}  # fmt: skip
+
+
+def _loop_advantages(batch) -> list[float]:
+    """GRPO's advantages by a plain loop: (r - group mean) / (unbiased group std + 1e-4), 0 when all are equal."""
+    rewards, groups = batch.rewards.tolist(), batch.group_ids.tolist()
+    advantages = []
+    for reward, group in zip(rewards, groups, strict=True):
+        members = [r for r, g in zip(rewards, groups, strict=True) if g == group]
+        mean = sum(members) / len(members)
+        std = math.sqrt(sum((r - mean) ** 2 for r in members) / (len(members) - 1))
+        advantages.append(0.0 if max(members) == min(members) else (reward - mean) / (std + 1e-4))
+    return advantages
+
+
+def _check_surrogate(name: str, batch, logged: dict[str, float]) -> None:
+    """The trained step's policy loss by its formula, token by token. One optimizer step per rollout on the policy's
+    own samples: the loss pass's log-probs are the scoring pass's (``old_logprobs``, the same forward), r = w = 1."""
+    mask, logp = batch.completion_mask.cpu().tolist(), batch.old_logprobs.cpu().double().tolist()
+    advantages = _loop_advantages(batch)
+    tokens = sum(sum(row) for row in mask)
+    expected = 0.0
+    for a, row, lps in zip(advantages, mask, logp, strict=True):
+        on = [lp for m, lp in zip(row, lps, strict=True) if m > 0]
+        if name in ("cispo", "vespo"):  # -sg(min(1, 5)) A log pi, -sg(phi(1) = 1) A log pi, over all tokens
+            expected += sum(-a * lp for lp in on) / tokens
+        if name == "sapo":  # -sigmoid(0) 4 / tau A = -(2 / tau) A, tau 1.0 for A > 0 and 1.05 otherwise
+            expected += len(on) * -(2.0 / (1.0 if a > 0 else 1.05)) * a / tokens
+        if name == "luspo":  # |y_i| (-min(s A, clip(s) A)) with s = 1, averaged over completions
+            expected += len(on) * -a / len(mask)
+    assert logged["train/policy_loss"] == pytest.approx(expected, abs=1e-5)
+    assert any(a != 0 for a in advantages)  # the step had a learning signal
+    metric, value = ON_POLICY_METRIC[name]
+    assert logged[f"train/{metric}"] == pytest.approx(value, abs=1e-6)
 
 
 @pytest.mark.parametrize("config", METHOD_CONFIGS, ids=lambda path: path.stem)
 def test_method_config_trains_the_embedded_task(config, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     LastBatch.batch = None
-    cli = _fit(config, tmp_path)
+    cli = _fit(config, tmp_path, "LastBatchWithOldLogprobs" if config.stem in SURROGATES else "LastBatch")
     logged = {key: float(value) for key, value in cli.trainer.logged_metrics.items()}
     assert math.isfinite(logged["train/loss"]) and "val/accuracy" in logged  # validation graded with golds
     start = dict(load_policy("lit-gcpo/tiny-arith").named_parameters())

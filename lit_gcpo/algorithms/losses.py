@@ -1,16 +1,10 @@
 """Per-token policy loss, KL penalty, entropy bonus and loss aggregation (METHODS.md section 2).
 
-- Clipped surrogate: PPO (Schulman et al. 2017, eq. 7) as used by GRPO (Shao et al. 2024, eq. 3):
-  l = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A), rho = exp(logp - old). eps_high > eps_low
-  is DAPO's clip-higher (Yu et al. 2025, section 3.1).
-- Dual clip (Ye et al. 2020, "Mastering Complex Control in MOBA Games with Deep RL"): for A < 0 the loss is
-  capped at -c A (c > 1, typically 3), so a huge ratio on a negative sample cannot blow up the loss.
-- GSPO (Zheng et al. 2025, the sequence-level ratio s_i): the ratio exp(mean_t m (logp - old)) is applied to every
-  token of the sequence. Project's reading: the loss stays a token matrix so that it goes through the
-  same aggregation as every other variant; ``seq_mean_token_mean`` aggregation gives GSPO's objective
-  exactly. GSPO's paper uses a far smaller clip range (3e-4 / 4e-4) than the token-level default.
+- Policy-gradient surrogates (``lit_gcpo.algorithms.surrogates``, chosen by name): PPO / GRPO / DAPO / GSPO's clipped
+  surrogate (``policy_loss``, re-exported here), CISPO, SAPO and VESPO.
 - Rollout correction and off-policy sequence masking: ``lit_gcpo.algorithms.rollout_correction``; the
-  weights and the keep indicator they give multiply the clipped-surrogate token loss here.
+  weights and the keep indicator they give multiply the surrogate's token loss here (VESPO folds the correction's
+  weights into its own sequence weight instead).
 - Token selection (``lit_gcpo.algorithms.token_selection``): keep masks multiplied into ``is_weights``, and
   KL-Cov's penalty added to the policy-gradient token loss (``token_penalty``).
 - KL to the reference (Schulman's "Approximating KL divergence" note): k1, k2, k3 (default, GRPO eq. 4).
@@ -26,7 +20,7 @@ sync); "over mask tokens" means over the positions where ``mask > 0``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -41,86 +35,7 @@ from lit_gcpo.algorithms.rollout_correction import (  # noqa: F401 - re-exported
     rollout_correction_problem,
     rollout_correction_weights,
 )
-
-
-def policy_loss(
-    logp: Tensor,
-    old_logp: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    dual_clip: float | None = None,
-    ratio_level: str = "token",
-    is_weights: Tensor | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped-surrogate token loss of PPO / GRPO / DAPO / GSPO.
-
-    Args:
-        logp: current policy's log-prob of each sampled token, ``[N, L]`` (carries the gradient).
-        old_logp: log-prob under the policy that generated the tokens, ``[N, L]`` (no gradient).
-        advantages: one advantage per completion, ``[N]``.
-        mask: 1 on completion tokens, 0 on padding, ``[N, L]``.
-        eps_low: lower clip range, the ratio is clipped at ``1 - eps_low``.
-        eps_high: upper clip range, the ratio is clipped at ``1 + eps_high``.
-        dual_clip: c > 1 caps the loss of negative-advantage tokens at ``-c A``; None disables it.
-        ratio_level: ``token`` (PPO/GRPO) or ``sequence`` (GSPO's length-normalised sequence ratio).
-        is_weights: per-token weights multiplied into the loss after clipping (``rollout_correction_weights``,
-            the off-policy sequence mask), ``[N, L]``.
-
-    Returns:
-        ``(token_loss [N, L], metrics)``; the loss is 0 on padding. Metrics over mask tokens:
-        ``clip_frac_low`` (ratio < 1 - eps_low with A < 0: the clipped branch is active),
-        ``clip_frac_high`` (ratio > 1 + eps_high with A > 0), ``dual_clip_frac`` (A < 0 and the dual cap
-        active), ``approx_kl`` (k3 estimate of KL(old || current): rho - 1 - log rho, averaged),
-        ``ratio_mean`` / ``ratio_min`` / ``ratio_max`` (the ratio actually used, i.e. the sequence ratio for
-        GSPO; min / max are +inf / -inf when the mask is empty).
-    """
-    if ratio_level not in RATIO_LEVELS:
-        raise ValueError(f"unknown ratio_level {ratio_level!r}; valid names: {', '.join(RATIO_LEVELS)}")
-    if dual_clip is not None and dual_clip <= 1.0:
-        raise ValueError(f"dual_clip must be > 1 (typically 3), got {dual_clip}")
-    check_token_shapes({"logp": logp, "old_logp": old_logp, "mask": mask}, advantages)
-
-    mask_f = mask.to(logp.dtype)  # [N, L]
-    on = mask > 0  # [N, L]
-    # Padding may hold garbage (e.g. -inf log-probs): zero its log-ratio before exp.
-    log_ratio = torch.where(on, logp - old_logp.detach(), torch.zeros_like(logp))  # [N, L]
-    if ratio_level == "sequence":
-        seq_log_ratio = (log_ratio * mask_f).sum(-1) / mask_f.sum(-1).clamp_min(1)  # [N]
-        ratio = seq_log_ratio.exp().unsqueeze(-1).expand_as(logp)  # [N, L]
-    else:
-        ratio = log_ratio.exp()  # [N, L]
-
-    adv = advantages.detach().to(logp.dtype).unsqueeze(-1)  # [N, 1]
-    loss_unclipped = -ratio * adv  # [N, L]
-    loss_clipped = -ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * adv  # [N, L]
-    loss = torch.maximum(loss_unclipped, loss_clipped)  # [N, L]
-    dual_active = torch.zeros_like(on)
-    if dual_clip is not None:
-        cap = -dual_clip * adv  # [N, 1]
-        dual_active = (adv < 0) & (loss > cap)  # [N, L]
-        loss = torch.where(dual_active, cap.expand_as(loss), loss)  # [N, L]
-    if is_weights is not None:
-        if is_weights.shape != logp.shape:
-            raise ValueError(f"is_weights must be [N, L] = {tuple(logp.shape)}, got {tuple(is_weights.shape)}")
-        loss = loss * is_weights.detach()  # [N, L]
-    loss = torch.where(on, loss, torch.zeros_like(loss))  # [N, L]
-
-    with torch.no_grad():
-        r = ratio.detach()
-        token_ratio = log_ratio.detach().exp()  # [N, L]
-        metrics = {
-            "clip_frac_low": masked_mean(((r < 1.0 - eps_low) & (adv < 0)).to(mask_f.dtype), mask_f),
-            "clip_frac_high": masked_mean(((r > 1.0 + eps_high) & (adv > 0)).to(mask_f.dtype), mask_f),
-            "dual_clip_frac": masked_mean((dual_active & on).to(mask_f.dtype), mask_f),
-            "approx_kl": masked_mean(token_ratio - 1.0 - log_ratio.detach(), mask_f),
-            "ratio_mean": masked_mean(r, mask_f),
-            "ratio_min": torch.where(on, r, float("inf")).min(),
-            "ratio_max": torch.where(on, r, float("-inf")).max(),
-        }
-    return loss, metrics
-
+from lit_gcpo.algorithms.surrogates import SURROGATES, policy_loss  # noqa: F401 - policy_loss: re-exported
 
 # A KL estimator maps the per-token log-ratio log(ref / pi) = ref - logp to a per-token KL estimate.
 KL_ESTIMATORS: Registry[Callable[[Tensor], Tensor]] = Registry("KL estimator")
@@ -195,6 +110,14 @@ def _seq_mean_token_mean(loss: Tensor, mask: Tensor, num_tokens: Count, num_seqs
     return per_seq.sum() / denom
 
 
+@AGGREGATIONS.register("seq_mean_token_sum")
+def _seq_mean_token_sum(loss: Tensor, mask: Tensor, num_tokens: Count, num_seqs: Count, max_len: int | None) -> Tensor:
+    # LUSPO (Liu et al. 2026, arXiv 2602.05261; TRL's luspo): GSPO's sequence loss times the sequence's length, i.e.
+    # the sum over its tokens of the sequence-ratio token loss, averaged over sequences.
+    denom = loss.shape[0] if num_seqs is None else num_seqs
+    return (loss * mask).sum() / denom
+
+
 @AGGREGATIONS.register("seq_mean_token_sum_norm")
 def _seq_mean_token_sum_norm(
     loss: Tensor, mask: Tensor, num_tokens: Count, num_seqs: Count, max_len: int | None
@@ -221,7 +144,7 @@ def aggregate_loss(
     """Masked token-loss matrix -> scalar loss; one function for all modes (METHODS.md section 2).
 
     ``token_mean``: sum m l / num_tokens. ``seq_mean_token_mean``: sum_i (sum_t m l / sum_t m) / num_seqs.
-    ``seq_mean_token_sum_norm``: sum m l / (num_seqs * max_len).
+    ``seq_mean_token_sum_norm``: sum m l / (num_seqs * max_len). ``seq_mean_token_sum`` (LUSPO): sum m l / num_seqs.
 
     When a batch is split into micro-batches (or data-parallel ranks), pass the GLOBAL ``num_tokens``
     (sum of the mask over the whole batch) and ``num_seqs`` (number of completions of the whole batch):
@@ -233,7 +156,7 @@ def aggregate_loss(
         mask: 1 on completion tokens, ``[N, L]``.
         mode: a name in ``AGGREGATIONS``.
         num_tokens: global number of mask tokens (``token_mean``).
-        num_seqs: global number of sequences (the two ``seq_mean_*`` modes).
+        num_seqs: global number of sequences (the ``seq_mean_*`` modes).
         max_len: L_max, the configured maximum completion length (``seq_mean_token_sum_norm`` only).
 
     Returns:
@@ -249,6 +172,38 @@ def aggregate_loss(
     return fn(token_loss, mask.to(token_loss.dtype), num_tokens, num_seqs, max_len)
 
 
+def _surrogate_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    surrogate: str,
+    options: Mapping[str, float] | None,
+    clip: Mapping[str, float | None],
+    ratio_level: str,
+    is_weights: Tensor | None,
+    correction: Tensor | None,
+) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
+    """``grpo_loss``'s surrogate token loss ``[N, L]``, its metrics, and the weights that multiplied it (``is_weights``
+    times ``correction`` unless the surrogate folds the correction into its own weight)."""
+    entry = SURROGATES.get(surrogate)
+    if surrogate == "clip":
+        if options:
+            raise ValueError(f"the clipped surrogate takes eps_low, eps_high and dual_clip, not {dict(options)}")
+        options = clip
+    elif clip["dual_clip"] is not None:
+        raise ValueError(f"dual_clip caps the clipped surrogate's loss; surrogate {surrogate!r} has no such cap")
+    options = dict(options or {})
+    if entry.folds_correction:
+        options["correction"] = correction
+    elif correction is not None:
+        is_weights = correction if is_weights is None else is_weights * correction  # [N, L]
+    loss, metrics = entry.loss(
+        logp, old_logp, advantages, mask, ratio_level=ratio_level, is_weights=is_weights, **options
+    )
+    return loss, metrics, is_weights
+
+
 def grpo_loss(
     logp: Tensor,
     old_logp: Tensor,
@@ -260,11 +215,14 @@ def grpo_loss(
     kl_estimator: str = "k3",
     entropy: Tensor | None = None,
     entropy_coef: float = 0.0,
+    surrogate: str = "clip",
+    surrogate_options: Mapping[str, float] | None = None,
     eps_low: float = 0.2,
     eps_high: float = 0.2,
     dual_clip: float | None = None,
     ratio_level: str = "token",
     is_weights: Tensor | None = None,
+    correction: Tensor | None = None,
     token_penalty: Tensor | None = None,
     off_policy_threshold: float | None = None,
     behaviour_logp: Tensor | None = None,
@@ -275,10 +233,14 @@ def grpo_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The full GRPO-family objective: policy loss + beta * KL - entropy_coef * H, aggregated.
 
-    Arguments are those of ``policy_loss``, ``kl_penalty`` and ``aggregate_loss``; ``ref_logp`` is
+    Arguments are those of the surrogate, ``kl_penalty`` and ``aggregate_loss``; ``ref_logp`` is
     required when ``beta != 0`` and ``entropy`` (``[N, L]``, the policy's token entropy, with gradient)
     when ``entropy_coef != 0``. The KL and entropy terms are aggregated with the same mode as the policy
     loss (aggregation is linear, so the total equals aggregating the summed token matrix).
+    ``surrogate`` names the policy loss in ``lit_gcpo.algorithms.surrogates.SURROGATES`` (``clip``: ``policy_loss``
+    with ``eps_low``, ``eps_high``, ``dual_clip``; the others take ``surrogate_options``, e.g. ``{"max_ratio": 5.0}``
+    for ``cispo``). ``correction`` (``[N, L]``, the rollout correction's weights) multiplies the token loss like
+    ``is_weights``, except for a surrogate that folds it into its own weight (``vespo``).
     ``off_policy_threshold`` (delta, None: off) drops negative-advantage sequences whose ``behaviour_logp``
     (default ``old_logp``, as TRL falls back to its old log-probs) are more than delta away from ``logp``
     (``off_policy_sequence_mask``; its shares are of ``num_tokens`` / ``num_seqs``); the keep indicator
@@ -287,7 +249,7 @@ def grpo_loss(
     weights, so ``is_weights`` multiply it too, as verl applies its rollout weights to KL-Cov's penalised loss.
 
     Returns:
-        ``(loss, metrics)``: the 0-d loss, and the metrics of ``policy_loss`` and ``kl_penalty`` plus
+        ``(loss, metrics)``: the 0-d loss, and the metrics of the surrogate and ``kl_penalty`` plus
         ``policy_loss``, ``kl_loss``, ``entropy_loss`` (aggregated terms, before their coefficients) and
         ``entropy_mean`` (over mask tokens). Metrics are over this call's tokens only: when the caller
         splits a batch, it averages them itself.
@@ -308,8 +270,9 @@ def grpo_loss(
         )  # [N]
         keep = keep.unsqueeze(-1).expand_as(logp)  # [N, L]
         is_weights = keep if is_weights is None else is_weights * keep
-    pg, metrics = policy_loss(
-        logp, old_logp, advantages, mask, eps_low, eps_high, dual_clip, ratio_level, is_weights
+    clip = {"eps_low": eps_low, "eps_high": eps_high, "dual_clip": dual_clip}
+    pg, metrics, is_weights = _surrogate_loss(
+        logp, old_logp, advantages, mask, surrogate, surrogate_options, clip, ratio_level, is_weights, correction
     )  # [N, L]
     if token_penalty is not None:
         check_token_shapes({"logp": logp, "token_penalty": token_penalty})

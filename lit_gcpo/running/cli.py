@@ -31,6 +31,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_gcpo.algorithms.label_free import LabelFreeReward
 from lit_gcpo.algorithms.rollout_correction import rollout_correction_problem
+from lit_gcpo.algorithms.surrogate_options import Surrogate
 from lit_gcpo.algorithms.token_selection import TokenSelection
 from lit_gcpo.data.datamodule import RolloutDataModule
 from lit_gcpo.data.label_free import label_free_problem
@@ -51,6 +52,7 @@ from lit_gcpo.running.run_dir import RunDirectoryTakenError, claim_directory, cl
 from lit_gcpo.running.sharded_checkpoint import META_FILE
 from lit_gcpo.running.strategy_options import StrategyOptionError, strategy_names_as_classes
 from lit_gcpo.training.module import GRPOModule
+from lit_gcpo.training.options import loss_options_problem
 from lit_gcpo.training.parallel import unsupported_option
 
 DESCRIPTION = (
@@ -63,7 +65,7 @@ DESCRIPTION = (
 
 # A method family is an option typed by its base class (``model.token_selection``, ``data.label_free``): each method
 # is a subclass, chosen by ``class_path`` (or its class name), with its own typed options, validated at parse time.
-set_parsing_settings(subclasses_enabled=[TokenSelection, LabelFreeReward])
+set_parsing_settings(subclasses_enabled=[TokenSelection, LabelFreeReward, Surrogate])
 
 MOVED_SETTINGS = {
     "model.temperature": "the sampling temperature is set once, in data.sampling.temperature (batches carry it)",
@@ -114,14 +116,15 @@ def missing_model_path(value: str | None) -> str | None:
     return None
 
 
-METHOD_OPTIONS = (("model", "token_selection"), ("data", "label_free"))
+METHOD_OPTIONS = (("model", "token_selection"), ("model", "surrogate"), ("data", "label_free"))
 """The options whose value is a method with options of its own (a subclass of the option's type)."""
 
 
 def method_options_problem(config: Any) -> str | None:
     """Why the methods chosen in ``config`` are refused, naming the option; None when they are fine. Each method of
     ``METHOD_OPTIONS`` is built from its options (which it validates: rho outside (0, 1], delta_lo >= delta_hi, ...),
-    then label-free training's reward settings are checked (``lit_gcpo.data.label_free.label_free_problem``)."""
+    then the loss options against the surrogate (``lit_gcpo.training.options.loss_options_problem``) and label-free
+    training's reward settings (``lit_gcpo.data.label_free.label_free_problem``)."""
     built: dict[str, Any] = {}
     for group, option in METHOD_OPTIONS:
         section = config.get(group)
@@ -134,6 +137,11 @@ def method_options_problem(config: Any) -> str | None:
             built[option] = import_object(value.class_path)(**init_args)
         except (TypeError, ValueError) as error:
             return f"{group}.{option}: {error}"
+    model = config.get("model")
+    if model is not None:
+        problem = loss_options_problem({**_plain_namespace(model), **built})
+        if problem is not None:
+            return f"model.{problem}"
     data = config.get("data")
     if data is None or built["label_free"] is None:
         return None

@@ -8,7 +8,9 @@ With one optimizer step per rollout the generating policy's log-probs are the tr
 for a batch another engine sampled (vLLM, or the stale copy of one-step-off-policy rollouts): the rollout-correction
 weights are then computed per micro-batch from them (``DeferredCorrection``), and no scoring pass runs for them.
 ``model.token_selection`` enters both (``lit_gcpo.training.token_selection``): the high-entropy keep mask is part of
-the plan, Clip-Cov's detach mask and KL-Cov's penalty are per micro-batch.
+the plan, Clip-Cov's detach mask and KL-Cov's penalty are per micro-batch. ``model.surrogate`` chooses the per-token
+policy loss (``lit_gcpo.algorithms.surrogates``): the correction's weights multiply it, or VESPO folds them into its
+sequence weight, so the plan keeps them apart from the keep masks.
 The module owns the forward pass, the backward pass and the optimizer; this file owns which loss they follow.
 Everything read about the batch (how it was sampled, the engine's log-probs) is on the batch.
 """
@@ -24,6 +26,7 @@ import torch
 from lit_gcpo.algorithms.advantages import group_advantages
 from lit_gcpo.algorithms.losses import grpo_loss
 from lit_gcpo.algorithms.rollout_correction import rollout_correction_weights
+from lit_gcpo.algorithms.surrogate_options import Surrogate
 from lit_gcpo.data.batch import RolloutBatch
 from lit_gcpo.training.token_selection import Gather, LossTokenSelection, combine_weights
 
@@ -37,7 +40,8 @@ class StepPlan:
 
     advantages: torch.Tensor  # [N], times the callback's weights
     mask: torch.Tensor  # [N, L], truncated completions left out when asked
-    is_weights: torch.Tensor | None  # [N, L]: rollout-correction weights and the token keep mask, None when neither
+    correction: torch.Tensor | None  # [N, L]: the rollout-correction weights when a scoring pass gave them
+    keep: torch.Tensor | None  # [N, L]: the token selection's keep mask for the whole step (high-entropy tokens)
     behaviour: torch.Tensor | None  # [N, L]: the engine's log-probs when it is another copy of the policy
     counts: tuple[torch.Tensor, torch.Tensor]  # global (all ranks) tokens and sequences, at least 1 each
     with_entropy: bool
@@ -77,13 +81,20 @@ class LossStep:
     entropy_coef: float
     num_iterations: int
     mask_truncated_completions: bool
+    surrogate: Surrogate | None = None
     selection: LossTokenSelection = field(default_factory=lambda: LossTokenSelection(None))
 
     @classmethod
-    def from_hparams(cls, hparams: Mapping[str, Any], selection: LossTokenSelection | None = None) -> LossStep:
-        """The settings of ``hparams``; ``selection``: ``model.token_selection`` (the object, not its config)."""
-        settings = {f.name: hparams[f.name] for f in fields(cls) if f.name != "selection"}
-        return cls(**settings, selection=selection or LossTokenSelection(None))
+    def from_hparams(
+        cls,
+        hparams: Mapping[str, Any],
+        selection: LossTokenSelection | None = None,
+        surrogate: Surrogate | None = None,
+    ) -> LossStep:
+        """The settings of ``hparams``; ``selection`` and ``surrogate``: ``model.token_selection`` and
+        ``model.surrogate`` as objects (under LightningCLI ``hparams`` hold their configs)."""
+        settings = {f.name: hparams[f.name] for f in fields(cls) if f.name not in ("selection", "surrogate")}
+        return cls(**settings, surrogate=surrogate, selection=selection or LossTokenSelection(None))
 
     def engine_logprobs(self, batch: RolloutBatch) -> torch.Tensor | None:
         """The engine's log-probs when the engine is another copy of the policy (vLLM), else None."""
@@ -152,16 +163,17 @@ class LossStep:
         # Global counts, so that micro-batches and ranks add up to the whole batch's loss.
         counts = reduce(torch.stack([mask.sum(), torch.tensor(float(mask.shape[0]), device=mask.device)]), "sum")
         num_tokens, num_seqs = counts.clamp(min=1).unbind()  # no tokens (all masked): a zero loss, not 0/0
-        is_weights, tis_metrics = None, {}
+        correction, tis_metrics = None, {}
         corrected = self.importance_corrected(batch)
         if corrected and batch.old_logprobs is not None:  # a scoring pass ran (asked for, or several iterations)
-            is_weights, tis_metrics = self.correction_weights(batch.old_logprobs, batch, slice(None), mask)
+            correction, tis_metrics = self.correction_weights(batch.old_logprobs, batch, slice(None), mask)
         keep, selection_metrics = self.selection.step_mask(batch, mask, gather)  # [N, L] or None
         metrics = {**adv_metrics, **tis_metrics, **selection_metrics}
         plan = StepPlan(
             advantages=advantages,
             mask=mask,
-            is_weights=combine_weights(is_weights, keep),
+            correction=correction,
+            keep=keep,
             # the off-policy mask compares with what sampled the tokens: the engine, else the old log-probs (TRL's)
             behaviour=self.engine_logprobs(batch),
             counts=(num_tokens, num_seqs),
@@ -185,9 +197,10 @@ class LossStep:
         sequences) from the policy's ``logprobs`` ``[n, L]`` of its ``rows``, and its metrics."""
         # one step per rollout: the trainer's log-probs of the generating step are this very forward's
         old = logprobs.detach() if batch.old_logprobs is None else batch.old_logprobs[rows]
-        is_weights = None if plan.is_weights is None else plan.is_weights[rows]
-        if plan.deferred is not None:
-            is_weights = combine_weights(is_weights, self._deferred_weights(batch, rows, old, plan))
+        correction = None if plan.correction is None else plan.correction[rows]
+        if plan.deferred is not None:  # then plan.correction is None
+            correction = self._deferred_weights(batch, rows, old, plan)
+        step_keep = None if plan.keep is None else plan.keep[rows]
         eps_low, eps_high = self.selection.surrogate_clip(self.eps_low, self.eps_high)
         keep, penalty, selection_metrics = self.selection.micro_batch(
             logprobs, old, plan.advantages[rows], plan.mask[rows], eps_low=eps_low, eps_high=eps_high,
@@ -203,11 +216,14 @@ class LossStep:
             kl_estimator=self.kl_estimator,
             entropy=entropy,
             entropy_coef=self.entropy_coef,
+            surrogate="clip" if self.surrogate is None else self.surrogate.name,
+            surrogate_options=None if self.surrogate is None else self.surrogate.options(),
             eps_low=eps_low,
             eps_high=eps_high,
             dual_clip=self.dual_clip,
             ratio_level=self.ratio_level,
-            is_weights=combine_weights(is_weights, keep),
+            is_weights=combine_weights(step_keep, keep),
+            correction=correction,
             token_penalty=penalty,
             off_policy_threshold=self.off_policy_mask_threshold,
             behaviour_logp=None if plan.behaviour is None else plan.behaviour[rows],

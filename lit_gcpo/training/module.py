@@ -41,6 +41,7 @@ from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat,
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 
+from lit_gcpo.algorithms.surrogate_options import Surrogate
 from lit_gcpo.algorithms.token_selection import TokenSelection
 from lit_gcpo.data.batch import RolloutBatch
 from lit_gcpo.training.loss_step import LossStep, StepPlan
@@ -85,11 +86,14 @@ class GRPOModule(L.LightningModule):
         min_lr_ratio: the decay's final lr, as a fraction of the optimizer's lr.
         advantage: ``grpo`` (std-normalised) or ``dr_grpo`` (mean-centred only).
         advantage_scale: ``group`` or ``batch`` std for ``grpo``.
-        loss_aggregation: ``token_mean``, ``seq_mean_token_mean`` or ``seq_mean_token_sum_norm``.
+        loss_aggregation: ``token_mean``, ``seq_mean_token_mean``, ``seq_mean_token_sum_norm`` or (LUSPO, with the
+            sequence ratio) ``seq_mean_token_sum``.
         eps_low: lower clip range of the ratio.
         eps_high: upper clip range (> eps_low is DAPO's clip-higher).
         dual_clip: dual-clip constant c for negative advantages (None: off).
-        ratio_level: ``token`` (PPO/GRPO) or ``sequence`` (GSPO).
+        ratio_level: ``token`` (PPO/GRPO) or ``sequence`` (GSPO; with ``loss_aggregation: seq_mean_token_sum``, LUSPO).
+        surrogate: the policy loss when not the clipped surrogate of eps_low / eps_high / dual_clip (None): ``CISPO``,
+            ``SAPO`` or ``VESPO`` (``lit_gcpo.algorithms.surrogate_options``; ``--model.surrogate.help SAPO``).
         rollout_correction: how the loss corrects for an engine that samples from its own copy of the policy (vLLM),
             by the ratio of the trainer's to the engine's probabilities of the sampled tokens (TRL 1.16's
             ``vllm_importance_sampling_mode``, the same loss): ``token_truncate`` (each token's ratio clamped to
@@ -139,11 +143,14 @@ class GRPOModule(L.LightningModule):
         min_lr_ratio: NonNegativeFloat = 0.0,
         advantage: Literal["grpo", "dr_grpo"] = "grpo",
         advantage_scale: Literal["group", "batch"] = "group",
-        loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean",
+        loss_aggregation: Literal[
+            "token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm", "seq_mean_token_sum"
+        ] = "token_mean",
         eps_low: NonNegativeFloat = 0.2,
         eps_high: NonNegativeFloat = 0.2,
         dual_clip: PositiveFloat | None = None,
         ratio_level: Literal["token", "sequence"] = "token",
+        surrogate: Surrogate | None = None,
         rollout_correction: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"]
         | None = "token_truncate",
         rollout_correction_min: NonNegativeFloat | None = None,
@@ -172,7 +179,7 @@ class GRPOModule(L.LightningModule):
         tis_cap = None  # saved as resolved
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.automatic_optimization = False
-        self.loss_step = LossStep.from_hparams(self.hparams, LossTokenSelection(token_selection))
+        self.loss_step = LossStep.from_hparams(self.hparams, LossTokenSelection(token_selection), surrogate)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.tokenizer = load_tokenizer(tokenizer or model)
         self.policy = load_policy(model, dtype, lora, disable_dropout, attn_implementation)

@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from lit_gcpo.algorithms.rollout_correction import rollout_correction_problem
+from lit_gcpo.algorithms.surrogate_options import Surrogate, surrogate_problem
 
 # option -> the condition its value must meet
 CHECKS: dict[str, Callable[[Any], bool]] = {
@@ -24,10 +25,23 @@ CHECKS: dict[str, Callable[[Any], bool]] = {
 
 
 def check_options(options: Mapping[str, Any]) -> None:
-    """Raise ``ValueError`` naming the first option of ``CHECKS`` whose value in ``options`` is invalid."""
+    """Raise ``ValueError`` naming the first option of ``CHECKS`` whose value in ``options`` is invalid, then the
+    options the surrogate cannot honour (``loss_options_problem``)."""
     for name, ok in CHECKS.items():
         if not ok(options[name]):
             raise ValueError(f"invalid value for {name}: {options[name]!r}")
+    surrogate = options["surrogate"]
+    if surrogate is not None and not isinstance(surrogate, Surrogate):
+        raise TypeError(f"model.surrogate must be a Surrogate (CISPO, SAPO, VESPO) or None, got {type(surrogate)}")
+    problem = loss_options_problem(options)
+    if problem is not None:
+        raise ValueError(problem)
+
+
+def loss_options_problem(options: Mapping[str, Any]) -> str | None:
+    """``surrogate_problem`` of the module options in ``options`` (the surrogate and token selection as objects)."""
+    names = ("surrogate", "ratio_level", "dual_clip", "rollout_correction", "loss_aggregation", "token_selection")
+    return surrogate_problem(*(options.get(name) for name in names))
 
 
 def resolve_rollout_correction(
