@@ -290,3 +290,21 @@ def test_options_are_refused_at_construction_naming_the_option() -> None:
         KLCov(coef=-0.1)
     with pytest.raises(ValueError, match="lb < ub"):
         clip_cov_mask(LOGP, LOGP, ADV, FULL, generator=torch.Generator(), lb=3.0, ub=1.0)
+
+
+@pytest.mark.parametrize(
+    "selection", [HighEntropyTokens(rho=0.3), ClipCov(ratio=0.01, lb=-0.5, ub=2.0), KLCov(ratio=0.01)]
+)
+def test_a_python_built_modules_checkpoint_loads_with_weights_only(selection, tmp_path) -> None:
+    """GRPOModule(token_selection=...) built in Python (a Lightning project of one's own) keeps the object in its
+    hyper-parameters; Lightning reads a checkpoint with torch.load(weights_only=True), which refused the class."""
+    import lightning as L
+
+    from lit_gcpo.training.module import GRPOModule
+
+    saved = GRPOModule(model="lit-gcpo/tiny-arith", token_selection=selection, export_dir=None)
+    checkpoint = {"state_dict": saved.state_dict(), "hyper_parameters": dict(saved.hparams)}
+    checkpoint["pytorch-lightning_version"] = L.__version__
+    torch.save(checkpoint, tmp_path / "python.ckpt")
+    restored = GRPOModule.load_from_checkpoint(tmp_path / "python.ckpt", export_dir=None)
+    assert type(restored.hparams.token_selection) is type(selection) and restored.hparams.token_selection == selection

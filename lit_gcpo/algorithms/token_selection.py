@@ -44,6 +44,7 @@ from torch import Tensor
 
 from lit_gcpo.algorithms.registry import Registry
 from lit_gcpo.algorithms.weighting import Reduce, no_reduce
+from lit_gcpo.moved import allow_unpickling
 
 Metrics = dict[str, Tensor]
 Gather = Callable[[Tensor], Tensor]
@@ -310,3 +311,4 @@ TOKEN_SELECTIONS: Registry[type[TokenSelection]] = Registry("token selection")
 """Method name -> its options dataclass (validated on construction, i.e. at parse time)."""
 for _selection in (HighEntropyTokens, ClipCov, KLCov):
     TOKEN_SELECTIONS.add(_selection.name, _selection)
+    allow_unpickling(_selection)  # a module built in Python holds the object in its hyper-parameters
