@@ -1,19 +1,25 @@
 """Does an uncertainty signal track the variance of the policy gradient? (METHODS.md section 6)
 
-A thin script over ``lit_gcpo.algorithms.faithfulness``. For every prompt (the arithmetic task's validation problems,
-the noisy testbed's training problems, or a JSONL file with ``prompt``/``answer``), G completions are sampled from
-the policy (``HFEngine`` + ``RolloutCollector``), rewarded, and scored by ``GRPOModule.score_rollout``
-(generating-policy log-probs and mean-pooled last hidden states, as in training); the signals come from
-``uncertainty_signals`` with the training defaults (answer clusters, Rao SE, embeddings centred over each chunk
-of prompts, METHODS.md §5.1); V from ``completion_gradients`` + ``gradient_variance`` with GRPO advantages;
-the correlations (all prompts, RD > 0, within strata of k correct completions, partial for length), the
-paired differences between signals and the bootstrap intervals from ``faithfulness`` and
-``correlation_differences``; on the noisy testbed, each weighting's weights on noisy versus clean prompts of equal
-k from ``weight_ratio_by_k``.
+A thin script over ``lit_gcpo.algorithms.faithfulness``. For every prompt of a ``Setting``
+(``faithfulness_testbeds``: the arithmetic task's validation problems, the noisy task's training problems, a JSONL
+file with ``prompt``/``answer``, or a testbed of ``compare_methods.py`` with its own prompts, reward, sampling and
+signals), G completions are sampled from the policy (``HFEngine`` + ``RolloutCollector``), rewarded, and scored by
+``GRPOModule.score_rollout`` (generating-policy log-probs and mean-pooled last hidden states, as in training); the
+signals come from ``uncertainty_signals`` with the training defaults (Rao SE over the setting's clusters, embeddings
+centred over each chunk of prompts, METHODS.md §5.1); V from ``completion_gradients`` + ``gradient_variance`` with
+GRPO advantages; the correlations (all prompts, RD > 0, within strata of k correct completions, partial for
+length), the paired differences between signals and the bootstrap intervals from ``faithfulness`` and
+``correlation_differences``; on a noisy testbed, each weighting's weights on noisy versus clean prompts of equal k
+from ``weight_ratio_by_k``.
+
+``--compare-dir`` diagnoses the final policies of ``compare_methods.py`` chosen from its records (the issue-20
+design's by default, ``--design`` for another; ``--policy-seed``, ``--testbeds``, ``--methods``), each on its
+testbed's setting: one table row per policy, and per noisy arm a table of every weighting's noisy / clean ratio.
 
     python benchmarks/uncertainty_faithfulness.py                          # starting tiny policy, 1024 x 8
-    python benchmarks/uncertainty_faithfulness.py --compare-dir runs/compare_methods --steps 40
-        # the final policies of compare_methods.py (seed 0 of every testbed and method), 256 prompts each
+    python benchmarks/uncertainty_faithfulness.py --compare-dir /work/runs/compare --num-prompts 300
+        # seed 0's final policy of every testbed and method of the issue-20 comparison
+    python benchmarks/uncertainty_faithfulness.py --compare-dir runs/compare_family --design 0cbbcc92
     python benchmarks/uncertainty_faithfulness.py --model PATH --device cuda --prompts data.jsonl \\
         --params 'lm_head|layers\\.2[0-9]\\.'
 """
@@ -21,10 +27,9 @@ k from ``weight_ratio_by_k``.
 from __future__ import annotations
 
 import argparse
-import re
+import math
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,229 +37,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import resolve_policy, run_header, write_results_section
+from compare_methods import METHODS, RESULTS_FILE, TESTBEDS, read_records
+from faithfulness_diagnosis import SIGNAL_LABELS, WEIGHTINGS, Diagnosis, diagnose
+from faithfulness_testbeds import Target, compare_targets, legacy_setting
 
-from lit_gcpo.algorithms.advantages import group_advantages
-from lit_gcpo.algorithms.clustering import answer_clusters
-from lit_gcpo.algorithms.faithfulness import (
-    LENGTH,
-    Difference,
-    Faithfulness,
-    WeightRatio,
-    completion_gradients,
-    correct_counts,
-    correlation_differences,
-    faithfulness,
-    gradient_variance,
-    weight_ratio_by_k,
-)
-from lit_gcpo.algorithms.label_free import label_free_signals
-from lit_gcpo.algorithms.uncertainty import advantage_weights, calibrated_uncertainty, uncertainty_signals
-from lit_gcpo.data.batch import PromptBatch, RolloutBatch
-from lit_gcpo.data.rollout import RolloutCollector
-from lit_gcpo.engines.base import SamplingConfig
-from lit_gcpo.engines.hf import HFEngine
-from lit_gcpo.rewards import RewardSet
-from lit_gcpo.training.module import GRPOModule
+from lit_gcpo.algorithms.faithfulness import LENGTH
 
 SECTION = "uncertainty_faithfulness"
-SIGNAL_LABELS = {
-    "se": "SE (Rao, answer clusters)",
-    "cd": "CD (centred policy embeddings)",
-    "bot": "BoT (centred policy embeddings)",
-    "rd": "RD",
-    "u_c": "U_c = BoT (1 - RD)",
-    "u_c_cd": "U_c with CD = CD (1 - RD)",
-    "majority": "majority agreement (TTRL: share of the majority answer)",
-    "cluster_share": "cluster share (EMPO: mean share of a completion's cluster)",
-    "self_certainty": "mean self-certainty (Intuitor: KL(U || p_t))",
-    "token_entropy": "mean token entropy (RENT: minus its reward)",
-    LENGTH: "mean completion length (control)",
-}
-NOISY_REWARD = "lit_gcpo.tasks.noisy_arithmetic:noisy_math_accuracy"
-DIFFERENCES = (
-    ("bot", "se"), ("cd", "se"), ("u_c", "se"), ("u_c", "rd"), ("bot", LENGTH), ("se", LENGTH),
-    ("token_entropy", "se"), ("token_entropy", LENGTH),
-)  # fmt: skip
-
-
-def load_rows(testbed: str, prompts: str | None, num_prompts: int, seed: int) -> tuple[list[dict], str]:
-    """The prompt rows and the reward that scores them."""
-    if prompts is not None:
-        from lit_gcpo.data.sources import LocalFiles
-
-        rows = LocalFiles(prompts, limit=num_prompts).load()
-        for index, row in enumerate(rows):
-            if not row.get("prompt") or row.get("answer") is None:
-                raise ValueError(f"{prompts}: row {index} needs non-empty 'prompt' and 'answer' fields")
-        return rows, "math_accuracy"
-    if testbed == "noisy":  # the training prompts, where the noise is
-        from lit_gcpo.tasks.noisy_arithmetic import NoisyArithmeticTask
-
-        return NoisyArithmeticTask("train", num_train=5000, seed=seed).load()[:num_prompts], NOISY_REWARD
-    from lit_gcpo.tasks.arithmetic import arithmetic_splits
-
-    return arithmetic_splits(0, num_prompts, seed=seed)[1], "math_accuracy"
-
-
-def collect(module: GRPOModule, rows: list[dict], reward: str, group_size: int, sampling: SamplingConfig, chunk: int):
-    """Sample, reward and score G completions for every row, ``chunk`` prompts per generate call."""
-    rewards = RewardSet.from_names([reward])
-    collector = RolloutCollector(HFEngine(module.policy, module.tokenizer), module.tokenizer, rewards)
-    batches: list[RolloutBatch] = []
-    for start in range(0, len(rows), chunk):
-        part = rows[start : start + chunk]
-        prompt_batch = PromptBatch([r["prompt"] for r in part], part, list(range(start, start + len(part))))
-        seeded = SamplingConfig(**{**vars(sampling), "seed": sampling.seed + start})
-        batch = collector.collect(prompt_batch, group_size, seeded, module.device)
-        module.score_rollout(batch, with_reference=False)  # old_logprobs, embeddings, token summaries
-        batches.append(batch)
-    return batches
-
-
-def batch_signals(batch: RolloutBatch) -> dict[str, torch.Tensor]:
-    """``[B]`` SE, CD, BoT, RD, U_c (BoT and CD) of every group, as the callback computes them in training, and the
-    label-free methods' signals (majority agreement, cluster share, mean self-certainty and token entropy: the group
-    means of their rewards, from the scoring pass's token summaries)."""
-    clusters = answer_clusters(batch.answers, batch.group_ids)  # [N]
-    signals, _ = uncertainty_signals(
-        batch.group_ids, batch.num_groups, rewards=batch.rewards, cluster_ids=clusters,
-        embeddings=batch.embeddings, seq_logprobs=batch.seq_logprobs, se_kind="rao", geometric="bot", center="batch",
-    )  # fmt: skip
-    signals["u_c_cd"] = calibrated_uncertainty(signals["cd"], signals["rd"])
-    answered = torch.tensor([answer not in (None, "") for answer in batch.answers], device=clusters.device)
-    signals |= label_free_signals(
-        clusters, batch.group_ids, batch.num_groups, answered, token_entropy=batch.token_entropy,
-        token_mean_logprob=batch.token_mean_logprob, mask=batch.completion_mask, vocab_size=batch.vocab_size,
-    )  # fmt: skip
-    return {name: signals[name].detach().double().cpu() for name in [*SIGNAL_LABELS, "se_n"] if name != LENGTH}
-
-
-WEIGHTINGS = {
-    "seed_grpo": {"method": "seed_grpo"},
-    "seed_grpo_sf": {"method": "seed_grpo", "alpha": 1.0, "scale": "batch_mean", "normalise": True},
-    "gcpo_bot": {"method": "gcpo", "geometric": "bot"},
-    "gcpo_cd": {"method": "gcpo", "geometric": "cd"},
-    "rd_only": {"method": "rd_only"},
-}
-
-
-def weights_by_noise(
-    per_batch: list[tuple[dict[str, torch.Tensor], list[dict], np.ndarray | None]],
-) -> tuple[list[str], dict[str, WeightRatio]]:
-    """The table of each weighting's weights on the noisy and on the clean prompts with RD > 0 (noisy testbed), and
-    the ratios by weighting: does a weighting damp the prompts whose rewards are coin flips beyond what their number
-    of correct completions k does? Each chunk of prompts is one step's weighting; the ratio within equal-k strata is
-    ``weight_ratio_by_k``'s (the clean prompts' mean weight standardised to the noisy prompts' mix of k)."""
-    if any(counts is None for *_, counts in per_batch):
-        raise ValueError("the noisy testbed's rewards should be 0/1 (k is undefined otherwise)")
-    noisy = np.concatenate([[float(row.get("noise_rate") or 0.0) > 0 for row in rows] for _, rows, _ in per_batch])
-    spread = np.concatenate([signals["rd"].numpy() > 0 for signals, _, _ in per_batch])
-    k = np.concatenate([counts for *_, counts in per_batch])[spread]
-    noisy = noisy[spread]
-    lines = [
-        f"| weighting | mean weight, noisy prompts with RD > 0 (n = {int(noisy.sum())}) | mean weight, clean prompts "
-        f"with RD > 0 (n = {int((~noisy).sum())}) | noisy / clean | noisy / clean within equal-k strata "
-        "| per k: noisy / clean |",
-        "|---|---|---|---|---|---|",
-    ]
-    ratios = {}
-    for name, options in WEIGHTINGS.items():
-        weights = np.concatenate(
-            [advantage_weights(signals=signals, **options)[0].double().numpy() for signals, _, _ in per_batch]
-        )[spread]
-        ratio = ratios[name] = weight_ratio_by_k(weights, noisy, k)
-        per_k = ", ".join(f"{value}: {wn / wc:.2f}" for value, _, _, wn, wc in ratio.strata)
-        lines.append(
-            f"| {name} | {weights[noisy].mean():.3f} | {weights[~noisy].mean():.3f} | {ratio.raw_ratio:.3f} "
-            f"| {ratio.ratio:.3f} | {per_k or 'n/a'} |"
-        )
-    # the strata depend on the prompts only, the same for every weighting
-    counts = ", ".join(f"k = {value}: {n_noisy} / {n_clean}" for value, n_noisy, n_clean, _, _ in ratio.strata)
-    return [*lines, "", f"Prompts per stratum holding both (noisy / clean): {counts or 'none'}."], ratios
-
-
-def batch_variance(module: GRPOModule, batch: RolloutBatch, params: list[torch.nn.Parameter]) -> torch.Tensor:
-    """``[B]`` gradient variance V of every group (groups without reward spread are 0 without a backward)."""
-    advantages, _ = group_advantages(batch.rewards, batch.group_ids, batch.num_groups, mode="grpo")  # [N]
-    advantages = advantages.cpu()
-    variance = torch.zeros(batch.num_groups, dtype=torch.float64)
-    temperature = batch.logprob_temperature  # the distribution the completions were sampled from
-    for group in range(batch.num_groups):
-        rows = (batch.group_ids == group).nonzero().flatten().tolist()
-        if not bool(advantages[rows].ne(0).any()):
-            continue
-        grads = completion_gradients(
-            lambda ids, mask, length: module.completion_logprobs(ids, mask, length, temperature=temperature)[0],
-            batch.input_ids,
-            batch.attention_mask,
-            batch.completion_mask,
-            advantages,
-            params,
-            rows,
-        )  # fmt: skip  [G, D]
-        variance[group] = gradient_variance(grads, torch.zeros(len(rows), dtype=torch.long), 1)[0]
-    return variance
-
-
-@dataclass(frozen=True)
-class Diagnosis:
-    """The faithfulness of one policy: correlations, paired differences, what was measured, and (noisy testbed)
-    the weights on noisy versus clean prompts."""
-
-    results: dict[str, Faithfulness]
-    differences: dict[str, Difference]
-    strata: str
-    description: str
-    noise_lines: list[str]
-    noise_ratios: dict[str, WeightRatio]
-
-
-def diagnose(model: str, args: argparse.Namespace, testbed: str) -> Diagnosis:
-    """Sample, score and correlate one policy (module docstring)."""
-    start = time.perf_counter()
-    device = torch.device(args.device)
-    module = GRPOModule(model=model).to(device)
-    rows, reward = load_rows(testbed, args.prompts, args.num_prompts, args.seed)
-    sampling = SamplingConfig(temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
-    batches = collect(module, rows, reward, args.group_size, sampling, args.chunk)
-    params = [p for n, p in module.policy.named_parameters() if p.requires_grad and re.search(args.params or "", n)]
-    if not params:
-        raise ValueError(f"--params {args.params!r} matches no trainable parameter of the policy")
-    per_signal: dict[str, list[torch.Tensor]] = {}
-    variances, lengths, per_batch = [], [], []
-    for batch in batches:
-        variances.append(batch_variance(module, batch, params))
-        chunk_signals = batch_signals(batch)
-        per_batch.append((chunk_signals, batch.rows, _correct_counts(batch)))
-        for name, value in chunk_signals.items():
-            per_signal.setdefault(name, []).append(value)
-        counts = torch.bincount(batch.group_ids, minlength=batch.num_groups).clamp(min=1)
-        lengths.append(
-            torch.zeros(batch.num_groups).index_add_(0, batch.group_ids, batch.completion_mask.sum(-1).cpu()) / counts
-        )
-    signals = {name: torch.cat(parts) for name, parts in per_signal.items()}
-    binary = all(k is not None for *_, k in per_batch)
-    strata = np.concatenate([k for *_, k in per_batch]) if binary else None
-    common = (signals, torch.cat(variances), signals["rd"], torch.cat(lengths))
-    options = {"strata": strata, "resamples": args.resamples, "seed": args.seed}
-    results = faithfulness(*common, **options)
-    differences = correlation_differences(*common, DIFFERENCES, **options)
-    spread = int((signals["rd"] > 0).sum())
-    description = (
-        f"{len(rows)} prompts ({testbed if args.prompts is None else args.prompts}) x G = {args.group_size} at "
-        f"temperature {args.temperature}, up to {args.max_new_tokens} tokens; {spread} prompts have RD > 0; V over "
-        f"{sum(p.numel() for p in params):,} parameters; {time.perf_counter() - start:.0f} s"
-    )
-    noise_lines, noise_ratios = weights_by_noise(per_batch) if testbed == "noisy" else ([], {})
-    return Diagnosis(results, differences, "k" if binary else "RD", description, noise_lines, noise_ratios)
-
-
-def _correct_counts(batch: RolloutBatch) -> np.ndarray | None:
-    """``[B]`` k correct completions per group for 0/1 rewards; None for other rewards (strata fall back to RD)."""
-    try:
-        return correct_counts(batch.rewards.cpu(), batch.group_ids.cpu(), batch.num_groups)
-    except ValueError:
-        return None
 
 
 def table(diagnosis: Diagnosis) -> list[str]:
@@ -300,68 +89,126 @@ def reading(diagnosis: Diagnosis) -> str:
     )
 
 
-def compare_rows(args: argparse.Namespace) -> list[str]:
-    """One row per final policy of compare_methods.py (seed ``--policy-seed``): rho on the RD > 0 prompts."""
-    root = Path(args.compare_dir)
+def ratio_text(ratio: float) -> str:
+    """A weight ratio, ``n/a`` when no stratum holds both noisy and clean prompts."""
+    return "n/a" if math.isnan(ratio) else f"{ratio:.3f}"
+
+
+def compare_row(target: Target, diagnosis: Diagnosis) -> str:
+    """One final policy's row: rho on the RD > 0 prompts, BoT - SE, BoT partial and within strata, own weights."""
+    results = diagnosis.results
+    cells = [str(results[n].spread_prompts) for n in ("se", "cd", "bot", "u_c", LENGTH)]
+    cells += [str(diagnosis.differences["bot - se"].spread_prompts), str(results["bot"].partial_length)]
+    cells.append(f"{results['bot'].within_strata} ({diagnosis.strata})")
+    own = diagnosis.noise_ratios.get(target.method)
+    cells.append(ratio_text(own.ratio) if own is not None else "—")
+    return f"| {target.testbed} | {target.method} | {diagnosis.spread_prompts} | {' | '.join(cells)} |"
+
+
+def noise_row(target: Target, diagnosis: Diagnosis) -> str:
+    """A noisy testbed's policy: each weighting's noisy / clean ratio within equal-k strata (unmatched in brackets)."""
+    ratios = diagnosis.noise_ratios
+    strata = next(iter(ratios.values())).strata  # the same prompts for every weighting
+    counts = f"{sum(s[1] for s in strata)} / {sum(s[2] for s in strata)}"
+    cells = [f"{ratio_text(ratios[name].ratio)} ({ratio_text(ratios[name].raw_ratio)})" for name in WEIGHTINGS]
+    return f"| {target.testbed} | {target.method} | {counts} | {' | '.join(cells)} |"
+
+
+def compare_tables(args: argparse.Namespace) -> tuple[list[str], list[Target]]:
+    """The tables of the final policies of compare_methods.py that ``--design`` etc. choose (faithfulness_testbeds),
+    each diagnosed on its testbed's setting; every row is printed as soon as its policy is done."""
+    records = read_records(Path(args.results))
+    targets = compare_targets(
+        records, Path(args.compare_dir), args.design, args.policy_seed, args.testbeds, args.methods
+    )  # fmt: skip
     lines = [
         "| testbed | method | prompts with RD > 0 | SE | CD | BoT | U_c (BoT) | length (control) | BoT - SE (paired) "
-        "| BoT partial for length | BoT within k strata | own weights, noisy / clean within equal k |",
+        "| BoT partial for length | BoT within strata (k correct, or RD) | own weights, noisy / clean within equal k |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for policy in sorted(root.glob(f"*/*/seed{args.policy_seed}/policy")):
-        testbed, method = policy.parts[-4], policy.parts[-3]
-        diagnosis = diagnose(str(policy), args, testbed)
-        results = diagnosis.results
-        spread = re.search(r"(\d+) prompts have RD > 0", diagnosis.description).group(1)
-        cells = [str(results[n].spread_prompts) for n in ("se", "cd", "bot", "u_c", LENGTH)]
-        cells += [str(diagnosis.differences["bot - se"].spread_prompts), str(results["bot"].partial_length)]
-        cells.append(str(results["bot"].within_strata))
-        own = diagnosis.noise_ratios.get(method)
-        cells.append(f"{own.ratio:.3f}" if own is not None else "—")
-        lines.append(f"| {testbed} | {method} | {spread} | {' | '.join(cells)} |")
-        print(lines[-1], flush=True)
-    return lines
+    noise = [
+        f"| testbed | policy (method) | noisy / clean prompts with RD > 0 in strata holding both | "
+        f"{' | '.join(WEIGHTINGS)} |",
+        "|---|---|---|" + "---|" * len(WEIGHTINGS),
+    ]
+    for target in targets:
+        diagnosis = diagnose(str(target.policy), args, target.setting)
+        lines.append(compare_row(target, diagnosis))
+        print(f"{lines[-1]}  ({diagnosis.description})", flush=True)
+        if diagnosis.noise_ratios:
+            noise.append(noise_row(target, diagnosis))
+    if len(noise) > 2:
+        title = (
+            "Weights of each weighting on the noisy versus the clean training prompts of equal k, per policy of a "
+            "noisy testbed (each chunk of prompts weighted as one step; in brackets the unmatched ratio):"
+        )
+        lines += ["", title, "", *noise]
+    return lines, targets
 
 
-def main(argv: list[str] | None = None) -> None:
+def compare_section(args: argparse.Namespace) -> list[str]:
+    """The RESULTS.md section of ``--compare-dir``."""
+    start = time.perf_counter()
+    lines, targets = compare_tables(args)
+    design = "the issue-20 design" if args.design is None else f"design_sha {', '.join(args.design)}"
+    testbeds = ", ".join(dict.fromkeys(f"`{t.testbed}`" for t in targets))
+    return [
+        "## Faithfulness of the compared policies (uncertainty_faithfulness.py --compare-dir)", "", run_header(),
+        f"The final policies of seed {args.policy_seed} of compare_methods.py ({design}; {testbeds}), each on the "
+        f"prompts, reward, sampling and signals its testbed trained with (benchmarks/faithfulness_testbeds.py: the "
+        f"training prompts of the noisy arms, the validation prompts elsewhere), {args.num_prompts} prompts at most x "
+        f"G = {args.group_size}; Spearman rho of each signal with V on the prompts with RD > 0 [percentile-bootstrap "
+        f"95% interval, {args.resamples} resamples over prompts]; BoT - SE: the difference of their correlations "
+        f"with its paired interval (same resampled prompts); strata by k correct (by RD where rewards are not 0/1). "
+        f"Total {(time.perf_counter() - start) / 60:.1f} min.", "", *lines,
+    ]  # fmt: skip
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="lit-gcpo/tiny-arith", help="HF model name/path or the tiny alias")
-    parser.add_argument("--testbed", default="arithmetic", choices=("arithmetic", "noisy"))
+    parser.add_argument("--testbed", default="arithmetic", choices=("arithmetic", "noisy"), help="single policy")
     parser.add_argument("--prompts", default=None, help="JSONL with prompt/answer (default: the testbed's)")
     parser.add_argument("--num-prompts", type=int, default=1024)
     parser.add_argument("--group-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=24)
-    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the setting's (24 single)")
+    parser.add_argument("--temperature", type=float, default=None, help="default: the setting's (1.0 single)")
     parser.add_argument("--chunk", type=int, default=32, help="prompts per generate call (= a training step's)")
     parser.add_argument("--params", default=None, help="regex of parameter names whose gradients count")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the 2 cores are shared)")
     parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--compare-dir", default=None, help="diagnose the final policies of compare_methods.py")
-    parser.add_argument("--policy-seed", type=int, default=0, help="which seed's policies (with --compare-dir)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling, bootstrap and prompt-subset seed")
+    compare = parser.add_argument_group("the final policies of compare_methods.py")
+    compare.add_argument("--compare-dir", default=None, help="its --out directory: <config_sha>/<testbed>/...")
+    compare.add_argument("--results", default=str(RESULTS_FILE), help="its records (testbed, method, seed, shas)")
+    compare.add_argument("--design", nargs="+", default=None, help="design_sha prefixes (default: issue 20's)")
+    compare.add_argument("--policy-seed", type=int, default=0, help="which seed's final policies")
+    compare.add_argument("--testbeds", nargs="+", default=None, choices=list(TESTBEDS), help="default: all")
+    compare.add_argument("--methods", nargs="+", default=None, choices=list(METHODS), help="default: all")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = parser.parse_args(argv)
+    if args.compare_dir is not None and args.prompts is not None:
+        parser.error("--prompts with --compare-dir: each compared policy is diagnosed on its testbed's prompts")
+    if args.compare_dir is None:
+        for option in ("design", "testbeds", "methods"):
+            if getattr(args, option) is not None:
+                parser.error(f"--{option} chooses among the compared policies: it needs --compare-dir")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     if args.compare_dir is not None:
-        start = time.perf_counter()
-        lines = compare_rows(args)
-        section = [
-            "## Faithfulness of the compared policies (uncertainty_faithfulness.py --compare-dir)", "", run_header(),
-            f"The final policy of seed {args.policy_seed} of every testbed and method of compare_methods.py; "
-            f"{args.num_prompts} prompts x G = {args.group_size} each (the testbed's training prompts for `noisy`, "
-            f"the validation prompts for `arithmetic`); Spearman rho of each signal with V on the prompts with RD > 0 "
-            f"[percentile-bootstrap 95% interval, {args.resamples} resamples over prompts]; BoT - SE: the difference "
-            f"of their correlations with its paired interval (same resampled prompts); strata by k correct. Total "
-            f"{(time.perf_counter() - start) / 60:.1f} min.", "", *lines,
-        ]  # fmt: skip
+        section = compare_section(args)
         print("\n".join(section))
         if not args.no_write:
             write_results_section(f"{SECTION}.compare", section)
         return
     policy = resolve_policy(args.model)
-    diagnosis = diagnose(policy.path, args, args.testbed)
+    diagnosis = diagnose(policy.path, args, legacy_setting(args.testbed, args.prompts, args.num_prompts, args.seed))
     noise_lines = diagnosis.noise_lines
     if noise_lines:
         title = "Weights on the noisy versus the clean training prompts (each chunk of prompts weighted as one step):"

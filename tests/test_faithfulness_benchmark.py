@@ -11,7 +11,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-import uncertainty_faithfulness as diagnostic
+import faithfulness_diagnosis as diagnostic
+import uncertainty_faithfulness as script
+from faithfulness_testbeds import legacy_setting
 
 from lit_gcpo.algorithms.label_free import label_free_signals
 
@@ -19,16 +21,19 @@ from lit_gcpo.algorithms.label_free import label_free_signals
 def test_the_diagnostic_reports_the_label_free_signals(monkeypatch) -> None:
     captured = []
     original = diagnostic.batch_signals
-    monkeypatch.setattr(diagnostic, "batch_signals", lambda batch: captured.append(batch) or original(batch))
+    monkeypatch.setattr(
+        diagnostic, "batch_signals", lambda batch, *rest: captured.append(batch) or original(batch, *rest)
+    )
     args = argparse.Namespace(
         device="cpu", prompts=None, num_prompts=12, seed=0, temperature=1.0, max_new_tokens=8, group_size=4, chunk=12,
         params=r"layers\.1\.", resamples=50,
     )  # fmt: skip
     torch.manual_seed(0)
-    result = diagnostic.diagnose("lit-gcpo/tiny-arith", args, "arithmetic")
+    setting = legacy_setting("arithmetic", None, args.num_prompts, args.seed)
+    result = diagnostic.diagnose("lit-gcpo/tiny-arith", args, setting)
     names = ("majority", "cluster_share", "self_certainty", "token_entropy")
     assert all(name in result.results for name in names) and "token_entropy - se" in result.differences
-    rows = "\n".join(diagnostic.table(result))
+    rows = "\n".join(script.table(result))
     assert all(diagnostic.SIGNAL_LABELS[name] in rows for name in names)
     # the signals correlated are the label-free ones of the sampled batch, from its token summaries
     (batch,) = captured
@@ -41,7 +46,7 @@ def test_the_diagnostic_reports_the_label_free_signals(monkeypatch) -> None:
         token_entropy=batch.token_entropy, token_mean_logprob=batch.token_mean_logprob, mask=batch.completion_mask,
         vocab_size=batch.vocab_size,
     )  # fmt: skip
-    signals = original(batch)
+    signals = original(batch, setting)
     for name in names:
         torch.testing.assert_close(signals[name], expected[name].double().cpu())
     assert float(np.ptp(signals["token_entropy"].numpy())) > 0  # prompts differ: there is something to correlate
