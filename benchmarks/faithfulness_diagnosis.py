@@ -206,7 +206,7 @@ def diagnose(model: str, args: argparse.Namespace, setting: Setting) -> Diagnosi
     module = GRPOModule(model=model).to(device)
     rows = setting.load_rows(args.num_prompts, args.seed)
     sampling = sampling_of(setting, args)
-    batches = collect(module, rows, setting, args.group_size, sampling, args.chunk)
+    batches = collect(module, rows, setting, args.group_size, sampling, args.chunk or setting.batch_size)
     params = [p for n, p in module.policy.named_parameters() if p.requires_grad and re.search(args.params or "", n)]
     if not params:
         raise ValueError(f"--params {args.params!r} matches no trainable parameter of the policy")

@@ -16,7 +16,7 @@ or ``configs/compare_qa.yaml``), without the method's own settings: the noisy ar
 - reward: ``data.rewards`` with ``data.reward_weights`` (noisy arms: the coin-flip reward at weight 1 and the
   true accuracy at 0, so k is the number of completions the training reward scored 1);
 - sampling: ``data.sampling`` (temperature, length limit, stop strings; the command line may override the first
-  two);
+  two), ``data.batch_size`` prompts at a time: a chunk is weighted as one training step (centring, scale);
 - signals: the uncertainty callback's ``clustering`` (``answer``, or ``embedding`` with its ``tau``) and
   ``embeddings`` (the policy's hidden states, ``batch``, or a sentence model: ``qa``'s all-MiniLM-L6-v2).
 
@@ -74,6 +74,7 @@ class Setting:
         sampling: ``SamplingConfig`` fields (without the seed).
         clustering, embeddings, tau: the uncertainty callback's options of the same names.
         noisy: the rows carry ``noise_rate`` (a noisy testbed): the weights on noisy and clean prompts are compared.
+        batch_size: prompts per chunk, sampled and weighted together as one training step (``data.batch_size``).
         required: row fields that must be present and non-empty.
     """
 
@@ -87,6 +88,7 @@ class Setting:
     embeddings: str
     tau: float
     noisy: bool = False
+    batch_size: int = 32
     system: str | None = None
     chat: str = "auto"
     required: tuple[str, ...] = ()
@@ -136,6 +138,7 @@ def setting_of_config(testbed: str, config: Mapping[str, Any]) -> Setting:
         embeddings=option("embeddings"),
         tau=float(option("tau")),
         noisy=testbed in NOISY_TESTBEDS,
+        batch_size=int(data.get("batch_size", _default(RolloutDataModule, "batch_size"))),
     )
 
 
@@ -152,7 +155,8 @@ def comparison_setting(testbed: str, config_file: Path) -> Setting:
 
 def legacy_setting(testbed: str, prompts: str | None, num_prompts: int, seed: int) -> Setting:
     """The single-policy mode's setting (``--testbed arithmetic|noisy`` or ``--prompts FILE``), as before the
-    comparison's testbeds: temperature 1.0, 24 tokens, no stop string, answer clusters, the policy's embeddings."""
+    comparison's testbeds: temperature 1.0, 24 tokens, no stop string, chunks of 32 prompts, answer clusters, the
+    policy's embeddings."""
     sampling = {"temperature": 1.0, "max_new_tokens": 24}
     common = {"template": "{prompt}", "sampling": sampling, "clustering": "answer", "embeddings": "batch", "tau": 0.9}
     if prompts is not None:

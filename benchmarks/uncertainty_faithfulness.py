@@ -173,7 +173,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the setting's (24 single)")
     parser.add_argument("--temperature", type=float, default=None, help="default: the setting's (1.0 single)")
-    parser.add_argument("--chunk", type=int, default=32, help="prompts per generate call (= a training step's)")
+    parser.add_argument("--chunk", type=int, default=None, help="prompts per step (default: the setting's; 32 single)")
     parser.add_argument("--params", default=None, help="regex of parameter names whose gradients count")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the 2 cores are shared)")

@@ -76,6 +76,7 @@ def test_records_map_to_their_policies_and_testbeds(compare_dir) -> None:
     base = yaml.safe_load(ARITHMETIC_CONFIG.read_text())
     assert arithmetic.source == base["data"]["val"] and arithmetic.rewards == base["data"]["rewards"]
     assert arithmetic.sampling == base["data"]["sampling"] and not arithmetic.noisy
+    assert arithmetic.batch_size == noisy.batch_size == base["data"]["batch_size"] == 64  # a chunk = a step's prompts
     assert (arithmetic.clustering, arithmetic.embeddings) == ("answer", "batch")
     # noisy_hard: the training prompts with compare_methods.py's own noise settings and reward
     init = noisy.source["init_args"]
@@ -130,6 +131,7 @@ def test_prompts_are_a_seeded_subset_and_qa_uses_its_reward_and_embedding_cluste
     assert qa.rewards == config["data"]["rewards"] == ["qa_f1"] and qa.source == config["data"]["val"]
     assert (qa.clustering, qa.embeddings, qa.tau) == (callback["clustering"], callback["embeddings"], callback["tau"])
     assert qa.clustering == "embedding" and qa.sampling == config["data"]["sampling"]
+    assert qa.batch_size == config["data"]["batch_size"] == 32
 
 
 def test_embedding_clusters_and_sentence_embeddings_make_the_qa_signals() -> None:
@@ -203,12 +205,11 @@ def test_compare_dir_rows_equal_diagnose_on_the_same_policies(compare_dir, capsy
     root, results = compare_dir
     sampled = []  # the sampling of every generate call: the testbeds' training sampling, seeded per chunk
     original = faithfulness_diagnosis.RolloutCollector.collect
-    spy = lambda self, batch, size, sampling, *rest, **kw: (
+
+    def spy(self, batch, size, sampling, *rest, **kw):
         sampled.append(sampling)
-        or original(  # noqa: E731
-            self, batch, size, sampling, *rest, **kw
-        )
-    )
+        return original(self, batch, size, sampling, *rest, **kw)
+
     monkeypatch.setattr(faithfulness_diagnosis.RolloutCollector, "collect", spy)
     argv = [
         "--compare-dir", str(root), "--results", str(results), "--num-prompts", "16", "--group-size", "4",
