@@ -28,8 +28,9 @@ method, seed, config_sha, design_sha, config file), not the paths; a record's fi
 ``<compare dir>/<config_sha>/<testbed>/<method>/seed<seed>/policy`` (``model.export_dir`` of the run). The design
 is chosen by ``design_sha`` prefixes, or by default the issue-20 design: the records made from the commits of the
 tags ``compare-v1`` (arithmetic, noisy_hard, noisy_easy; written before design_sha existed) and ``compare-qa-v1``
-(qa). Before anything runs, the run's own ``fit_config.yaml`` is compared with the setting built here; a
-difference (a changed config or constant since the run) is refused, naming the testbed and the setting.
+(qa). Before anything runs, the run's own ``fit_config.yaml`` is compared with the setting compare_methods.py builds
+for its method (with the method's own settings, such as a label-free run's rewards); a difference (a config or
+constant changed since the run) is refused, naming the testbed and the setting.
 """
 
 from __future__ import annotations
@@ -142,15 +143,17 @@ def setting_of_config(testbed: str, config: Mapping[str, Any]) -> Setting:
     )
 
 
-def comparison_setting(testbed: str, config_file: Path) -> Setting:
-    """The ``Setting`` of ``testbed`` of compare_methods.py on its base config ``config_file``."""
+def comparison_setting(testbed: str, config_file: Path, method: str | None = None) -> Setting:
+    """The ``Setting`` of ``testbed`` of compare_methods.py on its base config ``config_file``: without any method's
+    own settings (what the diagnostic uses), or with ``method``'s (what that method's run trained on)."""
     if testbed not in TESTBEDS:
         raise ValueError(
             f"testbed {testbed!r} is not a testbed of compare_methods.py (TESTBEDS: {', '.join(TESTBEDS)}): "
             "the diagnostic cannot tell which prompts and reward it trained on"
         )
     base = yaml.safe_load(Path(config_file).read_text())
-    return setting_of_config(testbed, run_config(base, testbed, "grpo", 0, Path("unused"), with_settings=False))
+    config = run_config(base, testbed, method or "grpo", 0, Path("unused"), with_settings=method is not None)
+    return setting_of_config(testbed, config)
 
 
 def legacy_setting(testbed: str, prompts: str | None, num_prompts: int, seed: int) -> Setting:
@@ -229,7 +232,7 @@ def compare_targets(
         if not (run_dir / "policy" / "config.json").is_file():
             missing.append(f"{testbed} {method} seed {seed}: {run_dir / 'policy'}")
             continue
-        check_run(setting, run_dir / "fit_config.yaml")
+        check_run(comparison_setting(testbed, config_file, method), run_dir / "fit_config.yaml")
         targets.append(Target(testbed, method, seed, record["config_sha"], run_dir / "policy", setting))
     if missing:
         raise FileNotFoundError(f"--compare-dir {compare_dir}: no exported policy for\n  " + "\n  ".join(missing))
@@ -274,7 +277,8 @@ def chosen_runs(
 
 def check_run(setting: Setting, fit_config: Path) -> None:
     """Refuse when the run's own config (``fit_config.yaml``, when it exists) trained on other prompts, reward,
-    sampling or signals than ``setting`` (source classes compared by name: some moved between modules since)."""
+    sampling or signals than ``setting``, the one compare_methods.py builds for the run's method now (source classes
+    compared by name: some moved between modules since)."""
     if not fit_config.is_file():
         return
     ran = asdict(setting_of_config(setting.label, yaml.safe_load(fit_config.read_text())))

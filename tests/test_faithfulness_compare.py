@@ -57,10 +57,11 @@ def compare_dir(tmp_path_factory) -> tuple[Path, Path]:
     records = [_record(t, m) for t, m in RUNS]
     records += [
         _record("arithmetic", "grpo", seed=1),
-        _record("arithmetic", "ttrl", commit="e1d25aa", design_sha="0cb"),
+        _record("arithmetic", "ttrl", commit="e1d25aa", design_sha="0cb", config_sha="sha-ttrl"),
     ]
     for testbed, method in RUNS:
         _policy(root / f"sha-{testbed}-{method}" / testbed / method / "seed0")
+    _policy(root / "sha-ttrl" / "arithmetic" / "ttrl" / "seed0")
     results = root / "compare_methods.jsonl"
     results.write_text("".join(json.dumps(r) + "\n" for r in records))
     return root, results
@@ -84,10 +85,13 @@ def test_records_map_to_their_policies_and_testbeds(compare_dir) -> None:
     assert (init["noise_rate"], init["noisy_share"]) == (compare_methods.NOISE_RATE, compare_methods.NOISY_SHARE)
     assert init["noisy_answers"] == compare_methods.TESTBEDS["noisy_hard"]["noisy_answers"] == "long"
     assert noisy.rewards == [compare_methods.NOISY_REWARD, "math_accuracy_final"] and noisy.reward_weights == [1, 0]
-    # the other design's and the other seed's records were left out; another design is chosen by its prefix (its
-    # run has no policy in this directory)
-    with pytest.raises(FileNotFoundError, match="arithmetic ttrl seed 0"):
-        compare_targets(compare_methods.read_records(results), root, design=["0c"])
+    # the other design's and the other seed's records were left out; another design is chosen by its prefix
+    (ttrl,) = compare_targets(compare_methods.read_records(results), root, design=["0c"])
+    assert ttrl.policy == root / "sha-ttrl" / "arithmetic" / "ttrl" / "seed0" / "policy"
+    # a label-free run trained on its own reward (its fit_config, checked against compare_methods.py's config for
+    # ttrl, says so); it is diagnosed on the testbed's reward like every policy
+    ran = yaml.safe_load((ttrl.policy.parent / "fit_config.yaml").read_text())["data"]
+    assert ran["label_free"] is not None and ttrl.setting == arithmetic
 
 
 def test_each_noisy_arms_noise_settings_reach_the_prompt_loader(monkeypatch) -> None:
